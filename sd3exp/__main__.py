@@ -1,0 +1,3 @@
+from sd3exp.cli import main
+
+main()

@@ -1,0 +1,79 @@
+"""SimpleTuner 4.10.1's aspect-bucket assignment, ported as a pure function.
+
+Mirrors simpletuner/helpers/image_manipulation/training_sample.py
+(calculate_target_size) and helpers/multiaspect/image.py for SD3, whose bucket
+sides are aligned to 64 px. Python's round() (banker's rounding) is used on
+purpose: SimpleTuner uses it too, which is why 96x64 and 64x96 are not
+symmetric at resolution 64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import sqrt
+from typing import Optional, Tuple
+
+ALIGNMENT = 64
+
+
+@dataclass(frozen=True)
+class BucketRule:
+    resolution: float
+    resolution_type: str = "pixel_area"
+    crop: bool = False
+    crop_aspect: str = "square"
+    minimum_image_size: Optional[float] = None
+
+
+def _round_multiple(value: float, multiple: int = ALIGNMENT) -> int:
+    return max(round(value / multiple) * multiple, multiple)
+
+
+def aspect(size: Tuple[int, int]) -> float:
+    return round(size[0] / size[1], 2)
+
+
+def _by_pixel_edge(ar: float, resolution: int, size: Tuple[int, int]) -> Tuple[int, int]:
+    if size[0] < size[1]:
+        w, h = resolution, int(resolution / ar)
+    else:
+        w, h = int(resolution * ar), resolution
+    return _round_multiple(w), _round_multiple(h)
+
+
+def _by_pixel_area(ar: float, megapixels: float, size: Tuple[int, int]) -> Tuple[int, int]:
+    edge = _round_multiple(int(sqrt(megapixels * 1e6)))
+    if ar == 1.0 and size[0] == size[1]:
+        return edge, edge
+    return _round_multiple(edge * sqrt(ar)), _round_multiple(edge / sqrt(ar))
+
+
+def target_size(size: Tuple[int, int], rule: BucketRule) -> Tuple[int, int]:
+    """The (width, height) SimpleTuner trains this image at."""
+    ar = aspect(size)
+    if rule.resolution_type == "pixel":
+        return _by_pixel_edge(ar, int(rule.resolution), size)
+    if rule.resolution_type == "pixel_area":
+        return _by_pixel_area(ar, rule.resolution**2 / 1e6, size)
+    if rule.resolution_type == "area":
+        return _by_pixel_area(ar, rule.resolution, size)
+    raise ValueError(f"unknown resolution_type {rule.resolution_type!r}")
+
+
+def too_small(size: Tuple[int, int], rule: BucketRule) -> bool:
+    """Whether SimpleTuner would skip the image for minimum_image_size."""
+    minimum = rule.minimum_image_size
+    if not minimum:
+        return False
+    if rule.resolution_type == "area":
+        return size[0] * size[1] < minimum * 1e6
+    return min(size) < minimum
+
+
+def bucket_of(size: Tuple[int, int], rule: BucketRule) -> Optional[float]:
+    """The aspect bucket key of an image of `size` (width, height), None if skipped."""
+    if too_small(size, rule):
+        return None
+    if rule.crop and rule.crop_aspect == "square":
+        return 1.0
+    return aspect(target_size(size, rule))

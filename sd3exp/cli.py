@@ -1,0 +1,74 @@
+"""Entry point: `sd3exp [hydra overrides]` runs the pipeline; a few subcommands do set-up and review."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from sd3exp import schema
+from sd3exp.errors import Sd3expError
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = ROOT / "conf"
+
+
+def project_root() -> str:
+    return os.environ.get("SD3EXP_ROOT", str(ROOT))
+
+
+def experiment_name(choice: Optional[str]) -> str:
+    return "default" if choice in (None, "None", "null") else str(choice).replace("/", "_")
+
+
+def run_suffix(override_dirname: str) -> str:
+    """`/k=v,k2=v2` for the run folder of a command line with overrides, '' without."""
+    safe = re.sub(r"[^A-Za-z0-9_.,=+-]", "_", override_dirname or "")
+    return f"/{safe[:120]}" if safe else ""
+
+
+def register() -> None:
+    """Schema and resolvers; safe to call more than once."""
+    schema.register()
+    for name, fn in {"sd3exp.root": project_root, "sd3exp.name": experiment_name,
+                     "sd3exp.run_suffix": run_suffix}.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+def fail(err: Sd3expError) -> None:
+    print(f"sd3exp: error: {err}", file=sys.stderr)
+    raise SystemExit(err.exit_code)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    from sd3exp.pipeline import run
+
+    try:
+        run(cfg)
+    except Sd3expError as err:
+        fail(err)
+
+
+def _subcommands() -> Dict[str, Callable[[List[str]], int]]:
+    from sd3exp import commands
+
+    return commands.SUBCOMMANDS
+
+
+def main() -> None:
+    register()
+    if len(sys.argv) > 1 and not sys.argv[1].startswith("-") and "=" not in sys.argv[1]:
+        subcommands = _subcommands()
+        if sys.argv[1] in subcommands:
+            try:
+                raise SystemExit(subcommands[sys.argv[1]](sys.argv[2:]))
+            except Sd3expError as err:
+                fail(err)
+    _hydra_main()

@@ -1,0 +1,42 @@
+"""Subcommands beside the Hydra pipeline: set-up (trainer venv, tiny model, demo data) and review."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Callable, Dict, List
+
+from sd3exp import trainer_env
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def setup_trainer(argv: List[str]) -> int:
+    parser = argparse.ArgumentParser(prog="sd3exp setup-trainer",
+                                     description="Create (once) the SimpleTuner venv that sd3exp trains with.")
+    parser.add_argument("--home", type=Path, default=None, help="where trainer venvs live (default: user cache)")
+    parser.add_argument("--version", default=trainer_env.DEFAULT_VERSION)
+    args = parser.parse_args(argv)
+    env = trainer_env.ensure(args.version, args.home)
+    print(f"trainer ready: SimpleTuner {env.version} at {env.root} (python: {env.python})")
+    return 0
+
+
+def make_tiny_model(argv: List[str]) -> int:
+    from sd3exp.tinymodel import build_tiny_model
+
+    parser = argparse.ArgumentParser(prog="sd3exp make-tiny-model",
+                                     description="Build a randomly initialised tiny SD3 pipeline (no download).")
+    parser.add_argument("--out", type=Path, default=ROOT / "models" / "tiny-sd3")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--home", type=Path, default=None)
+    args = parser.parse_args(argv)
+    env = trainer_env.ensure(trainer_env.DEFAULT_VERSION, args.home)
+    build_tiny_model(args.out, env.python, args.seed)
+    return 0
+
+
+SUBCOMMANDS: Dict[str, Callable[[List[str]], int]] = {
+    "setup-trainer": setup_trainer,
+    "make-tiny-model": make_tiny_model,
+}

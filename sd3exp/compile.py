@@ -1,0 +1,250 @@
+"""Compile an experiment into SimpleTuner's config.env, config.json and multibackend.json.
+
+One ordered list of trainer arguments (`Arg`) is rendered twice: as config.env
+lines (mapped variables, the rest in TRAINER_EXTRA_ARGS) and as config.json.
+Paths inside the run folder are written relative to it, because SimpleTuner
+runs with the run folder as its working directory (`cd <run> && simpletuner train`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import jinja2
+
+from sd3exp import __version__, captions, envfile
+from sd3exp.errors import UnsafeValueError
+from sd3exp.io import dumps_json
+from sd3exp.plan import Plan
+from sd3exp.schema import ConceptConfig, ExperimentConfig
+
+Scalar = Union[str, int, float, bool]
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+TEXT_EMBEDS_ID = "text-embeds"
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One SimpleTuner argument, the YAML field it comes from, and its config.env variable."""
+
+    name: str
+    value: Scalar
+    field: str
+    env: Optional[str] = None
+
+    def token(self) -> str:
+        if self.value is True:
+            return f"--{self.name}"
+        value = "false" if self.value is False else self.value
+        return f"--{self.name}={value}"
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """The compiled files, by path relative to the run folder."""
+
+    files: Dict[str, str]
+
+
+def run_relative(path: Union[str, Path], run_dir: Path) -> str:
+    """`path` relative to the run folder when inside it, else absolute."""
+    p = Path(path).resolve()
+    try:
+        return p.relative_to(run_dir.resolve()).as_posix()
+    except ValueError:
+        return p.as_posix()
+
+
+def _model_args(cfg: ExperimentConfig) -> List[Arg]:
+    m = cfg.model
+    args = [Arg("model_family", m.family, "model.family", "MODEL_FAMILY"),
+            Arg("model_type", m.type, "model.type", "MODEL_TYPE"),
+            Arg("pretrained_model_name_or_path", m.path, "model.path", "MODEL_NAME"),
+            Arg("base_model_precision", m.base_precision, "model.base_precision", "BASE_MODEL_PRECISION")]
+    if m.flavour:
+        args.append(Arg("model_flavour", m.flavour, "model.flavour"))
+    if m.type == "lora":
+        lo = cfg.lora
+        args += [Arg("lora_type", lo.type, "lora.type", "LORA_TYPE"), Arg("lora_rank", lo.rank, "lora.rank"),
+                 Arg("lora_alpha", lo.alpha, "lora.alpha"), Arg("lora_format", lo.format, "lora.format")]
+    return args
+
+
+def _schedule_args(cfg: ExperimentConfig, plan: Plan) -> List[Arg]:
+    s = plan.schedule
+    args = [Arg("learning_rate", cfg.optimizer.lr, "optimizer.lr", "LEARNING_RATE"),
+            Arg("lr_scheduler", s["scheduler"], "schedule.name", "LR_SCHEDULE"),
+            Arg("lr_warmup_steps", s["warmup_steps"], "schedule.warmup_steps", "LR_WARMUP_STEPS"),
+            Arg("lr_end", s["lr_end"], "schedule.final_lr", "LR_END")]
+    if s["scheduler"] == "polynomial":
+        args.append(Arg("lr_power", s["power"], "schedule.power"))
+    return args + [Arg("optimizer", cfg.optimizer.name, "optimizer.name", "OPTIMIZER"),
+                   Arg("max_grad_norm", cfg.optimizer.max_grad_norm, "optimizer.max_grad_norm")]
+
+
+def _length_args(cfg: ExperimentConfig, plan: Plan) -> List[Arg]:
+    by_steps = plan.stop_rule == "max_steps"
+    ck = cfg.checkpointing
+    args = [Arg("max_train_steps", plan.max_train_steps if by_steps else 0, "training.max_steps", "MAX_NUM_STEPS"),
+            Arg("num_train_epochs", 0 if by_steps else cfg.training.epochs, "training.epochs", "NUM_EPOCHS")]
+    if plan.checkpoint_interval_steps:
+        field = "checkpointing.round_to" if ck.round_to else "checkpointing.every_steps"
+        args.append(Arg("checkpoint_step_interval", plan.checkpoint_interval_steps, field, "CHECKPOINTING_STEPS"))
+    else:
+        args.append(Arg("checkpoint_epoch_interval", plan.checkpoint_interval_epochs, "checkpointing.every_epochs",
+                        "CHECKPOINT_EPOCH_INTERVAL"))
+    limit = ck.keep or max(1, len(plan.checkpoint_steps))
+    return args + [Arg("checkpoints_total_limit", limit, "checkpointing.keep", "CHECKPOINTING_LIMIT"),
+                   Arg("resume_from_checkpoint", "latest", "trainer.new_run", "RESUME_CHECKPOINT")]
+
+
+def _batch_args(cfg: ExperimentConfig) -> List[Arg]:
+    t, ds = cfg.training, cfg.dataset
+    args = [Arg("train_batch_size", t.batch_size, "training.batch_size", "TRAIN_BATCH_SIZE"),
+            Arg("gradient_accumulation_steps", t.gradient_accumulation, "training.gradient_accumulation",
+                "GRADIENT_ACCUMULATION_STEPS"),
+            Arg("gradient_checkpointing", t.gradient_checkpointing, "training.gradient_checkpointing"),
+            Arg("mixed_precision", t.mixed_precision, "training.mixed_precision", "MIXED_PRECISION"),
+            Arg("seed", cfg.seed, "seed", "TRAINING_SEED"),
+            Arg("resolution", ds.resolution, "dataset.resolution", "RESOLUTION"),
+            Arg("resolution_type", ds.resolution_type, "dataset.resolution_type", "RESOLUTION_TYPE"),
+            Arg("caption_dropout_probability", ds.caption_dropout, "dataset.caption_dropout",
+                "CAPTION_DROPOUT_PROBABILITY")]
+    if ds.minimum_image_size is not None:
+        args.append(Arg("minimum_image_size", ds.minimum_image_size, "dataset.minimum_image_size", "MINIMUM_RESOLUTION"))
+    return args
+
+
+def _scale_args(cfg: ExperimentConfig) -> List[Arg]:
+    t = cfg.training
+    args = [Arg("num_processes", t.num_processes, "training.num_processes", "TRAINING_NUM_PROCESSES"),
+            Arg("num_machines", t.num_machines, "training.num_machines", "TRAINING_NUM_MACHINES")]
+    if t.accelerate_config:
+        args.append(Arg("accelerate_config", str(Path(t.accelerate_config).resolve()), "training.accelerate_config",
+                        "ACCELERATE_CONFIG_PATH"))
+    return args
+
+
+def _misc_args(cfg: ExperimentConfig, run_dir: Path) -> List[Arg]:
+    v = cfg.validation
+    args = [Arg("output_dir", run_relative(cfg.paths.training_dir, run_dir), "paths.training_dir", "OUTPUT_DIR"),
+            Arg("data_backend_config", "config/multibackend.json", "concepts", "DATALOADER_CONFIG"),
+            Arg("tracker_project_name", "sd3exp", "name", "TRACKER_PROJECT_NAME"),
+            Arg("tracker_run_name", cfg.name, "name", "TRACKER_RUN_NAME"),
+            Arg("report_to", cfg.trainer.report_to, "trainer.report_to")]
+    if v.enabled:
+        args += [Arg("validation_prompt", v.prompt, "validation.prompt", "VALIDATION_PROMPT"),
+                 Arg("validation_step_interval", v.every_steps, "validation.every_steps", "VALIDATION_STEPS")]
+    else:
+        args.append(Arg("validation_disable", True, "validation.enabled"))
+    return args
+
+
+def trainer_args(cfg: ExperimentConfig, plan: Plan, run_dir: Path) -> List[Arg]:
+    """Every SimpleTuner argument of the experiment, in a stable order."""
+    return (_model_args(cfg) + _schedule_args(cfg, plan) + _length_args(cfg, plan) + _batch_args(cfg)
+            + _scale_args(cfg) + _misc_args(cfg, run_dir))
+
+
+def dataset_entry(c: ConceptConfig, cfg: ExperimentConfig, run_dir: Path) -> dict:
+    ds = cfg.dataset
+    entry = {
+        "id": c.id, "type": "local",
+        "instance_data_dir": run_relative(Path(ds.prepared_dir) / c.id, run_dir),
+        "caption_strategy": c.caption_strategy, "metadata_backend": "discovery",
+        "resolution": ds.resolution, "resolution_type": ds.resolution_type,
+        "crop": ds.crop, "crop_style": ds.crop_style, "crop_aspect": ds.crop_aspect,
+        "repeats": captions.simpletuner_repeats(c), "probability": c.probability,
+        "cache_dir_vae": run_relative(Path(ds.cache_dir) / "vae" / c.id, run_dir),
+    }
+    if ds.minimum_image_size is not None:
+        entry["minimum_image_size"] = ds.minimum_image_size
+    shuffle = captions.native_shuffle_block(c, cfg.seed)
+    if shuffle:
+        entry["caption_shuffle"] = shuffle
+    return entry
+
+
+def data_backends(cfg: ExperimentConfig, run_dir: Path) -> List[dict]:
+    """The multibackend.json list: one image dataset per concept + the text-embed cache."""
+    entries = [dataset_entry(c, cfg, run_dir) for c in cfg.concepts]
+    entries.append({"id": TEXT_EMBEDS_ID, "type": "local", "dataset_type": "text_embeds", "default": True,
+                    "cache_dir": run_relative(Path(cfg.dataset.cache_dir) / "text", run_dir)})
+    return entries
+
+
+def env_lines(args: Sequence[Arg]) -> List[tuple]:
+    """(KEY, encoded value) lines; unmapped arguments go into TRAINER_EXTRA_ARGS."""
+    lines = [(a.env, envfile.encode(a.field, a.value, flag=isinstance(a.value, bool))) for a in args if a.env]
+    extra = [a for a in args if not a.env]
+    for a in extra:
+        if isinstance(a.value, str):
+            envfile.check_text(a.field, a.value)
+            if " " in a.value:
+                raise UnsafeValueError(a.field, a.value, "TRAINER_EXTRA_ARGS is split on whitespace",
+                                       "use a value without spaces, or trainer.config_backend=json")
+    tokens = " ".join(a.token() for a in extra)
+    return lines + ([("TRAINER_EXTRA_ARGS", envfile.encode("trainer.extra_args", tokens))] if tokens else [])
+
+
+def user_extra_args(cfg: ExperimentConfig) -> List[Arg]:
+    """trainer.extra_args (`--name=value` or `--flag`) as Args, checked for safety."""
+    out = []
+    for i, token in enumerate(cfg.trainer.extra_args):
+        field = f"trainer.extra_args[{i}]"
+        if not token.startswith("--") or " " in token:
+            raise UnsafeValueError(field, token, "each extra argument must be one `--name=value` or `--flag` token",
+                                   "split it into separate list items, without spaces")
+        name, sep, value = token[2:].partition("=")
+        out.append(Arg(name, value if sep else True, field))
+    return out
+
+
+# Settings that say where and how to run, not what to train: left out of the config hash.
+INVOCATION_KEYS = ("paths", "stage", "eval", "dataset.prepared_dir", "dataset.cache_dir", "trainer.simpletuner", "trainer.home", "trainer.new_run",
+                   "trainer.force", "trainer.cpu_shim")
+
+
+def config_hash(resolved: dict) -> str:
+    """sha256 of the resolved training settings (INVOCATION_KEYS removed)."""
+    data = json.loads(json.dumps(resolved, sort_keys=True, default=str))
+    for key in INVOCATION_KEYS:
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(leaf, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
+                             keep_trailing_newline=True, autoescape=False)
+    env.filters["json"] = lambda data: dumps_json(data).rstrip("\n")
+    return env
+
+
+def compile_experiment(cfg: ExperimentConfig, plan: Plan, run_dir: Path, config_sha: str,
+                       overrides: str) -> Compiled:
+    """Render every compiled file; nothing is written here."""
+    args = trainer_args(cfg, plan, run_dir) + user_extra_args(cfg)
+    json_backend = cfg.trainer.config_backend == "json"
+    header = {"experiment": cfg.name, "overrides": overrides or "(none)", "version": __version__,
+              "config_hash": config_sha, "backend": cfg.trainer.config_backend}
+    if header["overrides"] != " ".join(header["overrides"].split()) or "\n" in overrides:
+        raise UnsafeValueError("overrides", overrides, "cannot be recorded in a config.env comment", "simplify them")
+    env = _environment()
+    config_json = {a.name: a.value for a in args}
+    files = {
+        "config/config.env": env.get_template("config.env.j2").render(
+            header=header, lines=[] if json_backend else env_lines(args)),
+        "config/multibackend.json": env.get_template("multibackend.json.j2").render(
+            backends=data_backends(cfg, run_dir)),
+        "config/config.json": env.get_template("config.json.j2").render(config=config_json),
+    }
+    return Compiled(files)
+

@@ -1,0 +1,163 @@
+"""The pipeline: validate -> plan -> (audit, prepare) -> compile -> train -> eval -> report.
+
+Pure stages live in their own modules; this one does the I/O between them:
+which files go where in the run folder, and what is printed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from sd3exp import __version__, lrplot, runfolder
+from sd3exp.errors import ConfigError
+from sd3exp.compile import Compiled, compile_experiment, config_hash
+from sd3exp.io import dumps_json
+from sd3exp.plan import Plan, make_plan, render_table
+from sd3exp.schema import ExperimentConfig
+from sd3exp.validate import validate
+
+DATA_STAGES = ("prepare", "audit", "train", "all")
+
+
+@dataclass
+class Job:
+    """A composed, validated experiment and where it runs."""
+
+    cfg: ExperimentConfig
+    run_dir: Path
+    overrides: str
+    resolved_yaml: str
+    config_hash: str
+
+
+def overrides_of(cfg: DictConfig) -> str:
+    try:
+        return HydraConfig.get().job.override_dirname
+    except ValueError:
+        return ""
+
+
+def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Concept folders relative to the project root (paths.root_dir) made absolute."""
+    root = Path(cfg.paths.root_dir)
+    concepts = [replace(c, path=str((root / c.path).resolve())) for c in cfg.concepts]
+    return replace(cfg, concepts=concepts)
+
+
+def load(cfg: DictConfig) -> Job:
+    """Resolve, type-check and validate a composed config."""
+    resolved_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    sha = config_hash(OmegaConf.to_container(cfg, resolve=True))
+    exp = absolute_paths(OmegaConf.to_object(cfg))
+    validate(exp)
+    if exp.demo:
+        from sd3exp.demo import ensure_demo_assets
+
+        ensure_demo_assets(exp, with_model=exp.stage in DATA_STAGES + ("eval",))
+    validate(exp, need_data=exp.stage in DATA_STAGES)
+    return Job(exp, Path(exp.paths.run_dir).resolve(), overrides_of(cfg), resolved_yaml, sha)
+
+
+def concept_sizes(cfg: ExperimentConfig) -> Dict[str, Optional[List[Tuple[int, int]]]]:
+    """Image sizes per concept read from disk where the folder exists."""
+    from sd3exp.images import image_sizes
+
+    for i, c in enumerate(cfg.concepts):
+        if not Path(c.path).is_dir() and c.num_images is None:
+            raise ConfigError(f"concepts[{i}].path", c.path, "folder not found and no num_images declared",
+                              "create the folder, or declare concepts[].num_images to plan without it")
+    return {c.id: image_sizes(Path(c.path)) if Path(c.path).is_dir() else None for c in cfg.concepts}
+
+
+def build(job: Job) -> Tuple[Plan, Compiled]:
+    plan = make_plan(job.cfg, concept_sizes(job.cfg))
+    return plan, compile_experiment(job.cfg, plan, job.run_dir, job.config_hash, job.overrides)
+
+
+def record_of(job: Job) -> runfolder.RunRecord:
+    return runfolder.RunRecord(job.cfg.name, job.overrides, job.config_hash, __version__)
+
+
+def claim(job: Job) -> Job:
+    """Apply the run-folder guards; may move the job to a fresh sibling folder."""
+    t = job.cfg.trainer
+    training = Path(job.cfg.paths.training_dir)
+    run_dir = runfolder.resolve_run_dir(job.run_dir, record_of(job), training, t.force, t.new_run)
+    if run_dir == job.run_dir:
+        return job
+    print(f"trainer.new_run: starting a new run folder {run_dir}")
+    return relocate(job, run_dir)
+
+
+def relocate(job: Job, run_dir: Path) -> Job:
+    old = str(job.run_dir)
+    paths = job.cfg.paths
+    moved = replace(paths, run_dir=str(run_dir), training_dir=paths.training_dir.replace(old, str(run_dir), 1))
+    ds = replace(job.cfg.dataset, prepared_dir=job.cfg.dataset.prepared_dir.replace(old, str(run_dir), 1),
+                 cache_dir=job.cfg.dataset.cache_dir.replace(old, str(run_dir), 1))
+    return replace(job, cfg=replace(job.cfg, paths=moved, dataset=ds), run_dir=run_dir,
+                   resolved_yaml=job.resolved_yaml.replace(old, str(run_dir)))
+
+
+def files_of(job: Job, plan: Plan, compiled: Compiled) -> Dict[str, str]:
+    files = dict(compiled.files)
+    files["plan.json"] = dumps_json(plan.to_dict())
+    files["resolved.yaml"] = job.resolved_yaml
+    return files
+
+
+def write_run(job: Job, plan: Plan, compiled: Compiled) -> List[str]:
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    changed = runfolder.written(job.run_dir, files_of(job, plan, compiled))
+    png = lrplot.render_plan(plan)
+    lr_png = job.run_dir / "lr_curve.png"
+    if not lr_png.is_file() or lr_png.read_bytes() != png:
+        runfolder.write_bytes(lr_png, png)
+    runfolder.write_record(job.run_dir, record_of(job))
+    return changed
+
+
+def stage_compile(job: Job) -> Tuple[Job, Plan]:
+    plan, compiled = build(job)
+    job = claim(job)
+    if job.run_dir != Path(job.cfg.paths.run_dir):
+        plan, compiled = build(job)
+    changed = write_run(job, plan, compiled)
+    print(render_table(plan))
+    state = f"{len(changed)} file(s) written" if changed else "unchanged"
+    print(f"\ncompiled {job.cfg.name} -> {job.run_dir}/config ({state})")
+    return job, plan
+
+
+def discard_empty(run_dir: Path) -> None:
+    """Remove the run folder Hydra created for this call if nothing was written to it."""
+    if run_dir.is_dir() and not any(run_dir.iterdir()):
+        run_dir.rmdir()
+
+
+def run(cfg: DictConfig) -> None:
+    run_dir = Path(cfg.paths.run_dir)
+    try:
+        job = load(cfg)
+        if job.cfg.stage == "plan":
+            plan, _ = build(job)
+            print(render_table(plan))
+            return
+        job, plan = stage_compile(job)
+    finally:
+        discard_empty(run_dir)
+    run_later_stages(job, plan)
+
+
+def run_later_stages(job: Job, plan: Plan) -> None:
+    stage = job.cfg.stage
+    if stage == "compile":
+        return
+    from sd3exp import stages
+
+    stages.run_stage(stage, job, plan)

@@ -1,0 +1,207 @@
+"""Step planner: what SimpleTuner 4.10.1 will actually run, and the naive figure.
+
+Per concept and aspect bucket: samples = images x passes; a bucket with fewer
+samples than the batch is pruned; each other bucket gives ceil(samples / batch)
+batches (short batches are filled). Batches of all concepts add up; steps per
+epoch = ceil(batches / gradient_accumulation). `repeats` in an experiment is the
+number of passes per epoch (kohya's meaning): SimpleTuner's repeats = passes - 1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+from sd3exp import schedule as lr_schedule
+from sd3exp.buckets import BucketRule, bucket_of
+from sd3exp.errors import ConfigError
+from sd3exp.schema import ConceptConfig, ExperimentConfig
+
+Size = Tuple[int, int]
+
+
+@dataclass
+class ConceptPlan:
+    id: str
+    images: int
+    image_source: str  # "disk" or "declared"
+    passes: int
+    simpletuner_repeats: int
+    buckets: Dict[str, int]
+    pruned_buckets: Dict[str, int]
+    skipped_images: int
+    samples_per_epoch: int
+    batches_per_epoch: int
+
+
+@dataclass
+class Plan:
+    experiment: str
+    model_type: str
+    batch_size: int
+    gradient_accumulation: int
+    num_processes: int
+    effective_batch: int
+    concepts: List[ConceptPlan]
+    steps_per_epoch: int
+    epochs: int
+    max_train_steps: int
+    stop_rule: str  # "epochs" or "max_steps": which of NUM_EPOCHS / MAX_NUM_STEPS is set
+    checkpoint_interval_steps: Optional[int]
+    checkpoint_interval_epochs: Optional[int]
+    checkpoint_steps: List[int]
+    checkpoints_kept: List[int]
+    naive_steps_per_epoch: float
+    naive_max_train_steps: float
+    lr: float
+    schedule: Dict[str, object]
+    lr_curve: List[Tuple[int, float]]
+    warnings: List[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def bucket_rule(cfg: ExperimentConfig) -> BucketRule:
+    ds = cfg.dataset
+    return BucketRule(ds.resolution, ds.resolution_type, ds.crop, ds.crop_aspect, ds.minimum_image_size)
+
+
+def bucket_counts(sizes: Sequence[Size], rule: BucketRule) -> Tuple[Counter, int]:
+    """Images per bucket key, and how many images SimpleTuner would skip."""
+    keys = [bucket_of(s, rule) for s in sizes]
+    counts = Counter(f"{k:.2f}" for k in keys if k is not None)
+    return counts, sum(k is None for k in keys)
+
+
+def plan_concept(c: ConceptConfig, sizes: Optional[Sequence[Size]], rule: BucketRule,
+                 batch: int, processes: int) -> ConceptPlan:
+    if sizes is None:
+        counts, skipped, source = Counter({"1.00": c.num_images or 0}), 0, "declared"
+    else:
+        (counts, skipped), source = bucket_counts(sizes, rule), "disk"
+    kept, pruned, batches = {}, {}, 0
+    for key in sorted(counts, key=float):
+        samples = counts[key] * c.repeats
+        if samples < batch:
+            pruned[key] = counts[key]
+            continue
+        kept[key] = counts[key]
+        batches += math.ceil(samples / (batch * processes))
+    images = sum(counts.values()) + skipped
+    return ConceptPlan(c.id, images, source, c.repeats, c.repeats - 1, kept, pruned, skipped,
+                       sum(kept.values()) * c.repeats, batches)
+
+
+def _checkpoints(cfg: ExperimentConfig, steps_per_epoch: int, epochs: int) -> Tuple[Optional[int], Optional[int]]:
+    ck = cfg.checkpointing
+    if ck.round_to:
+        return math.ceil(steps_per_epoch / ck.round_to) * ck.round_to, None
+    if ck.every_epochs:
+        return None, ck.every_epochs
+    return ck.every_steps, None
+
+
+def _max_steps(cfg: ExperimentConfig, steps_per_epoch: int, interval: Optional[int]) -> Tuple[int, str]:
+    t = cfg.training
+    if t.max_steps:
+        return t.max_steps, "max_steps"
+    if cfg.checkpointing.round_to and interval:
+        return t.epochs * interval, "max_steps"
+    return math.ceil(t.epochs * steps_per_epoch), "epochs"
+
+
+def checkpoint_steps(max_steps: int, every_steps: Optional[int], every_epochs: Optional[int],
+                     steps_per_epoch: int) -> List[int]:
+    """Global steps at which SimpleTuner writes `checkpoint-N` folders."""
+    stride = every_steps if every_steps else (every_epochs or 0) * steps_per_epoch
+    return list(range(stride, max_steps + 1, stride)) if stride > 0 else []
+
+
+def zero_batch_check(cfg: ExperimentConfig, concepts: List[ConceptPlan]) -> None:
+    t = cfg.training
+    need = t.batch_size * t.gradient_accumulation * t.num_processes
+    for i, cp in enumerate(concepts):
+        if not cp.buckets:
+            raise ConfigError(
+                f"concepts[{i}].repeats", cp.passes,
+                f"concept '{cp.id}' gives zero usable batches: every aspect bucket has fewer than "
+                f"batch_size={t.batch_size} samples per epoch ({cp.images} images, buckets "
+                f"{dict(sorted(cp.pruned_buckets.items()))})",
+                "raise repeats, lower training.batch_size, or crop to one square bucket (dataset.crop=true)",
+            )
+        for key, n in cp.buckets.items():
+            if n * cp.passes < need:
+                raise ConfigError(
+                    f"concepts[{i}].repeats", cp.passes,
+                    f"bucket {key} of '{cp.id}' has {n * cp.passes} samples, fewer than batch x grad "
+                    f"accumulation x processes = {need}: SimpleTuner aborts with 'zero usable batches'",
+                    "raise repeats or lower training.batch_size / gradient_accumulation / num_processes",
+                )
+
+
+def make_plan(cfg: ExperimentConfig, sizes: Mapping[str, Optional[Sequence[Size]]]) -> Plan:
+    """The step plan; `sizes` maps concept id to image sizes on disk (None: use num_images)."""
+    t = cfg.training
+    rule = bucket_rule(cfg)
+    concepts = [plan_concept(c, sizes.get(c.id), rule, t.batch_size, t.num_processes) for c in cfg.concepts]
+    zero_batch_check(cfg, concepts)
+    spe = max(1, math.ceil(sum(c.batches_per_epoch for c in concepts) / t.gradient_accumulation))
+    every_steps, every_epochs = _checkpoints(cfg, spe, t.epochs)
+    max_steps, stop_rule = _max_steps(cfg, spe, every_steps)
+    epochs = math.ceil(max_steps / spe)
+    ckpts = checkpoint_steps(max_steps, every_steps, every_epochs, spe)
+    naive = sum(c.images * c.passes for c in concepts) / t.batch_size
+    sched = lr_schedule.to_trainer(cfg.schedule, cfg.optimizer.lr, max_steps)
+    warnings = _warnings(cfg, concepts, ckpts)
+    return Plan(
+        experiment=cfg.name, model_type=cfg.model.type, batch_size=t.batch_size,
+        gradient_accumulation=t.gradient_accumulation, num_processes=t.num_processes,
+        effective_batch=t.batch_size * t.gradient_accumulation * t.num_processes,
+        concepts=concepts, steps_per_epoch=spe, epochs=epochs, max_train_steps=max_steps,
+        stop_rule=stop_rule, checkpoint_interval_steps=every_steps,
+        checkpoint_interval_epochs=every_epochs, checkpoint_steps=ckpts,
+        checkpoints_kept=ckpts[-cfg.checkpointing.keep:] if cfg.checkpointing.keep else ckpts,
+        naive_steps_per_epoch=round(naive, 2), naive_max_train_steps=round(naive * t.epochs, 2),
+        lr=cfg.optimizer.lr, schedule=asdict(sched),
+        lr_curve=[(s, round(v, 12)) for s, v in lr_schedule.curve(sched, cfg.optimizer.lr, max_steps)],
+        warnings=warnings,
+    )
+
+
+def _warnings(cfg: ExperimentConfig, concepts: List[ConceptPlan], ckpts: List[int]) -> List[str]:
+    out = [f"concept '{c.id}': bucket {k} ({n} images) is pruned: fewer samples than one batch"
+           for c in concepts for k, n in c.pruned_buckets.items()]
+    out += [f"concept '{c.id}': {c.skipped_images} images are below dataset.minimum_image_size and skipped"
+            for c in concepts if c.skipped_images]
+    keep = cfg.checkpointing.keep
+    if keep and len(ckpts) > keep:
+        out.append(f"checkpointing.keep={keep} < {len(ckpts)} checkpoints: SimpleTuner will delete "
+                   f"the oldest {len(ckpts) - keep} (steps {ckpts[0]}..{ckpts[-keep - 1]}) before they "
+                   "can be evaluated; raise checkpointing.keep to keep them all")
+    return out
+
+
+def render_table(plan: Plan) -> str:
+    """The plan as a short fixed-width table for the terminal."""
+    rows = [("concept", "images", "passes", "ST repeats", "buckets", "batches/epoch")]
+    rows += [(c.id, f"{c.images} ({c.image_source})", str(c.passes), str(c.simpletuner_repeats),
+              ", ".join(f"{k}:{n}" for k, n in c.buckets.items()) or "-", str(c.batches_per_epoch))
+             for c in plan.concepts]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
+    every = (f"every {plan.checkpoint_interval_steps} steps" if plan.checkpoint_interval_steps
+             else f"every {plan.checkpoint_interval_epochs} epoch(s)")
+    lines += [
+        "",
+        f"steps/epoch      {plan.steps_per_epoch:>10}   (naive images x passes / batch: {plan.naive_steps_per_epoch})",
+        f"max train steps  {plan.max_train_steps:>10}   (naive x epochs: {plan.naive_max_train_steps}); "
+        f"{plan.epochs} epoch(s), stop by {plan.stop_rule}",
+        f"checkpoints      {len(plan.checkpoint_steps):>10}   {every}, kept {len(plan.checkpoints_kept)}",
+        f"lr schedule      {plan.schedule['scheduler']:>10}   lr {plan.lr:g} -> {plan.lr_curve[-1][1]:g} "
+        f"(warmup/period {plan.schedule['warmup_steps']})",
+    ]
+    lines += [f"warning: {w}" for w in plan.warnings]
+    return "\n".join(lines)

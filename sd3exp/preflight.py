@@ -1,0 +1,83 @@
+"""Before training: SimpleTuner's own parser reads the compiled run, and the data
+backend list is checked. Errors are reported in the experiment's terms."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+from sd3exp.compile import TEXT_EMBEDS_ID, Arg
+from sd3exp.errors import TrainerError
+from sd3exp.io import read_json
+from sd3exp.trainer_env import TrainerEnv
+
+WORKER = Path(__file__).resolve().parent / "workers" / "check_config.py"
+MARKER = "SD3EXP-PREFLIGHT "
+
+
+def backend_problems(run_dir: Path) -> List[str]:
+    """Problems in config/multibackend.json that SimpleTuner would only hit mid-start."""
+    backends = read_json(run_dir / "config" / "multibackend.json")
+    ids = [b["id"] for b in backends]
+    problems = [f"dataset id '{i}' is used twice" for i in sorted(set(ids)) if ids.count(i) > 1]
+    defaults = [b["id"] for b in backends if b.get("dataset_type") == "text_embeds" and b.get("default")]
+    if len(defaults) != 1:
+        problems.append(f"expected exactly one default text-embed cache, found {defaults or 'none'}")
+    for b in backends:
+        folder = b.get("instance_data_dir")
+        if folder and not (run_dir / folder).is_dir():
+            problems.append(f"dataset '{b['id']}': instance_data_dir {run_dir / folder} does not exist "
+                            "(run stage=prepare first)")
+    return problems
+
+
+def field_for(error: str, args: Sequence[Arg]) -> str:
+    """The experiment field behind the first argument named in a SimpleTuner error."""
+    for a in args:
+        if f"--{a.name}" in error or f"{a.name}" in error.split():
+            return a.field
+    return ""
+
+
+def mismatches(parsed: Dict[str, object], args: Sequence[Arg]) -> List[str]:
+    """Arguments SimpleTuner read differently from what was compiled."""
+    out = []
+    for a in args:
+        if a.name not in parsed or isinstance(a.value, bool):
+            continue
+        got = parsed[a.name]
+        same = (math.isclose(float(got), float(a.value)) if isinstance(a.value, (int, float)) and got is not None
+                else str(got) == str(a.value))
+        if not same:
+            out.append(f"{a.field}: compiled {a.name}={a.value!r}, SimpleTuner read {got!r}")
+    return out
+
+
+def run_parser(env: TrainerEnv, run_dir: Path) -> dict:
+    proc = subprocess.run([str(env.python), str(WORKER)], cwd=run_dir, capture_output=True, text=True,
+                          env={"PATH": f"{env.bin}:/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
+                               "HF_HOME": str(run_dir / ".hf"), "MPLCONFIGDIR": str(run_dir / ".mpl")})
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARKER)]
+    if not lines:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        raise TrainerError(f"SimpleTuner's config parser did not run with {env.python}:\n{tail}")
+    return json.loads(lines[-1][len(MARKER):])
+
+
+def preflight(env: TrainerEnv, run_dir: Path, args: Sequence[Arg]) -> dict:
+    """Parse the run with SimpleTuner's code; raise TrainerError naming the YAML field on problems."""
+    problems = backend_problems(run_dir)
+    if problems:
+        raise TrainerError("data backends (multibackend.json): " + "; ".join(problems))
+    result = run_parser(env, run_dir)
+    if not result["ok"]:
+        field = field_for(result["error"], args)
+        where = f" (experiment field: {field})" if field else ""
+        raise TrainerError(f"SimpleTuner rejected the compiled config{where}: {result['error'].strip()[-800:]}")
+    wrong = mismatches(result["args"], args)
+    if wrong:
+        raise TrainerError("SimpleTuner would read the config differently from what was compiled: " + "; ".join(wrong))
+    return result

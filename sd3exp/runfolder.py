@@ -1,0 +1,124 @@
+"""A run folder's identity, and the guards that keep earlier runs intact.
+
+`run.json` records which resolved config a run folder belongs to. The same
+config again resumes; a different one is refused unless the user asks for a
+new folder (trainer.new_run) or forces it (trainer.force), and a forced
+recompile first archives the earlier compiled files under `history/`.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from sd3exp.errors import RunConflictError
+from sd3exp.io import read_json, write_bytes, write_json
+
+RECORD = "run.json"
+OWNER = ".sd3exp-run"
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    experiment: str
+    overrides: str
+    config_hash: str
+    sd3exp_version: str
+
+
+def checkpoint_dirs(training_dir: Path) -> Dict[int, Path]:
+    """Complete `checkpoint-N` folders by step (SimpleTuner's `-tmp` folders excluded)."""
+    if not training_dir.is_dir():
+        return {}
+    found = {}
+    for p in training_dir.iterdir():
+        m = _CHECKPOINT.fullmatch(p.name)
+        if m and p.is_dir():
+            found[int(m.group(1))] = p
+    return dict(sorted(found.items()))
+
+
+def read_record(run_dir: Path) -> Optional[RunRecord]:
+    path = run_dir / RECORD
+    return RunRecord(**read_json(path)) if path.is_file() else None
+
+
+def next_free(run_dir: Path) -> Path:
+    n = 2
+    while Path(f"{run_dir}-{n}").exists():
+        n += 1
+    return Path(f"{run_dir}-{n}")
+
+
+def check_training_owner(training_dir: Path, run_dir: Path) -> None:
+    """Refuse a training folder whose checkpoints belong to another run."""
+    if not checkpoint_dirs(training_dir):
+        return
+    owner = training_dir / OWNER
+    claimed = owner.read_text().strip() if owner.is_file() else None
+    if claimed != str(run_dir.resolve()):
+        raise RunConflictError(
+            f"paths.training_dir={training_dir} already holds checkpoints of "
+            f"{'another run (' + claimed + ')' if claimed else 'a run sd3exp did not start'}; "
+            "training here would mix with or delete them. Fix: leave paths.training_dir at its default "
+            "(inside the run folder) or point it at an empty folder.")
+
+
+def claim_training_dir(training_dir: Path, run_dir: Path) -> None:
+    training_dir.mkdir(parents=True, exist_ok=True)
+    owner = training_dir / OWNER
+    if not owner.exists():
+        write_bytes(owner, f"{run_dir.resolve()}\n".encode())
+
+
+def resolve_run_dir(run_dir: Path, record: RunRecord, training_dir: Path, force: bool, new_run: bool) -> Path:
+    """The folder this invocation may write to: `run_dir`, or a fresh sibling for trainer.new_run."""
+    previous = read_record(run_dir)
+    if new_run and previous is not None:
+        return next_free(run_dir)
+    if previous is None or previous.config_hash == record.config_hash:
+        check_training_owner(training_dir, run_dir)
+        return run_dir
+    if force:
+        archive(run_dir, previous)
+        return run_dir
+    started = bool(checkpoint_dirs(training_dir))
+    raise RunConflictError(
+        f"{run_dir} belongs to a different configuration of '{previous.experiment}' "
+        f"(config {previous.config_hash[:12]}, now {record.config_hash[:12]})"
+        f"{' and already has checkpoints' if started else ''}. Fix: add trainer.new_run=true to start a new "
+        "run folder beside it, or trainer.force=true to use this folder with the new config "
+        "(its compiled files are archived under history/ first; checkpoints are kept).")
+
+
+def archive(run_dir: Path, previous: RunRecord) -> None:
+    dest = run_dir / "history" / previous.config_hash[:12]
+    for name in ("config", "plan.json", "resolved.yaml", RECORD):
+        src = run_dir / name
+        if src.exists() and not (dest / name).exists():
+            dest.mkdir(parents=True, exist_ok=True)
+            (shutil.copytree if src.is_dir() else shutil.copy2)(src, dest / name)
+
+
+def write_if_changed(path: Path, text: str) -> bool:
+    """Write atomically unless the file already has exactly this content."""
+    data = text.encode("utf-8")
+    if path.is_file() and path.read_bytes() == data:
+        return False
+    write_bytes(path, data)
+    return True
+
+
+def write_record(run_dir: Path, record: RunRecord) -> None:
+    path = run_dir / RECORD
+    if not path.is_file() or read_record(run_dir) != record:
+        write_json(path, asdict(record))
+
+
+def written(run_dir: Path, files: Dict[str, str]) -> List[str]:
+    """Write the compiled files; the relative paths that changed."""
+    return [rel for rel, text in files.items() if write_if_changed(run_dir / rel, text)]

@@ -1,0 +1,196 @@
+"""Typed experiment schema, registered in Hydra's ConfigStore.
+
+A misspelt key or a value of the wrong type fails at composition time with
+Hydra's own message; semantic checks live in :mod:`sd3exp.validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+SCHEMA_VERSION = 2
+
+
+@dataclass
+class CaptionsConfig:
+    """Caption handling for one concept (kohya's shuffle_caption / keep_tokens)."""
+
+    shuffle: bool = False
+    keep_tags: int = 0
+    separator: str = ","
+    mode: str = "native"  # native: SimpleTuner caption_shuffle; materialized: R copies
+    variants: Optional[int] = None  # native: shuffled variants per caption (default: repeats)
+    seed: Optional[int] = None  # default: the experiment's seed
+    require_trigger: bool = True
+    allow_missing: bool = False
+
+
+@dataclass
+class ConceptConfig:
+    """One folder of images with captions, its trigger word and repeats."""
+
+    id: str = MISSING
+    path: str = MISSING
+    trigger: str = MISSING
+    repeats: int = 1  # passes per epoch, kohya's meaning (SimpleTuner repeats = N - 1)
+    num_images: Optional[int] = None  # declared count, used when the folder is absent
+    caption_strategy: str = "textfile"
+    probability: float = 1.0
+    captions: CaptionsConfig = field(default_factory=CaptionsConfig)
+
+
+@dataclass
+class ModelConfig:
+    family: str = "sd3"
+    type: str = "full"  # full | lora
+    path: str = "stabilityai/stable-diffusion-3-medium-diffusers"
+    flavour: Optional[str] = None
+    base_precision: str = "no_change"
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 16
+    alpha: float = 16.0
+    type: str = "standard"
+    format: str = "diffusers"  # diffusers | comfyui
+
+
+@dataclass
+class DatasetConfig:
+    """Settings shared by every concept's dataset entry."""
+
+    resolution: int = 1024
+    resolution_type: str = "pixel_area"
+    minimum_image_size: Optional[int] = None
+    crop: bool = False
+    crop_style: str = "center"
+    crop_aspect: str = "square"
+    caption_dropout: float = 0.1
+    prepared_dir: str = "${paths.run_dir}/dataset"
+    cache_dir: str = "${paths.run_dir}/cache"
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw_bf16"
+    lr: float = 1e-4
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class ScheduleConfig:
+    """The LR curve you want; the compiler maps it onto SimpleTuner's settings."""
+
+    name: str = "constant"  # constant | linear | cosine | polynomial
+    warmup_steps: Optional[int] = None
+    warmup_fraction: Optional[float] = None
+    final_lr: float = 0.0
+    power: float = 1.0
+
+
+@dataclass
+class TrainingConfig:
+    batch_size: int = 1
+    epochs: int = 0
+    max_steps: int = 0
+    gradient_accumulation: int = 1
+    mixed_precision: str = "bf16"
+    gradient_checkpointing: bool = True
+    num_processes: int = 1
+    num_machines: int = 1
+    accelerate_config: Optional[str] = None
+
+
+@dataclass
+class CheckpointingConfig:
+    """Exactly one of every_steps, every_epochs, round_to."""
+
+    every_steps: Optional[int] = None
+    every_epochs: Optional[int] = None
+    round_to: Optional[int] = None  # source rule: interval = steps/epoch rounded up
+    keep: int = 5
+
+
+@dataclass
+class ValidationConfig:
+    """SimpleTuner's own in-training validation (off by default)."""
+
+    enabled: bool = False
+    prompt: str = ""
+    every_steps: int = 0
+
+
+@dataclass
+class TrainerConfig:
+    simpletuner: Optional[str] = None  # an existing venv or git checkout
+    version: str = "4.10.1"
+    home: Optional[str] = None  # where managed trainer venvs live
+    config_backend: str = "env"  # env | json
+    extra_args: List[str] = field(default_factory=list)
+    report_to: str = "none"
+    new_run: bool = False
+    force: bool = False
+    cpu_shim: str = "auto"  # auto | never
+
+
+@dataclass
+class EvalConfig:
+    backend: str = "diffusers"  # diffusers | comfyui | none
+    url: Optional[str] = None
+    workflow: Optional[str] = None
+    prompts: List[str] = field(default_factory=list)
+    seeds: List[int] = field(default_factory=lambda: [0])
+    negative_prompt: str = ""
+    steps: int = 28
+    cfg: float = 4.5
+    width: int = 1024
+    height: int = 1024
+    every_k: int = 1
+    min_step: Optional[int] = None
+    max_step: Optional[int] = None
+    include_base: bool = False
+    include_final: bool = True
+    nodes: Dict[str, str] = field(default_factory=dict)
+    models_dir: Optional[str] = None
+    link_mode: str = "symlink"  # symlink | extra_paths
+    timeout_s: float = 3600.0
+    max_grid_pixels: int = 64_000_000
+
+
+@dataclass
+class PathsConfig:
+    root_dir: str = MISSING
+    output_root: str = "${paths.root_dir}/outputs"
+    run_dir: str = "${hydra:runtime.output_dir}"
+    training_dir: str = "${paths.run_dir}/training"
+
+
+@dataclass
+class ExperimentConfig:
+    schema_version: int = SCHEMA_VERSION
+    name: str = "default"
+    stage: str = "all"
+    seed: int = 42
+    demo: bool = False  # build the tiny model and demo dataset when they are missing
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    concepts: List[ConceptConfig] = field(default_factory=list)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+def register() -> None:
+    """Make the schema the base of conf/config.yaml (`- sd3exp_schema` in defaults)."""
+    ConfigStore.instance().store(name="sd3exp_schema", node=ExperimentConfig)

@@ -1,0 +1,82 @@
+"""The stages after compile: audit, prepare, train, eval, report (and `all`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Dict
+
+from sd3exp import trainer_env
+from sd3exp.compile import trainer_args, user_extra_args
+from sd3exp.errors import DatasetError
+from sd3exp.pipeline import Job
+from sd3exp.plan import Plan
+from sd3exp.schema import ExperimentConfig
+
+
+def command_for(cfg: ExperimentConfig, stage: str) -> str:
+    exp = f"experiment={cfg.name}" if cfg.name != "default" else ""
+    return " ".join(filter(None, ["python -m sd3exp", exp, f"stage={stage}" if stage != "all" else ""]))
+
+
+def stage_audit(job: Job, plan: Plan) -> None:
+    from sd3exp import audit
+
+    report = audit.audit(job.cfg)
+    print(audit.write_audit(report, job.run_dir / "audit.json"))
+    errors = audit.audit_errors(report, job.cfg)
+    if errors:
+        raise DatasetError("the caption audit found problems that would spoil training:\n  - "
+                           + "\n  - ".join(errors) + f"\nDetails: {job.run_dir / 'audit.json'}")
+
+
+def stage_prepare(job: Job, plan: Plan) -> None:
+    from sd3exp import prepare
+
+    stage_audit(job, plan)
+    prepare.prepare(job.cfg)
+
+
+def trainer_for(cfg: ExperimentConfig) -> trainer_env.TrainerEnv:
+    t = cfg.trainer
+    env = trainer_env.locate(t.simpletuner, t.version, t.home)
+    print(f"trainer: SimpleTuner {env.version} ({env.kind}) at {env.root}")
+    return env
+
+
+def stage_train(job: Job, plan: Plan) -> None:
+    from sd3exp import preflight, train
+
+    cfg, run_dir = job.cfg, job.run_dir
+    training_dir = Path(cfg.paths.training_dir)
+    if train.is_complete(training_dir, cfg.model.type, plan.max_train_steps):
+        print(f"training already complete ({training_dir}); nothing to do")
+        return
+    stage_prepare(job, plan)
+    env = trainer_for(cfg)
+    args = trainer_args(cfg, plan, run_dir) + user_extra_args(cfg)
+    checked = preflight.preflight(env, run_dir, args)
+    shim = not checked["cuda"] and cfg.trainer.cpu_shim == "auto"
+    if shim:
+        print("no CUDA device: applying sd3exp's pin_memory CPU shim to the training process")
+    from sd3exp.runfolder import claim_training_dir
+
+    claim_training_dir(training_dir, run_dir)
+    local_model = Path(cfg.model.path).is_dir()
+    process_env = train.trainer_environment(env.bin, run_dir, shim, offline=local_model)
+    train.run_training(env.train_command(), run_dir, process_env, plan.max_train_steps, plan.checkpoint_steps,
+                       next_command=command_for(cfg, "eval"), resume_command=command_for(cfg, cfg.stage))
+
+
+STAGES: Dict[str, Callable[[Job, Plan], None]] = {
+    "audit": stage_audit,
+    "prepare": stage_prepare,
+    "train": stage_train,
+}
+
+
+def run_stage(stage: str, job: Job, plan: Plan) -> None:
+    if stage == "all":
+        for name in ("train",):
+            STAGES[name](job, plan)
+        return
+    STAGES[stage](job, plan)

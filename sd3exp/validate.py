@@ -1,0 +1,129 @@
+"""Semantic checks on a composed experiment; each error names field, value and fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, List
+
+from sd3exp.errors import ConfigError
+from sd3exp.schedule import SCHEDULES
+from sd3exp.schema import ExperimentConfig
+
+STAGES = ("plan", "compile", "prepare", "audit", "train", "eval", "report", "all")
+
+
+def _positive(field: str, value: float, fix: str, strict: bool = True) -> None:
+    if value is None or (value <= 0 if strict else value < 0):
+        raise ConfigError(field, value, "must be > 0" if strict else "must be >= 0", fix)
+
+
+def _choice(field: str, value: str, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(field, value, "not a known value", f"use one of {', '.join(choices)}")
+
+
+def check_training(cfg: ExperimentConfig) -> None:
+    t = cfg.training
+    _positive("training.batch_size", t.batch_size, "use a batch size of 1 or more")
+    _positive("training.gradient_accumulation", t.gradient_accumulation, "use 1 for no accumulation")
+    _positive("training.num_processes", t.num_processes, "use 1 per GPU on the machine")
+    _positive("training.num_machines", t.num_machines, "use 1 for a single machine")
+    _positive("training.epochs", t.epochs, "use 0 to train by max_steps", strict=False)
+    _positive("training.max_steps", t.max_steps, "use 0 to train by epochs", strict=False)
+    if t.epochs and t.max_steps:
+        raise ConfigError("training.max_steps", t.max_steps,
+                          f"both epochs ({t.epochs}) and max_steps are set; SimpleTuner requires one of them to be 0",
+                          "set training.max_steps=0 or training.epochs=0")
+    if not t.epochs and not t.max_steps:
+        raise ConfigError("training.epochs", t.epochs, "neither epochs nor max_steps is set",
+                          "set training.epochs=N or training.max_steps=N")
+    _choice("training.mixed_precision", t.mixed_precision, ("no", "fp16", "bf16", "fp8"))
+    _positive("optimizer.lr", cfg.optimizer.lr, "use a positive learning rate, e.g. 1e-4 (LoRA) or 1e-5 (full)")
+
+
+def check_schedule(cfg: ExperimentConfig) -> None:
+    s = cfg.schedule
+    _choice("schedule.name", s.name, SCHEDULES)
+    if s.warmup_steps is not None and s.warmup_fraction is not None:
+        raise ConfigError("schedule.warmup_fraction", s.warmup_fraction, "both warmup_steps and warmup_fraction are set",
+                          "keep one of them")
+    if s.warmup_steps is not None:
+        _positive("schedule.warmup_steps", s.warmup_steps, "use 0 for no warmup", strict=False)
+    if s.warmup_fraction is not None and not 0 <= s.warmup_fraction < 1:
+        raise ConfigError("schedule.warmup_fraction", s.warmup_fraction, "must be in [0, 1)", "e.g. 0.05 for 5%")
+    if not 0 <= s.final_lr < cfg.optimizer.lr:
+        raise ConfigError("schedule.final_lr", s.final_lr, f"must be >= 0 and below optimizer.lr={cfg.optimizer.lr}",
+                          "use 0 to decay to zero")
+
+
+def check_checkpointing(cfg: ExperimentConfig) -> None:
+    ck = cfg.checkpointing
+    set_ = [k for k in ("every_steps", "every_epochs", "round_to") if getattr(ck, k)]
+    if len(set_) != 1:
+        raise ConfigError("checkpointing", {k: getattr(ck, k) for k in ("every_steps", "every_epochs", "round_to")},
+                          "exactly one of every_steps, every_epochs, round_to must be set",
+                          "e.g. checkpointing.every_steps=500, or use checkpointing=round_epoch")
+    _positive(f"checkpointing.{set_[0]}", getattr(ck, set_[0]), "use a positive interval")
+    _positive("checkpointing.keep", ck.keep, "use 0 to keep every checkpoint", strict=False)
+    if ck.round_to and not cfg.training.epochs:
+        raise ConfigError("checkpointing.round_to", ck.round_to, "the round-to-epoch rule needs training.epochs",
+                          "set training.epochs, or use checkpointing.every_steps")
+
+
+def check_model(cfg: ExperimentConfig) -> None:
+    _choice("model.type", cfg.model.type, ("full", "lora"))
+    _choice("model.family", cfg.model.family, ("sd3",))
+    if cfg.model.type == "lora":
+        if cfg.lora.rank < 1:
+            raise ConfigError("lora.rank", cfg.lora.rank, "must be >= 1", "e.g. lora.rank=16")
+        _positive("lora.alpha", cfg.lora.alpha, "e.g. lora.alpha equal to the rank")
+    _choice("dataset.resolution_type", cfg.dataset.resolution_type, ("pixel", "area", "pixel_area"))
+    _positive("dataset.resolution", cfg.dataset.resolution, "e.g. 1024 (pixel_area) or 1.0 (area, megapixels)")
+    _choice("trainer.config_backend", cfg.trainer.config_backend, ("env", "json"))
+    _choice("stage", cfg.stage, STAGES)
+
+
+def check_concepts(cfg: ExperimentConfig) -> None:
+    if not cfg.concepts:
+        raise ConfigError("concepts", [], "an experiment needs at least one concept",
+                          "add a concept with id, path, trigger and repeats")
+    for kind in ("id", "trigger"):
+        seen = {}
+        for i, c in enumerate(cfg.concepts):
+            value = getattr(c, kind)
+            if value in seen:
+                raise ConfigError(f"concepts[{i}].{kind}", value,
+                                  f"the same {kind} as concepts[{seen[value]}]", f"give every concept its own {kind}")
+            seen[value] = i
+    for i, c in enumerate(cfg.concepts):
+        if not c.id or not c.id.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"concepts[{i}].id", c.id, "must be letters, digits, - or _",
+                              "use a short name such as 'fantasy'")
+        if c.repeats < 1:
+            raise ConfigError(f"concepts[{i}].repeats", c.repeats,
+                              "must be >= 1 (passes per epoch: 1 = each image once)", "use repeats: 1 for no repetition")
+        if c.num_images is not None and c.num_images < 1:
+            raise ConfigError(f"concepts[{i}].num_images", c.num_images, "must be >= 1", "declare the folder's image count")
+        cap = c.captions
+        _choice(f"concepts[{i}].captions.mode", cap.mode, ("native", "materialized"))
+        _positive(f"concepts[{i}].captions.keep_tags", cap.keep_tags, "use 0 to shuffle every tag", strict=False)
+
+
+def check_dataset_paths(cfg: ExperimentConfig) -> None:
+    """The concept folders exist (for the stages that read them)."""
+    for i, c in enumerate(cfg.concepts):
+        if not Path(c.path).is_dir():
+            raise ConfigError(f"concepts[{i}].path", c.path, "folder not found",
+                              "point it at a folder of images with .txt captions")
+
+
+CHECKS: List[Callable[[ExperimentConfig], None]] = [
+    check_model, check_training, check_schedule, check_checkpointing, check_concepts,
+]
+
+
+def validate(cfg: ExperimentConfig, need_data: bool = False) -> None:
+    for check in CHECKS:
+        check(cfg)
+    if need_data:
+        check_dataset_paths(cfg)

@@ -1,0 +1,109 @@
+"""`python -m sd3exp ... stage=compile` as a user runs it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import needs_trainer, run_cli, trainer_python
+
+EXPERIMENTS = ["fantasy_art", "fantasy_art_lora", "cinema_photo", "two_concepts", "demo", "demo_full"]
+
+
+def compile_to(run_dir: Path, *overrides: str):
+    return run_cli(*overrides, "stage=compile", f"hydra.run.dir={run_dir}")
+
+
+def tree(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_fantasy_art_compiles_with_the_planned_figures(tmp_path):
+    out = compile_to(tmp_path / "run", "experiment=fantasy_art")
+    assert out.returncode == 0, out.stderr
+    run = tmp_path / "run"
+    env = (run / "config" / "config.env").read_text()
+    assert "MAX_NUM_STEPS=24000\n" in env and "NUM_EPOCHS=0\n" in env and "CHECKPOINTING_STEPS=800\n" in env
+    assert "CONFIG_BACKEND=env\n" in env and "CHECKPOINTING_LIMIT=30\n" in env
+    backends = json.loads((run / "config" / "multibackend.json").read_text())
+    assert backends[0]["repeats"] == 9 and backends[0]["id"] == "fantasy"
+    plan = json.loads((run / "plan.json").read_text())
+    assert (plan["steps_per_epoch"], plan["max_train_steps"], plan["naive_steps_per_epoch"]) == (794, 24000, 793.33)
+    assert plan["checkpoint_steps"][:2] == [800, 1600] and len(plan["checkpoint_steps"]) == 30
+    assert "794" in out.stdout and "793.33" in out.stdout
+
+
+def test_compiling_twice_is_byte_identical(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert compile_to(a, "experiment=fantasy_art_lora", "lora.rank=32").returncode == 0
+    first = tree(a)
+    assert compile_to(a, "experiment=fantasy_art_lora", "lora.rank=32").returncode == 0
+    assert tree(a) == first
+    assert compile_to(b, "experiment=fantasy_art_lora", "lora.rank=32").returncode == 0
+    assert tree(b)["config/config.env"] == first["config/config.env"]
+    assert "--lora_rank=32" in first["config/config.env"].decode()
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_shipped_experiment_compiles(tmp_path, experiment):
+    out = compile_to(tmp_path / "run", f"experiment={experiment}")
+    assert out.returncode == 0, out.stderr
+    env = (tmp_path / "run" / "config" / "config.env").read_text()
+    steps = [ln for ln in env.splitlines() if ln.startswith(("MAX_NUM_STEPS=", "NUM_EPOCHS="))]
+    assert sum(not ln.endswith("=0") for ln in steps) == 1, steps
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("optimizer.lrr=1e-4", "lrr"),
+    ("optimizer.lr=-1e-4", "optimizer.lr=-0.0001"),
+    ("validation.enabled=true", "validation.prompt"),
+])
+def test_bad_input_fails_with_one_paragraph_and_writes_nothing(tmp_path, override, needle):
+    run = tmp_path / "run"
+    extra = ["validation.prompt='$(touch pwned)'", "validation.every_steps=100"] if "validation" in override else []
+    out = compile_to(run, "experiment=fantasy_art", override, *extra)
+    assert out.returncode != 0
+    assert needle in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not run.exists()
+    assert not (tmp_path / "pwned").exists() and not Path("pwned").exists()
+
+
+def test_changed_config_is_refused_then_new_run(tmp_path):
+    run = tmp_path / "run"
+    assert compile_to(run, "experiment=demo").returncode == 0
+    out = compile_to(run, "experiment=demo", "optimizer.lr=2e-4")
+    assert out.returncode != 0 and "trainer.new_run=true" in out.stderr
+    out = compile_to(run, "experiment=demo", "optimizer.lr=2e-4", "trainer.new_run=true")
+    assert out.returncode == 0, out.stderr
+    assert "LEARNING_RATE=0.0002" in (tmp_path / "run-2" / "config" / "config.env").read_text()
+    assert "LEARNING_RATE=0.0001" in (run / "config" / "config.env").read_text()
+
+
+def test_json_backend_carries_what_env_cannot(tmp_path):
+    run = tmp_path / "run"
+    prompt = 'a "quoted" $HOME prompt'
+    out = compile_to(run, "experiment=demo", "validation.enabled=true", "validation.every_steps=2",
+                     f"validation.prompt='{prompt}'", "trainer.config_backend=json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads((run / "config" / "config.json").read_text())["validation_prompt"] == prompt
+    assert "CONFIG_BACKEND=json" in (run / "config" / "config.env").read_text()
+
+
+@needs_trainer
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_simpletuner_accepts_the_arguments(tmp_path, experiment):
+    from sd3exp import preflight
+    from sd3exp.trainer_env import TrainerEnv
+
+    run = tmp_path / "run"
+    assert compile_to(run, f"experiment={experiment}").returncode == 0
+    python = trainer_python()
+    result = preflight.run_parser(TrainerEnv("managed", python.parent.parent, python, "4.10.1"), run)
+    assert result["ok"], result.get("error")
+    plan = json.loads((run / "plan.json").read_text())
+    assert result["args"]["checkpoints_total_limit"] >= 1
+    if plan["stop_rule"] == "max_steps":
+        assert result["args"]["max_train_steps"] == plan["max_train_steps"]
