@@ -1,0 +1,28 @@
+# Set-up and the two commands of the README: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: venv trainer browser demo test
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test,slurm]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+# SimpleTuner 4.10.1 in its own Python 3.12 venv, once per machine (user cache).
+trainer: venv
+	$(BIN)/sd3exp setup-trainer
+
+# Debian's Chromium for the report's headless-browser test.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q chromium; }
+
+demo: trainer
+	$(BIN)/python -m sd3exp experiment=demo
+
+test: trainer browser
+	$(BIN)/python -m pytest
