@@ -49,10 +49,18 @@ def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     return replace(cfg, concepts=concepts)
 
 
+def record_view(resolved: dict) -> dict:
+    """The resolved config as recorded in resolved.yaml: without per-invocation switches."""
+    view = {k: v for k, v in resolved.items() if k != "stage"}
+    view["trainer"] = {k: v for k, v in view["trainer"].items() if k not in ("new_run", "force")}
+    return view
+
+
 def load(cfg: DictConfig) -> Job:
     """Resolve, type-check and validate a composed config."""
-    resolved_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    sha = config_hash(OmegaConf.to_container(cfg, resolve=True))
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    sha = config_hash(resolved)
+    resolved_yaml = OmegaConf.to_yaml(record_view(resolved))
     exp = absolute_paths(OmegaConf.to_object(cfg))
     validate(exp)
     if exp.demo:

@@ -7,7 +7,7 @@ from typing import Callable, Dict
 
 from sd3exp import trainer_env
 from sd3exp.compile import trainer_args, user_extra_args
-from sd3exp.errors import DatasetError
+from sd3exp.errors import DatasetError, EvalError
 from sd3exp.pipeline import Job
 from sd3exp.plan import Plan
 from sd3exp.schema import ExperimentConfig
@@ -67,16 +67,33 @@ def stage_train(job: Job, plan: Plan) -> None:
                        next_command=command_for(cfg, "eval"), resume_command=command_for(cfg, cfg.stage))
 
 
+def stage_eval(job: Job, plan: Plan) -> None:
+    from sd3exp.evaluate.stage import evaluate
+
+    evaluate(job.cfg, job.run_dir)
+
+
+def stage_report(job: Job, plan: Plan) -> None:
+    """Rebuild the grid(s) and report.html from eval/cells.json (e.g. after changing a template)."""
+    from sd3exp.evaluate import cells, grid, report
+
+    eval_dir = job.run_dir / "eval"
+    if not (eval_dir / "cells.json").is_file():
+        raise EvalError(f"no evaluation in {eval_dir}; run stage=eval first")
+    found = cells.read_cells_json(eval_dir / "cells.json")
+    grids = grid.write_grids(found, eval_dir, job.cfg.eval.max_grid_pixels)
+    print(f"report: {report.write_report(job.run_dir, found, grids, title=f'{job.cfg.name}: checkpoint comparison')}")
+
+
 STAGES: Dict[str, Callable[[Job, Plan], None]] = {
     "audit": stage_audit,
     "prepare": stage_prepare,
     "train": stage_train,
+    "eval": stage_eval,
+    "report": stage_report,
 }
 
 
 def run_stage(stage: str, job: Job, plan: Plan) -> None:
-    if stage == "all":
-        for name in ("train",):
-            STAGES[name](job, plan)
-        return
-    STAGES[stage](job, plan)
+    for name in ("train", "eval") if stage == "all" else (stage,):
+        STAGES[name](job, plan)

@@ -1,0 +1,135 @@
+"""Render a sweep in-process with diffusers, through the trainer venv's python.
+
+The project venv has no torch: this side writes a JSON job, runs
+`sd3exp/workers/render_diffusers.py` with the trainer python (offline), turns
+its JSON-lines progress stream into a tqdm bar, and returns one `Cell` per
+checkpoint x prompt x seed. Cells the worker never reported (it crashed or
+timed out) come back as error cells, never dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import threading
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from tqdm import tqdm
+
+from sd3exp.errors import EvalError
+from sd3exp.evaluate.cells import BASE_LABEL, IMAGE_NAME, Cell
+from sd3exp.evaluate.checkpoints import Checkpoint
+from sd3exp.evaluate.comfyui import Sampling
+from sd3exp.io import write_json
+from sd3exp.tinymodel import OFFLINE_ENV
+
+WORKER = Path(__file__).resolve().parent.parent / "workers" / "render_diffusers.py"
+PIPE_ARGS = {"steps": "num_inference_steps", "cfg": "guidance_scale"}  # Sampling field -> pipeline argument
+log = logging.getLogger(__name__)
+
+
+def job_checkpoints(checkpoints: Sequence[Checkpoint], include_base: bool) -> list[dict[str, Any]]:
+    """The worker's checkpoint list; the base model (kind "base") first when asked for."""
+    base = [{"label": BASE_LABEL, "step": None, "kind": "base", "path": None}] if include_base else []
+    return base + [{"label": c.label, "step": c.step, "kind": c.kind, "path": str(Path(c.path).resolve())}
+                   for c in checkpoints]
+
+
+def make_job(base: Path, checkpoints: Sequence[Checkpoint], prompts: Sequence[str], seeds: Sequence[int],
+             out_dir: Path, sampling: Sampling = Sampling(), include_base: bool = False) -> dict[str, Any]:
+    """The worker's job; unset sampling values keep the pipeline's defaults."""
+    return {
+        "base": str(Path(base).resolve()),
+        "checkpoints": job_checkpoints(checkpoints, include_base),
+        "prompts": list(prompts),
+        "seeds": list(seeds),
+        "sampling": {PIPE_ARGS.get(k, k): v for k, v in asdict(sampling).items() if v is not None},
+        "out_dir": str(Path(out_dir).resolve()),
+        "image_name": IMAGE_NAME,
+    }
+
+
+def planned_cells(job: dict[str, Any]) -> list[Cell]:
+    """Every cell of the job, checkpoint-major, as an error cell until the worker reports it."""
+    return [
+        Cell(c["label"], c["step"], i, prompt, seed, "error", error="not rendered: the worker did not report it")
+        for c in job["checkpoints"]
+        for i, prompt in enumerate(job["prompts"])
+        for seed in job["seeds"]
+    ]
+
+
+def parse_line(line: str, job: dict[str, Any]) -> Optional[Cell]:
+    """The cell one progress line reports, or None for a line that is not one."""
+    try:
+        data = json.loads(line)
+        return Cell(data["label"], data["step"], data["prompt_index"], job["prompts"][data["prompt_index"]],
+                    data["seed"], data["status"], paths=[Path(data["path"])] if data["path"] else [],
+                    error=data["error"], seconds=data["seconds"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        log.warning("ignoring unexpected output from the diffusers worker: %s", line.rstrip()[:200])
+        return None
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def _collect(proc: subprocess.Popen, job: dict[str, Any], bar: tqdm) -> dict[tuple[str, int, int], Cell]:
+    """Cells by (label, prompt index, seed) as the worker reports them."""
+    done = {}
+    for line in proc.stdout:
+        cell = parse_line(line, job)
+        if cell is not None:
+            done[(cell.label, cell.prompt_index, cell.seed)] = cell
+            bar.update(1)
+            bar.set_postfix_str(f"{cell.label} {cell.status}")
+    return done
+
+
+def run_worker(job: dict[str, Any], python: Path, job_path: Path, log_path: Path, timeout_s: float,
+               progress: bool = True) -> list[Cell]:
+    """Run the worker on a job; cells in job order (unreported ones as errors with the log's tail)."""
+    if not Path(python).is_file():
+        raise EvalError(f"trainer python {python} does not exist; install the trainer venv (make trainer)")
+    write_json(job_path, job)
+    cells = planned_cells(job)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w", encoding="utf-8") as log_file, tqdm(
+        total=len(cells), unit="cell", desc="diffusers", disable=not progress
+    ) as bar:
+        proc = subprocess.Popen([str(python), str(WORKER), str(job_path)], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=log_file, text=True, env={**os.environ, **OFFLINE_ENV})
+        timed_out = threading.Event()
+        watchdog = threading.Timer(timeout_s, lambda: (timed_out.set(), proc.kill()))
+        watchdog.start()
+        try:
+            done = _collect(proc, job, bar)
+            code = proc.wait()
+        finally:
+            watchdog.cancel()
+            proc.kill()
+            proc.wait()
+    if len(done) < len(cells):
+        why = f"the diffusers worker exited with code {code} before rendering this cell"
+        why += f" (killed after the {timeout_s:g} s timeout)" if timed_out.is_set() else ""
+        cells = [replace(c, error=f"{why}; {log_path}:\n{_tail(log_path)}") for c in cells]
+    return [done.get((c.label, c.prompt_index, c.seed), c) for c in cells]
+
+
+def render(base: Path | str, checkpoints: Sequence[Checkpoint], prompts: Sequence[str], seeds: Sequence[int],
+           out_dir: Path | str, python: Path | str, sampling: Sampling = Sampling(), include_base: bool = False,
+           timeout_s: float = 3600.0, progress: bool = True) -> list[Cell]:
+    """Render checkpoints x prompts x seeds into `out_dir` (eval/images); one Cell each, checkpoint-major.
+
+    The job file and the worker's log go next to `out_dir` (render-job.json, render.log).
+    """
+    out_dir = Path(out_dir)
+    job = make_job(Path(base), checkpoints, prompts, seeds, out_dir, sampling, include_base)
+    return run_worker(job, Path(python), out_dir.parent / "render-job.json", out_dir.parent / "render.log",
+                      timeout_s, progress)

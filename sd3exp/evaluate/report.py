@@ -1,0 +1,89 @@
+"""The sweep's HTML report: grids, every cell, the experiment's plan and configs.
+
+`<run>/eval/report.html` opens from disk: only relative links, no scripts, no
+external resources. Rendered with Jinja (StrictUndefined, autoescape on).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+from urllib.parse import quote
+
+import jinja2
+
+from sd3exp.compile import TEMPLATES
+from sd3exp.evaluate.cells import Cell, cell_image, column_title
+from sd3exp.io import read_json, write_text
+
+TEMPLATE = "report.html.j2"
+CONFIG_FILES = ("config/config.env", "config/multibackend.json", "config/config.json")
+
+
+def href(target: Path, page_dir: Path) -> str:
+    """A URL-quoted relative link from a page in `page_dir` to `target`."""
+    return quote(Path(os.path.relpath(Path(target).resolve(), Path(page_dir).resolve())).as_posix())
+
+
+def _link(target: Path, page_dir: Path) -> dict[str, Any]:
+    return {"name": target.name, "href": href(target, page_dir), "exists": target.is_file()}
+
+
+def cell_row(cell: Cell, page_dir: Path) -> dict[str, Any]:
+    """One table row: what was rendered, how long it took, how it went."""
+    source = cell_image(cell)
+    return {
+        "checkpoint": column_title(cell.label, cell.step),
+        "label": cell.label,
+        "prompt_index": cell.prompt_index,
+        "prompt": cell.prompt,
+        "seed": cell.seed,
+        "seconds": f"{cell.seconds:.1f}",
+        "status": cell.status,
+        "error": cell.error,
+        "image": href(source, page_dir) if isinstance(source, Path) and source.is_file() else None,
+    }
+
+
+def read_plan(run_dir: Path) -> Optional[dict[str, Any]]:
+    """The experiment's plan.json, or None when the run folder has none."""
+    path = run_dir / "plan.json"
+    return read_json(path) if path.is_file() else None
+
+
+def report_context(run_dir: Path, cells: Sequence[Cell], grids: Sequence[Path], page_dir: Path,
+                   title: Optional[str] = None) -> dict[str, Any]:
+    """Everything the template shows, links relative to `page_dir`."""
+    plan = read_plan(run_dir)
+    lr_curve = run_dir / "lr_curve.png"
+    return {
+        "title": title or (plan or {}).get("experiment") or run_dir.name,
+        "grids": [_link(g, page_dir) for g in grids],
+        "cells": [cell_row(c, page_dir) for c in cells],
+        "n_ok": sum(c.status == "ok" for c in cells),
+        "n_error": sum(c.status != "ok" for c in cells),
+        "total_seconds": f"{sum(c.seconds for c in cells):.1f}",
+        "plan": plan,
+        "lr_curve": _link(lr_curve, page_dir) if lr_curve.is_file() else None,
+        "configs": [_link(run_dir / name, page_dir) | {"name": name} for name in CONFIG_FILES],
+    }
+
+
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
+                              autoescape=True, keep_trailing_newline=True)
+
+
+def render_report(context: dict[str, Any]) -> str:
+    """The report's HTML text."""
+    return _environment().get_template(TEMPLATE).render(**context)
+
+
+def write_report(run_dir: Path | str, cells: Sequence[Cell], grids: Sequence[Path], out: Optional[Path | str] = None,
+                 title: Optional[str] = None) -> Path:
+    """Write `<run>/eval/report.html` (or `out`) atomically; return its path."""
+    run_dir = Path(run_dir)
+    out = Path(out) if out else run_dir / "eval" / "report.html"
+    write_text(out, render_report(report_context(run_dir, cells, grids, out.parent, title)))
+    return out

@@ -1,0 +1,149 @@
+"""Render checkpoints x prompts x seeds in-process with diffusers' StableDiffusion3Pipeline.
+
+Standalone worker, run by the trainer venv's python (stdlib, torch, diffusers,
+safetensors, peft); sd3exp never imports it. Usage: render_diffusers.py JOB.json
+
+The job (JSON): base (pipeline folder), checkpoints ([{label, step, kind:
+base|full|lora, path}]), prompts, seeds, sampling (StableDiffusion3Pipeline
+keyword arguments such as num_inference_steps, guidance_scale, width, height,
+negative_prompt), out_dir, image_name (a str.format pattern with label,
+prompt_index, seed and suffix).
+
+The base pipeline loads once, on the CPU in float32; each checkpoint's weights
+are swapped in (full: its transformer state dict; lora: load_lora_weights,
+unloaded before the next). stdout carries one JSON line per cell, nothing else:
+{label, step, prompt_index, seed, status: ok|error, path, error, seconds}.
+A failing cell (or checkpoint) is reported and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+from safetensors.torch import load_file
+
+DTYPE = torch.float32
+
+
+def protocol_stream() -> TextIO:
+    """The real stdout, for progress lines; fd 1 and sys.stdout then go to stderr (library chatter)."""
+    stream = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return stream
+
+
+def load_pipeline(base: str) -> StableDiffusion3Pipeline:
+    """The base pipeline on the CPU in float32, offline, without progress bars."""
+    pipe = StableDiffusion3Pipeline.from_pretrained(base, dtype=DTYPE, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to("cpu")
+
+
+class Weights:
+    """Keeps track of what is loaded into the pipeline and swaps checkpoints in and out."""
+
+    def __init__(self, pipe: StableDiffusion3Pipeline, base: str) -> None:
+        self.pipe, self.base, self.state = pipe, base, "base"
+
+    def use(self, kind: str, path: str | None) -> None:
+        """Load one checkpoint (kind base|full|lora); raises when its weights cannot be loaded."""
+        if self.state == "lora":
+            self.pipe.unload_lora_weights()
+            self.state = "base"
+        if self.state == "full" and kind != "full":
+            self.restore_base()
+        if kind == "full":
+            self.state = "full"  # a failed load may leave some tensors replaced
+            self.pipe.transformer.load_state_dict(load_file(path), strict=True)
+        elif kind == "lora":
+            self.state = "lora"
+            self.pipe.load_lora_weights(str(Path(path).parent), weight_name=Path(path).name)
+        elif kind != "base":
+            raise ValueError(f"unknown checkpoint kind {kind!r} (base, full or lora)")
+
+    def restore_base(self) -> None:
+        """Put the base transformer's weights back after a full checkpoint."""
+        base = SD3Transformer2DModel.from_pretrained(self.base, subfolder="transformer", dtype=DTYPE,
+                                                     local_files_only=True)
+        self.pipe.transformer.load_state_dict(base.state_dict(), strict=True)
+        self.state = "base"
+
+
+def save_png(image: Any, path: Path) -> None:
+    """Save through a temporary file and rename: a reader never sees half a PNG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def describe(exc: BaseException) -> str:
+    """`Type: message`, and the traceback to stderr for the log."""
+    traceback.print_exception(exc, file=sys.stderr)
+    return f"{type(exc).__name__}: {exc}".strip()
+
+
+def render_cell(pipe: StableDiffusion3Pipeline, sampling: dict, prompt: str, seed: int, path: Path) -> None:
+    """One image from a seeded CPU generator, saved as a PNG."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    image = pipe(prompt=prompt, generator=generator, **sampling).images[0]
+    save_png(image, path)
+
+
+def sweep(job: dict, out: TextIO) -> None:
+    """Render every cell, checkpoint by checkpoint, writing one JSON line per cell to `out`."""
+    pipe = load_pipeline(job["base"])
+    weights = Weights(pipe, job["base"])
+    for ckpt in job["checkpoints"]:
+        try:
+            weights.use(ckpt["kind"], ckpt.get("path"))
+            load_error = ""
+        except Exception as exc:  # noqa: BLE001 - reported per cell, the sweep goes on
+            load_error = f"{describe(exc)} (loading {ckpt['kind']} weights from {ckpt.get('path')})"
+        for index in range(len(job["prompts"])):
+            for seed in job["seeds"]:
+                line = cell_line(pipe, job, ckpt, index, seed, load_error)
+                out.write(json.dumps(line) + "\n")
+
+
+def cell_line(pipe: StableDiffusion3Pipeline, job: dict, ckpt: dict, index: int, seed: int, load_error: str) -> dict:
+    """Render one cell (unless its checkpoint failed to load); its progress line."""
+    name = job["image_name"].format(label=ckpt["label"], prompt_index=index, seed=seed, suffix="")
+    path = Path(job["out_dir"]) / name
+    line = {"label": ckpt["label"], "step": ckpt.get("step"), "prompt_index": index, "seed": seed,
+            "status": "error", "path": None, "error": load_error, "seconds": 0.0}
+    start = time.monotonic()
+    if not load_error:
+        try:
+            render_cell(pipe, job["sampling"], job["prompts"][index], seed, path)
+            line.update(status="ok", path=str(path))
+        except Exception as exc:  # noqa: BLE001 - reported per cell, the sweep goes on
+            line["error"] = describe(exc)
+    line["seconds"] = round(time.monotonic() - start, 3)
+    return line
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("job", type=Path, help="JSON job file")
+    args = parser.parse_args(argv)
+    out = protocol_stream()
+    sweep(json.loads(args.job.read_text(encoding="utf-8")), out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Real SimpleTuner training on the tiny SD3, on the CPU, through the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sd3exp.cli import ROOT
+from tests.conftest import needs_trainer, run_cli
+
+pytestmark = [needs_trainer, pytest.mark.slow]
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file's (size, mtime_ns) under `folder`."""
+    return {p.relative_to(folder).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def tqdm_totals(log: Path) -> set:
+    return {int(m) for m in re.findall(r"Steps:\s*\d+%\|[^|]*\|\s*\d+/(\d+)", log.read_text(errors="replace"))}
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("demo") / "run"
+    out = run_cli("experiment=demo", "stage=train", f"hydra.run.dir={run}")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return run, out
+
+
+def test_checkpoints_and_total_steps_are_as_planned(lora_run):
+    run, out = lora_run
+    plan = json.loads((run / "plan.json").read_text())
+    assert len(plan["concepts"][0]["buckets"]) >= 2
+    written = sorted(int(p.name.split("-")[1]) for p in (run / "training").glob("checkpoint-*"))
+    assert written == plan["checkpoint_steps"]
+    assert tqdm_totals(run / "train.log") == {plan["max_train_steps"]}
+    assert all((run / "training" / f"checkpoint-{s}" / "pytorch_lora_weights.safetensors").is_file() for s in written)
+    buckets = json.loads((run / "dataset" / "shapes" / "aspect_ratio_bucket_indices_shapes.json").read_text())
+    counts = {f"{float(k):.2f}": len(v) for k, v in buckets["aspect_ratio_bucket_indices"].items()}
+    assert counts == plan["concepts"][0]["buckets"]
+    assert "checkpoint-8" in out.stdout and "next: python -m sd3exp experiment=demo stage=eval" in out.stdout
+
+
+def test_second_run_changes_nothing(lora_run):
+    run, _ = lora_run
+    before = snapshot(run)
+    out = run_cli("experiment=demo", "stage=train", f"hydra.run.dir={run}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "already complete" in out.stdout
+    assert snapshot(run) == before
+
+
+def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "sd3exp", "experiment=demo", "stage=train", f"hydra.run.dir={run}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 400
+    while not (run / "training" / "checkpoint-4").is_dir() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    first = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, first[-2000:]
+    assert "Resume from checkpoint-" in first
+    kept = {p: snapshot(p) for p in (run / "training").glob("checkpoint-*")}
+    out = run_cli("experiment=demo", "stage=train", f"hydra.run.dir={run}")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert re.search(r"resuming from checkpoint-(\d+)", out.stdout)
+    assert {p: snapshot(p) for p in kept} == kept
+    assert sorted(p.name for p in (run / "training").glob("checkpoint-*")) == [f"checkpoint-{s}" for s in (2, 4, 6, 8)]
+
+
+def test_full_finetune_writes_transformer_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    out = run_cli("experiment=demo_full", "stage=train", f"hydra.run.dir={run}")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for step in (2, 4, 6, 8):
+        assert (run / "training" / f"checkpoint-{step}" / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_trainer_crash_is_reported(tmp_path):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    run = tmp_path / "run"
+    out = run_cli("experiment=demo", "stage=train", f"hydra.run.dir={run}", f"model.path={broken}")
+    assert out.returncode != 0
+    assert "Full log:" in out.stderr and str(run / "train.log") in out.stderr
+
+
+def test_missing_trainer_is_reported(tmp_path):
+    out = run_cli("experiment=demo", "stage=train", f"hydra.run.dir={tmp_path / 'run'}",
+                  f"trainer.home={tmp_path / 'nowhere'}")
+    assert out.returncode != 0
+    assert "is not installed" in out.stderr and "make trainer" in out.stderr
+
+
+def test_missing_dataset_is_reported(tmp_path):
+    out = run_cli("experiment=demo", "stage=train", "demo=false", f"hydra.run.dir={tmp_path / 'run'}",
+                  f"concepts.0.path={tmp_path / 'no-such-folder'}")
+    assert out.returncode != 0
+    assert "concepts[0].path" in out.stderr and "folder not found" in out.stderr
