@@ -11,7 +11,7 @@ from typing import Callable, Dict, List, Optional
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from sd3exp import schema
+from sd3exp import migrate, schema
 from sd3exp.errors import Sd3expError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,4 +71,8 @@ def main() -> None:
                 raise SystemExit(subcommands[sys.argv[1]](sys.argv[2:]))
             except Sd3expError as err:
                 fail(err)
+    try:
+        sys.argv = migrate.prepare_argv(sys.argv, CONF_DIR)
+    except Sd3expError as err:
+        fail(err)
     _hydra_main()

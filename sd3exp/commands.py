@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Callable, Dict, List
 
 from sd3exp import trainer_env
+from sd3exp.lock import lock_main
+from sd3exp.review import diff_main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,4 +41,6 @@ def make_tiny_model(argv: List[str]) -> int:
 SUBCOMMANDS: Dict[str, Callable[[List[str]], int]] = {
     "setup-trainer": setup_trainer,
     "make-tiny-model": make_tiny_model,
+    "diff": diff_main,
+    "lock": lock_main,
 }

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable, Dict, List
 
 from sd3exp import trainer_env
 from sd3exp.compile import trainer_args, user_extra_args
@@ -33,7 +34,18 @@ def stage_prepare(job: Job, plan: Plan) -> None:
     from sd3exp import prepare
 
     stage_audit(job, plan)
-    prepare.prepare(job.cfg)
+    summary = prepare.prepare(job.cfg)
+    print(summary.line())
+    drop_stale_vae_cache(job.cfg, [c.id for c in summary.concepts if c.created or c.removed])
+
+
+def drop_stale_vae_cache(cfg: ExperimentConfig, changed: List[str]) -> None:
+    """SimpleTuner keys its VAE cache by file name: a re-prepared concept needs a fresh one."""
+    for concept_id in changed:
+        cache = Path(cfg.dataset.cache_dir) / "vae" / concept_id
+        if cache.is_dir():
+            shutil.rmtree(cache)
+            print(f"dataset '{concept_id}' changed: cleared its VAE latent cache {cache}")
 
 
 def trainer_for(cfg: ExperimentConfig) -> trainer_env.TrainerEnv:
@@ -48,7 +60,7 @@ def stage_train(job: Job, plan: Plan) -> None:
 
     cfg, run_dir = job.cfg, job.run_dir
     training_dir = Path(cfg.paths.training_dir)
-    if train.is_complete(training_dir, cfg.model.type, plan.max_train_steps):
+    if train.is_complete(run_dir, training_dir, cfg.model.type, plan.max_train_steps):
         print(f"training already complete ({training_dir}); nothing to do")
         return
     stage_prepare(job, plan)
@@ -62,7 +74,7 @@ def stage_train(job: Job, plan: Plan) -> None:
 
     claim_training_dir(training_dir, run_dir)
     local_model = Path(cfg.model.path).is_dir()
-    process_env = train.trainer_environment(env.bin, run_dir, shim, offline=local_model)
+    process_env = train.trainer_environment(env.bin, run_dir, cpu=shim, offline=local_model)
     train.run_training(env.train_command(), run_dir, process_env, plan.max_train_steps, plan.checkpoint_steps,
                        next_command=command_for(cfg, "eval"), resume_command=command_for(cfg, cfg.stage))
 

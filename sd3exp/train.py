@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 from tqdm import tqdm
 
 from sd3exp.errors import TrainerError
-from sd3exp.io import write_json
+from sd3exp.io import read_json, write_json
 from sd3exp.runfolder import checkpoint_dirs
 
 SHIM_DIR = Path(__file__).resolve().parent / "cpu_shim"
@@ -56,23 +56,30 @@ def final_weights(training_dir: Path, model_type: str) -> Path:
     return training_dir / ("pytorch_lora_weights.safetensors" if model_type == "lora" else "pipeline")
 
 
-def is_complete(training_dir: Path, model_type: str, max_steps: int) -> bool:
-    """Training reached max_steps and saved its final weights: nothing left to run."""
-    steps = checkpoint_dirs(training_dir)
-    return final_weights(training_dir, model_type).exists() and (not steps or max(steps) >= max_steps)
+def is_complete(run_dir: Path, training_dir: Path, model_type: str, max_steps: int) -> bool:
+    """Training reached max_steps and saved its final weights: calling SimpleTuner again would
+    retrain the last step and overwrite them."""
+    if not final_weights(training_dir, model_type).exists():
+        return False
+    summary = run_dir / "training_summary.json"
+    last = read_json(summary)["progress"]["step"] if summary.is_file() else 0
+    return max([last, *checkpoint_dirs(training_dir)]) >= max_steps
 
 
-def trainer_environment(bin_dir: Path, run_dir: Path, cpu_shim: bool, offline: bool) -> Dict[str, str]:
+def trainer_environment(bin_dir: Path, run_dir: Path, cpu: bool, offline: bool) -> Dict[str, str]:
+    """The trainer's environment: caches inside the run, the CPU shim only without CUDA."""
     env = dict(os.environ)
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     env["HF_HUB_CACHE"] = env.get("HF_HUB_CACHE") or str(Path(env.get("HF_HOME", Path.home() / ".cache/huggingface")) / "hub")
-    env.update(HF_HOME=str(run_dir / ".hf"), MPLCONFIGDIR=str(run_dir / ".mpl"), PYTHONUNBUFFERED="1",
-               TQDM_MININTERVAL="0", SIMPLETUNER_LOG_LEVEL=env.get("SIMPLETUNER_LOG_LEVEL", "INFO"))
+    cache = run_dir / ".cache"
+    env.update(HF_HOME=str(run_dir / ".hf"), MPLCONFIGDIR=str(run_dir / ".mpl"), XDG_CACHE_HOME=str(cache),
+               TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"), PYTHONUNBUFFERED="1")
     for key in ("CONFIG_BACKEND", "SIMPLETUNER_CONFIG_BACKEND", "ENV", "SIMPLETUNER_ENV", "CONFIG_PATH"):
         env.pop(key, None)
     if offline:
         env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    if cpu_shim:
+    if cpu:
+        env["SDNQ_USE_TORCH_COMPILE"] = "0"
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SHIM_DIR), env.get("PYTHONPATH")]))
     return env
 

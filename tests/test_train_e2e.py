@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from sd3exp.cli import ROOT
+from tests import browser
 from tests.conftest import needs_trainer, run_cli
 
 pytestmark = [needs_trainer, pytest.mark.slow]
@@ -31,8 +32,9 @@ def tqdm_totals(log: Path) -> set:
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
+    """The README's main command: the whole demo (plan, prepare, compile, train, eval)."""
     run = tmp_path_factory.mktemp("demo") / "run"
-    out = run_cli("experiment=demo", "stage=train", f"hydra.run.dir={run}")
+    out = run_cli("experiment=demo", f"hydra.run.dir={run}")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return run, out
 
@@ -51,12 +53,33 @@ def test_checkpoints_and_total_steps_are_as_planned(lora_run):
     assert "checkpoint-8" in out.stdout and "next: python -m sd3exp experiment=demo stage=eval" in out.stdout
 
 
+def test_grid_columns_are_the_planned_checkpoints(lora_run):
+    run, out = lora_run
+    plan = json.loads((run / "plan.json").read_text())
+    cells = json.loads((run / "eval" / "cells.json").read_text())
+    cells = cells["cells"] if isinstance(cells, dict) else cells
+    labels = list(dict.fromkeys(c["label"] for c in cells))
+    assert labels == [f"checkpoint-{s}" for s in plan["checkpoint_steps"]] + ["final"]
+    assert all(c["status"] == "ok" for c in cells) and len(cells) == len(labels) * 2
+    assert (run / "eval" / "grid.png").is_file() and "report:" in out.stdout
+
+
+@pytest.mark.skipif(not browser.chromium() and os.environ.get("CI") != "true", reason="chromium is not installed")
+def test_report_opens_in_a_real_browser(lora_run):
+    run, _ = lora_run
+    page = browser.open_page(run / "eval" / "report.html")
+    assert page["images"], "the report shows no image"
+    assert all(loaded for _, loaded in page["images"]), page["images"]
+    assert any(src.endswith("grid.png") for src, _ in page["images"])
+    assert page["errors"] == []
+
+
 def test_second_run_changes_nothing(lora_run):
     run, _ = lora_run
     before = snapshot(run)
-    out = run_cli("experiment=demo", "stage=train", f"hydra.run.dir={run}")
+    out = run_cli("experiment=demo", f"hydra.run.dir={run}")
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "already complete" in out.stdout
+    assert "already complete" in out.stdout and "already evaluated" in out.stdout
     assert snapshot(run) == before
 
 

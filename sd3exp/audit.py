@@ -1,0 +1,266 @@
+"""Audit each concept's source folder before training. Reads only; changes nothing.
+
+Per concept: images without a caption, captions without an image, empty or
+non-UTF-8 captions, captions lacking the trigger word or not starting with it,
+unreadable or truncated images (Pillow verify + load), images smaller than
+dataset.resolution asks for, duplicate images (sha256 of the bytes), captions likely over
+CLIP's window, captions with fewer tags than keep_tags, multi-line captions,
+kohya's "|||", files that are neither, a tag frequency table, and the image
+sizes from their headers (EXIF rotation applied; the step planner uses them).
+
+"Smaller than resolution" means smaller, on either side, than the size
+SimpleTuner resizes the image to (sd3exp.buckets.target_size, its own rounding):
+such images are upscaled. A plain shorter-side rule would flag every 1344x768
+image at pixel_area 1024 although that is exactly its bucket. A warning, not an
+error (images below minimum_image_size are skipped, which the planner reports).
+
+Which findings stop training is a policy of the experiment (audit_errors).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from PIL import Image
+
+from sd3exp import captions
+from sd3exp.buckets import BucketRule, target_size
+from sd3exp.images import IMAGE_EXTENSIONS, image_size, list_images
+from sd3exp.io import write_json
+from sd3exp.prepare import shared_stems
+from sd3exp.plan import bucket_rule
+from sd3exp.schema import ConceptConfig, DatasetConfig, ExperimentConfig
+
+Size = Tuple[int, int]
+CLIP_TOKENS = 75  # CLIP's 77-token window minus the start and end tokens
+KEEP_SEPARATOR = "|||"
+LIST_LIMIT = 8
+
+
+@dataclass
+class ConceptAudit:
+    id: str
+    path: str
+    found: bool
+    images: List[str] = field(default_factory=list)
+    sizes: List[Size] = field(default_factory=list)  # of the readable images, in name order
+    missing_captions: List[str] = field(default_factory=list)
+    orphan_captions: List[str] = field(default_factory=list)
+    empty_captions: List[str] = field(default_factory=list)
+    undecodable_captions: List[str] = field(default_factory=list)
+    lacking_trigger: List[str] = field(default_factory=list)
+    trigger_not_first: List[str] = field(default_factory=list)
+    unreadable: Dict[str, str] = field(default_factory=dict)  # image -> Pillow's error
+    too_small: Dict[str, Size] = field(default_factory=dict)
+    duplicates: List[List[str]] = field(default_factory=list)
+    long_captions: Dict[str, int] = field(default_factory=dict)  # caption -> estimated tokens
+    too_few_tags: Dict[str, int] = field(default_factory=dict)  # caption -> tag count < keep_tags
+    shared_stems: List[str] = field(default_factory=list)
+    multiline: List[str] = field(default_factory=list)
+    keep_separator: List[str] = field(default_factory=list)
+    ignored_files: List[str] = field(default_factory=list)
+    tag_counts: Dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class AuditReport:
+    concepts: List[ConceptAudit]
+    errors: List[str]
+    warnings: List[str]
+
+    def sizes_by_concept(self) -> Dict[str, Optional[List[Size]]]:
+        """For plan.make_plan: image sizes per concept, None where the folder is missing."""
+        return {a.id: list(a.sizes) if a.found else None for a in self.concepts}
+
+
+def estimate_clip_tokens(caption: str) -> int:
+    """Words plus punctuation marks: a lower bound of CLIP's BPE token count.
+
+    Common English words are one token and each punctuation mark is one; rare
+    words, names and numbers split into several, so a caption over CLIP_TOKENS
+    by this count is almost surely truncated by SD3's CLIP encoders (T5 reads on).
+    """
+    return len(re.findall(r"\w+|[^\w\s]", caption))
+
+
+def upscaled(size: Size, rule: BucketRule) -> bool:
+    """Whether SimpleTuner enlarges an image of `size` to its training size."""
+    tw, th = target_size(size, rule)
+    return size[0] < tw or size[1] < th
+
+
+def _inspect(path: Path) -> Tuple[str, Optional[Size], Optional[str], Optional[str]]:
+    """(name, size, sha256, error): Pillow's verify() on the header, then a full decode."""
+    digest = None
+    try:
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+        return path.name, image_size(path), digest, None
+    except Exception as e:  # an OSError, or any of the many types Pillow raises for bad files
+        return path.name, None, digest, f"{type(e).__name__}: {e}"
+
+
+def _check_images(a: ConceptAudit, images: List[Path], rule: BucketRule) -> None:
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        results = list(pool.map(_inspect, images))
+    by_hash: Dict[str, List[str]] = {}
+    for name, size, digest, error in results:
+        if digest:
+            by_hash.setdefault(digest, []).append(name)
+        if error:
+            a.unreadable[name] = error
+            continue
+        a.sizes.append(size)
+        if upscaled(size, rule):
+            a.too_small[name] = size
+    a.duplicates = [names for names in by_hash.values() if len(names) > 1]
+
+
+def _check_caption(a: ConceptAudit, c: ConceptConfig, name: str, text: str, tags: Counter) -> None:
+    trigger = re.escape(c.trigger)
+    if not text.strip():
+        a.empty_captions.append(name)
+        return
+    if not re.search(rf"(?<!\w){trigger}(?!\w)", text):
+        a.lacking_trigger.append(name)
+    elif not re.match(rf"\s*{trigger}(?!\w)", text):
+        a.trigger_not_first.append(name)
+    found = captions.split_tags(text, captions.tag_separator(c))
+    tags.update(found)
+    if len(found) < c.captions.keep_tags:
+        a.too_few_tags[name] = len(found)
+    if estimate_clip_tokens(text) > CLIP_TOKENS:
+        a.long_captions[name] = estimate_clip_tokens(text)
+    if len([line for line in text.splitlines() if line.strip()]) > 1:
+        a.multiline.append(name)
+    if KEEP_SEPARATOR in text:
+        a.keep_separator.append(name)
+
+
+def _check_captions(a: ConceptAudit, c: ConceptConfig, images: List[Path]) -> None:
+    stems = {p.stem for p in images}
+    tags: Counter = Counter()
+    for p in sorted(Path(c.path).iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.suffix == ".txt" and p.is_file():  # SimpleTuner reads <stem>.txt, lower case
+            if p.stem not in stems:
+                a.orphan_captions.append(p.name)
+                continue
+            try:
+                text = p.read_bytes().decode("utf-8")
+            except UnicodeDecodeError:
+                a.undecodable_captions.append(p.name)
+                continue
+            _check_caption(a, c, p.name, text, tags)
+        elif p.suffix.lower() not in IMAGE_EXTENSIONS or not p.is_file():
+            a.ignored_files.append(p.name + ("/" if p.is_dir() else ""))
+    a.missing_captions = [p.name for p in images if not p.with_suffix(".txt").is_file()]
+    a.tag_counts = dict(tags.most_common())
+
+
+def audit_concept(c: ConceptConfig, rule: BucketRule) -> ConceptAudit:
+    folder = Path(c.path)
+    a = ConceptAudit(c.id, str(folder.absolute()), folder.is_dir())
+    if not a.found:
+        return a
+    images = list_images(folder)
+    a.images = [p.name for p in images]
+    a.shared_stems = shared_stems(images)
+    _check_images(a, images, rule)
+    _check_captions(a, c, images)
+    return a
+
+
+def _names(items) -> str:
+    names = [" = ".join(i) if isinstance(i, list) else str(i) for i in items]
+    more = f" ... and {len(names) - LIST_LIMIT} more" if len(names) > LIST_LIMIT else ""
+    return ", ".join(names[:LIST_LIMIT]) + more
+
+
+def _rules(a: ConceptAudit, c: ConceptConfig, ds: DatasetConfig) -> List[Tuple[bool, object, str, str]]:
+    """(stops training?, offending items, what they are, the fix) for one concept."""
+    cap, lenient = c.captions, c.captions.allow_missing
+    return [
+        (not lenient, a.missing_captions, "image(s) without a caption file",
+         "add <name>.txt, or set captions.allow_missing=true (captioned with the trigger word)"),
+        (not lenient, a.orphan_captions, "caption file(s) without an image",
+         "rename the caption to its image's name, or remove it"),
+        (not lenient, a.empty_captions, "empty caption(s)", "write the captions"),
+        (True, a.undecodable_captions, "caption(s) that are not UTF-8", "save them as UTF-8"),
+        (True, a.unreadable, "unreadable or truncated image(s)", "re-export or remove them"),
+        (True, a.shared_stems, "image groups sharing one caption file", "give each image its own name"),
+        (cap.require_trigger, a.lacking_trigger, f"caption(s) without the trigger word '{c.trigger}'",
+         "add the trigger as the first tag, or set captions.require_trigger=false"),
+        (cap.shuffle, a.too_few_tags, f"caption(s) with fewer tags than keep_tags={cap.keep_tags}",
+         "lower captions.keep_tags or add tags"),
+        (False, a.trigger_not_first, f"caption(s) not starting with the trigger '{c.trigger}'",
+         "put the trigger first (with shuffle on it stays in place only within keep_tags)"),
+        (False, a.too_small, f"image(s) below their {ds.resolution} {ds.resolution_type} training size (upscaled)",
+         "use larger images or a lower dataset.resolution"),
+        (False, a.duplicates, "group(s) of identical images", "remove the copies (repeats does that job)"),
+        (False, a.long_captions, f"caption(s) likely over CLIP's {CLIP_TOKENS + 2}-token window",
+         "shorten them; CLIP truncates the end (T5 reads on)"),
+        (False, a.multiline, "multi-line caption(s): SimpleTuner takes each line as a caption",
+         "join the lines unless that is meant"),
+        (False, a.keep_separator, f"caption(s) with kohya's '{KEEP_SEPARATOR}' (not supported)",
+         "remove it and use captions.keep_tags"),
+        (False, a.ignored_files, "file(s) that are neither images nor captions (ignored)", "none needed"),
+    ]
+
+
+def _messages(report: AuditReport, cfg: ExperimentConfig, errors: bool) -> List[str]:
+    concepts = {c.id: c for c in cfg.concepts}
+    out = []
+    for a in report.concepts:
+        if errors and not a.found:
+            out.append(f"concept '{a.id}': folder {a.path} not found. Fix: point concepts[].path at it")
+        elif errors and not a.images:
+            out.append(f"concept '{a.id}': no images in {a.path}. Fix: add .png/.jpg/.webp images")
+        for is_error, items, what, fix in _rules(a, concepts[a.id], cfg.dataset):
+            if items and is_error == errors:
+                out.append(f"concept '{a.id}': {len(items)} {what}: {_names(items)}. Fix: {fix}")
+    return out
+
+
+def audit_errors(report: AuditReport, cfg: ExperimentConfig) -> List[str]:
+    """The findings that must stop training under this experiment's settings."""
+    return _messages(report, cfg, errors=True)
+
+
+def audit_warnings(report: AuditReport, cfg: ExperimentConfig) -> List[str]:
+    return _messages(report, cfg, errors=False)
+
+
+def audit(cfg: ExperimentConfig) -> AuditReport:
+    """Audit every concept's source folder (reads only)."""
+    rule = bucket_rule(cfg)
+    report = AuditReport([audit_concept(c, rule) for c in cfg.concepts], [], [])
+    report.errors, report.warnings = audit_errors(report, cfg), audit_warnings(report, cfg)
+    return report
+
+
+def write_audit(report: AuditReport, path: Path) -> str:
+    """Write audit.json atomically; return a short human summary."""
+    write_json(Path(path), asdict(report))
+    images = sum(len(a.images) for a in report.concepts)
+    lines = [f"audit: {len(report.concepts)} concept(s), {images} images, {len(report.errors)} error(s), "
+             f"{len(report.warnings)} warning(s) -> {path}"]
+    lines += [f"  ERROR {m}" for m in report.errors] + [f"  warning {m}" for m in report.warnings]
+    for a in report.concepts:
+        top = ", ".join(f"{t} ({n})" for t, n in list(a.tag_counts.items())[:5])
+        if top:
+            lines.append(f"  top tags of '{a.id}': {top}")
+    return "\n".join(lines)

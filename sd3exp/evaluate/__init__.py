@@ -1,0 +1,1 @@
+"""Checkpoint evaluation: discovery, ComfyUI model links and the ComfyUI sweep client."""

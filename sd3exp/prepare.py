@@ -1,0 +1,388 @@
+"""Prepare every concept into ``<dataset.prepared_dir>/<concept id>/`` for SimpleTuner.
+
+SimpleTuner writes bucket indices and metadata into its instance_data_dir, so it
+never gets the user's folder: each concept is prepared into a folder of its own,
+which the compiler points instance_data_dir at. The source folder is only read.
+
+- native mode, or shuffle off: every image once, with its caption as is.
+- materialized mode: R = repeats copies ``name_<i>.<ext>`` + ``name_<i>.txt``
+  (i = 1..R), each caption shuffled with its own seed (sd3exp.captions).
+
+Images are placed with the first method that works: hard link (no image bytes),
+symlink, reflink, byte copy. Captions are small and always written, never
+linked, so nothing written into a prepared folder can reach the source.
+An image without a caption stops preparation (DatasetError) unless
+captions.allow_missing, which gives it the trigger word as its caption.
+
+Incremental and atomic: what the folder should hold is computed from the source
+on every run and compared with the disk (images: same inode, or same size and
+mtime; captions: same bytes). If it all matches nothing is touched, so
+SimpleTuner's metadata stays. Otherwise a new folder is built next to the
+target (``.<id>.building``: unchanged files hard-linked from the current
+folder, the rest created) and swapped in with two renames. A run killed at any
+point leaves the old or the new folder (between the two renames:
+``.<id>.old``, which the next run puts back), and the next run gives the same
+result as an uninterrupted one. (Interruption-safe, not power-loss-safe: no fsync.)
+The seed and settings are recorded in ``<prepared_dir>/sd3exp-prepare.json``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Union
+
+from tqdm import tqdm
+
+from sd3exp import captions
+from sd3exp.errors import ConfigError, DatasetError
+from sd3exp.images import IMAGE_EXTENSIONS, list_images
+from sd3exp.io import read_json, write_json
+from sd3exp.schema import ConceptConfig, ExperimentConfig
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: reflink is skipped there
+    fcntl = None
+
+MANIFEST = "sd3exp-prepare.json"
+FORMAT = 1
+FICLONE = 0x40049409  # Linux ioctl: share the source's blocks (btrfs, xfs, ...)
+PROGRESS_MIN_FILES = 200
+Want = Union[Path, bytes]  # an image's source file, or a caption's content
+
+
+@dataclass
+class ConceptSummary:
+    id: str
+    mode: str  # native | materialized
+    images: int
+    files: int  # image files in the prepared folder (images x copies)
+    created: int = 0  # files (images and captions) made this run
+    reused: int = 0
+    removed: int = 0
+    bytes_written: int = 0
+    link_modes: Dict[str, int] = field(default_factory=dict)
+    captions_from_trigger: List[str] = field(default_factory=list)
+
+
+@dataclass
+class PrepareSummary:
+    prepared_dir: str
+    concepts: List[ConceptSummary]
+    seconds: float
+
+    def total(self, key: str) -> int:
+        return sum(getattr(c, key) for c in self.concepts)
+
+    def line(self) -> str:
+        """One line: images, copies, what was done, bytes written, link modes, time."""
+        links: Counter = Counter()
+        for c in self.concepts:
+            links.update(c.link_modes)
+        t = self.total
+        work = (f"{t('created')} file(s) created, {t('reused')} reused, {t('removed')} removed"
+                if t("created") or t("removed") else "unchanged")
+        how = ", ".join(f"{m} {n}" for m, n in links.items()) or "none needed"
+        return (f"prepared {len(self.concepts)} concept(s) in {self.prepared_dir}: {t('images')} images -> "
+                f"{t('files')} image files; {work}; {human_bytes(t('bytes_written'))} written; "
+                f"images placed by: {how}; {self.seconds:.2f} s")
+
+
+def human_bytes(n: int) -> str:
+    size, unit = float(n), "B"
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            break
+        size /= 1024
+    return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
+
+
+# -- placing images ---------------------------------------------------------
+
+def _hardlink(src: Path, dst: Path) -> int:
+    os.link(src, dst)
+    return 0
+
+
+def _symlink(src: Path, dst: Path) -> int:
+    os.symlink(os.path.abspath(src), dst)
+    return 0
+
+
+def _reflink(src: Path, dst: Path) -> int:
+    if fcntl is None:
+        raise OSError(errno.ENOTSUP, "reflink needs fcntl")
+    with open(src, "rb") as s, open(dst, "xb") as d:
+        fcntl.ioctl(d.fileno(), FICLONE, s.fileno())
+    shutil.copystat(src, dst)
+    return 0
+
+
+def _copy(src: Path, dst: Path) -> int:
+    shutil.copy2(src, dst)
+    return dst.stat().st_size
+
+
+PLACERS: Dict[str, Callable[[Path, Path], int]] = {
+    "hardlink": _hardlink, "symlink": _symlink, "reflink": _reflink, "copy": _copy}
+# errors meaning "this method does not work here" (other errors, e.g. a vanished source, are raised)
+UNSUPPORTED = {errno.EXDEV, errno.EPERM, errno.EACCES, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP,
+               errno.ENOTTY, errno.EINVAL, errno.ENOSYS}
+
+
+class Linker:
+    """Places images with the first method that works here; a method that fails is not tried again."""
+
+    def __init__(self) -> None:
+        self.modes = list(PLACERS)
+        self.used: Counter = Counter()
+        self.bytes = 0
+
+    def place(self, src: Path, dst: Path) -> None:
+        while True:
+            mode = self.modes[0]
+            try:
+                self.bytes += PLACERS[mode](src, dst)
+                self.used[mode] += 1
+                return
+            except OSError as e:
+                if len(self.modes) == 1 or e.errno not in UNSUPPORTED:
+                    raise
+                dst.unlink(missing_ok=True)
+                self.modes.pop(0)
+
+
+# -- what a concept folder should hold ---------------------------------------
+
+def source_images(concept: ConceptConfig) -> List[Path]:
+    """The concept's images; DatasetError if the folder is missing or two images share a caption."""
+    folder = Path(concept.path)
+    if not folder.is_dir():
+        raise DatasetError(f"concept '{concept.id}': folder {folder.absolute()} not found")
+    images = list_images(folder)
+    clashes = shared_stems(images)
+    if clashes:
+        raise DatasetError(f"concept '{concept.id}': images share a caption file: {'; '.join(clashes)}. "
+                           "Rename them so each image has its own <name>.txt")
+    return images
+
+
+def shared_stems(images: List[Path]) -> List[str]:
+    """Groups like 'a.png, a.jpg': images whose caption file would be the same."""
+    by_stem: Dict[str, List[str]] = {}
+    for p in images:
+        by_stem.setdefault(p.stem, []).append(p.name)
+    return [", ".join(names) for names in by_stem.values() if len(names) > 1]
+
+
+def _caption_bytes(image: Path) -> bytes | None:
+    path = image.with_suffix(".txt")
+    return path.read_bytes() if path.is_file() else None
+
+
+def _decode(concept: ConceptConfig, image: Path, data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"concept '{concept.id}': caption {image.with_suffix('.txt')} is not UTF-8 ({e})") from e
+
+
+@dataclass
+class Layout:
+    """What a prepared folder should hold: {file name: source image or caption bytes}."""
+
+    files: Dict[str, Want]
+    images: int
+    captions_from_trigger: List[str]
+
+
+def _copies(concept: ConceptConfig, image: Path, text: str, seed: int) -> Dict[str, Want]:
+    """Materialized mode: name_<i>.<ext> + name_<i>.txt, i = 1..repeats, each caption shuffled on its own."""
+    sep, keep, files = captions.tag_separator(concept), concept.captions.keep_tags, {}
+    for i in range(1, concept.repeats + 1):
+        rng = random.Random(captions.copy_seed(seed, concept.id, image.name, i))
+        files[f"{image.stem}_{i}{image.suffix}"] = image
+        files[f"{image.stem}_{i}.txt"] = captions.shuffle_caption(text, keep, rng, sep).encode("utf-8")
+    return files
+
+
+def layout(concept: ConceptConfig, seed: int) -> Layout:
+    """The prepared folder of `concept`; DatasetError for images without a caption (unless allowed)."""
+    seed = captions.shuffle_seed(concept, seed)
+    images = source_images(concept)
+    files: Dict[str, Want] = {}
+    missing, from_trigger = [], []
+    for image in images:
+        data = _caption_bytes(image)
+        if data is None:
+            (from_trigger if concept.captions.allow_missing else missing).append(image.name)
+            data = concept.trigger.encode("utf-8")
+        if captions.materialized(concept):
+            files.update(_copies(concept, image, _decode(concept, image, data), seed))
+        else:
+            files[image.name], files[image.stem + ".txt"] = image, data
+    if missing:
+        raise DatasetError(f"concept '{concept.id}': {len(missing)} image(s) without a caption file: "
+                           f"{_names(missing)}. Add <name>.txt files, or set captions.allow_missing=true "
+                           "(they are then captioned with the trigger word)")
+    return Layout(files, len(images), from_trigger)
+
+
+def _names(names: List[str], limit: int = 10) -> str:
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _managed(name: str) -> bool:
+    suffix = os.path.splitext(name)[1].lower()
+    return suffix == ".txt" or suffix in IMAGE_EXTENSIONS
+
+
+def _existing(target: Path) -> List[str]:
+    """Our files in the prepared folder (SimpleTuner's metadata files are not ours)."""
+    return sorted(p.name for p in target.iterdir() if _managed(p.name)) if target.is_dir() else []
+
+
+def _matches(want: Want, path: Path) -> bool:
+    try:
+        if isinstance(want, bytes):
+            return not path.is_symlink() and path.read_bytes() == want
+        a, b = want.stat(), path.stat()
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) or (a.st_size, a.st_mtime_ns) == (b.st_size, b.st_mtime_ns)
+
+
+# -- building and swapping -------------------------------------------------
+
+def _side(target: Path, tag: str) -> Path:
+    return target.with_name(f".{target.name}.{tag}")
+
+
+def _recover(target: Path) -> None:
+    """Undo what an interrupted run left: put .old back, drop a half-built folder."""
+    old, build = _side(target, "old"), _side(target, "building")
+    if old.exists() and not target.exists():
+        os.rename(old, target)
+    for leftover in (old, build):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+
+
+def _build(target: Path, files: Dict[str, Want], reusable: set, summary: ConceptSummary, progress: bool) -> None:
+    build = _side(target, "building")
+    build.mkdir(parents=True)
+    linker = Linker()
+    bar = tqdm(files.items(), desc=f"prepare {summary.id}", unit="file", leave=False,
+               disable=not progress or len(files) < PROGRESS_MIN_FILES)
+    try:
+        for name, want in bar:
+            dst = build / name
+            if name in reusable and _relink(target / name, dst):
+                summary.reused += 1
+            elif isinstance(want, bytes):
+                dst.write_bytes(want)
+                summary.bytes_written += len(want)
+                summary.created += 1
+            else:
+                linker.place(want, dst)
+                summary.created += 1
+    except BaseException:
+        shutil.rmtree(build, ignore_errors=True)
+        raise
+    summary.bytes_written += linker.bytes
+    summary.link_modes = dict(linker.used)
+
+
+def _relink(existing: Path, dst: Path) -> bool:
+    """Reuse a file of the current folder (a symlink stays a symlink)."""
+    try:
+        os.link(existing, dst, follow_symlinks=False)
+    except OSError:
+        return False
+    return True
+
+
+def _swap(target: Path) -> None:
+    build, old = _side(target, "building"), _side(target, "old")
+    if target.exists():
+        os.rename(target, old)
+    os.rename(build, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _prepare_concept(target: Path, summary: ConceptSummary, files: Dict[str, Want], progress: bool) -> None:
+    _recover(target)
+    existing = _existing(target)
+    reusable = {n for n in existing if n in files and _matches(files[n], target / n)}
+    summary.removed = len(set(existing) - set(files))
+    if len(reusable) == len(files) and not summary.removed:
+        return
+    _build(target, files, reusable, summary, progress)
+    _swap(target)
+
+
+# -- the manifest and the guards -----------------------------------------
+
+def _record(concept: ConceptConfig, seed: int, summary: ConceptSummary) -> dict:
+    cap = concept.captions
+    return {"source": str(Path(concept.path).absolute()), "mode": summary.mode, "passes": concept.repeats,
+            "simpletuner_repeats": captions.simpletuner_repeats(concept),
+            "copies_per_image": concept.repeats if summary.mode == "materialized" else 1,
+            "shuffle": cap.shuffle, "keep_tags": cap.keep_tags, "separator": cap.separator,
+            "seed": captions.shuffle_seed(concept, seed),
+            "caption_shuffle": captions.native_shuffle_block(concept, seed),
+            "images": summary.images, "files": summary.files,
+            "captions_from_trigger": summary.captions_from_trigger}
+
+
+def _read_manifest(path: Path) -> dict:
+    try:
+        data = read_json(path)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"{path} is unreadable ({e}); delete it together with the prepared folders") from e
+    return data if isinstance(data, dict) else {}
+
+
+def _check_paths(cfg: ExperimentConfig, root: Path, owned: dict) -> None:
+    """Never write into a source folder, nor replace a folder sd3exp did not make."""
+    for c in cfg.concepts:
+        src, target = Path(c.path).resolve(), (root / c.id).resolve()
+        if src == root or src in root.parents or src == target or target in src.parents:
+            raise ConfigError("dataset.prepared_dir", cfg.dataset.prepared_dir,
+                              f"overlaps the source folder of concept '{c.id}' ({src}), which must stay untouched",
+                              "prepare into a folder outside the source folders (default: <run>/dataset)")
+        if c.id not in owned and target.is_dir() and any(target.iterdir()):
+            raise DatasetError(f"{target} exists but was not made by sd3exp prepare (no entry in "
+                               f"{root / MANIFEST}); move it away or choose another dataset.prepared_dir")
+
+
+def prepare(cfg: ExperimentConfig, progress: bool = True) -> PrepareSummary:
+    """Build `<prepared_dir>/<id>/` for every concept; DatasetError/ConfigError before writing anything."""
+    start = time.perf_counter()
+    root = Path(cfg.dataset.prepared_dir).absolute()
+    old = _read_manifest(root / MANIFEST)
+    _check_paths(cfg, root, old.get("concepts", {}))
+    plans, records = [], dict(old.get("concepts", {}))
+    for c in cfg.concepts:
+        lay = layout(c, cfg.seed)
+        mode = "materialized" if captions.materialized(c) else "native"
+        files = sum(not isinstance(w, bytes) for w in lay.files.values())
+        summary = ConceptSummary(c.id, mode, lay.images, files, captions_from_trigger=lay.captions_from_trigger)
+        plans.append((c, lay.files, summary))
+        records[c.id] = _record(c, cfg.seed, summary)
+    manifest = {"format": FORMAT, "seed": cfg.seed, "concepts": dict(sorted(records.items()))}
+    if manifest != old:
+        write_json(root / MANIFEST, manifest)
+    for c, files, summary in plans:
+        _prepare_concept(root / c.id, summary, files, progress)
+    return PrepareSummary(str(root), [s for _, _, s in plans], time.perf_counter() - start)

@@ -1,0 +1,160 @@
+"""Sweep summary: `sweep.json` + `sweep.html` in a multirun folder, one row per job.
+
+A Hydra callback (registered in conf/config.yaml under hydra.callbacks). Each
+job records itself under `<sweep dir>/.sweep/<num>.json` when it starts and
+ends (with submitit these hooks run in the job's own process), then the summary
+is rebuilt from those records and the run folders on disk, so it is current
+after every job, also when a later job stops the sweep. A job whose process
+exits before the job ends (an sd3exp error exits the process) is marked failed.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import jinja2
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from sd3exp.compile import TEMPLATES
+from sd3exp.io import dumps_json, read_json, write_json, write_text
+from sd3exp.runfolder import checkpoint_dirs
+
+RECORDS = ".sweep"
+EXITED = "the job's process exited before the job ended (see its output)"
+EVAL_LINKS = {"grid": "eval/grid.png", "report": "eval/report.html"}
+
+
+def is_multirun(config: DictConfig) -> bool:
+    return OmegaConf.select(config, "hydra.mode") == RunMode.MULTIRUN
+
+
+def _select(config: DictConfig, key: str) -> Optional[str]:
+    return OmegaConf.select(config, key, default=None, throw_on_resolution_failure=False)
+
+
+def job_record(config: DictConfig, status: str, error: Optional[str] = None) -> Dict[str, Any]:
+    return {"num": int(config.hydra.job.num), "overrides": list(config.hydra.overrides.task),
+            "run_dir": _select(config, "hydra.runtime.output_dir"),
+            "training_dir": _select(config, "paths.training_dir"), "status": status, "error": error}
+
+
+def failure(job_return: JobReturn) -> Optional[str]:
+    """The exception of a failed job as one line; None when it completed."""
+    if job_return.status != JobStatus.FAILED:
+        return None
+    try:
+        job_return.return_value  # raises the job's exception
+    except Exception as err:  # noqa: BLE001 - any job exception is reported, not handled
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def record_path(sweep_dir: Path, num: int) -> Path:
+    return sweep_dir / RECORDS / f"{num}.json"
+
+
+def read_records(sweep_dir: Path) -> List[Dict[str, Any]]:
+    return sorted((read_json(p) for p in (sweep_dir / RECORDS).glob("*.json")), key=lambda r: r["num"])
+
+
+def split_overrides(records: List[Dict[str, Any]]) -> tuple:
+    """(swept keys: values differ between jobs, common overrides: the same in every job)."""
+    values = [dict(o.split("=", 1) if "=" in o else (o, "") for o in r["overrides"]) for r in records]
+    keys = list(dict.fromkeys(k for v in values for k in v))
+    swept = [k for k in keys if len({v.get(k) for v in values}) > 1]
+    common = {k: values[0][k] for k in keys if k not in swept} if values else {}
+    return swept, common, values
+
+
+def disk_status(run_dir: Path, training_dir: Optional[str]) -> str:
+    if any((run_dir / rel).is_file() for rel in EVAL_LINKS.values()):
+        return "evaluated"
+    if training_dir and checkpoint_dirs(Path(training_dir)):
+        return "trained"
+    return "compiled" if (run_dir / "config" / "config.env").is_file() else "planned"
+
+
+def plan_figures(run_dir: Path) -> Optional[Dict[str, int]]:
+    path = run_dir / "plan.json"
+    if not path.is_file():
+        return None
+    plan = read_json(path)
+    return {"steps_per_epoch": plan["steps_per_epoch"], "max_train_steps": plan["max_train_steps"],
+            "checkpoints": len(plan["checkpoint_steps"])}
+
+
+def row(record: Dict[str, Any], values: Dict[str, str], swept: List[str], sweep_dir: Path) -> Dict[str, Any]:
+    run_dir = Path(record["run_dir"] or sweep_dir)
+    done = record["status"] == "completed"
+    return {"num": record["num"], "run_dir": os.path.relpath(run_dir, sweep_dir),
+            "values": {k: values.get(k) for k in swept},
+            "status": disk_status(run_dir, record["training_dir"]) if done else record["status"],
+            "error": record["error"], "plan": plan_figures(run_dir),
+            "links": {name: os.path.relpath(run_dir / rel, sweep_dir) if (run_dir / rel).is_file() else None
+                      for name, rel in EVAL_LINKS.items()}}
+
+
+def summary(sweep_dir: Path) -> Dict[str, Any]:
+    records = read_records(sweep_dir)
+    swept, common, values = split_overrides(records)
+    return {"sweep_dir": str(sweep_dir), "swept": swept, "common": common,
+            "jobs": [row(r, v, swept, sweep_dir) for r, v in zip(records, values)]}
+
+
+def render_html(data: Dict[str, Any]) -> str:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
+                             autoescape=True, keep_trailing_newline=True)
+    return env.get_template("sweep.html.j2").render(sweep=data)
+
+
+def write_summary(sweep_dir: Path) -> Dict[str, Any]:
+    data = summary(sweep_dir)
+    write_text(sweep_dir / "sweep.json", dumps_json(data))
+    write_text(sweep_dir / "sweep.html", render_html(data))
+    return data
+
+
+class SweepSummary(Callback):
+    """Keeps `sweep.json` / `sweep.html` of a multirun folder up to date."""
+
+    def __init__(self) -> None:
+        self._running: Dict[Path, Dict[str, Any]] = {}
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not is_multirun(config):
+            return
+        record = job_record(config, "running")
+        path = record_path(Path(config.hydra.sweep.dir), record["num"])
+        write_json(path, record)
+        if not self._running:
+            atexit.register(self._exited)
+        self._running[path] = record
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if not is_multirun(config):
+            return
+        error = failure(job_return)
+        record = job_record(config, "completed" if error is None else "failed", error)
+        sweep_dir = Path(config.hydra.sweep.dir)
+        path = record_path(sweep_dir, record["num"])
+        write_json(path, record)
+        if self._running.pop(path, None) is not None and not self._running:
+            atexit.unregister(self._exited)
+        write_summary(sweep_dir)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if (sweep_dir / RECORDS).is_dir():
+            data = write_summary(sweep_dir)
+            print(f"sweep summary: {sweep_dir / 'sweep.html'} ({len(data['jobs'])} job(s))")
+
+    def _exited(self) -> None:
+        for path, record in self._running.items():
+            write_json(path, {**record, "status": "failed", "error": EXITED})
+            write_summary(path.parent.parent)

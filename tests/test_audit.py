@@ -1,0 +1,145 @@
+"""The caption audit: every kind of bad input is reported, and the source folder is left as it was."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from sd3exp import audit as aud
+from sd3exp.buckets import BucketRule
+from sd3exp.schema import ExperimentConfig
+from tests.test_prepare import experiment, source_state, write_dataset
+
+
+def messy_experiment(src: Path, prepared: Path, **captions) -> ExperimentConfig:
+    """At resolution 128 (pixel_area) only small.png is upscaled."""
+    cfg = experiment(src, prepared, **captions)
+    return replace(cfg, dataset=replace(cfg.dataset, resolution=128))
+
+
+def png(size=(16, 16), colour=(0, 0, 0)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def messy(tmp_path) -> Path:
+    """Six good images, then one of each problem the audit knows."""
+    src = write_dataset(tmp_path / "src", 6, size=(512, 256))
+    big = (src / "img0000.png").read_bytes()
+    files = {
+        "nocap.png": big,
+        "orphan.txt": "k4s4, no image",
+        "empty.png": png((256, 256), (1, 0, 0)), "empty.txt": "  \n",
+        "notrig.png": png((256, 256), (2, 0, 0)), "notrig.txt": "a woman, red hair",
+        "late.png": png((256, 256), (3, 0, 0)), "late.txt": "a woman, k4s4, red hair",
+        "trunc.png": png((256, 256), (4, 0, 0))[:60], "trunc.txt": "k4s4, cut off",
+        "garbage.jpg": b"not a jpeg at all", "garbage.txt": "k4s4, garbage",
+        "small.png": png((64, 32), (5, 0, 0)), "small.txt": "k4s4, style 1, small",
+        "dup.png": big, "dup.txt": "k4s4, style 0, again",
+        "long.png": png((256, 256), (6, 0, 0)), "long.txt": "k4s4, " + " ".join(["word"] * 80),
+        "few.png": png((256, 256), (7, 0, 0)), "few.txt": "k4s4",
+        "lines.png": png((256, 256), (8, 0, 0)), "lines.txt": "k4s4, one\nk4s4, two",
+        "kohya.png": png((256, 256), (9, 0, 0)), "kohya.txt": "k4s4 ||| a, b",
+        "latin1.png": png((256, 256), (10, 0, 0)), "latin1.txt": "k4s4, caf\xe9".encode("latin-1"),
+        "twin.png": png((256, 256), (11, 0, 0)), "twin.jpg": b"x", "twin.txt": "k4s4, twins",
+        "notes.md": "hello",
+    }
+    for name, data in files.items():
+        (src / name).write_bytes(data.encode() if isinstance(data, str) else data)
+    (src / "sub").mkdir()
+    return src
+
+
+def test_every_problem_is_reported_and_the_source_is_untouched(messy, tmp_path):
+    before = source_state(messy)
+    cfg = messy_experiment(messy, tmp_path / "prepared", keep_tags=2)
+    report = aud.audit(cfg)
+    a = report.concepts[0]
+    assert a.missing_captions == ["nocap.png"]
+    assert a.orphan_captions == ["orphan.txt"]
+    assert a.empty_captions == ["empty.txt"]
+    assert a.undecodable_captions == ["latin1.txt"]
+    assert a.lacking_trigger == ["notrig.txt"]
+    assert a.trigger_not_first == ["late.txt"]
+    assert sorted(a.unreadable) == ["garbage.jpg", "trunc.png", "twin.jpg"]
+    assert list(a.too_small) == ["small.png"]
+    assert a.duplicates == [["dup.png", "img0000.png", "nocap.png"]]
+    assert list(a.long_captions) == ["long.txt"] and a.long_captions["long.txt"] == 82
+    assert a.too_few_tags == {"few.txt": 1}
+    assert a.multiline == ["lines.txt"] and a.keep_separator == ["kohya.txt"]
+    assert a.shared_stems == ["twin.jpg, twin.png"]
+    assert a.ignored_files == ["notes.md", "sub/"]
+    assert a.tag_counts["k4s4"] == 16 and a.tag_counts["style 0"] == 3
+    assert len(a.sizes) == len(a.images) - 3 and (512, 256) in a.sizes and (64, 32) in a.sizes
+    assert source_state(messy) == before and not (tmp_path / "prepared").exists()
+
+
+def test_errors_follow_the_experiment_policy(messy, tmp_path):
+    cfg = messy_experiment(messy, tmp_path / "prepared", keep_tags=2)
+    errors = aud.audit_errors(aud.audit(cfg), cfg)
+    text = "\n".join(errors)
+    for what in ("without a caption file: nocap.png", "without an image: orphan.txt", "empty caption(s): empty.txt",
+                 "not UTF-8: latin1.txt", "unreadable", "sharing one caption file", "without the trigger word",
+                 "fewer tags than keep_tags=2: few.txt"):
+        assert what in text
+    for warning in ("upscaled", "identical", "CLIP", "multi-line", "|||", "not starting with"):
+        assert warning not in text
+    lenient = replace(cfg, concepts=[replace(cfg.concepts[0], captions=replace(
+        cfg.concepts[0].captions, allow_missing=True, require_trigger=False, shuffle=False))])
+    report = aud.audit(lenient)
+    remaining = "\n".join(report.errors)
+    assert "nocap" not in remaining and "orphan" not in remaining and "trigger" not in remaining
+    assert "keep_tags" not in remaining and "unreadable" in remaining
+    assert any("nocap.png" in w for w in report.warnings)
+
+
+def test_missing_folder_is_reported_not_raised(tmp_path):
+    cfg = experiment(tmp_path / "nowhere", tmp_path / "prepared")
+    report = aud.audit(cfg)
+    assert not report.concepts[0].found and report.sizes_by_concept() == {"art": None}
+    assert report.errors == [f"concept 'art': folder {tmp_path / 'nowhere'} not found. "
+                             "Fix: point concepts[].path at it"]
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_clean_folder_has_no_errors_and_gives_the_planner_its_sizes(tmp_path):
+    src = write_dataset(tmp_path / "src", 5, size=(1344, 768))
+    Image.new("RGB", (768, 1344)).save(src / "tall.png")
+    (src / "tall.txt").write_text("k4s4, tall")
+    report = aud.audit(experiment(src, tmp_path / "p"))
+    assert report.errors == [] and report.warnings == []
+    assert report.sizes_by_concept() == {"art": [(1344, 768)] * 5 + [(768, 1344)]}
+
+
+def test_write_audit_is_json_and_summarises(messy, tmp_path):
+    cfg = messy_experiment(messy, tmp_path / "prepared", keep_tags=2)
+    report = aud.audit(cfg)
+    path = tmp_path / "run" / "audit.json"
+    summary = aud.write_audit(report, path)
+    data = json.loads(path.read_text())
+    assert data["concepts"][0]["missing_captions"] == ["nocap.png"] and data["errors"] == report.errors
+    assert summary.splitlines()[0] == (f"audit: 1 concept(s), {len(report.concepts[0].images)} images, "
+                                       f"{len(report.errors)} error(s), {len(report.warnings)} warning(s) -> {path}")
+    assert "top tags of 'art': k4s4 (16)" in summary
+    assert [p.name for p in path.parent.iterdir()] == ["audit.json"]
+
+
+@pytest.mark.parametrize("kind, resolution, size, small", [
+    ("pixel", 1024, (2048, 1000), True), ("pixel", 1024, (1024, 4096), False),
+    ("pixel_area", 1024, (1344, 768), False), ("pixel_area", 1024, (1000, 1000), True),
+    ("area", 1.0, (1024, 1024), False), ("area", 1.0, (1000, 1000), True),
+])
+def test_upscaled_compares_with_simpletuners_target_size(kind, resolution, size, small):
+    assert aud.upscaled(size, BucketRule(resolution, kind)) is small
+
+
+def test_token_estimate_counts_words_and_punctuation():
+    assert aud.estimate_clip_tokens("k4s4, a red-haired woman.") == 8
+    assert aud.estimate_clip_tokens("") == 0
