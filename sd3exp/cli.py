@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from sd3exp import migrate, schema
@@ -53,6 +55,9 @@ def _hydra_main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except Sd3expError as err:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            print(f"sd3exp: error in job {HydraConfig.get().job.num}: {err}", file=sys.stderr)
+            raise  # Hydra marks this job failed, finishes the batch, then exits non-zero
         fail(err)
 
 
