@@ -85,22 +85,25 @@ def test_second_run_changes_nothing(lora_run):
 
 def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "sd3exp", "experiment=demo", "stage=train", f"hydra.run.dir={run}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    longer = ["experiment=demo", "stage=train", "training.epochs=0", "training.max_steps=40", f"hydra.run.dir={run}"]
+    proc = subprocess.Popen([sys.executable, "-m", "sd3exp", *longer], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 400
-    while not (run / "training" / "checkpoint-4").is_dir() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.5)
-    time.sleep(1.0)
+    while not (run / "training" / "checkpoint-2").is_dir() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
-    first = proc.communicate(timeout=120)[0]
+    first = proc.communicate(timeout=180)[0]
     assert proc.returncode == 130, first[-2000:]
-    assert "Resume from checkpoint-" in first
+    assert "Resume from checkpoint-" in first and "stage=train" in first
     kept = {p: snapshot(p) for p in (run / "training").glob("checkpoint-*")}
-    out = run_cli("experiment=demo", "stage=train", f"hydra.run.dir={run}")
+    assert kept and not (run / "training" / "checkpoint-40").exists()
+    out = run_cli(*longer)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    assert re.search(r"resuming from checkpoint-(\d+)", out.stdout)
+    resumed = int(re.search(r"resuming from checkpoint-(\d+)", out.stdout).group(1))
+    second = (run / "train.log").read_text(errors="replace").split("===== sd3exp:")[-1]
+    assert int(re.search(r"\|\s*(\d+)/40\b", second).group(1)) == resumed > 0
     assert {p: snapshot(p) for p in kept} == kept
-    assert sorted(p.name for p in (run / "training").glob("checkpoint-*")) == [f"checkpoint-{s}" for s in (2, 4, 6, 8)]
+    assert sorted(int(p.name.split("-")[1]) for p in (run / "training").glob("checkpoint-*")) == list(range(2, 41, 2))
 
 
 def test_full_finetune_writes_transformer_checkpoints(tmp_path):
