@@ -12,6 +12,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from sd3exp import migrate, schema
 from sd3exp.errors import Sd3expError
@@ -34,11 +35,24 @@ def run_suffix(override_dirname: str) -> str:
     return f"/{safe[:120]}" if safe else ""
 
 
+def run_dir(*, _root_: DictConfig) -> str:
+    """Hydra's output folder for this job; outside a job (e.g. --cfg), the folder it would use."""
+    try:
+        out = HydraConfig.get().runtime.output_dir
+    except (ValueError, OmegaConfBaseException):
+        out = None
+    if out:
+        return str(out)
+    if "hydra" in _root_:
+        return str(_root_.hydra.run.dir)
+    return f"{_root_.paths.output_root}/{_root_.name}"
+
+
 def register() -> None:
     """Schema and resolvers; safe to call more than once."""
     schema.register()
     for name, fn in {"sd3exp.root": project_root, "sd3exp.name": experiment_name,
-                     "sd3exp.run_suffix": run_suffix}.items():
+                     "sd3exp.run_suffix": run_suffix, "sd3exp.run_dir": run_dir}.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

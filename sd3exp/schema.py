@@ -166,7 +166,7 @@ class EvalConfig:
 class PathsConfig:
     root_dir: str = MISSING
     output_root: str = "${paths.root_dir}/outputs"
-    run_dir: str = "${hydra:runtime.output_dir}"
+    run_dir: str = "${sd3exp.run_dir:}"
     training_dir: str = "${paths.run_dir}/training"
 
 

@@ -107,3 +107,9 @@ def test_simpletuner_accepts_the_arguments(tmp_path, experiment):
     assert result["args"]["checkpoints_total_limit"] >= 1
     if plan["stop_rule"] == "max_steps":
         assert result["args"]["max_train_steps"] == plan["max_train_steps"]
+
+
+def test_cfg_job_resolve_prints_the_resolved_experiment(tmp_path):
+    out = run_cli("experiment=fantasy_art", "--cfg", "job", "--resolve")
+    assert out.returncode == 0, out.stderr
+    assert "trigger: k4s4" in out.stdout and "run_dir: " in out.stdout and "${" not in out.stdout
