@@ -280,7 +280,7 @@ def _history_error(messages: Sequence[Any]) -> str:
     for event, data in messages:
         if event == "execution_error":
             where = f"{data.get('node_type', '?')} (node {data.get('node_id', '?')})"
-            return f"{where} failed: {data.get('exception_type', '')}: {data.get('exception_message', '')}"
+            return f"{where} failed: {data.get('exception_type', '')}: {str(data.get('exception_message', '')).strip()}"
         if event == "execution_interrupted":
             return f"interrupted at node {data.get('node_id')}"
     return "ComfyUI reported an error without details"
