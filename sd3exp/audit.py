@@ -76,10 +76,6 @@ class AuditReport:
     errors: List[str]
     warnings: List[str]
 
-    def sizes_by_concept(self) -> Dict[str, Optional[List[Size]]]:
-        """For plan.make_plan: image sizes per concept, None where the folder is missing."""
-        return {a.id: list(a.sizes) if a.found else None for a in self.concepts}
-
 
 def estimate_clip_tokens(caption: str) -> int:
     """Words plus punctuation marks: a lower bound of CLIP's BPE token count.

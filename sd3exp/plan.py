@@ -2,8 +2,9 @@
 
 Per concept and aspect bucket: samples = images x passes; a bucket with fewer
 samples than the batch is pruned; each other bucket gives ceil(samples / batch)
-batches (short batches are filled). Batches of all concepts add up; steps per
-epoch = ceil(batches / gradient_accumulation). `repeats` in an experiment is the
+batches (short batches are filled). With P processes each bucket's images are
+split across ranks first and the main rank's share (ceil(n / P)) counts. Batches
+of all concepts add up; steps per epoch = ceil(batches / gradient_accumulation). `repeats` in an experiment is the
 number of passes per epoch (kohya's meaning): SimpleTuner's repeats = passes - 1.
 """
 
@@ -78,18 +79,20 @@ def bucket_counts(sizes: Sequence[Size], rule: BucketRule) -> Tuple[Counter, int
 
 def plan_concept(c: ConceptConfig, sizes: Optional[Sequence[Size]], rule: BucketRule,
                  batch: int, processes: int) -> ConceptPlan:
+    """Per bucket, as SimpleTuner's main process counts it: its share of the bucket's images
+    (ceil(n / processes)) x passes, pruned below one batch, else ceil(samples / batch) batches."""
     if sizes is None:
         counts, skipped, source = Counter({"1.00": c.num_images or 0}), 0, "declared"
     else:
         (counts, skipped), source = bucket_counts(sizes, rule), "disk"
     kept, pruned, batches = {}, {}, 0
     for key in sorted(counts, key=float):
-        samples = counts[key] * c.repeats
+        samples = math.ceil(counts[key] / processes) * c.repeats
         if samples < batch:
             pruned[key] = counts[key]
             continue
         kept[key] = counts[key]
-        batches += math.ceil(samples / (batch * processes))
+        batches += math.ceil(samples / batch)
     images = sum(counts.values()) + skipped
     return ConceptPlan(c.id, images, source, c.repeats, c.repeats - 1, kept, pruned, skipped,
                        sum(kept.values()) * c.repeats, batches)

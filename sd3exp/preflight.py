@@ -3,19 +3,23 @@ backend list is checked. Errors are reported in the experiment's terms."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import platform
 import subprocess
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-from sd3exp.compile import TEXT_EMBEDS_ID, Arg
+from sd3exp.compile import Arg
 from sd3exp.errors import TrainerError
-from sd3exp.io import read_json
+from sd3exp.io import read_json, write_json
 from sd3exp.trainer_env import TrainerEnv
 
 WORKER = Path(__file__).resolve().parent / "workers" / "check_config.py"
 MARKER = "SD3EXP-PREFLIGHT "
+CACHE = ".preflight.json"
+COMPILED = ("config.env", "multibackend.json", "config.json")
 
 
 def backend_problems(run_dir: Path) -> List[str]:
@@ -67,11 +71,25 @@ def run_parser(env: TrainerEnv, run_dir: Path) -> dict:
     return json.loads(lines[-1][len(MARKER):])
 
 
+def cache_key(env: TrainerEnv, run_dir: Path) -> str:
+    """What a successful parse depends on: the compiled files, the trainer and the machine."""
+    h = hashlib.sha256(f"{env.python}\0{env.version}\0{platform.node()}".encode())
+    for name in COMPILED:
+        path = run_dir / "config" / name
+        h.update(path.read_bytes() if path.is_file() else b"")
+    return h.hexdigest()
+
+
 def preflight(env: TrainerEnv, run_dir: Path, args: Sequence[Arg]) -> dict:
-    """Parse the run with SimpleTuner's code; raise TrainerError naming the YAML field on problems."""
+    """Parse the run with SimpleTuner's code; raise TrainerError naming the YAML field on problems.
+
+    A success is remembered in the run folder, so a resumed run does not parse again."""
     problems = backend_problems(run_dir)
     if problems:
         raise TrainerError("data backends (multibackend.json): " + "; ".join(problems))
+    key, cache = cache_key(env, run_dir), run_dir / CACHE
+    if cache.is_file() and read_json(cache)["key"] == key:
+        return read_json(cache)["result"]
     result = run_parser(env, run_dir)
     if not result["ok"]:
         field = field_for(result["error"], args)
@@ -80,4 +98,5 @@ def preflight(env: TrainerEnv, run_dir: Path, args: Sequence[Arg]) -> dict:
     wrong = mismatches(result["args"], args)
     if wrong:
         raise TrainerError("SimpleTuner would read the config differently from what was compiled: " + "; ".join(wrong))
+    write_json(cache, {"key": key, "result": {"ok": True, "cuda": result["cuda"]}})
     return result

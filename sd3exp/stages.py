@@ -94,7 +94,7 @@ def stage_report(job: Job, plan: Plan) -> None:
         raise EvalError(f"no evaluation in {eval_dir}; run stage=eval first")
     found = cells.read_cells_json(eval_dir / "cells.json")
     grids = grid.write_grids(found, eval_dir, job.cfg.eval.max_grid_pixels)
-    print(f"report: {report.write_report(job.run_dir, found, grids, title=f'{job.cfg.name}: checkpoint comparison')}")
+    print(f"report: {report.write_report(job.run_dir, found, grids, title=job.cfg.name)}")
 
 
 STAGES: Dict[str, Callable[[Job, Plan], None]] = {
@@ -106,6 +106,22 @@ STAGES: Dict[str, Callable[[Job, Plan], None]] = {
 }
 
 
+def summary(job: Job) -> str:
+    """What a full run produced, and where."""
+    from sd3exp.runfolder import checkpoint_dirs
+
+    run = job.run_dir
+    steps = list(checkpoint_dirs(Path(job.cfg.paths.training_dir)))
+    rows = [("run folder", run), ("compiled", run / "config"), ("plan", run / "plan.json"),
+            ("checkpoints", f"{len(steps)} (steps {', '.join(map(str, steps))})" if steps else "none"),
+            ("train log", run / "train.log")]
+    rows += [(name, path) for name, path in (("grid", run / "eval" / "grid.png"),
+                                             ("report", run / "eval" / "report.html")) if path.exists()]
+    return "\n".join([f"\n{job.cfg.name}: done"] + [f"  {k:<12} {v}" for k, v in rows])
+
+
 def run_stage(stage: str, job: Job, plan: Plan) -> None:
     for name in ("train", "eval") if stage == "all" else (stage,):
         STAGES[name](job, plan)
+    if stage == "all":
+        print(summary(job))

@@ -6,7 +6,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +20,6 @@ from sd3exp.runfolder import checkpoint_dirs
 SHIM_DIR = Path(__file__).resolve().parent / "cpu_shim"
 _TQDM = re.compile(r"Steps:\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)\s*\[([^\]]*)\]")
 _KV = re.compile(r"(\w+)=([-+0-9.eE]+|nan|inf)")
-_TOTAL = re.compile(r"maximum training steps at (\d+)")
 
 
 @dataclass
@@ -30,7 +28,6 @@ class Progress:
 
     step: int = 0
     total: Optional[int] = None
-    reported_total: Optional[int] = None
     loss: Optional[float] = None
     lr: Optional[float] = None
     tail: List[str] = field(default_factory=list)
@@ -38,9 +35,6 @@ class Progress:
     def feed(self, line: str) -> bool:
         """Take one output line; True when the step counter moved."""
         self.tail = (self.tail + [line])[-40:]
-        total = _TOTAL.search(line)
-        if total:
-            self.reported_total = int(total.group(1))
         m = _TQDM.search(line)
         if not m:
             return False
@@ -50,6 +44,12 @@ class Progress:
         self.loss = float(values["step_loss"]) if "step_loss" in values else self.loss
         self.lr = float(values["lr"]) if "lr" in values else self.lr
         return moved
+
+
+def status_text(line: str, width: int = 48) -> str:
+    """A log line shortened for the bar while SimpleTuner loads models and fills its caches."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", line).strip()
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def final_weights(training_dir: Path, model_type: str) -> Path:
@@ -142,6 +142,8 @@ def launch(cmd: List[str], run_dir: Path, env: Dict[str, str], total: int, start
                 if progress.feed(line):
                     bar.update(progress.step - bar.n)
                     bar.set_postfix(loss=progress.loss, lr=progress.lr, refresh=False)
+                elif progress.step == start_step:
+                    bar.set_postfix_str(status_text(line))
             code = proc.wait()
         except KeyboardInterrupt:
             stop(proc)

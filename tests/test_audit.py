@@ -103,7 +103,7 @@ def test_errors_follow_the_experiment_policy(messy, tmp_path):
 def test_missing_folder_is_reported_not_raised(tmp_path):
     cfg = experiment(tmp_path / "nowhere", tmp_path / "prepared")
     report = aud.audit(cfg)
-    assert not report.concepts[0].found and report.sizes_by_concept() == {"art": None}
+    assert not report.concepts[0].found and not report.concepts[0].sizes
     assert report.errors == [f"concept 'art': folder {tmp_path / 'nowhere'} not found. "
                              "Fix: point concepts[].path at it"]
     assert not (tmp_path / "nowhere").exists()
@@ -115,7 +115,7 @@ def test_clean_folder_has_no_errors_and_gives_the_planner_its_sizes(tmp_path):
     (src / "tall.txt").write_text("k4s4, tall")
     report = aud.audit(experiment(src, tmp_path / "p"))
     assert report.errors == [] and report.warnings == []
-    assert report.sizes_by_concept() == {"art": [(1344, 768)] * 5 + [(768, 1344)]}
+    assert list(report.concepts[0].sizes) == [(1344, 768)] * 5 + [(768, 1344)]
 
 
 def test_write_audit_is_json_and_summarises(messy, tmp_path):

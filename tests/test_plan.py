@@ -101,3 +101,13 @@ def _with(cfg, batch, epochs, passes):
 
     concept = replace(cfg.concepts[0], repeats=passes)
     return replace(cfg, concepts=[concept], training=replace(cfg.training, batch_size=batch, epochs=epochs))
+
+
+def test_processes_split_each_bucket_before_batching():
+    """SimpleTuner splits bucket images across ranks (rank 0 gets ceil(n/P)), then batches per rank."""
+    cfg = compose_experiment("demo", ["training.num_processes=2", "training.batch_size=2",
+                                      "concepts.0.repeats=3"])
+    plan = make_plan(cfg, {"shapes": [(64, 64)] * 9 + [(128, 64)] * 4})
+    # bucket 1.0: ceil(9/2)=5 images x 3 passes = 15 -> 8 batches; bucket 2.0: 2 x 3 = 6 -> 3 batches
+    assert plan.steps_per_epoch == 11
+    assert plan.effective_batch == 4

@@ -124,7 +124,7 @@ def finish(cfg: ExperimentConfig, run_dir: Path, cells: List[Cell], key: str) ->
     eval_dir = run_dir / "eval"
     grids = write_grids(cells, eval_dir, cfg.eval.max_grid_pixels)
     cellio.write_cells_json(cells, eval_dir / "cells.json")
-    report = write_report(run_dir, cells, grids, title=f"{cfg.name}: checkpoint comparison")
+    report = write_report(run_dir, cells, grids, title=cfg.name)
     write_json(eval_dir / "request.json", {"key": key})
     failed = [c for c in cells if c.status != "ok"]
     print(f"evaluated {len(cells)} cell(s) ({len(cells) - len(failed)} ok): {', '.join(str(g) for g in grids)}")
