@@ -40,6 +40,8 @@ from sd3exp.plan import bucket_rule
 from sd3exp.schema import ConceptConfig, DatasetConfig, ExperimentConfig
 
 Size = Tuple[int, int]
+# Files sd3exp and SimpleTuner keep beside the images themselves (manifests, bucket caches).
+KNOWN_FILES = ("sd3exp-", "aspect_ratio_bucket_")
 CLIP_TOKENS = 75  # CLIP's 77-token window minus the start and end tokens
 KEEP_SEPARATOR = "|||"
 LIST_LIMIT = 8
@@ -161,7 +163,7 @@ def _check_captions(a: ConceptAudit, c: ConceptConfig, images: List[Path]) -> No
                 a.undecodable_captions.append(p.name)
                 continue
             _check_caption(a, c, p.name, text, tags)
-        elif p.suffix.lower() not in IMAGE_EXTENSIONS or not p.is_file():
+        elif (p.suffix.lower() not in IMAGE_EXTENSIONS or not p.is_file()) and not p.name.startswith(KNOWN_FILES):
             a.ignored_files.append(p.name + ("/" if p.is_dir() else ""))
     a.missing_captions = [p.name for p in images if not p.with_suffix(".txt").is_file()]
     a.tag_counts = dict(tags.most_common())

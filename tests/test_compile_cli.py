@@ -113,3 +113,12 @@ def test_cfg_job_resolve_prints_the_resolved_experiment(tmp_path):
     out = run_cli("experiment=fantasy_art", "--cfg", "job", "--resolve")
     assert out.returncode == 0, out.stderr
     assert "trigger: k4s4" in out.stdout and "run_dir: " in out.stdout and "${" not in out.stdout
+
+
+def test_training_dir_with_another_runs_checkpoints_is_refused(tmp_path):
+    shared = tmp_path / "shared-training"
+    (shared / "checkpoint-500").mkdir(parents=True)
+    out = compile_to(tmp_path / "run", "experiment=demo", f"paths.training_dir={shared}")
+    assert out.returncode != 0
+    assert "paths.training_dir" in out.stderr and "already holds checkpoints" in out.stderr
+    assert (shared / "checkpoint-500").is_dir()
