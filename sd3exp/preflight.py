@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import platform
+import re
 import subprocess
 from pathlib import Path
 from typing import Dict, List, Sequence
@@ -39,10 +40,17 @@ def backend_problems(run_dir: Path) -> List[str]:
 
 
 def field_for(error: str, args: Sequence[Arg]) -> str:
-    """The experiment field behind the first argument named in a SimpleTuner error."""
-    for a in args:
-        if f"--{a.name}" in error or f"{a.name}" in error.split():
-            return a.field
+    """The experiment field behind a SimpleTuner error: the first argument named in it
+    (as --name, or as words such as 'Optimizer'), else the first whose value it quotes."""
+    text = error.lower()
+    words = set(re.findall(r"[\w.-]+", text))
+    tests = (lambda a: f"--{a.name}" in text,
+             lambda a: a.name in words or a.name.replace("_", " ") in text,
+             lambda a: isinstance(a.value, str) and len(a.value) > 2 and a.value.lower() in words)
+    for test in tests:
+        for a in args:
+            if test(a):
+                return a.field
     return ""
 
 
@@ -80,6 +88,12 @@ def cache_key(env: TrainerEnv, run_dir: Path) -> str:
     return h.hexdigest()
 
 
+def error_summary(error: str) -> str:
+    """argparse's own `prog: error: ...` line(s) instead of the full usage dump."""
+    lines = [ln.split("error:", 1)[1].strip() for ln in error.splitlines() if ": error:" in ln]
+    return "; ".join(lines) if lines else error.strip()[-800:]
+
+
 def preflight(env: TrainerEnv, run_dir: Path, args: Sequence[Arg]) -> dict:
     """Parse the run with SimpleTuner's code; raise TrainerError naming the YAML field on problems.
 
@@ -94,7 +108,7 @@ def preflight(env: TrainerEnv, run_dir: Path, args: Sequence[Arg]) -> dict:
     if not result["ok"]:
         field = field_for(result["error"], args)
         where = f" (experiment field: {field})" if field else ""
-        raise TrainerError(f"SimpleTuner rejected the compiled config{where}: {result['error'].strip()[-800:]}")
+        raise TrainerError(f"SimpleTuner rejected the compiled config{where}: {error_summary(result['error'])}")
     wrong = mismatches(result["args"], args)
     if wrong:
         raise TrainerError("SimpleTuner would read the config differently from what was compiled: " + "; ".join(wrong))

@@ -122,3 +122,14 @@ def test_training_dir_with_another_runs_checkpoints_is_refused(tmp_path):
     assert out.returncode != 0
     assert "paths.training_dir" in out.stderr and "already holds checkpoints" in out.stderr
     assert (shared / "checkpoint-500").is_dir()
+
+
+def test_simpletuner_errors_are_mapped_to_experiment_fields():
+    from sd3exp.preflight import field_for
+    from sd3exp.compile import Arg
+
+    args = [Arg("learning_rate", 1e-4, "optimizer.lr", "LEARNING_RATE"), Arg("optimizer", "nope", "optimizer.name"),
+            Arg("lora_rank", 4, "lora.rank")]
+    assert field_for("ValueError: Optimizer nope not found.", args) == "optimizer.name"
+    assert field_for("error: argument --lora_rank: invalid int value: 'x'", args) == "lora.rank"
+    assert field_for("something unrelated", args) == ""

@@ -135,3 +135,11 @@ def test_missing_dataset_is_reported(tmp_path):
                   f"concepts.0.path={tmp_path / 'no-such-folder'}")
     assert out.returncode != 0
     assert "concepts[0].path" in out.stderr and "folder not found" in out.stderr
+
+
+def test_preflight_names_the_experiment_field(tmp_path):
+    run = tmp_path / "run"
+    out = run_cli("experiment=demo", "stage=train", f"hydra.run.dir={run}", 'trainer.extra_args=["--no_such_arg=1"]')
+    assert out.returncode != 0
+    assert "trainer.extra_args[0]" in out.stderr and "unrecognized arguments: --no_such_arg=1" in out.stderr
+    assert "usage:" not in out.stderr and not (run / "training").exists()
