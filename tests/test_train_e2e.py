@@ -143,3 +143,18 @@ def test_preflight_names_the_experiment_field(tmp_path):
     assert out.returncode != 0
     assert "trainer.extra_args[0]" in out.stderr and "unrecognized arguments: --no_such_arg=1" in out.stderr
     assert "usage:" not in out.stderr and not (run / "training").exists()
+
+
+def test_materialized_copies_train_the_planned_steps(tmp_path):
+    """R caption copies on disk mean SimpleTuner repeats 0: the same passes, counted once."""
+    run = tmp_path / "run"
+    out = run_cli("experiment=demo", "stage=train", f"hydra.run.dir={run}", "concepts.0.repeats=2",
+                  "concepts.0.captions.mode=materialized", "checkpointing.every_steps=8")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    plan = json.loads((run / "plan.json").read_text())
+    backends = json.loads((run / "config" / "multibackend.json").read_text())
+    assert backends[0]["repeats"] == 0 and "caption_shuffle" not in backends[0]
+    assert plan["steps_per_epoch"] == 16 and plan["max_train_steps"] == 16
+    assert len(list((run / "dataset" / "shapes").glob("*.png"))) == 32
+    assert tqdm_totals(run / "train.log") == {16}
+    assert sorted(p.name for p in (run / "training").glob("checkpoint-*")) == ["checkpoint-16", "checkpoint-8"]

@@ -60,6 +60,9 @@ def render_comfyui(cfg: ExperimentConfig, checkpoints: List[Checkpoint], run_dir
     from sd3exp.evaluate import comfyui, links
 
     ev = cfg.eval
+    if ev.include_base:
+        raise EvalError("eval.include_base=true is supported by the diffusers backend only; with ComfyUI, "
+                        "render the base model by adding it as a checkpoint of its own, or set include_base=false")
     if not ev.url or not ev.workflow:
         raise EvalError("eval.backend=comfyui needs eval.url (e.g. http://127.0.0.1:8188) and eval.workflow "
                         "(an API-format workflow; conf/workflows/sd3_api.json is the default)")
