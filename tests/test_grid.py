@@ -15,7 +15,7 @@ from sd3exp.evaluate import grid
 from sd3exp.evaluate.cells import Cell
 from sd3exp.evaluate.grid import Column, Layout, Row, axes, fit_lines, make_layout, split, wrap, write_grids
 
-TILE = (64, 48)
+TILE = (192, 144)  # at least grid.MIN_TILE, so tiles keep the images' own size
 COLUMNS = [("checkpoint-100", 100), ("checkpoint-200", 200), ("final", None), ("base", None)]
 PROMPTS = ["a cat on a windowsill in the afternoon sun, highly detailed photograph", "a dog"]
 
@@ -123,8 +123,9 @@ def test_fit_lines_ends_a_cut_text_with_an_ellipsis():
 
 
 def test_long_column_labels_are_wrapped_into_a_taller_header():
-    short = make_layout(TILE, [Column("checkpoint-1", 1)])
-    long = make_layout(TILE, [Column("a-finetune-with-a-very-long-name-and-no-step", None)])
+    narrow = (64, 48)
+    short = make_layout(narrow, [Column("checkpoint-1", 1)])
+    long = make_layout(narrow, [Column("a-finetune-with-a-very-long-name-and-no-step", None)])
     assert long.header >= short.header + 2 * grid.line_height(grid.font(short.font_size))
 
 
@@ -205,3 +206,12 @@ def test_no_readable_image_uses_the_fallback_tile(tmp_path):
 def test_no_cells_is_an_error(tmp_path):
     with pytest.raises(EvalError):
         write_grids([], Path(tmp_path))
+
+
+def test_tiny_renders_are_scaled_up_to_readable_tiles(tmp_path):
+    cells = [Cell("checkpoint-1", 1, 0, "p", 0, "ok", images=[png((10, 20, 30), (8, 8))]),
+             Cell("checkpoint-2", 2, 0, "p", 0, "error", error="CUDA out of memory")]
+    assert grid.tile_size(cells) == (grid.MIN_TILE, grid.MIN_TILE)
+    [path] = write_grids(cells, tmp_path)
+    layout = make_layout((grid.MIN_TILE, grid.MIN_TILE), axes(cells)[0])
+    assert Image.open(path).size == layout.size(2, 1)

@@ -26,6 +26,7 @@ from sd3exp.evaluate.cells import Cell, cell_image, column_title
 from sd3exp.io import write_bytes
 
 DEFAULT_MAX_PIXELS = 64_000_000
+MIN_TILE = 128  # smaller renders (tiny demo models) are scaled up so labels and error text fit
 FALLBACK_TILE = (256, 256)
 FONT_FILES = (
     "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
@@ -196,15 +197,17 @@ def _open(source: Union[Path, bytes]) -> Image.Image:
 
 
 def tile_size(cells: Sequence[Cell]) -> tuple[int, int]:
-    """Size of the first readable image, or FALLBACK_TILE when none is."""
+    """Size of the first readable image (small ones scaled up to MIN_TILE), or FALLBACK_TILE."""
     for cell in cells:
         source = cell_image(cell)
         if cell.status == "ok" and source is not None:
             try:
                 with _open(source) as image:
-                    return image.size
+                    w, h = image.size
             except (OSError, ValueError):
                 continue
+            scale = max(1, -(-MIN_TILE // min(w, h)))
+            return w * scale, h * scale
     return FALLBACK_TILE
 
 
@@ -244,7 +247,10 @@ def cell_tile(cell: Optional[Cell], layout: Layout) -> Image.Image:
             rgb = image.convert("RGB")
     except (OSError, ValueError) as exc:
         return error_tile(f"image unreadable: {exc}", layout)
-    return rgb if rgb.size == layout.tile else rgb.resize(layout.tile, Image.Resampling.LANCZOS)
+    if rgb.size == layout.tile:
+        return rgb
+    upscale = rgb.width < layout.tile[0]
+    return rgb.resize(layout.tile, Image.Resampling.NEAREST if upscale else Image.Resampling.LANCZOS)
 
 
 def _row_label(draw: ImageDraw.ImageDraw, row: Row, top: int, layout: Layout) -> None:

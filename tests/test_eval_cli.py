@@ -1,0 +1,44 @@
+"""`stage=eval eval.backend=comfyui` through the CLI, against the stand-in ComfyUI server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image
+
+from tests.comfy_standin import StandIn
+from tests.conftest import run_cli
+
+PROMPTS = ["k4s4, red circle", "k4s4, blue square"]
+
+
+def fake_lora_run(run: Path, steps=(2, 4, 6)) -> None:
+    """LoRA checkpoints as sd3exp's trainer leaves them (the stand-in never reads the weights)."""
+    training = run / "training"
+    for step in steps:
+        (training / f"checkpoint-{step}").mkdir(parents=True)
+        (training / f"checkpoint-{step}" / "pytorch_lora_weights.safetensors").write_bytes(b"lora %d" % step)
+    (training / ".sd3exp-run").write_text(f"{run.resolve()}\n")
+
+
+def test_comfyui_sweep_with_a_failing_cell(tmp_path):
+    run, models = tmp_path / "run", tmp_path / "comfy-models"
+    fake_lora_run(run)
+    fail = lambda g: "CUDA out of memory" if ("checkpoint-4." in json.dumps(g) and PROMPTS[1] in json.dumps(g)) else None
+    with StandIn(tmp_path / "comfy-out", unet_names=["sd3_medium_transformer.safetensors"],
+                 lora_names=[f"run/checkpoint-{s}.safetensors" for s in (2, 4, 6)], error_if=fail) as server:
+        out = run_cli("experiment=demo", "stage=eval", "demo=false", "concepts.0.num_images=16",
+                      f"hydra.run.dir={run}", "eval.backend=comfyui", f"eval.url={server.url}",
+                      f"eval.models_dir={models}", "eval.include_final=false", f"eval.prompts={json.dumps(PROMPTS)}")
+    assert out.returncode == 3, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "1 of 6 cells failed" in out.stderr and "CUDA out of memory" in out.stderr
+    assert (models / "loras" / "run" / "checkpoint-4.safetensors").resolve() == \
+        (run / "training" / "checkpoint-4" / "pytorch_lora_weights.safetensors").resolve()
+    cells = json.loads((run / "eval" / "cells.json").read_text())
+    cells = cells["cells"] if isinstance(cells, dict) else cells
+    assert [c["status"] for c in cells].count("ok") == 5
+    assert [c["label"] for c in cells if c["status"] != "ok"] == ["checkpoint-4"]
+    grid = Image.open(run / "eval" / "grid.png")
+    assert grid.width > grid.height  # 3 checkpoint columns, 2 prompt rows
+    assert (run / "eval" / "report.html").is_file()
