@@ -97,8 +97,7 @@ def _length_args(cfg: ExperimentConfig, plan: Plan) -> List[Arg]:
     else:
         args.append(Arg("checkpoint_epoch_interval", plan.checkpoint_interval_epochs, "checkpointing.every_epochs",
                         "CHECKPOINT_EPOCH_INTERVAL"))
-    limit = ck.keep or max(1, len(plan.checkpoint_steps))
-    return args + [Arg("checkpoints_total_limit", limit, "checkpointing.keep", "CHECKPOINTING_LIMIT"),
+    return args + [Arg("checkpoints_total_limit", ck.keep, "checkpointing.keep", "CHECKPOINTING_LIMIT"),
                    Arg("resume_from_checkpoint", "latest", "trainer.new_run", "RESUME_CHECKPOINT")]
 
 

@@ -8,8 +8,9 @@ from typing import Callable, Dict, List
 
 from sd3exp import trainer_env
 from sd3exp.compile import trainer_args, user_extra_args
-from sd3exp.errors import DatasetError, EvalError
+from sd3exp.errors import ConfigError, DatasetError, EvalError
 from sd3exp.pipeline import Job
+from sd3exp.runfolder import checkpoint_dirs, claim_training_dir
 from sd3exp.plan import Plan
 from sd3exp.schema import ExperimentConfig
 
@@ -55,6 +56,18 @@ def trainer_for(cfg: ExperimentConfig) -> trainer_env.TrainerEnv:
     return env
 
 
+def cpu_shim(cfg: ExperimentConfig, cuda: bool) -> bool:
+    """Whether the training process gets the pin_memory shim (never with CUDA)."""
+    if not cuda and cfg.training.num_processes > 1:
+        raise ConfigError("training.num_processes", cfg.training.num_processes,
+                          "there is no CUDA device: accelerate would run one process, not the number planned",
+                          "use training.num_processes=1 on a CPU")
+    shim = not cuda and cfg.trainer.cpu_shim == "auto"
+    if shim:
+        print("no CUDA device: applying sd3exp's pin_memory CPU shim to the training process")
+    return shim
+
+
 def stage_train(job: Job, plan: Plan) -> None:
     from sd3exp import preflight, train
 
@@ -66,16 +79,11 @@ def stage_train(job: Job, plan: Plan) -> None:
     stage_prepare(job, plan)
     env = trainer_for(cfg)
     args = trainer_args(cfg, plan, run_dir) + user_extra_args(cfg)
-    checked = preflight.preflight(env, run_dir, args)
-    shim = not checked["cuda"] and cfg.trainer.cpu_shim == "auto"
-    if shim:
-        print("no CUDA device: applying sd3exp's pin_memory CPU shim to the training process")
-    from sd3exp.runfolder import claim_training_dir
-
+    shim = cpu_shim(cfg, preflight.preflight(env, run_dir, args)["cuda"])
     claim_training_dir(training_dir, run_dir)
-    local_model = Path(cfg.model.path).is_dir()
-    process_env = train.trainer_environment(env.bin, run_dir, cpu=shim, offline=local_model)
-    train.run_training(env.train_command(), run_dir, process_env, plan.max_train_steps, plan.checkpoint_steps,
+    process_env = train.trainer_environment(env.bin, run_dir, cpu=shim, offline=Path(cfg.model.path).is_dir())
+    train.run_training(env.train_command(), run_dir, training_dir, process_env, plan.max_train_steps,
+                       plan.checkpoint_steps,
                        next_command=command_for(cfg, "eval"), resume_command=command_for(cfg, cfg.stage))
 
 
@@ -108,8 +116,6 @@ STAGES: Dict[str, Callable[[Job, Plan], None]] = {
 
 def summary(job: Job) -> str:
     """What a full run produced, and where."""
-    from sd3exp.runfolder import checkpoint_dirs
-
     run = job.run_dir
     steps = list(checkpoint_dirs(Path(job.cfg.paths.training_dir)))
     rows = [("run folder", run), ("compiled", run / "config"), ("plan", run / "plan.json"),

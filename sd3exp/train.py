@@ -19,6 +19,7 @@ from sd3exp.runfolder import checkpoint_dirs
 
 SHIM_DIR = Path(__file__).resolve().parent / "cpu_shim"
 _TQDM = re.compile(r"Steps:\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)\s*\[([^\]]*)\]")
+_LOG_PREFIX = re.compile(r"^(\[RANK \d+\] \S+ \S+ \[\w+\] |[IWE]\d{4} [\d:.]+ \d+ \S+\] )")
 _KV = re.compile(r"(\w+)=([-+0-9.eE]+|nan|inf)")
 
 
@@ -48,7 +49,7 @@ class Progress:
 
 def status_text(line: str, width: int = 48) -> str:
     """A log line shortened for the bar while SimpleTuner loads models and fills its caches."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", line).strip()
+    text = _LOG_PREFIX.sub("", re.sub(r"\x1b\[[0-9;]*m", "", line)).strip()
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
@@ -128,7 +129,8 @@ class TrainResult:
         return d
 
 
-def launch(cmd: List[str], run_dir: Path, env: Dict[str, str], total: int, start_step: int) -> TrainResult:
+def launch(cmd: List[str], run_dir: Path, training_dir: Path, env: Dict[str, str], total: int,
+           start_step: int) -> TrainResult:
     """Start the trainer in the run folder and follow it until it exits."""
     log_path = run_dir / "train.log"
     progress, started = Progress(step=start_step), time.monotonic()
@@ -140,6 +142,8 @@ def launch(cmd: List[str], run_dir: Path, env: Dict[str, str], total: int, start
         try:
             for line in _lines(proc.stdout, log):
                 if progress.feed(line):
+                    if progress.total != bar.total:
+                        bar.total = progress.total
                     bar.update(progress.step - bar.n)
                     bar.set_postfix(loss=progress.loss, lr=progress.lr, refresh=False)
                 elif progress.step == start_step:
@@ -150,11 +154,11 @@ def launch(cmd: List[str], run_dir: Path, env: Dict[str, str], total: int, start
             code = 130
         finally:
             bar.close()
-    ckpts = {s: str(p) for s, p in checkpoint_dirs(run_dir / "training").items()}
+    ckpts = {s: str(p) for s, p in checkpoint_dirs(training_dir).items()}
     return TrainResult(code, time.monotonic() - started, start_step, progress, ckpts, str(log_path))
 
 
-def report(result: TrainResult, planned: List[int], next_command: str) -> str:
+def report(result: TrainResult, planned: List[int], planned_total: int, next_command: str) -> str:
     """The end-of-training summary table."""
     p = result.progress
     rows = [("steps done", f"{p.step} (from {result.start_step})" + (f" of {p.total}" if p.total else "")),
@@ -164,6 +168,9 @@ def report(result: TrainResult, planned: List[int], next_command: str) -> str:
             ("log", result.log)]
     rows += [(f"  step {s}", path) for s, path in result.checkpoints.items()]
     lines = [f"{k:<14} {v}" for k, v in rows]
+    if p.total and p.total != planned_total:
+        lines.append(f"warning: SimpleTuner planned {p.total} steps, plan.json {planned_total}: the checkpoints "
+                     "differ from plan.json (please report this with plan.json and train.log)")
     if result.exit_code == 0:
         lines.append(f"next: {next_command}")
     return "\n".join(lines)
@@ -179,14 +186,14 @@ def failure_message(result: TrainResult, resume_command: str) -> str:
             f"Full log: {result.log}")
 
 
-def run_training(cmd: List[str], run_dir: Path, env: Dict[str, str], total: int, planned: List[int],
-                 next_command: str, resume_command: str) -> TrainResult:
-    start = max(checkpoint_dirs(run_dir / "training"), default=0)
+def run_training(cmd: List[str], run_dir: Path, training_dir: Path, env: Dict[str, str], total: int,
+                 planned: List[int], next_command: str, resume_command: str) -> TrainResult:
+    start = max(checkpoint_dirs(training_dir), default=0)
     if start:
         print(f"resuming from checkpoint-{start} (SimpleTuner resume_from_checkpoint=latest)")
-    result = launch(cmd, run_dir, env, total, start)
+    result = launch(cmd, run_dir, training_dir, env, total, start)
     write_json(run_dir / "training_summary.json", result.to_dict())
-    print(report(result, planned, next_command))
+    print(report(result, planned, total, next_command))
     if result.exit_code != 0:
         err = TrainerError(failure_message(result, resume_command))
         err.exit_code = result.exit_code

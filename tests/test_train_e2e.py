@@ -158,3 +158,10 @@ def test_materialized_copies_train_the_planned_steps(tmp_path):
     assert len(list((run / "dataset" / "shapes").glob("*.png"))) == 32
     assert tqdm_totals(run / "train.log") == {16}
     assert sorted(p.name for p in (run / "training").glob("checkpoint-*")) == ["checkpoint-16", "checkpoint-8"]
+
+
+def test_several_processes_without_cuda_are_refused(tmp_path):
+    out = run_cli("experiment=demo", "stage=train", f"hydra.run.dir={tmp_path / 'run'}", "training.num_processes=2")
+    assert out.returncode != 0
+    assert "training.num_processes=2" in out.stderr and "no CUDA device" in out.stderr
+    assert not (tmp_path / "run" / "training").exists()

@@ -1,0 +1,39 @@
+"""The runner's parsing of SimpleTuner's output and its summary, on real output lines."""
+
+from __future__ import annotations
+
+from sd3exp.train import Progress, TrainResult, report, status_text
+
+# Lines as SimpleTuner 4.10.1 prints them (tqdm, \r-separated, wrapped in colour resets).
+FIRST = "\x1b[0mEpoch 1/1 Steps:   0%|          | 0/4 [00:00<?, ?it/s]"
+LATER = "Epoch 1/1, Steps:  50%|█████     | 2/4 [00:04<00:03,  1.84s/it, lr=0.0001, step_loss=4.12]\x1b[0m"
+RESUMED = "Epoch 1/1, Steps:  80%|████████  | 4/5 [00:00<?, ?it/s]"
+
+
+def test_tqdm_lines_move_the_step_counter_and_carry_loss_and_lr():
+    p = Progress()
+    assert p.feed(FIRST) is False and p.total == 4
+    assert p.feed(LATER) is True
+    assert (p.step, p.total, p.loss, p.lr) == (2, 4, 4.12, 0.0001)
+    assert p.feed("[RANK 0] 2026-11-25 14:05:56,046 [INFO] Saving checkpoint") is False
+    assert p.tail[-1].endswith("Saving checkpoint")
+
+
+def test_a_resumed_bar_starts_at_its_checkpoint():
+    p = Progress(step=0)
+    p.feed(RESUMED)
+    assert (p.step, p.total) == (4, 5)
+
+
+def test_status_text_drops_log_prefixes_and_shortens():
+    assert status_text("[RANK 0] 2026-11-25 14:05:56,046 [INFO] Loading VAE") == "Loading VAE"
+    assert status_text("I1125 14:06:02.866000 30569 helpers/logging.py:12] caching") == "caching"
+    assert len(status_text("x" * 200)) == 48
+
+
+def test_summary_warns_when_the_trainer_disagrees_with_the_plan():
+    p = Progress(step=24, total=24, loss=4.2)
+    result = TrainResult(0, 30.0, 0, p, {2: "/r/training/checkpoint-2"}, "/r/train.log")
+    text = report(result, [2, 4], 12, "next")
+    assert "SimpleTuner planned 24 steps, plan.json 12" in text
+    assert "warning" not in report(result, [2, 4], 24, "next")
