@@ -82,9 +82,9 @@ def stage_train(job: Job, plan: Plan) -> None:
     shim = cpu_shim(cfg, preflight.preflight(env, run_dir, args)["cuda"])
     claim_training_dir(training_dir, run_dir)
     process_env = train.trainer_environment(env.bin, run_dir, cpu=shim, offline=Path(cfg.model.path).is_dir())
+    next_command = command_for(cfg, "eval") if cfg.stage == "train" else None
     train.run_training(env.train_command(), run_dir, training_dir, process_env, plan.max_train_steps,
-                       plan.checkpoint_steps,
-                       next_command=command_for(cfg, "eval"), resume_command=command_for(cfg, cfg.stage))
+                       plan.checkpoint_steps, next_command, resume_command=command_for(cfg, cfg.stage))
 
 
 def stage_eval(job: Job, plan: Plan) -> None:

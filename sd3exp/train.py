@@ -158,7 +158,7 @@ def launch(cmd: List[str], run_dir: Path, training_dir: Path, env: Dict[str, str
     return TrainResult(code, time.monotonic() - started, start_step, progress, ckpts, str(log_path))
 
 
-def report(result: TrainResult, planned: List[int], planned_total: int, next_command: str) -> str:
+def report(result: TrainResult, planned: List[int], planned_total: int, next_command: Optional[str]) -> str:
     """The end-of-training summary table."""
     p = result.progress
     rows = [("steps done", f"{p.step} (from {result.start_step})" + (f" of {p.total}" if p.total else "")),
@@ -171,7 +171,7 @@ def report(result: TrainResult, planned: List[int], planned_total: int, next_com
     if p.total and p.total != planned_total:
         lines.append(f"warning: SimpleTuner planned {p.total} steps, plan.json {planned_total}: the checkpoints "
                      "differ from plan.json (please report this with plan.json and train.log)")
-    if result.exit_code == 0:
+    if result.exit_code == 0 and next_command:
         lines.append(f"next: {next_command}")
     return "\n".join(lines)
 
@@ -187,7 +187,7 @@ def failure_message(result: TrainResult, resume_command: str) -> str:
 
 
 def run_training(cmd: List[str], run_dir: Path, training_dir: Path, env: Dict[str, str], total: int,
-                 planned: List[int], next_command: str, resume_command: str) -> TrainResult:
+                 planned: List[int], next_command: Optional[str], resume_command: str) -> TrainResult:
     start = max(checkpoint_dirs(training_dir), default=0)
     if start:
         print(f"resuming from checkpoint-{start} (SimpleTuner resume_from_checkpoint=latest)")

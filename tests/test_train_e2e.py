@@ -50,7 +50,7 @@ def test_checkpoints_and_total_steps_are_as_planned(lora_run):
     buckets = json.loads((run / "dataset" / "shapes" / "aspect_ratio_bucket_indices_shapes.json").read_text())
     counts = {f"{float(k):.2f}": len(v) for k, v in buckets["aspect_ratio_bucket_indices"].items()}
     assert counts == plan["concepts"][0]["buckets"]
-    assert "checkpoint-8" in out.stdout and "next: python -m sd3exp experiment=demo stage=eval" in out.stdout
+    assert "checkpoint-8" in out.stdout and "demo: done" in out.stdout
 
 
 def test_grid_columns_are_the_planned_checkpoints(lora_run):
