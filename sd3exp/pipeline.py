@@ -168,4 +168,5 @@ def run_later_stages(job: Job, plan: Plan) -> None:
         return
     from sd3exp import stages
 
-    stages.run_stage(stage, job, plan)
+    with runfolder.exclusive(job.run_dir):
+        stages.run_stage(stage, job, plan)

@@ -8,11 +8,14 @@ recompile first archives the earlier compiled files under `history/`.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 from sd3exp.errors import RunConflictError
 from sd3exp.io import read_json, write_bytes, write_json
@@ -28,6 +31,22 @@ class RunRecord:
     overrides: str
     config_hash: str
     sd3exp_version: str
+
+
+@contextlib.contextmanager
+def exclusive(run_dir: Path) -> Iterator[None]:
+    """Lock the run folder itself (no lock file is written): two sd3exp processes never
+    prepare, train or evaluate the same run at once."""
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunConflictError(f"another sd3exp process is using {run_dir}. Fix: wait for it to finish, "
+                                   "or stop it first.") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def checkpoint_dirs(training_dir: Path) -> Dict[int, Path]:

@@ -135,3 +135,14 @@ def test_simpletuner_errors_are_mapped_to_experiment_fields():
     assert field_for("ValueError: Optimizer nope not found.", args) == "optimizer.name"
     assert field_for("error: argument --lora_rank: invalid int value: 'x'", args) == "lora.rank"
     assert field_for("something unrelated", args) == ""
+
+
+def test_a_run_folder_in_use_is_refused(tmp_path):
+    from sd3exp.runfolder import exclusive
+
+    run = tmp_path / "run"
+    assert compile_to(run, "experiment=demo").returncode == 0
+    with exclusive(run):
+        out = run_cli("experiment=demo", "stage=audit", f"hydra.run.dir={run}")
+    assert out.returncode != 0 and "another sd3exp process is using" in out.stderr
+    assert run_cli("experiment=demo", "stage=audit", f"hydra.run.dir={run}").returncode == 0
