@@ -7,7 +7,7 @@ Hydra's own message; semantic checks live in :mod:`sd3exp.validate`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -156,6 +156,7 @@ class EvalConfig:
     include_base: bool = False
     include_final: bool = True
     nodes: Dict[str, str] = field(default_factory=dict)
+    workflow_inputs: Dict[str, Any] = field(default_factory=dict)  # {node id: {input: value}}
     models_dir: Optional[str] = None
     link_mode: str = "symlink"  # symlink | extra_paths
     timeout_s: float = 3600.0

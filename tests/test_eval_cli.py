@@ -30,7 +30,8 @@ def test_comfyui_sweep_with_a_failing_cell(tmp_path):
                  lora_names=[f"run/checkpoint-{s}.safetensors" for s in (2, 4, 6)], error_if=fail) as server:
         out = run_cli("experiment=demo", "stage=eval", "demo=false", "concepts.0.num_images=16",
                       f"hydra.run.dir={run}", "eval.backend=comfyui", f"eval.url={server.url}",
-                      f"eval.models_dir={models}", "eval.include_final=false", f"eval.prompts={json.dumps(PROMPTS)}")
+                      f"eval.models_dir={models}", "eval.include_final=false", f"eval.prompts={json.dumps(PROMPTS)}",
+                      "+eval.workflow_inputs.7.vae_name=my_sd3_vae.safetensors")
     assert out.returncode == 3, out.stdout[-2000:] + out.stderr[-2000:]
     assert "1 of 6 cells failed" in out.stderr and "CUDA out of memory" in out.stderr
     assert (models / "loras" / "run" / "checkpoint-4.safetensors").resolve() == \
@@ -42,3 +43,5 @@ def test_comfyui_sweep_with_a_failing_cell(tmp_path):
     grid = Image.open(run / "eval" / "grid.png")
     assert grid.width > grid.height  # 3 checkpoint columns, 2 prompt rows
     assert (run / "eval" / "report.html").is_file()
+    saved = json.loads(Image.open(next((run / "eval" / "images").glob("*.png"))).text["prompt"])
+    assert saved["7"]["inputs"]["vae_name"] == "my_sd3_vae.safetensors"

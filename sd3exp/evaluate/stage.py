@@ -7,7 +7,7 @@ import json
 import re
 from dataclasses import asdict
 from pathlib import Path
-from typing import List, Sequence
+from typing import Any, List, Mapping, Sequence
 
 from sd3exp.errors import EvalError
 from sd3exp.evaluate import cells as cellio
@@ -32,7 +32,8 @@ def sampling_of(ev: EvalConfig) -> Sampling:
 def request_key(ev: EvalConfig, checkpoints: Sequence[Checkpoint]) -> str:
     """What was asked for: the same key means the earlier evaluation can be reused."""
     data = {"backend": ev.backend, "prompts": ev.prompts, "seeds": ev.seeds, "sampling": asdict(sampling_of(ev)),
-            "include_base": ev.include_base, "workflow": ev.workflow if ev.backend == "comfyui" else None,
+            "include_base": ev.include_base,
+            "workflow": [ev.workflow, ev.workflow_inputs] if ev.backend == "comfyui" else None,
             "checkpoints": [[c.label, str(c.path), c.path.stat().st_mtime_ns] for c in checkpoints]}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
@@ -56,6 +57,16 @@ def render_diffusers(cfg: ExperimentConfig, checkpoints: List[Checkpoint], eval_
                   sampling_of(ev), ev.include_base, ev.timeout_s)
 
 
+def with_inputs(graph: dict, inputs: Mapping[str, Any]) -> dict:
+    """eval.workflow_inputs applied: your text-encoder, VAE and base-model names without editing the JSON."""
+    for node_id, values in inputs.items():
+        if node_id not in graph:
+            raise EvalError(f"eval.workflow_inputs.{node_id}: the workflow has no node {node_id!r}. "
+                            f"Fix: use one of its node ids: {', '.join(sorted(graph))}")
+        graph[node_id]["inputs"].update(values)
+    return graph
+
+
 def render_comfyui(cfg: ExperimentConfig, checkpoints: List[Checkpoint], run_dir: Path) -> List[Cell]:
     from sd3exp.evaluate import comfyui, links
 
@@ -76,7 +87,8 @@ def render_comfyui(cfg: ExperimentConfig, checkpoints: List[Checkpoint], run_dir
         snippet = links.extra_paths_yaml(name, training, sorted({c.kind for c in checkpoints}))
         links.write_extra_paths(run_dir / "eval" / "extra_model_paths.yaml", snippet)
         print(f"ComfyUI: start it with --extra-model-paths-config {run_dir / 'eval' / 'extra_model_paths.yaml'}")
-    spec = comfyui.SweepSpec(comfyui.load_workflow(ev.workflow), checkpoints,
+    workflow = with_inputs(comfyui.load_workflow(ev.workflow), ev.workflow_inputs)
+    spec = comfyui.SweepSpec(workflow, checkpoints,
                              {c.label: links.comfy_name(c, name, mode, training) for c in checkpoints},
                              ev.prompts, ev.seeds, sampling_of(ev), dict(ev.nodes))
     result = comfyui.run_sweep(comfyui.ComfyClient(ev.url), spec, timeout_s=ev.timeout_s)
