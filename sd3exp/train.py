@@ -19,6 +19,7 @@ from sd3exp.runfolder import checkpoint_dirs
 
 SHIM_DIR = Path(__file__).resolve().parent / "cpu_shim"
 _TQDM = re.compile(r"Steps:\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)\s*\[([^\]]*)\]")
+STATUS_EVERY_S = 0.5  # start-up log lines shown on the bar at most this often
 _LOG_PREFIX = re.compile(r"^(\[RANK \d+\] \S+ \S+ \[\w+\] |[IWE]\d{4} [\d:.]+ \d+ \S+\] )")
 _KV = re.compile(r"(\w+)=([-+0-9.eE]+|nan|inf)")
 
@@ -129,6 +130,21 @@ class TrainResult:
         return d
 
 
+def follow(stream, log, bar: tqdm, progress: Progress) -> None:
+    """Copy the trainer's output to the log and move the bar; before the first step the bar
+    shows what SimpleTuner is doing (loading models, filling caches)."""
+    start, shown = progress.step, 0.0
+    for line in _lines(stream, log):
+        if progress.feed(line):
+            if progress.total != bar.total:
+                bar.total = progress.total
+            bar.update(progress.step - bar.n)
+            bar.set_postfix(loss=progress.loss, lr=progress.lr, refresh=False)
+        elif progress.step == start and time.monotonic() - shown > STATUS_EVERY_S:
+            bar.set_postfix_str(status_text(line))
+            shown = time.monotonic()
+
+
 def launch(cmd: List[str], run_dir: Path, training_dir: Path, env: Dict[str, str], total: int,
            start_step: int) -> TrainResult:
     """Start the trainer in the run folder and follow it until it exits."""
@@ -140,14 +156,7 @@ def launch(cmd: List[str], run_dir: Path, training_dir: Path, env: Dict[str, str
                                 start_new_session=True)
         bar = tqdm(total=total, initial=start_step, unit="step", desc="train", dynamic_ncols=True)
         try:
-            for line in _lines(proc.stdout, log):
-                if progress.feed(line):
-                    if progress.total != bar.total:
-                        bar.total = progress.total
-                    bar.update(progress.step - bar.n)
-                    bar.set_postfix(loss=progress.loss, lr=progress.lr, refresh=False)
-                elif progress.step == start_step:
-                    bar.set_postfix_str(status_text(line))
+            follow(proc.stdout, log, bar, progress)
             code = proc.wait()
         except KeyboardInterrupt:
             stop(proc)
