@@ -11,13 +11,10 @@ import pytest
 
 from sd3exp.errors import TrainerError
 from sd3exp.tinymodel import OFFLINE_ENV, build_tiny_model
-from tests.conftest import trainer_python
+from tests.conftest import needs_trainer, trainer_python
 
 PYTHON = trainer_python()
-pytestmark = [
-    pytest.mark.trainer,
-    pytest.mark.skipif(PYTHON is None or not PYTHON.is_file(), reason="the SimpleTuner trainer venv python is missing"),
-]
+pytestmark = [pytest.mark.trainer, needs_trainer]
 
 LOAD_CHECK = """
 import sys, torch
