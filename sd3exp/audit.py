@@ -34,7 +34,7 @@ from PIL import Image
 from sd3exp import captions
 from sd3exp.buckets import BucketRule, target_size
 from sd3exp.images import IMAGE_EXTENSIONS, image_size, list_images
-from sd3exp.io import write_json
+from sd3exp.io import dumps_json, write_if_changed
 from sd3exp.prepare import shared_stems
 from sd3exp.plan import bucket_rule
 from sd3exp.schema import ConceptConfig, DatasetConfig, ExperimentConfig
@@ -251,8 +251,8 @@ def audit(cfg: ExperimentConfig) -> AuditReport:
 
 
 def write_audit(report: AuditReport, path: Path) -> str:
-    """Write audit.json atomically; return a short human summary."""
-    write_json(Path(path), asdict(report))
+    """Write audit.json atomically (untouched when unchanged); return a short human summary."""
+    write_if_changed(Path(path), dumps_json(asdict(report)))
     images = sum(len(a.images) for a in report.concepts)
     lines = [f"audit: {len(report.concepts)} concept(s), {images} images, {len(report.errors)} error(s), "
              f"{len(report.warnings)} warning(s) -> {path}"]

@@ -31,6 +31,15 @@ def write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def write_if_changed(path: Path, content: Union[str, bytes]) -> bool:
+    """Write atomically unless the file already has exactly this content (its mtime stays)."""
+    data = content.encode("utf-8") if isinstance(content, str) else content
+    if path.is_file() and path.read_bytes() == data:
+        return False
+    write_bytes(path, data)
+    return True
+
+
 def write_text(path: Path, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from sd3exp import __version__, lrplot, runfolder
 from sd3exp.errors import ConfigError
 from sd3exp.compile import Compiled, compile_experiment, config_hash
-from sd3exp.io import dumps_json
+from sd3exp.io import dumps_json, write_if_changed
 from sd3exp.plan import Plan, make_plan, render_table
 from sd3exp.schema import ExperimentConfig
 from sd3exp.validate import validate
@@ -122,10 +122,7 @@ def files_of(job: Job, plan: Plan, compiled: Compiled) -> Dict[str, str]:
 def write_run(job: Job, plan: Plan, compiled: Compiled) -> List[str]:
     job.run_dir.mkdir(parents=True, exist_ok=True)
     changed = runfolder.written(job.run_dir, files_of(job, plan, compiled))
-    png = lrplot.render_plan(plan)
-    lr_png = job.run_dir / "lr_curve.png"
-    if not lr_png.is_file() or lr_png.read_bytes() != png:
-        runfolder.write_bytes(lr_png, png)
+    write_if_changed(job.run_dir / "lr_curve.png", lrplot.render_plan(plan))
     runfolder.write_record(job.run_dir, record_of(job))
     return changed
 

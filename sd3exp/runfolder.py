@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
 from sd3exp.errors import RunConflictError
-from sd3exp.io import read_json, write_bytes, write_json
+from sd3exp.io import read_json, write_bytes, write_if_changed, write_json
 
 RECORD = "run.json"
 OWNER = ".sd3exp-run"
@@ -121,15 +121,6 @@ def archive(run_dir: Path, previous: RunRecord) -> None:
         if src.exists() and not (dest / name).exists():
             dest.mkdir(parents=True, exist_ok=True)
             (shutil.copytree if src.is_dir() else shutil.copy2)(src, dest / name)
-
-
-def write_if_changed(path: Path, text: str) -> bool:
-    """Write atomically unless the file already has exactly this content."""
-    data = text.encode("utf-8")
-    if path.is_file() and path.read_bytes() == data:
-        return False
-    write_bytes(path, data)
-    return True
 
 
 def write_record(run_dir: Path, record: RunRecord) -> None:
