@@ -98,6 +98,7 @@ def _length_args(cfg: ExperimentConfig, plan: Plan) -> List[Arg]:
         args.append(Arg("checkpoint_epoch_interval", plan.checkpoint_interval_epochs, "checkpointing.every_epochs",
                         "CHECKPOINT_EPOCH_INTERVAL"))
     return args + [Arg("checkpoints_total_limit", ck.keep, "checkpointing.keep", "CHECKPOINTING_LIMIT"),
+                   Arg("checkpointing_use_tempdir", True, "checkpointing"),
                    Arg("resume_from_checkpoint", "latest", "trainer.new_run", "RESUME_CHECKPOINT")]
 
 

@@ -112,5 +112,6 @@ def preflight(env: TrainerEnv, run_dir: Path, args: Sequence[Arg]) -> dict:
     wrong = mismatches(result["args"], args)
     if wrong:
         raise TrainerError("SimpleTuner would read the config differently from what was compiled: " + "; ".join(wrong))
-    write_json(cache, {"key": key, "result": {"ok": True, "cuda": result["cuda"]}})
+    write_json(cache, {"key": key, "result": {"ok": True, "cuda": result["cuda"],
+                                           "checkpoint_guard": result["checkpoint_guard"]}})
     return result

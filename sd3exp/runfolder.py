@@ -15,13 +15,14 @@ import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 from sd3exp.errors import RunConflictError
 from sd3exp.io import read_json, write_bytes, write_if_changed, write_json
 
 RECORD = "run.json"
 OWNER = ".sd3exp-run"
+UNFINISHED = "unfinished-checkpoints"
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
@@ -59,6 +60,25 @@ def checkpoint_dirs(training_dir: Path) -> Dict[int, Path]:
         if m and p.is_dir():
             found[int(m.group(1))] = p
     return dict(sorted(found.items()))
+
+
+def set_aside_unfinished(training_dir: Path, guard: Optional[str]) -> List[Tuple[Path, Path]]:
+    """Move `checkpoint-N` folders whose save never finished (no `guard` file, which SimpleTuner
+    writes last) into `unfinished-checkpoints/`, where resuming cannot pick them. Nothing is deleted."""
+    if not guard:
+        return []
+    aside = training_dir / UNFINISHED
+    moved = []
+    for path in checkpoint_dirs(training_dir).values():
+        if not (path / guard).exists():
+            target = aside / path.name
+            n = 2
+            while target.exists():
+                target, n = aside / f"{path.name}.{n}", n + 1
+            aside.mkdir(exist_ok=True)
+            os.rename(path, target)
+            moved.append((path, target))
+    return moved
 
 
 def read_record(run_dir: Path) -> Optional[RunRecord]:

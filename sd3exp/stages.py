@@ -10,7 +10,7 @@ from sd3exp import trainer_env
 from sd3exp.compile import trainer_args, user_extra_args
 from sd3exp.errors import ConfigError, DatasetError, EvalError
 from sd3exp.pipeline import Job
-from sd3exp.runfolder import checkpoint_dirs, claim_training_dir
+from sd3exp.runfolder import checkpoint_dirs, claim_training_dir, set_aside_unfinished
 from sd3exp.plan import Plan
 from sd3exp.schema import ExperimentConfig
 
@@ -79,8 +79,12 @@ def stage_train(job: Job, plan: Plan) -> None:
     stage_prepare(job, plan)
     env = trainer_for(cfg)
     args = trainer_args(cfg, plan, run_dir) + user_extra_args(cfg)
-    shim = cpu_shim(cfg, preflight.preflight(env, run_dir, args)["cuda"])
+    checked = preflight.preflight(env, run_dir, args)
+    shim = cpu_shim(cfg, checked["cuda"])
     claim_training_dir(training_dir, run_dir)
+    for path, target in set_aside_unfinished(training_dir, checked.get("checkpoint_guard")):
+        print(f"{path.name} was never finished (its save was interrupted): moved to {target}; "
+              "resuming from the last finished checkpoint")
     process_env = train.trainer_environment(env.bin, run_dir, cpu=shim, offline=Path(cfg.model.path).is_dir())
     next_command = command_for(cfg, "eval") if cfg.stage == "train" else None
     train.run_training(env.train_command(), run_dir, training_dir, process_env, plan.max_train_steps,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from sd3exp.cli import ROOT
+from sd3exp.runfolder import checkpoint_dirs
 from tests import browser
 from tests.conftest import needs_trainer, run_cli
 
@@ -24,6 +26,16 @@ def snapshot(folder: Path) -> dict:
     """Every file's (size, mtime_ns) under `folder`."""
     return {p.relative_to(folder).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def half_saved_copy(checkpoint: Path, name: str, reference: Path) -> None:
+    """What a save cut short leaves: `checkpoint` copied as `name` without its scheduler or guard
+    (and once more to `reference`, to compare with afterwards)."""
+    target = checkpoint.parent / name
+    shutil.copytree(checkpoint, target)
+    for leftover in (".guard", "scheduler.bin", "random_states_0.pkl"):
+        (target / leftover).unlink()
+    shutil.copytree(target, reference)
 
 
 def tqdm_totals(log: Path) -> set:
@@ -95,15 +107,24 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
     first = proc.communicate(timeout=180)[0]
     assert proc.returncode == 130, first[-2000:]
     assert "Resume from checkpoint-" in first and "stage=train" in first
-    kept = {p: snapshot(p) for p in (run / "training").glob("checkpoint-*")}
+    kept = {p: snapshot(p) for p in checkpoint_dirs(run / "training").values()}
     assert kept and not (run / "training" / "checkpoint-40").exists()
+    assert all((p / ".guard").is_file() for p in kept), "SimpleTuner left an unfinished checkpoint-N"
+    latest = max(checkpoint_dirs(run / "training"))
+    half_saved_copy(run / "training" / f"checkpoint-{latest}", f"checkpoint-{latest + 2}", tmp_path / "reference")
+    half_saved_copy(run / "training" / f"checkpoint-{latest}", f"checkpoint-{latest + 4}-tmp", tmp_path / "tmp-copy")
     out = run_cli(*longer)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert f"checkpoint-{latest + 2} was never finished" in out.stdout
+    aside = run / "training" / "unfinished-checkpoints" / f"checkpoint-{latest + 2}"
+    assert snapshot(aside) == snapshot(tmp_path / "reference")
     resumed = int(re.search(r"resuming from checkpoint-(\d+)", out.stdout).group(1))
     second = (run / "train.log").read_text(errors="replace").split("===== sd3exp:")[-1]
-    assert int(re.search(r"\|\s*(\d+)/40\b", second).group(1)) == resumed > 0
+    assert int(re.search(r"\|\s*(\d+)/40\b", second).group(1)) == resumed == latest
     assert {p: snapshot(p) for p in kept} == kept
-    assert sorted(int(p.name.split("-")[1]) for p in (run / "training").glob("checkpoint-*")) == list(range(2, 41, 2))
+    finished = checkpoint_dirs(run / "training")
+    assert list(finished) == list(range(2, 41, 2)) and all((p / ".guard").is_file() for p in finished.values())
+    assert not list((run / "training").glob("checkpoint-*-tmp"))
 
 
 def test_full_finetune_writes_transformer_checkpoints(tmp_path):

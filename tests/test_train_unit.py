@@ -1,7 +1,10 @@
-"""The runner's parsing of SimpleTuner's output and its summary, on real output lines."""
+"""The runner: its parsing of SimpleTuner's output, its summary, and unfinished checkpoints."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from sd3exp.runfolder import UNFINISHED, checkpoint_dirs, set_aside_unfinished
 from sd3exp.train import Progress, TrainResult, report, status_text
 
 # Lines as SimpleTuner 4.10.1 prints them (tqdm, \r-separated, wrapped in colour resets).
@@ -37,3 +40,32 @@ def test_summary_warns_when_the_trainer_disagrees_with_the_plan():
     text = report(result, [2, 4], 12, "next")
     assert "SimpleTuner planned 24 steps, plan.json 12" in text
     assert "warning" not in report(result, [2, 4], 24, "next")
+
+
+def _checkpoint(training: Path, step: int, finished: bool) -> Path:
+    path = training / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "optimizer.bin").write_bytes(bytes([step]) * 16)
+    if finished:
+        (path / ".guard").write_text("complete\n")
+    return path
+
+
+def test_unfinished_checkpoints_are_moved_aside_not_deleted(tmp_path):
+    training = tmp_path / "training"
+    _checkpoint(training, 2, True)
+    _checkpoint(training, 4, False)
+    moved = set_aside_unfinished(training, ".guard")
+    assert moved == [(training / "checkpoint-4", training / UNFINISHED / "checkpoint-4")]
+    assert list(checkpoint_dirs(training)) == [2]
+    assert (training / UNFINISHED / "checkpoint-4" / "optimizer.bin").read_bytes() == bytes([4]) * 16
+    _checkpoint(training, 4, False)
+    assert set_aside_unfinished(training, ".guard")[0][1] == training / UNFINISHED / "checkpoint-4.2"
+    assert sorted(p.name for p in (training / UNFINISHED).iterdir()) == ["checkpoint-4", "checkpoint-4.2"]
+
+
+def test_without_a_guard_convention_nothing_is_moved(tmp_path):
+    training = tmp_path / "training"
+    _checkpoint(training, 2, False)
+    assert set_aside_unfinished(training, None) == []
+    assert list(checkpoint_dirs(training)) == [2]

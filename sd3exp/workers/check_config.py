@@ -18,6 +18,15 @@ def _plain(value):
     return value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
 
 
+def _checkpoint_guard():
+    """The file SimpleTuner writes last into a finished checkpoint, if this version writes one."""
+    try:
+        from simpletuner.helpers.utils import checkpoint_manager
+    except ImportError:
+        return None
+    return getattr(checkpoint_manager, "CHECKPOINT_GUARD_FILENAME", None)
+
+
 def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     buf = io.StringIO()
@@ -34,6 +43,7 @@ def main() -> int:
     import torch
 
     result["cuda"] = bool(torch.cuda.is_available())
+    result["checkpoint_guard"] = _checkpoint_guard()
     sys.stdout.write(MARKER + json.dumps(result) + "\n")
     return 0
 
