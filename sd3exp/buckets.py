@@ -10,7 +10,7 @@ symmetric at resolution 64.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from math import sqrt
+from math import floor, sqrt
 from typing import Optional, Tuple
 
 ALIGNMENT = 64
@@ -60,14 +60,28 @@ def target_size(size: Tuple[int, int], rule: BucketRule) -> Tuple[int, int]:
     raise ValueError(f"unknown resolution_type {rule.resolution_type!r}")
 
 
+MAX_MINIMUM_MEGAPIXELS = 5  # SimpleTuner refuses a larger area minimum
+
+
+def minimum_megapixels(rule: BucketRule) -> Optional[float]:
+    """minimum_image_size as SimpleTuner compares it for the area rules (pixel_area is converted)."""
+    m = rule.minimum_image_size
+    return (m * m) / 1_000_000 if rule.resolution_type == "pixel_area" else m
+
+
 def too_small(size: Tuple[int, int], rule: BucketRule) -> bool:
-    """Whether SimpleTuner would skip the image for minimum_image_size."""
-    minimum = rule.minimum_image_size
-    if not minimum:
+    """Whether SimpleTuner would skip the image for minimum_image_size (metadata backend's
+    meets_resolution_requirements): pixel compares both edges, pixel_area and area the pixel
+    count, plus the edge of a square crop."""
+    if not rule.minimum_image_size:
         return False
-    if rule.resolution_type == "area":
-        return size[0] * size[1] < minimum * 1e6
-    return min(size) < minimum
+    width, height = size
+    if rule.resolution_type == "pixel":
+        return min(width, height) < rule.minimum_image_size
+    pixels = minimum_megapixels(rule) * 1_000_000
+    if rule.crop and rule.crop_aspect == "square" and min(width, height) < floor(sqrt(pixels)):
+        return True
+    return width * height < pixels
 
 
 def bucket_of(size: Tuple[int, int], rule: BucketRule) -> Optional[float]:

@@ -50,6 +50,11 @@ class Compiled:
     files: Dict[str, str]
 
 
+def whole(value: Scalar) -> Scalar:
+    """1024.0 -> 1024: SimpleTuner's pixel_area conversion accepts only a whole resolution."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def run_relative(path: Union[str, Path], run_dir: Path) -> str:
     """`path` relative to the run folder when inside it, else absolute."""
     p = Path(path).resolve()
@@ -110,12 +115,13 @@ def _batch_args(cfg: ExperimentConfig) -> List[Arg]:
             Arg("gradient_checkpointing", t.gradient_checkpointing, "training.gradient_checkpointing"),
             Arg("mixed_precision", t.mixed_precision, "training.mixed_precision", "MIXED_PRECISION"),
             Arg("seed", cfg.seed, "seed", "TRAINING_SEED"),
-            Arg("resolution", ds.resolution, "dataset.resolution", "RESOLUTION"),
+            Arg("resolution", whole(ds.resolution), "dataset.resolution", "RESOLUTION"),
             Arg("resolution_type", ds.resolution_type, "dataset.resolution_type", "RESOLUTION_TYPE"),
             Arg("caption_dropout_probability", ds.caption_dropout, "dataset.caption_dropout",
                 "CAPTION_DROPOUT_PROBABILITY")]
     if ds.minimum_image_size is not None:
-        args.append(Arg("minimum_image_size", ds.minimum_image_size, "dataset.minimum_image_size", "MINIMUM_RESOLUTION"))
+        args.append(Arg("minimum_image_size", whole(ds.minimum_image_size), "dataset.minimum_image_size",
+                        "MINIMUM_RESOLUTION"))
     return args
 
 
@@ -156,13 +162,13 @@ def dataset_entry(c: ConceptConfig, cfg: ExperimentConfig, run_dir: Path) -> dic
         "id": c.id, "type": "local",
         "instance_data_dir": run_relative(Path(ds.prepared_dir) / c.id, run_dir),
         "caption_strategy": c.caption_strategy, "metadata_backend": "discovery",
-        "resolution": ds.resolution, "resolution_type": ds.resolution_type,
+        "resolution": whole(ds.resolution), "resolution_type": ds.resolution_type,
         "crop": ds.crop, "crop_style": ds.crop_style, "crop_aspect": ds.crop_aspect,
         "repeats": captions.simpletuner_repeats(c), "probability": c.probability,
         "cache_dir_vae": run_relative(Path(ds.cache_dir) / "vae" / c.id, run_dir),
     }
     if ds.minimum_image_size is not None:
-        entry["minimum_image_size"] = ds.minimum_image_size
+        entry["minimum_image_size"] = whole(ds.minimum_image_size)
     shuffle = captions.native_shuffle_block(c, cfg.seed)
     if shuffle:
         entry["caption_shuffle"] = shuffle

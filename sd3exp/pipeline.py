@@ -91,25 +91,16 @@ def record_of(job: Job) -> runfolder.RunRecord:
     return runfolder.RunRecord(job.cfg.name, job.overrides, job.config_hash, __version__)
 
 
-def claim(job: Job) -> Job:
-    """Apply the run-folder guards; may move the job to a fresh sibling folder."""
+def claim(job: Job, cfg: DictConfig) -> Job:
+    """Apply the run-folder guards; trainer.new_run may move the job to a fresh sibling folder,
+    where `cfg` is resolved again (every path under the run folder follows it)."""
     t = job.cfg.trainer
     training = Path(job.cfg.paths.training_dir)
     run_dir = runfolder.resolve_run_dir(job.run_dir, record_of(job), training, t.force, t.new_run)
     if run_dir == job.run_dir:
         return job
     print(f"trainer.new_run: starting a new run folder {run_dir}")
-    return relocate(job, run_dir)
-
-
-def relocate(job: Job, run_dir: Path) -> Job:
-    old = str(job.run_dir)
-    paths = job.cfg.paths
-    moved = replace(paths, run_dir=str(run_dir), training_dir=paths.training_dir.replace(old, str(run_dir), 1))
-    ds = replace(job.cfg.dataset, prepared_dir=job.cfg.dataset.prepared_dir.replace(old, str(run_dir), 1),
-                 cache_dir=job.cfg.dataset.cache_dir.replace(old, str(run_dir), 1))
-    return replace(job, cfg=replace(job.cfg, paths=moved, dataset=ds), run_dir=run_dir,
-                   resolved_yaml=job.resolved_yaml.replace(old, str(run_dir)))
+    return load(OmegaConf.merge(cfg, {"paths": {"run_dir": str(run_dir)}}))
 
 
 def files_of(job: Job, plan: Plan, compiled: Compiled) -> Dict[str, str]:
@@ -127,11 +118,10 @@ def write_run(job: Job, plan: Plan, compiled: Compiled) -> List[str]:
     return changed
 
 
-def stage_compile(job: Job) -> Tuple[Job, Plan]:
+def stage_compile(job: Job, cfg: DictConfig) -> Tuple[Job, Plan]:
+    """Plan, compile and write the run folder (compiled files do not depend on where it is)."""
     plan, compiled = build(job)
-    job = claim(job)
-    if job.run_dir != Path(job.cfg.paths.run_dir):
-        plan, compiled = build(job)
+    job = claim(job, cfg)
     changed = write_run(job, plan, compiled)
     print(render_table(plan))
     state = f"{len(changed)} file(s) written" if changed else "unchanged"
@@ -153,7 +143,7 @@ def run(cfg: DictConfig) -> None:
             plan, _ = build(job)
             print(render_table(plan))
             return
-        job, plan = stage_compile(job)
+        job, plan = stage_compile(job, cfg)
     finally:
         discard_empty(run_dir)
     run_later_stages(job, plan)

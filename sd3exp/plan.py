@@ -127,6 +127,10 @@ def zero_batch_check(cfg: ExperimentConfig, concepts: List[ConceptPlan]) -> None
     t = cfg.training
     need = t.batch_size * t.gradient_accumulation * t.num_processes
     for i, cp in enumerate(concepts):
+        if not cp.buckets and cp.skipped_images == cp.images:
+            raise ConfigError("dataset.minimum_image_size", cfg.dataset.minimum_image_size,
+                              f"all {cp.images} images of concept '{cp.id}' are below it, so SimpleTuner skips them",
+                              "lower dataset.minimum_image_size, or leave it unset (null)")
         if not cp.buckets:
             raise ConfigError(
                 f"concepts[{i}].repeats", cp.passes,

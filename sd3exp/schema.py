@@ -64,9 +64,9 @@ class LoraConfig:
 class DatasetConfig:
     """Settings shared by every concept's dataset entry."""
 
-    resolution: int = 1024
+    resolution: Any = 1024  # a number: pixels (pixel, pixel_area) or megapixels (area); checked by validate
     resolution_type: str = "pixel_area"
-    minimum_image_size: Optional[int] = None
+    minimum_image_size: Any = None  # null or a number in the same unit as resolution
     crop: bool = False
     crop_style: str = "center"
     crop_aspect: str = "square"

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, List
+from typing import Any, Callable, List
 
+from sd3exp.buckets import MAX_MINIMUM_MEGAPIXELS, minimum_megapixels
 from sd3exp.errors import ConfigError
+from sd3exp.plan import bucket_rule
 from sd3exp.schedule import SCHEDULES
 from sd3exp.schema import ExperimentConfig
 
@@ -77,10 +79,33 @@ def check_model(cfg: ExperimentConfig) -> None:
         if cfg.lora.rank < 1:
             raise ConfigError("lora.rank", cfg.lora.rank, "must be >= 1", "e.g. lora.rank=16")
         _positive("lora.alpha", cfg.lora.alpha, "e.g. lora.alpha equal to the rank")
-    _choice("dataset.resolution_type", cfg.dataset.resolution_type, ("pixel", "area", "pixel_area"))
-    _positive("dataset.resolution", cfg.dataset.resolution, "e.g. 1024 (pixel_area) or 1.0 (area, megapixels)")
+    check_resolution(cfg)
     _choice("trainer.config_backend", cfg.trainer.config_backend, ("env", "json"))
     _choice("stage", cfg.stage, STAGES)
+
+
+def _size(field: str, value: Any, resolution_type: str) -> None:
+    """A number > 0; whole pixels unless resolution_type is area (megapixels)."""
+    fix = "e.g. 0.5 (megapixels)" if resolution_type == "area" else "e.g. 1024 (pixels)"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(field, value, "not a number", fix)
+    _positive(field, value, fix)
+    if resolution_type != "area" and value != int(value):
+        raise ConfigError(field, value, f"resolution_type {resolution_type} counts whole pixels", fix)
+
+
+def check_resolution(cfg: ExperimentConfig) -> None:
+    ds = cfg.dataset
+    _choice("dataset.resolution_type", ds.resolution_type, ("pixel", "area", "pixel_area"))
+    _size("dataset.resolution", ds.resolution, ds.resolution_type)
+    if ds.minimum_image_size is None:
+        return
+    _size("dataset.minimum_image_size", ds.minimum_image_size, ds.resolution_type)
+    megapixels = minimum_megapixels(bucket_rule(cfg))
+    if ds.resolution_type != "pixel" and megapixels > MAX_MINIMUM_MEGAPIXELS:
+        raise ConfigError("dataset.minimum_image_size", ds.minimum_image_size,
+                          f"SimpleTuner refuses an area minimum above {MAX_MINIMUM_MEGAPIXELS} megapixels "
+                          f"(this is {megapixels:g})", "at most 2236 with pixel_area, 5 with area (megapixels)")
 
 
 def check_concepts(cfg: ExperimentConfig) -> None:

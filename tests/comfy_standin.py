@@ -259,14 +259,12 @@ class StandIn:
     def _execute(self, item: Item) -> None:
         cid, pid = item.client_id, item.prompt_id
         self.emit(cid, "status", {"status": {"exec_info": {"queue_remaining": len(self.pending) + 1}}})
-        self.emit(cid, "execution_start", {"prompt_id": pid, "timestamp": _ms()})
+        messages: list[Any] = [["execution_start", {"prompt_id": pid, "timestamp": _ms()}]]
+        self.emit(cid, *messages[0])
         signatures = _signatures(item.graph)
         cached = [n for n in _order(item.graph) if signatures[n] in self.cache]
-        self.emit(cid, "execution_cached", {"nodes": cached, "prompt_id": pid, "timestamp": _ms()})
-        messages: list[Any] = [
-            ["execution_start", {"prompt_id": pid}],
-            ["execution_cached", {"nodes": cached, "prompt_id": pid}],
-        ]
+        messages.append(["execution_cached", {"nodes": cached, "prompt_id": pid, "timestamp": _ms()}])
+        self.emit(cid, *messages[1])
         outputs: dict[str, Any] = {}
         failure = None
         for node_id in _order(item.graph):
@@ -281,8 +279,8 @@ class StandIn:
             messages.append(failure)
             outputs = {}
         else:
-            self.emit(cid, "execution_success", {"prompt_id": pid, "timestamp": _ms()})
-            messages.append(["execution_success", {"prompt_id": pid}])
+            messages.append(["execution_success", {"prompt_id": pid, "timestamp": _ms()}])
+            self.emit(cid, *messages[-1])
             time.sleep(self.history_lag_s)
         self._task_done(item, outputs, messages, failure is None)
 
@@ -301,17 +299,18 @@ class StandIn:
 
     def _sample(self, item: Item, node_id: str) -> Optional[list[Any]]:
         cid, pid = item.client_id, item.prompt_id
-        base = {"prompt_id": pid, "node_id": node_id, "node_type": "KSampler", "executed": [], "timestamp": _ms()}
+        base = {"prompt_id": pid, "node_id": node_id, "node_type": "KSampler", "executed": []}
         for step in range(1, 4):
             if self._sleep(self.delay_s / 3):
-                self.emit(cid, "execution_interrupted", base)
-                return ["execution_interrupted", base]
+                stopped = {**base, "timestamp": _ms()}
+                self.emit(cid, "execution_interrupted", stopped)
+                return ["execution_interrupted", stopped]
             self.emit(cid, "progress", {"value": step, "max": 3, "prompt_id": pid, "node": node_id})
             self.emit_preview(cid, _png(8, (step * 60, 0, 0), {}))
         message = self.error_if(item.graph)
         if message is None:
             return None
-        data = {**base, "exception_message": message, "exception_type": "RuntimeError", "traceback": ["..."],
+        data = {**base, "timestamp": _ms(), "exception_message": message, "exception_type": "RuntimeError", "traceback": ["..."],
                 "current_inputs": {}, "current_outputs": {}}
         self.emit(cid, "execution_error", data)
         return ["execution_error", data]

@@ -30,6 +30,7 @@ from sd3exp.evaluate.comfyui import (
     parse_history,
     plan_cells,
     prompt_rejection,
+    render_seconds,
     run_sweep,
 )
 from sd3exp.evaluate.links import comfy_name
@@ -55,7 +56,7 @@ def server(tmp_path: Path):
 
 
 def sweep(url: str, checkpoints: Sequence[Checkpoint], workflow: dict = WORKFLOW, **kwargs: Any) -> list[Cell]:
-    spec_keys = {"seeds", "sampling", "nodes", "sweep_id", "prompts"}
+    spec_keys = {"seeds", "sampling", "nodes", "sweep_id", "prompts", "include_base"}
     spec_args = {"prompts": PROMPTS, **{k: kwargs.pop(k) for k in list(kwargs) if k in spec_keys}}
     names = {c.label: comfy_name(c, RUN, "symlink", "/out") for c in checkpoints}
     spec = SweepSpec(workflow, checkpoints, names, **spec_args)
@@ -87,6 +88,20 @@ def test_sweep_three_checkpoints_two_prompts_one_failing_cell(server: StandIn) -
         graph = embedded_graph(cell.images[0])
         assert is_cell(graph, cell.label, cell.prompt) and graph["6"]["inputs"]["seed"] == 7
     assert len({f for c in ok for f in c.files}) == 5
+
+
+def test_cell_seconds_are_the_servers_render_time_not_the_wait(server: StandIn) -> None:
+    server.delay_s, server.history_lag_s = 0.05, 0.6
+    cells = sweep(server.url, ckpts(steps=(100, 200)))
+    assert all(c.status == "ok" and 0.04 <= c.seconds < 0.5 for c in cells), [c.seconds for c in cells]
+
+
+def test_render_seconds_reads_the_status_message_stamps() -> None:
+    start = ["execution_start", {"prompt_id": "p", "timestamp": 1_000}]
+    assert render_seconds([start, ["execution_success", {"prompt_id": "p", "timestamp": 3_500}]]) == 2.5
+    assert render_seconds([start, ["execution_error", {"node_id": "6", "timestamp": 1_250}]]) == 0.25
+    assert render_seconds([start, ["execution_success", {"prompt_id": "p"}]]) is None
+    assert render_seconds([]) is None
 
 
 def test_missing_model_name_fails_before_anything_is_queued(server: StandIn) -> None:
@@ -149,6 +164,30 @@ def test_lora_checkpoints_patch_lora_name_and_keep_the_base_model(server: StandI
         graph = embedded_graph(cell.images[0])
         assert graph["10"]["inputs"]["lora_name"] == f"{RUN}/{cell.label}.safetensors"
         assert graph["1"]["inputs"]["unet_name"] == "sd3_medium.safetensors"
+
+
+def test_base_column_renders_the_lora_workflow_without_its_lora(server: StandIn) -> None:
+    loras = ckpts("lora", (100,))
+    server.lora_names = names_for(loras)
+    cells = sweep(server.url, loras, LORA_WORKFLOW, prompts=PROMPTS[:1], include_base=True)
+    assert [(c.label, c.step, c.status) for c in cells] == [("base", None, "ok"), ("checkpoint-100", 100, "ok")]
+    base, trained = (embedded_graph(c.images[0]) for c in cells)
+    assert "10" not in base and base["6"]["inputs"]["model"] == ["1", 0]
+    assert base["1"]["inputs"]["unet_name"] == "sd3_medium.safetensors" and "10" in trained
+
+
+def test_base_column_of_a_full_finetune_keeps_the_workflows_unet(server: StandIn) -> None:
+    workflow = {**WORKFLOW, "1": LORA_WORKFLOW["1"]}
+    cells = sweep(server.url, ckpts(steps=(100,)), workflow, prompts=PROMPTS[:1], include_base=True)
+    unets = [node_value(embedded_graph(c.images[0]), "UNETLoader", "unet_name") for c in cells]
+    assert unets == ["sd3_medium.safetensors", f"{RUN}/checkpoint-100.safetensors"]
+
+
+def test_a_base_model_comfyui_lacks_is_refused_before_queueing(server: StandIn) -> None:
+    with pytest.raises(EvalError) as err:
+        sweep(server.url, ckpts(), include_base=True)
+    assert "sd3_medium_transformer.safetensors" in str(err.value) and "eval.workflow_inputs" in str(err.value)
+    assert server.queued == []
 
 
 def test_object_info_combo_shape(server: StandIn) -> None:

@@ -22,7 +22,7 @@ def fake_lora_run(run: Path, steps=(2, 4, 6)) -> None:
     (training / ".sd3exp-run").write_text(f"{run.resolve()}\n")
 
 
-def test_comfyui_sweep_with_a_failing_cell(tmp_path):
+def test_comfyui_sweep_with_a_base_column_and_a_failing_cell(tmp_path):
     run, models = tmp_path / "run", tmp_path / "comfy-models"
     fake_lora_run(run)
     fail = lambda g: "CUDA out of memory" if ("checkpoint-4." in json.dumps(g) and PROMPTS[1] in json.dumps(g)) else None
@@ -31,17 +31,18 @@ def test_comfyui_sweep_with_a_failing_cell(tmp_path):
         out = run_cli("experiment=demo", "stage=eval", "demo=false", "concepts.0.num_images=16",
                       f"hydra.run.dir={run}", "eval.backend=comfyui", f"eval.url={server.url}",
                       f"eval.models_dir={models}", "eval.include_final=false", f"eval.prompts={json.dumps(PROMPTS)}",
-                      "+eval.workflow_inputs.7.vae_name=my_sd3_vae.safetensors")
+                      "+eval.workflow_inputs.7.vae_name=my_sd3_vae.safetensors", "eval.include_base=true")
     assert out.returncode == 3, out.stdout[-2000:] + out.stderr[-2000:]
-    assert "1 of 6 cells failed" in out.stderr and "CUDA out of memory" in out.stderr
+    assert "1 of 8 cells failed" in out.stderr and "CUDA out of memory" in out.stderr
     assert (models / "loras" / "run" / "checkpoint-4.safetensors").resolve() == \
         (run / "training" / "checkpoint-4" / "pytorch_lora_weights.safetensors").resolve()
     cells = json.loads((run / "eval" / "cells.json").read_text())
     cells = cells["cells"] if isinstance(cells, dict) else cells
-    assert [c["status"] for c in cells].count("ok") == 5
+    assert [c["status"] for c in cells].count("ok") == 7
+    assert list(dict.fromkeys(c["label"] for c in cells)) == ["base", "checkpoint-2", "checkpoint-4", "checkpoint-6"]
     assert [c["label"] for c in cells if c["status"] != "ok"] == ["checkpoint-4"]
     grid = Image.open(run / "eval" / "grid.png")
-    assert grid.width > grid.height  # 3 checkpoint columns, 2 prompt rows
-    assert (run / "eval" / "report.html").is_file()
+    assert grid.width > grid.height  # base + 3 checkpoint columns, 2 prompt rows
+    assert "base model" in (run / "eval" / "report.html").read_text()
     saved = json.loads(Image.open(next((run / "eval" / "images").glob("*.png"))).text["prompt"])
     assert saved["7"]["inputs"]["vae_name"] == "my_sd3_vae.safetensors"

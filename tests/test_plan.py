@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from sd3exp.buckets import BucketRule, bucket_of
 from sd3exp.errors import ConfigError
 from sd3exp.plan import checkpoint_steps, make_plan
+from sd3exp.validate import validate
 from tests.conftest import compose_experiment
 
 
@@ -48,6 +49,35 @@ def test_zero_usable_batches_is_an_error_naming_repeats():
     with pytest.raises(ConfigError) as err:
         make_plan(cfg, {"shapes": [(64, 64)] * 3})
     assert "concepts[0].repeats" in str(err.value)
+
+
+def test_area_resolution_is_megapixels_and_its_minimum_keeps_wide_images():
+    cfg = compose_experiment("demo", ["dataset.resolution_type=area", "dataset.resolution=0.25",
+                                      "dataset.minimum_image_size=0.5", "training.batch_size=1"])
+    validate(cfg)
+    plan = make_plan(cfg, {"shapes": [(1500, 400), (600, 800), (700, 700)]})  # 0.6, 0.48, 0.49 MP
+    assert (plan.concepts[0].images, plan.concepts[0].skipped_images, plan.steps_per_epoch) == (3, 2, 1)
+
+
+@pytest.mark.parametrize("overrides, field, words", [
+    (["dataset.resolution=64.5"], "dataset.resolution", "whole pixels"),
+    (["dataset.resolution=abc"], "dataset.resolution", "not a number"),
+    (["dataset.resolution_type=pixel_area", "dataset.minimum_image_size=2300"], "dataset.minimum_image_size",
+     "5 megapixels"),
+    (["dataset.resolution_type=area", "dataset.resolution=1.0", "dataset.minimum_image_size=6"],
+     "dataset.minimum_image_size", "5 megapixels"),
+])
+def test_resolution_settings_simpletuner_would_refuse(overrides, field, words):
+    with pytest.raises(ConfigError) as err:
+        validate(compose_experiment("demo", overrides))
+    assert str(err.value).startswith(f"{field}=") and words in str(err.value)
+
+
+def test_a_minimum_above_every_image_names_the_minimum():
+    cfg = compose_experiment("demo", ["dataset.minimum_image_size=512"])
+    with pytest.raises(ConfigError) as err:
+        make_plan(cfg, {"shapes": [(64, 64)] * 8})
+    assert str(err.value).startswith("dataset.minimum_image_size=512") and "all 8 images" in str(err.value)
 
 
 def test_gradient_accumulation_divides_batches():

@@ -11,13 +11,13 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+from sd3exp.evaluate.checkpoints import BASE_LABEL
 from sd3exp.evaluate.comfyui import Cell
 from sd3exp.io import read_json, write_bytes, write_json
 
 __all__ = ["BASE_LABEL", "Cell", "IMAGE_NAME", "cell_image", "column_title", "image_name", "read_cells_json",
            "store_images", "write_cells_json"]
 
-BASE_LABEL = "base"
 IMAGE_NAME = "{label}_p{prompt_index}_s{seed}{suffix}.png"  # also handed to the diffusers worker
 
 

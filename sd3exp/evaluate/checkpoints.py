@@ -17,7 +17,8 @@ from typing import Literal, Optional, Sequence
 
 from sd3exp.errors import EvalError
 
-Kind = Literal["full", "lora"]
+Kind = Literal["full", "lora", "base"]  # base: the workflow's own model, untrained
+BASE_LABEL = "base"
 FULL_FILE = Path("transformer/diffusion_pytorch_model.safetensors")
 LORA_FILE = Path("pytorch_lora_weights.safetensors")
 FINAL_LABEL = "final"

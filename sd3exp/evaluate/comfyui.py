@@ -26,12 +26,13 @@ import websocket
 from tqdm import tqdm
 
 from sd3exp.errors import EvalError
-from sd3exp.evaluate.checkpoints import Checkpoint
+from sd3exp.evaluate.checkpoints import BASE_LABEL, Checkpoint
 
 Graph = dict[str, dict[str, Any]]
 log = logging.getLogger(__name__)
 # kind -> (loader class_type, model input, eval.nodes key)
-LOADERS = {"full": ("UNETLoader", "unet_name", "unet"), "lora": ("LoraLoaderModelOnly", "lora_name", "lora")}
+LOADERS = {"full": ("UNETLoader", "unet_name", "unet"), "lora": ("LoraLoaderModelOnly", "lora_name", "lora"),
+           "base": ("UNETLoader", "unet_name", "unet")}  # base keeps the workflow's own unet_name
 SAFETY_POLL_S = 10.0  # poll /queue this often even while the websocket is up
 
 
@@ -125,6 +126,22 @@ def find_nodes(graph: Graph, kind: str, overrides: Optional[Mapping[str, str]] =
         negative=_linked(graph, sampler, "negative", "CLIPTextEncode", overrides),
         latent=_linked(graph, sampler, "latent_image", "EmptySD3LatentImage", overrides),
     )
+
+
+def without_node(graph: Graph, node_id: str, through: str) -> Graph:
+    """A copy of the graph without `node_id`: whatever used its output takes its `through` input."""
+    source = graph[node_id]["inputs"][through]
+    out = {k: copy.deepcopy(v) for k, v in graph.items() if k != node_id}
+    for node in out.values():
+        for key, value in node["inputs"].items():
+            if isinstance(value, list) and value and str(value[0]) == node_id:
+                node["inputs"][key] = copy.deepcopy(source)
+    return out
+
+
+def base_workflow(graph: Graph, lora_node: Optional[str]) -> Graph:
+    """The workflow rendering its own base model: a LoRA loader is bypassed."""
+    return without_node(graph, lora_node, "model") if lora_node else copy.deepcopy(graph)
 
 
 @dataclass(frozen=True)
@@ -250,6 +267,7 @@ class Outcome:
     ok: bool
     images: tuple[ImageRef, ...] = ()
     error: str = ""
+    seconds: Optional[float] = None  # on the server, when its messages carry timestamps
 
 
 def node_errors_text(node_errors: Mapping[str, Any]) -> str:
@@ -286,16 +304,27 @@ def _history_error(messages: Sequence[Any]) -> str:
     return "ComfyUI reported an error without details"
 
 
+def render_seconds(messages: Sequence[Any]) -> Optional[float]:
+    """Server time from execution_start to the event that ended the prompt (ComfyUI stamps
+    each status message in ms); None when a stamp is missing."""
+    stamps = {event: data.get("timestamp") for event, data in messages if isinstance(data, dict)}
+    ends = [stamps.get(e) for e in ("execution_success", "execution_error", "execution_interrupted")]
+    start, end = stamps.get("execution_start"), next((t for t in ends if t is not None), None)
+    return None if start is None or end is None else max(0.0, (end - start) / 1000)
+
+
 def parse_history(entry: Mapping[str, Any], save_node: str) -> Outcome:
     """Outcome of one /history/<id> entry; images are those of the SaveImage node."""
     status = entry.get("status") or {}
+    messages = status.get("messages", [])
+    seconds = render_seconds(messages)
     if status.get("status_str", "success") != "success":
-        return Outcome(False, error=_history_error(status.get("messages", [])))
+        return Outcome(False, error=_history_error(messages), seconds=seconds)
     images = (entry.get("outputs") or {}).get(save_node, {}).get("images", [])
     if not images:
-        return Outcome(False, error=f"finished without images from SaveImage node {save_node}")
+        return Outcome(False, error=f"finished without images from SaveImage node {save_node}", seconds=seconds)
     refs = tuple(ImageRef(i["filename"], i.get("subfolder", ""), i.get("type", "output")) for i in images)
-    return Outcome(True, refs)
+    return Outcome(True, refs, seconds=seconds)
 
 
 def finished_prompt(message: str | bytes) -> Optional[str]:
@@ -485,6 +514,7 @@ class SweepSpec:
     sampling: Sampling = Sampling()
     nodes: Mapping[str, str] = field(default_factory=dict)  # eval.nodes overrides
     sweep_id: str = field(default_factory=new_sweep_id)
+    include_base: bool = False  # a first column from the workflow's own model (LoRA loader bypassed)
 
 
 def resolve_names(
@@ -506,16 +536,39 @@ class _Sweep:
     def __init__(self, client: ComfyClient, spec: SweepSpec, save_dir: Optional[Path]) -> None:
         self.client, self.spec, self.save_dir = client, spec, save_dir
         self.nodes = {k: find_nodes(spec.workflow, k, spec.nodes) for k in {c.kind for c in spec.checkpoints}}
-        self.cells = plan_cells(spec.checkpoints, spec.prompts, spec.seeds)
+        self.graphs = {k: spec.workflow for k in self.nodes}
+        checkpoints = list(spec.checkpoints)
+        if spec.include_base:
+            lora = self.nodes["lora"].loader if "lora" in self.nodes else None
+            self.graphs["base"] = base_workflow(spec.workflow, lora)
+            self.nodes["base"] = find_nodes(self.graphs["base"], "base", spec.nodes)
+            checkpoints.insert(0, Checkpoint(None, BASE_LABEL, "base", Path()))
+        self.cells = plan_cells(checkpoints, spec.prompts, spec.seeds)
         self.results: dict[int, Cell] = {}
         self.queued: dict[str, int] = {}  # prompt_id -> cell index, until settled
         self.last_done = time.monotonic()
 
     def graph(self, index: int, names: Mapping[str, str]) -> Graph:
         cell = self.cells[index]
-        nodes = self.nodes[cell.checkpoint.kind]
+        kind = cell.checkpoint.kind
         prefix = filename_prefix(self.spec.sweep_id, cell)
-        return patch_graph(self.spec.workflow, nodes, cell, names[cell.checkpoint.label], prefix, self.spec.sampling)
+        return patch_graph(self.graphs[kind], self.nodes[kind], cell, names[cell.checkpoint.label], prefix,
+                           self.spec.sampling)
+
+    def base_name(self) -> dict[str, str]:
+        """{"base": the server's spelling of the workflow's own unet_name}, when the base is rendered."""
+        if "base" not in self.nodes:
+            return {}
+        loader = self.nodes["base"].loader
+        name = str(self.graphs["base"][loader]["inputs"].get("unet_name"))
+        available = self.client.model_names("base")
+        by_norm = {_norm(n): n for n in available}
+        if _norm(name) in by_norm:
+            return {BASE_LABEL: by_norm[_norm(name)]}
+        raise EvalError(
+            f"eval.include_base: the workflow's base model {name!r} (node {loader} unet_name) is not one of "
+            f"ComfyUI's {len(available)} diffusion models; closest: {closest(name, available)[:5]}. Fix: set "
+            f"eval.workflow_inputs='{{{loader}: {{unet_name: <one of those>}}}}', or eval.include_base=false")
 
     def queue_all(self, names: Mapping[str, str]) -> None:
         graphs = [self.graph(i, names) for i in range(len(self.cells))]  # all patch errors before queueing
@@ -543,7 +596,8 @@ class _Sweep:
             else Outcome(False, error="ComfyUI lost the prompt: in neither /queue nor /history (restarted?)")
         )
         now = time.monotonic()
-        cell = _cell(spec, prompt_id=prompt_id, seconds=now - self.last_done, error=outcome.error)
+        seconds = outcome.seconds if outcome.seconds is not None else now - self.last_done
+        cell = _cell(spec, prompt_id=prompt_id, seconds=seconds, error=outcome.error)
         self.last_done = now
         if outcome.ok:
             self.download(cell, outcome.images)
@@ -607,7 +661,7 @@ def run_sweep(
     """
     deadline = time.monotonic() + timeout_s
     sweep = _Sweep(client, spec, save_dir)  # workflow problems surface before any request
-    names = resolve_names(client, spec.checkpoints, spec.model_names)
+    names = resolve_names(client, spec.checkpoints, spec.model_names) | sweep.base_name()
     if save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
     with tqdm(total=len(sweep.cells), unit="cell", desc="comfyui", disable=not progress) as sweep.bar:

@@ -71,9 +71,6 @@ def render_comfyui(cfg: ExperimentConfig, checkpoints: List[Checkpoint], run_dir
     from sd3exp.evaluate import comfyui, links
 
     ev = cfg.eval
-    if ev.include_base:
-        raise EvalError("eval.include_base=true is supported by the diffusers backend only; with ComfyUI, "
-                        "render the base model by adding it as a checkpoint of its own, or set include_base=false")
     if not ev.url or not ev.workflow:
         raise EvalError("eval.backend=comfyui needs eval.url (e.g. http://127.0.0.1:8188) and eval.workflow "
                         "(an API-format workflow; conf/workflows/sd3_api.json is the default)")
@@ -90,7 +87,7 @@ def render_comfyui(cfg: ExperimentConfig, checkpoints: List[Checkpoint], run_dir
     workflow = with_inputs(comfyui.load_workflow(ev.workflow), ev.workflow_inputs)
     spec = comfyui.SweepSpec(workflow, checkpoints,
                              {c.label: links.comfy_name(c, name, mode, training) for c in checkpoints},
-                             ev.prompts, ev.seeds, sampling_of(ev), dict(ev.nodes))
+                             ev.prompts, ev.seeds, sampling_of(ev), dict(ev.nodes), include_base=ev.include_base)
     result = comfyui.run_sweep(comfyui.ComfyClient(ev.url), spec, timeout_s=ev.timeout_s)
     return cellio.store_images(result, run_dir / "eval" / "images")
 
