@@ -139,7 +139,8 @@ def follow(stream, log, bar: tqdm, progress: Progress) -> None:
             if progress.total != bar.total:
                 bar.total = progress.total
             bar.update(progress.step - bar.n)
-            bar.set_postfix(loss=progress.loss, lr=progress.lr, refresh=False)
+            values = {"loss": progress.loss, "lr": progress.lr}
+            bar.set_postfix({k: v for k, v in values.items() if v is not None}, refresh=False)
         elif progress.step == start and time.monotonic() - shown > STATUS_EVERY_S:
             bar.set_postfix_str(status_text(line))
             shown = time.monotonic()

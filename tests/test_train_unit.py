@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
+from tqdm import tqdm
+
 from sd3exp.runfolder import UNFINISHED, checkpoint_dirs, set_aside_unfinished
-from sd3exp.train import Progress, TrainResult, report, status_text
+from sd3exp.train import Progress, TrainResult, follow, report, status_text
 
 # Lines as SimpleTuner 4.10.1 prints them (tqdm, \r-separated, wrapped in colour resets).
 FIRST = "\x1b[0mEpoch 1/1 Steps:   0%|          | 0/4 [00:00<?, ?it/s]"
@@ -69,3 +72,13 @@ def test_without_a_guard_convention_nothing_is_moved(tmp_path):
     _checkpoint(training, 2, False)
     assert set_aside_unfinished(training, None) == []
     assert list(checkpoint_dirs(training)) == [2]
+
+
+def test_the_bar_follows_the_trainer_and_shows_only_known_values():
+    out = io.StringIO()
+    stream = io.BufferedReader(io.BytesIO("\r".join([FIRST, RESUMED.replace("4/5", "1/4"), LATER]).encode()))
+    log = io.BytesIO()
+    with tqdm(total=4, file=out, mininterval=0) as bar:
+        follow(stream, log, bar, Progress())
+        assert (bar.n, bar.postfix) == (2, "loss=4.12, lr=0.0001")
+    assert "None" not in out.getvalue() and log.getvalue().endswith(LATER.encode())
