@@ -1,9 +1,10 @@
-"""Latency from the last image being ready on the server to having all images.
+"""Latency from the last image being ready on the server to the grid being written.
 
 sd3exp's sweep (websocket `executing` + /history + /view) versus the source
 write-up's approach (queue everything, then look at ComfyUI's output folder
 every 5 s until the expected number of PNGs is there), both against the test
-stand-in server. Run: `.venv/bin/python benchmarks/bench_comfy_latency.py`.
+stand-in server; both then write the grid with the same grid writer, so the
+difference is the waiting. Run: `.venv/bin/python benchmarks/bench_comfy_latency.py`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ sys.path.insert(0, str(ROOT))  # tests.comfy_standin is not part of the package
 
 from sd3exp.evaluate.checkpoints import Checkpoint  # noqa: E402
 from sd3exp.evaluate.comfyui import (  # noqa: E402
+    Cell,
     ComfyClient,
     SweepSpec,
     find_nodes,
@@ -29,6 +31,7 @@ from sd3exp.evaluate.comfyui import (  # noqa: E402
     plan_cells,
     run_sweep,
 )
+from sd3exp.evaluate.grid import write_grids  # noqa: E402
 from tests.comfy_standin import StandIn  # noqa: E402
 
 WORKFLOW = load_workflow(ROOT / "conf/workflows/sd3_api.json")
@@ -44,16 +47,16 @@ def names(ckpts: list[Checkpoint]) -> dict[str, str]:
     return {c.label: f"run/{c.label}.safetensors" for c in ckpts}
 
 
-def ours(server: StandIn, ckpts: list[Checkpoint]) -> float:
-    """Seconds between the last image being written and run_sweep returning every image."""
+def ours(server: StandIn, ckpts: list[Checkpoint], grid_dir: Path) -> float:
+    """Seconds between the last image being written and the grid of every image being on disk."""
     cells = run_sweep(ComfyClient(server.url), SweepSpec(WORKFLOW, ckpts, names(ckpts), PROMPTS), progress=False)
-    done = time.monotonic()
     assert all(c.status == "ok" for c in cells), [c.error for c in cells]
-    return done - max(server.ready_at.values())
+    write_grids(cells, grid_dir)
+    return time.monotonic() - max(server.ready_at.values())
 
 
-def source(server: StandIn, ckpts: list[Checkpoint]) -> float:
-    """The write-up's loop: POST every prompt, then count PNGs in the output folder every 5 s."""
+def source(server: StandIn, ckpts: list[Checkpoint], grid_dir: Path) -> float:
+    """The write-up's loop: POST every prompt, count PNGs in the output folder every 5 s, then paste them."""
     client, sweep_id = ComfyClient(server.url), new_sweep_id()
     nodes = find_nodes(WORKFLOW, "full")
     for cell in plan_cells(ckpts, PROMPTS, [0]):
@@ -63,14 +66,18 @@ def source(server: StandIn, ckpts: list[Checkpoint]) -> float:
     folder, expected = server.output_dir / sweep_id, len(ckpts) * len(PROMPTS)
     while len(list(folder.glob("*.png"))) < expected:
         time.sleep(SOURCE_POLL_S)
+    cells = [Cell(c.checkpoint.label, c.checkpoint.step, c.prompt_index, c.prompt, c.seed, "ok",
+                  paths=sorted(folder.glob(f"{c.checkpoint.label}_p{c.prompt_index}_*.png")))
+             for c in plan_cells(ckpts, PROMPTS, [0])]
+    write_grids(cells, grid_dir)
     return time.monotonic() - max(server.ready_at.values())
 
 
 def trial(approach, delay_s: float, n_checkpoints: int) -> float:
     with tempfile.TemporaryDirectory() as out:
         ckpts = checkpoints(n_checkpoints)
-        with StandIn(Path(out), unet_names=list(names(ckpts).values()), delay_s=delay_s) as server:
-            return approach(server, ckpts)
+        with StandIn(Path(out) / "comfy", unet_names=list(names(ckpts).values()), delay_s=delay_s) as server:
+            return approach(server, ckpts, Path(out) / "grid")
 
 
 def main() -> None:
