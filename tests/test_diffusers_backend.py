@@ -148,3 +148,19 @@ def test_end_to_end_on_the_tiny_model(tiny_run):
     write_cells_json(cells, run / "eval" / "cells.json")
     report = write_report(run, cells, grids)
     assert "SafetensorError" in report.read_text() and grids == [run / "eval" / "grid.png"]
+
+
+@pytest.mark.trainer
+@pytest.mark.slow
+@needs_trainer
+def test_skipped_cells_are_left_out(tiny_run):
+    """What eval reuses from the last evaluation is not rendered again."""
+    found = discover(tiny_run / "training", include_final=False).checkpoints[:2]
+    images = tiny_run / "skip" / "images"
+    skip = {("base", 0, 7), ("base", 1, 7), ("checkpoint-100", 1, 7)}
+    cells = backend.render(tiny_run / "tiny", found, PROMPTS, [7], images, trainer_python(), SAMPLING,
+                           include_base=True, timeout_s=600, progress=False, skip=skip)
+    assert [(c.label, c.prompt_index, c.status) for c in cells] == [
+        ("checkpoint-100", 0, "ok"), ("checkpoint-200", 0, "ok"), ("checkpoint-200", 1, "ok")]
+    assert sorted(p.name for p in images.iterdir()) == ["checkpoint-100_p0_s7.png", "checkpoint-200_p0_s7.png",
+                                                        "checkpoint-200_p1_s7.png"]

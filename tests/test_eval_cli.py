@@ -46,3 +46,29 @@ def test_comfyui_sweep_with_a_base_column_and_a_failing_cell(tmp_path):
     assert "base model" in (run / "eval" / "report.html").read_text()
     saved = json.loads(Image.open(next((run / "eval" / "images").glob("*.png"))).text["prompt"])
     assert saved["7"]["inputs"]["vae_name"] == "my_sd3_vae.safetensors"
+
+
+def test_a_second_evaluation_renders_only_what_changed(tmp_path):
+    run, models = tmp_path / "run", tmp_path / "comfy-models"
+    fake_lora_run(run)
+    fail = lambda g: "CUDA out of memory" if ("checkpoint-4." in json.dumps(g) and PROMPTS[1] in json.dumps(g)) else None
+    common = ["experiment=demo", "stage=eval", "demo=false", "concepts.0.num_images=16", f"hydra.run.dir={run}",
+              "eval.backend=comfyui", f"eval.models_dir={models}", "eval.include_final=false", "eval.include_base=true"]
+    with StandIn(tmp_path / "comfy-out", unet_names=["sd3_medium_transformer.safetensors"],
+                 lora_names=[f"run/checkpoint-{s}.safetensors" for s in (2, 4, 6)], error_if=fail) as server:
+        first = run_cli(*common, f"eval.url={server.url}", f"eval.prompts={json.dumps(PROMPTS)}")
+        assert first.returncode == 3 and len(server.queued) == 8, first.stderr[-2000:]
+        before = {p.name: p.read_bytes() for p in (run / "eval" / "images").iterdir()}
+        server.error_if = lambda g: None
+        more = ["k4s4, green triangle", *PROMPTS]  # a new prompt, first: the old ones move to rows 1 and 2
+        second = run_cli(*common, f"eval.url={server.url}", f"eval.prompts={json.dumps(more)}")
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    assert len(server.queued) == 8 + 4 + 1  # the new row for 4 columns, and the cell that failed
+    assert "reused 7 unchanged cell(s)" in second.stdout
+    cells = json.loads((run / "eval" / "cells.json").read_text())
+    assert [(c["label"], c["prompt"], c["status"]) for c in cells] == [
+        (label, prompt, "ok") for label in ("base", "checkpoint-2", "checkpoint-4", "checkpoint-6") for prompt in more]
+    moved = {f"{label}_p{i + 1}_s0.png": f"{label}_p{i}_s0.png" for label in ("base", "checkpoint-2", "checkpoint-6")
+             for i in (0, 1)}
+    assert all((run / "eval" / "images" / new).read_bytes() == before[old] for new, old in moved.items())
+    assert sorted(before) == sorted(p.name for p in (run / "eval.previous-1" / "images").iterdir())

@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Sequence
+from typing import Any, Collection, Literal, Mapping, Optional, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
@@ -139,9 +139,12 @@ def without_node(graph: Graph, node_id: str, through: str) -> Graph:
     return out
 
 
-def base_workflow(graph: Graph, lora_node: Optional[str]) -> Graph:
-    """The workflow rendering its own base model: a LoRA loader is bypassed."""
-    return without_node(graph, lora_node, "model") if lora_node else copy.deepcopy(graph)
+def base_workflow(graph: Graph, overrides: Mapping[str, str]) -> Graph:
+    """The workflow rendering its own base model: a LoRA loader, if it has one, is bypassed."""
+    class_type, _, role = LOADERS["lora"]
+    if role not in overrides and all(n["class_type"] != class_type for n in graph.values()):
+        return copy.deepcopy(graph)
+    return without_node(graph, _only(graph, class_type, role, overrides), "model")
 
 
 @dataclass(frozen=True)
@@ -515,6 +518,7 @@ class SweepSpec:
     nodes: Mapping[str, str] = field(default_factory=dict)  # eval.nodes overrides
     sweep_id: str = field(default_factory=new_sweep_id)
     include_base: bool = False  # a first column from the workflow's own model (LoRA loader bypassed)
+    skip: Collection[tuple[str, int, int]] = ()  # (label, prompt index, seed) of cells not to render
 
 
 def resolve_names(
@@ -539,11 +543,12 @@ class _Sweep:
         self.graphs = {k: spec.workflow for k in self.nodes}
         checkpoints = list(spec.checkpoints)
         if spec.include_base:
-            lora = self.nodes["lora"].loader if "lora" in self.nodes else None
-            self.graphs["base"] = base_workflow(spec.workflow, lora)
+            self.graphs["base"] = base_workflow(spec.workflow, spec.nodes)
             self.nodes["base"] = find_nodes(self.graphs["base"], "base", spec.nodes)
             checkpoints.insert(0, Checkpoint(None, BASE_LABEL, "base", Path()))
-        self.cells = plan_cells(checkpoints, spec.prompts, spec.seeds)
+        skip = set(spec.skip)
+        self.cells = [c for c in plan_cells(checkpoints, spec.prompts, spec.seeds)
+                      if (c.checkpoint.label, c.prompt_index, c.seed) not in skip]
         self.results: dict[int, Cell] = {}
         self.queued: dict[str, int] = {}  # prompt_id -> cell index, until settled
         self.last_done = time.monotonic()
@@ -654,7 +659,7 @@ def run_sweep(
     poll_s: float = 0.5,
     progress: bool = True,
 ) -> list[Cell]:
-    """Render all cells; one Cell per checkpoint x prompt x seed, checkpoint-major.
+    """Render the cells; one Cell per checkpoint x prompt x seed not in spec.skip, checkpoint-major.
 
     Model names are checked against /object_info before anything is queued.
     Ctrl-C interrupts and deletes our queued prompts, then re-raises.

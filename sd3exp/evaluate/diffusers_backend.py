@@ -16,7 +16,7 @@ import subprocess
 import threading
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Collection, Optional, Sequence
 
 from tqdm import tqdm
 
@@ -40,9 +40,12 @@ def job_checkpoints(checkpoints: Sequence[Checkpoint], include_base: bool) -> li
 
 
 def make_job(base: Path, checkpoints: Sequence[Checkpoint], prompts: Sequence[str], seeds: Sequence[int],
-             out_dir: Path, sampling: Sampling = Sampling(), include_base: bool = False) -> dict[str, Any]:
-    """The worker's job; unset sampling values keep the pipeline's defaults."""
+             out_dir: Path, sampling: Sampling = Sampling(), include_base: bool = False,
+             skip: Collection[tuple[str, int, int]] = ()) -> dict[str, Any]:
+    """The worker's job; unset sampling values keep the pipeline's defaults; `skip` lists the
+    (label, prompt index, seed) cells not to render."""
     return {
+        "skip": sorted([list(cell) for cell in skip]),
         "base": str(Path(base).resolve()),
         "checkpoints": job_checkpoints(checkpoints, include_base),
         "prompts": list(prompts),
@@ -55,11 +58,13 @@ def make_job(base: Path, checkpoints: Sequence[Checkpoint], prompts: Sequence[st
 
 def planned_cells(job: dict[str, Any]) -> list[Cell]:
     """Every cell of the job, checkpoint-major, as an error cell until the worker reports it."""
+    skip = {tuple(cell) for cell in job["skip"]}
     return [
         Cell(c["label"], c["step"], i, prompt, seed, "error", error="not rendered: the worker did not report it")
         for c in job["checkpoints"]
         for i, prompt in enumerate(job["prompts"])
         for seed in job["seeds"]
+        if (c["label"], i, seed) not in skip
     ]
 
 
@@ -124,12 +129,13 @@ def run_worker(job: dict[str, Any], python: Path, job_path: Path, log_path: Path
 
 def render(base: Path | str, checkpoints: Sequence[Checkpoint], prompts: Sequence[str], seeds: Sequence[int],
            out_dir: Path | str, python: Path | str, sampling: Sampling = Sampling(), include_base: bool = False,
-           timeout_s: float = 3600.0, progress: bool = True) -> list[Cell]:
-    """Render checkpoints x prompts x seeds into `out_dir` (eval/images); one Cell each, checkpoint-major.
+           timeout_s: float = 3600.0, progress: bool = True, skip: Collection[tuple[str, int, int]] = ()) -> list[Cell]:
+    """Render checkpoints x prompts x seeds (less `skip`) into `out_dir` (eval/images); one Cell each,
+    checkpoint-major.
 
     The job file and the worker's log go next to `out_dir` (render-job.json, render.log).
     """
     out_dir = Path(out_dir)
-    job = make_job(Path(base), checkpoints, prompts, seeds, out_dir, sampling, include_base)
+    job = make_job(Path(base), checkpoints, prompts, seeds, out_dir, sampling, include_base, skip)
     return run_worker(job, Path(python), out_dir.parent / "render-job.json", out_dir.parent / "render.log",
                       timeout_s, progress)

@@ -1,21 +1,22 @@
-"""The eval and report stages: render every checkpoint, then the grid(s), cells.json and report.html."""
+"""The eval and report stages: render every checkpoint (reusing unchanged cells of the last
+evaluation), then the grid(s), cells.json and report.html."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, List, Mapping, Sequence
+from typing import Any, FrozenSet, List, Mapping, Optional, Sequence
 
 from sd3exp.errors import EvalError
 from sd3exp.evaluate import cells as cellio
-from sd3exp.evaluate.checkpoints import Checkpoint, discover
+from sd3exp.evaluate import reuse
+from sd3exp.evaluate.checkpoints import BASE_LABEL, Checkpoint, discover
 from sd3exp.evaluate.comfyui import Cell, Sampling
 from sd3exp.evaluate.grid import write_grids
 from sd3exp.evaluate.report import write_report
-from sd3exp.io import write_json
+from sd3exp.io import read_json, write_json
 from sd3exp.schema import EvalConfig, ExperimentConfig
 
 
@@ -29,13 +30,25 @@ def sampling_of(ev: EvalConfig) -> Sampling:
     return Sampling(ev.negative_prompt or None, ev.steps, ev.cfg, ev.width, ev.height)
 
 
-def request_key(ev: EvalConfig, checkpoints: Sequence[Checkpoint]) -> str:
-    """What was asked for: the same key means the earlier evaluation can be reused."""
-    data = {"backend": ev.backend, "prompts": ev.prompts, "seeds": ev.seeds, "sampling": asdict(sampling_of(ev)),
-            "include_base": ev.include_base,
-            "workflow": [ev.workflow, ev.workflow_inputs] if ev.backend == "comfyui" else None,
-            "checkpoints": [[c.label, str(c.path), c.path.stat().st_mtime_ns] for c in checkpoints]}
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+def render_settings(cfg: ExperimentConfig) -> str:
+    """Everything a cell's pixels depend on besides its checkpoint, prompt and seed."""
+    ev = cfg.eval
+    data: dict = {"backend": ev.backend, "sampling": asdict(sampling_of(ev))}
+    if ev.backend == "comfyui":
+        workflow = Path(ev.workflow)
+        data["workflow"] = [hashlib.sha256(workflow.read_bytes()).hexdigest() if workflow.is_file() else ev.workflow,
+                            ev.workflow_inputs, dict(ev.nodes)]
+    else:
+        data["base_model"] = str(Path(cfg.model.path).resolve())
+    return reuse.digest(data)
+
+
+def request_record(cfg: ExperimentConfig, checkpoints: Sequence[Checkpoint]) -> dict:
+    """What was asked for (request.json): the same key means the earlier evaluation stands as it is."""
+    ev = cfg.eval
+    record = {"settings": render_settings(cfg), "checkpoints": reuse.fingerprints(checkpoints, ev.include_base),
+              "prompts": list(ev.prompts), "seeds": list(ev.seeds)}
+    return {"key": reuse.digest(record), **record}
 
 
 def run_name(cfg: ExperimentConfig, run_dir: Path) -> str:
@@ -47,14 +60,14 @@ def run_name(cfg: ExperimentConfig, run_dir: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_.=,+-]", "_", rel)
 
 
-def render_diffusers(cfg: ExperimentConfig, checkpoints: List[Checkpoint], eval_dir: Path) -> List[Cell]:
+def render_diffusers(cfg: ExperimentConfig, job: RenderJob, run_dir: Path) -> List[Cell]:
     from sd3exp.evaluate.diffusers_backend import render
     from sd3exp.stages import trainer_for
 
     env = trainer_for(cfg)
     ev = cfg.eval
-    return render(cfg.model.path, checkpoints, ev.prompts, ev.seeds, eval_dir / "images", env.python,
-                  sampling_of(ev), ev.include_base, ev.timeout_s)
+    return render(cfg.model.path, job.checkpoints, ev.prompts, ev.seeds, run_dir / "eval" / "images", env.python,
+                  sampling_of(ev), job.include_base, ev.timeout_s, skip=job.skip)
 
 
 def with_inputs(graph: dict, inputs: Mapping[str, Any]) -> dict:
@@ -67,10 +80,10 @@ def with_inputs(graph: dict, inputs: Mapping[str, Any]) -> dict:
     return graph
 
 
-def render_comfyui(cfg: ExperimentConfig, checkpoints: List[Checkpoint], run_dir: Path) -> List[Cell]:
+def render_comfyui(cfg: ExperimentConfig, job: RenderJob, run_dir: Path) -> List[Cell]:
     from sd3exp.evaluate import comfyui, links
 
-    ev = cfg.eval
+    ev, checkpoints = cfg.eval, job.checkpoints
     if not ev.url or not ev.workflow:
         raise EvalError("eval.backend=comfyui needs eval.url (e.g. http://127.0.0.1:8188) and eval.workflow "
                         "(an API-format workflow; conf/workflows/sd3_api.json is the default)")
@@ -87,7 +100,8 @@ def render_comfyui(cfg: ExperimentConfig, checkpoints: List[Checkpoint], run_dir
     workflow = with_inputs(comfyui.load_workflow(ev.workflow), ev.workflow_inputs)
     spec = comfyui.SweepSpec(workflow, checkpoints,
                              {c.label: links.comfy_name(c, name, mode, training) for c in checkpoints},
-                             ev.prompts, ev.seeds, sampling_of(ev), dict(ev.nodes), include_base=ev.include_base)
+                             ev.prompts, ev.seeds, sampling_of(ev), dict(ev.nodes), include_base=job.include_base,
+                             skip=job.skip)
     result = comfyui.run_sweep(comfyui.ComfyClient(ev.url), spec, timeout_s=ev.timeout_s)
     return cellio.store_images(result, run_dir / "eval" / "images")
 
@@ -104,40 +118,68 @@ def checkpoints_to_render(cfg: ExperimentConfig) -> List[Checkpoint]:
     return found.checkpoints
 
 
-def archive_previous(eval_dir: Path) -> None:
+def archive_previous(eval_dir: Path) -> Optional[Path]:
     """Keep an earlier evaluation (different request) beside the new one instead of overwriting it."""
-    if eval_dir.exists() and any(eval_dir.iterdir()):
-        n = 1
-        while eval_dir.with_name(f"eval.previous-{n}").exists():
-            n += 1
-        eval_dir.rename(eval_dir.with_name(f"eval.previous-{n}"))
-        print(f"an earlier evaluation with other settings was kept as {eval_dir.with_name(f'eval.previous-{n}')}")
+    if not (eval_dir.exists() and any(eval_dir.iterdir())):
+        return None
+    n = 1
+    while eval_dir.with_name(f"eval.previous-{n}").exists():
+        n += 1
+    kept = eval_dir.rename(eval_dir.with_name(f"eval.previous-{n}"))
+    print(f"an earlier evaluation with other settings was kept as {kept}")
+    return kept
+
+
+@dataclass(frozen=True)
+class RenderJob:
+    """The cells still to render: these checkpoints (and the base model) x prompts x seeds, less `skip`."""
+
+    checkpoints: List[Checkpoint]
+    include_base: bool
+    skip: FrozenSet[reuse.CellKey]
+
+
+def render_job(checkpoints: List[Checkpoint], include_base: bool, all_cells: List[reuse.CellKey],
+               reused: Mapping[reuse.CellKey, Cell]) -> RenderJob:
+    """Only the checkpoints with a cell that was not reused are loaded."""
+    todo = {key[0] for key in all_cells if key not in reused}
+    return RenderJob([c for c in checkpoints if c.label in todo], include_base and BASE_LABEL in todo,
+                     frozenset(reused))
 
 
 def evaluate(cfg: ExperimentConfig, run_dir: Path) -> Path:
-    """Render, grid, cells.json, report.html; returns the report's path."""
-    if cfg.eval.backend == "none":
+    """Render what is not reusable from the last evaluation, then grid, cells.json, report.html;
+    returns the report's path."""
+    ev = cfg.eval
+    if ev.backend == "none":
         print("eval.backend=none: evaluation skipped")
         return run_dir
     eval_dir = run_dir / "eval"
     checkpoints = checkpoints_to_render(cfg)
-    key = request_key(cfg.eval, checkpoints)
-    if (eval_dir / "request.json").is_file() and json.loads((eval_dir / "request.json").read_text())["key"] == key:
+    record = request_record(cfg, checkpoints)
+    if (eval_dir / "request.json").is_file() and read_json(eval_dir / "request.json").get("key") == record["key"]:
         print(f"already evaluated with these settings: {eval_dir / 'report.html'}")
         return eval_dir / "report.html"
-    archive_previous(eval_dir)
+    kept = archive_previous(eval_dir)
+    previous, before = reuse.load_previous(kept)
     eval_dir.mkdir(parents=True)
-    backend = render_comfyui if cfg.eval.backend == "comfyui" else None
-    cells = backend(cfg, checkpoints, run_dir) if backend else render_diffusers(cfg, checkpoints, eval_dir)
-    return finish(cfg, run_dir, cells, key)
+    reused = reuse.adopt(reuse.reusable(previous, before, record, ev.prompts, ev.seeds), eval_dir / "images")
+    all_cells = reuse.wanted(list(record["checkpoints"]), ev.prompts, ev.seeds)
+    job = render_job(checkpoints, ev.include_base, all_cells, reused)
+    backend = render_comfyui if ev.backend == "comfyui" else render_diffusers
+    rendered = backend(cfg, job, run_dir) if job.checkpoints or job.include_base else []
+    if reused:
+        print(f"reused {len(reused)} unchanged cell(s) from {kept}; rendered {len(rendered)}")
+    by_key = {**reused, **{(c.label, c.prompt_index, c.seed): c for c in rendered}}
+    return finish(cfg, run_dir, [by_key[key] for key in all_cells], record)
 
 
-def finish(cfg: ExperimentConfig, run_dir: Path, cells: List[Cell], key: str) -> Path:
+def finish(cfg: ExperimentConfig, run_dir: Path, cells: List[Cell], record: dict) -> Path:
     eval_dir = run_dir / "eval"
     grids = write_grids(cells, eval_dir, cfg.eval.max_grid_pixels)
     cellio.write_cells_json(cells, eval_dir / "cells.json")
     report = write_report(run_dir, cells, grids, title=cfg.name)
-    write_json(eval_dir / "request.json", {"key": key})
+    write_json(eval_dir / "request.json", record)
     failed = [c for c in cells if c.status != "ok"]
     print(f"evaluated {len(cells)} cell(s) ({len(cells) - len(failed)} ok): {', '.join(str(g) for g in grids)}")
     print(f"report: {report}")

@@ -104,9 +104,10 @@ def render_cell(pipe: StableDiffusion3Pipeline, sampling: dict, prompt: str, see
 
 
 def sweep(job: dict, out: TextIO) -> None:
-    """Render every cell, checkpoint by checkpoint, writing one JSON line per cell to `out`."""
+    """Render every cell not in job["skip"], checkpoint by checkpoint, one JSON line per cell to `out`."""
     pipe = load_pipeline(job["base"])
     weights = Weights(pipe, job["base"])
+    skip = {tuple(cell) for cell in job.get("skip", [])}
     for ckpt in job["checkpoints"]:
         try:
             weights.use(ckpt["kind"], ckpt.get("path"))
@@ -114,7 +115,7 @@ def sweep(job: dict, out: TextIO) -> None:
         except Exception as exc:  # noqa: BLE001 - reported per cell, the sweep goes on
             load_error = f"{describe(exc)} (loading {ckpt['kind']} weights from {ckpt.get('path')})"
         for index in range(len(job["prompts"])):
-            for seed in job["seeds"]:
+            for seed in (s for s in job["seeds"] if (ckpt["label"], index, s) not in skip):
                 line = cell_line(pipe, job, ckpt, index, seed, load_error)
                 out.write(json.dumps(line) + "\n")
 

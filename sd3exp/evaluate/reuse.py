@@ -1,0 +1,82 @@
+"""Reusing an earlier evaluation: only cells whose inputs changed are rendered again.
+
+A cell is reused when the earlier evaluation of this run had the same render
+settings (backend, sampling, workflow file bytes and inputs, base model), its
+checkpoint file is unchanged (path and mtime), its prompt text and seed are
+still asked for, it succeeded, and its images are still on disk. Its images are
+linked (or copied) into the new eval/images under the new prompt index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from sd3exp.evaluate.cells import BASE_LABEL, Cell, image_name, read_cells_json
+from sd3exp.evaluate.checkpoints import Checkpoint
+from sd3exp.io import read_json
+
+CellKey = Tuple[str, int, int]  # label, prompt index, seed
+
+
+def digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def fingerprints(checkpoints: Sequence[Checkpoint], include_base: bool) -> Dict[str, List]:
+    """label -> [weights path, mtime_ns]; the base model is covered by the render settings."""
+    found = {c.label: [str(c.path), c.path.stat().st_mtime_ns] for c in checkpoints}
+    return {BASE_LABEL: [], **found} if include_base else found
+
+
+def wanted(labels: Sequence[str], prompts: Sequence[str], seeds: Sequence[int]) -> List[CellKey]:
+    """Every cell of the grid, checkpoint-major."""
+    return [(label, i, seed) for label in labels for i in range(len(prompts)) for seed in seeds]
+
+
+def reusable(previous: Sequence[Cell], before: Mapping[str, Any], now: Mapping[str, Any],
+             prompts: Sequence[str], seeds: Sequence[int]) -> Dict[CellKey, Cell]:
+    """Cells of the previous evaluation (request record `before`) still valid under `now`, by their new key."""
+    if before.get("settings") != now["settings"]:
+        return {}
+    old, new = before.get("checkpoints", {}), now["checkpoints"]
+    by_content = {(c.label, c.prompt, c.seed): c for c in previous
+                  if c.status == "ok" and c.paths and all(Path(p).is_file() for p in c.paths)
+                  and c.label in new and old.get(c.label) == new[c.label]}
+    found = {}
+    for label, index, seed in wanted(list(new), prompts, seeds):
+        cell = by_content.get((label, prompts[index], seed))
+        if cell is not None:
+            found[(label, index, seed)] = replace(cell, prompt_index=index)
+    return found
+
+
+def load_previous(eval_dir: Optional[Path]) -> Tuple[List[Cell], Dict[str, Any]]:
+    """An earlier evaluation's cells and request record; empty when there is none to reuse."""
+    if eval_dir is None or not (eval_dir / "cells.json").is_file() or not (eval_dir / "request.json").is_file():
+        return [], {}
+    return read_cells_json(eval_dir / "cells.json"), read_json(eval_dir / "request.json")
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def adopt(cells: Mapping[CellKey, Cell], images_dir: Path) -> Dict[CellKey, Cell]:
+    """The reused cells with their images placed in `images_dir` under their (new) names."""
+    images_dir.mkdir(parents=True, exist_ok=True)
+    placed = {}
+    for key, cell in cells.items():
+        paths = [images_dir / image_name(cell.label, cell.prompt_index, cell.seed, n) for n in range(len(cell.paths))]
+        for source, target in zip(cell.paths, paths):
+            _link_or_copy(Path(source), target)
+        placed[key] = replace(cell, paths=paths)
+    return placed
