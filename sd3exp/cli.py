@@ -29,9 +29,11 @@ def experiment_name(choice: Optional[str]) -> str:
     return "default" if choice in (None, "None", "null") else str(choice).replace("/", "_")
 
 
-def run_suffix(override_dirname: str) -> str:
-    """`/k=v,k2=v2` for the run folder of a command line with overrides, '' without."""
-    safe = re.sub(r"[^A-Za-z0-9_.,=+-]", "_", override_dirname or "")
+def run_suffix(task: List[str]) -> str:
+    """`/k=v,k2=v2` for the run folder of a command line with training overrides, '' without."""
+    from sd3exp.runfolder import training_overrides
+
+    safe = re.sub(r"[^A-Za-z0-9_.,=+-]", "_", training_overrides(task))
     return f"/{safe[:120]}" if safe else ""
 
 

@@ -37,7 +37,7 @@ class Job:
 
 def overrides_of(cfg: DictConfig) -> str:
     try:
-        return HydraConfig.get().job.override_dirname
+        return runfolder.training_overrides(list(HydraConfig.get().overrides.task))
     except ValueError:
         return ""
 

@@ -30,6 +30,7 @@ from sd3exp.compile import trainer_args, user_extra_args
 from sd3exp.errors import Sd3expError
 from sd3exp.pipeline import Job, absolute_paths, build, concept_sizes, files_of, load
 from sd3exp.plan import make_plan
+from sd3exp.runfolder import NOT_SETTINGS
 from sd3exp.schema import ConceptConfig, DatasetConfig, ExperimentConfig
 
 SETTINGS_FILES = ("config/config.env", "config/multibackend.json", "config/config.json", "plan.json")
@@ -215,14 +216,8 @@ def differences(a: Dict[str, Dict[str, str]], b: Dict[str, Dict[str, str]]) -> L
     return out
 
 
-def identity_keys(conf_dir: Path) -> List[str]:
-    """Keys that choose what to run or where, not what is trained (config.yaml's override_dirname excludes)."""
-    conf = OmegaConf.load(conf_dir / "config.yaml")
-    return list(OmegaConf.select(conf, "hydra.job.config.override_dirname.exclude_keys", default=[]))
-
-
-def compare(files_a: Dict[str, str], files_b: Dict[str, str], conf_dir: Path) -> dict:
-    ignored = identity_keys(conf_dir)
+def compare(files_a: Dict[str, str], files_b: Dict[str, str]) -> dict:
+    ignored = list(NOT_SETTINGS)
     fields = {**yaml_fields(files_b), **yaml_fields(files_a)}
     diffs = [annotate(d, fields) for d in differences(settings(files_a, ignored), settings(files_b, ignored))]
     hashes = [config_hash(f["config/config.env"]) for f in (files_a, files_b)]
@@ -264,6 +259,6 @@ def diff_main(argv: List[str]) -> int:
     parser.add_argument("--format", choices=("text", "json"), default="text")
     parser.add_argument("--conf", type=Path, default=CONF_DIR, help="config directory for specs (default: conf/)")
     args = parser.parse_args(argv)
-    result = compare(operand_files(args.a, args.conf), operand_files(args.b, args.conf), args.conf)
+    result = compare(operand_files(args.a, args.conf), operand_files(args.b, args.conf))
     print(json.dumps(result, indent=2) if args.format == "json" else render_text(result, args.a, args.b), end="")
     return 0 if result["identical"] else 1

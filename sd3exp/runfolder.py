@@ -17,12 +17,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+from sd3exp.compile import INVOCATION_KEYS
 from sd3exp.errors import RunConflictError
 from sd3exp.io import read_json, write_bytes, write_if_changed, write_json
 
 RECORD = "run.json"
 OWNER = ".sd3exp-run"
 UNFINISHED = "unfinished-checkpoints"
+# command-line keys that pick what to run, how or where, not what is trained
+NOT_SETTINGS = INVOCATION_KEYS + ("experiment", "hparams_search", "hydra")
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
@@ -32,6 +37,18 @@ class RunRecord:
     overrides: str
     config_hash: str
     sd3exp_version: str
+
+
+def is_setting(key: str) -> bool:
+    """Whether a config key (or group) changes what is trained."""
+    return not any(key == p or key.startswith((p + ".", p + "/")) for p in NOT_SETTINGS)
+
+
+def training_overrides(task: List[str]) -> str:
+    """The command line's overrides that change what is trained, `k=v,k2=v2`, sorted: they name the
+    run folder and are recorded in its files (eval.*, stage, paths.* and the like are left out)."""
+    parsed = OverridesParser.create().parse_overrides(list(task))
+    return ",".join(sorted(o.input_line for o in parsed if is_setting(o.key_or_group)))
 
 
 @contextlib.contextmanager

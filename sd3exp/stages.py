@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import shlex
 import shutil
 from pathlib import Path
 from typing import Callable, Dict, List
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 
 from sd3exp import trainer_env
 from sd3exp.compile import trainer_args, user_extra_args
@@ -15,9 +19,20 @@ from sd3exp.plan import Plan
 from sd3exp.schema import ExperimentConfig
 
 
-def command_for(cfg: ExperimentConfig, stage: str) -> str:
-    exp = f"experiment={cfg.name}" if cfg.name != "default" else ""
-    return " ".join(filter(None, ["python -m sd3exp", exp, f"stage={stage}" if stage != "all" else ""]))
+ONE_OFF = ("stage=", "trainer.new_run=", "trainer.force=")
+
+
+def command_for(job: Job, stage: str) -> str:
+    """This command line again for another stage, aimed at the same run folder."""
+    try:
+        hydra = HydraConfig.get()
+        task = [o for o in hydra.overrides.task if not o.startswith(ONE_OFF)]
+        if hydra.mode == RunMode.MULTIRUN or any(o.startswith("hydra.run.dir=") for o in hydra.overrides.hydra) \
+                or Path(hydra.runtime.output_dir).resolve() != job.run_dir:
+            task.append(f"hydra.run.dir={job.run_dir}")
+    except ValueError:  # not run by Hydra
+        task = [f"experiment={job.cfg.name}"] if job.cfg.name != "default" else []
+    return shlex.join(["python", "-m", "sd3exp", *task] + ([f"stage={stage}"] if stage != "all" else []))
 
 
 def stage_audit(job: Job, plan: Plan) -> None:
@@ -86,9 +101,9 @@ def stage_train(job: Job, plan: Plan) -> None:
         print(f"{path.name} was never finished (its save was interrupted): moved to {target}; "
               "resuming from the last finished checkpoint")
     process_env = train.trainer_environment(env.bin, run_dir, cpu=shim, offline=Path(cfg.model.path).is_dir())
-    next_command = command_for(cfg, "eval") if cfg.stage == "train" else None
+    next_command = command_for(job, "eval") if cfg.stage == "train" else None
     train.run_training(env.train_command(), run_dir, training_dir, process_env, plan.max_train_steps,
-                       plan.checkpoint_steps, next_command, resume_command=command_for(cfg, cfg.stage))
+                       plan.checkpoint_steps, next_command, resume_command=command_for(job, cfg.stage))
 
 
 def stage_eval(job: Job, plan: Plan) -> None:

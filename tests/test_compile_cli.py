@@ -117,6 +117,22 @@ def test_cfg_job_resolve_prints_the_resolved_experiment(tmp_path):
     assert "trigger: k4s4" in out.stdout and "run_dir: " in out.stdout and "${" not in out.stdout
 
 
+def test_run_folder_is_named_by_training_overrides_only(tmp_path):
+    """eval.*, stage and paths.* pick what to run or where: the same run folder, same compiled files."""
+    first = run_cli("experiment=demo", "stage=compile", f"paths.output_root={tmp_path}", "lora.rank=8",
+                    "optimizer.lr=2e-4")
+    assert first.returncode == 0, first.stderr
+    run = tmp_path / "demo" / "lora.rank=8,optimizer.lr=2e-4"
+    compiled = {p.name: p.read_bytes() for p in (run / "config").iterdir()}
+    again = run_cli("experiment=demo", "stage=compile", f"paths.output_root={tmp_path}", "optimizer.lr=2e-4",
+                    "lora.rank=8", 'eval.prompts=["k4s4, a, b"]', "+eval.workflow_inputs.7.vae_name=v.safetensors",
+                    "eval.include_base=true", "trainer.cpu_shim=never")
+    assert again.returncode == 0, again.stderr
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == [run.name]
+    assert {p.name: p.read_bytes() for p in (run / "config").iterdir()} == compiled
+    assert "# overrides: lora.rank=8,optimizer.lr=2e-4\n" in compiled["config.env"].decode()
+
+
 def test_training_dir_with_another_runs_checkpoints_is_refused(tmp_path):
     shared = tmp_path / "shared-training"
     (shared / "checkpoint-500").mkdir(parents=True)

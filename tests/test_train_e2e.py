@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -106,14 +107,15 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
     proc.send_signal(signal.SIGINT)
     first = proc.communicate(timeout=180)[0]
     assert proc.returncode == 130, first[-2000:]
-    assert "Resume from checkpoint-" in first and "stage=train" in first
+    hint = shlex.split(re.search(r"Resume from checkpoint-\d+: (.+)", first).group(1))
+    assert hint[:3] == ["python", "-m", "sd3exp"] and sorted(hint[3:]) == sorted(longer), hint
     kept = {p: snapshot(p) for p in checkpoint_dirs(run / "training").values()}
     assert kept and not (run / "training" / "checkpoint-40").exists()
     assert all((p / ".guard").is_file() for p in kept), "SimpleTuner left an unfinished checkpoint-N"
     latest = max(checkpoint_dirs(run / "training"))
     half_saved_copy(run / "training" / f"checkpoint-{latest}", f"checkpoint-{latest + 2}", tmp_path / "reference")
     half_saved_copy(run / "training" / f"checkpoint-{latest}", f"checkpoint-{latest + 4}-tmp", tmp_path / "tmp-copy")
-    out = run_cli(*longer)
+    out = run_cli(*hint[3:])  # the command the message gives
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert f"checkpoint-{latest + 2} was never finished" in out.stdout
     aside = run / "training" / "unfinished-checkpoints" / f"checkpoint-{latest + 2}"
