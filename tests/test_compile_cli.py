@@ -59,6 +59,7 @@ def test_every_shipped_experiment_compiles(tmp_path, experiment):
     ("optimizer.lrr=1e-4", "lrr"),
     ("optimizer.lr=-1e-4", "optimizer.lr=-0.0001"),
     ("validation.enabled=true", "validation.prompt"),
+    ("concepts.0.captions.separator='|'", "concepts[0].captions.separator='|'"),
 ])
 def test_bad_input_fails_with_one_paragraph_and_writes_nothing(tmp_path, override, needle):
     run = tmp_path / "run"
