@@ -155,5 +155,5 @@ def run_later_stages(job: Job, plan: Plan) -> None:
         return
     from sd3exp import stages
 
-    with runfolder.exclusive(job.run_dir):
+    with runfolder.exclusive(job.run_dir, stage):
         stages.run_stage(stage, job, plan)

@@ -51,18 +51,47 @@ def training_overrides(task: List[str]) -> str:
     return ",".join(sorted(o.input_line for o in parsed if is_setting(o.key_or_group)))
 
 
+# What each lock guards: training-side stages lock the run folder itself, evaluation its config/
+# folder, so a run can be evaluated while it trains (no lock file is written either way).
+LOCKED_BY = {"training": ("prepare", "audit", "train", "all"), "evaluation": ("eval", "report", "all")}
+DOING = {"training": "preparing or training", "evaluation": "evaluating"}
+
+
+def lock_target(run_dir: Path, role: str) -> Path:
+    return run_dir if role == "training" else run_dir / "config"
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
 @contextlib.contextmanager
-def exclusive(run_dir: Path) -> Iterator[None]:
-    """Lock the run folder itself (no lock file is written): two sd3exp processes never
-    prepare, train or evaluate the same run at once."""
+def exclusive(run_dir: Path, stage: str) -> Iterator[None]:
+    """Hold the locks `stage` needs: two sd3exp processes never prepare or train the same run at
+    once, nor evaluate it at once; evaluating while another process trains is allowed."""
+    fds = []
+    try:
+        for role, stages in LOCKED_BY.items():
+            if stage in stages:
+                fds.append(os.open(lock_target(run_dir, role), os.O_RDONLY))
+                if not _try_lock(fds[-1]):
+                    raise RunConflictError(f"another sd3exp process is {DOING[role]} {run_dir}. Fix: wait for it "
+                                           "to finish, or stop it first.")
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def training_elsewhere(run_dir: Path) -> bool:
+    """Whether another process holds the run's training lock right now."""
     fd = os.open(run_dir, os.O_RDONLY)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunConflictError(f"another sd3exp process is using {run_dir}. Fix: wait for it to finish, "
-                                   "or stop it first.") from None
-        yield
+        return not _try_lock(fd)
     finally:
         os.close(fd)
 

@@ -159,7 +159,7 @@ def test_a_run_folder_in_use_is_refused(tmp_path):
 
     run = tmp_path / "run"
     assert compile_to(run, "experiment=demo").returncode == 0
-    with exclusive(run):
+    with exclusive(run, "train"):
         out = run_cli("experiment=demo", "stage=audit", f"hydra.run.dir={run}")
-    assert out.returncode != 0 and "another sd3exp process is using" in out.stderr
+    assert out.returncode != 0 and "another sd3exp process is preparing or training" in out.stderr
     assert run_cli("experiment=demo", "stage=audit", f"hydra.run.dir={run}").returncode == 0

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from sd3exp.runfolder import exclusive
 from tests.comfy_standin import StandIn
 from tests.conftest import run_cli
 
@@ -72,3 +73,29 @@ def test_a_second_evaluation_renders_only_what_changed(tmp_path):
              for i in (0, 1)}
     assert all((run / "eval" / "images" / new).read_bytes() == before[old] for new, old in moved.items())
     assert sorted(before) == sorted(p.name for p in (run / "eval.previous-1" / "images").iterdir())
+
+
+def test_a_run_can_be_evaluated_while_it_trains_but_not_twice_at_once(tmp_path):
+    run, models = tmp_path / "run", tmp_path / "comfy-models"
+    fake_lora_run(run)
+    (run / "training" / "pytorch_lora_weights.safetensors").write_bytes(b"final, maybe half written")
+    names = [f"run/{label}.safetensors" for label in ("checkpoint-2", "checkpoint-4", "checkpoint-6", "final")]
+    with StandIn(tmp_path / "comfy-out", unet_names=["sd3_medium_transformer.safetensors"], lora_names=names) as server:
+        evaluate = ["experiment=demo", "stage=eval", "demo=false", "concepts.0.num_images=16", f"hydra.run.dir={run}",
+                    "eval.backend=comfyui", f"eval.url={server.url}", f"eval.models_dir={models}",
+                    f"eval.prompts={json.dumps(PROMPTS[:1])}"]
+        assert run_cli(*evaluate[:3], "stage=compile", *evaluate[3:5]).returncode == 0
+        with exclusive(run, "train"):  # as `stage=train` holds it
+            during = run_cli(*evaluate)
+            refused = run_cli("experiment=demo", "stage=train", "demo=false", "concepts.0.num_images=16",
+                              f"hydra.run.dir={run}")
+        with exclusive(run, "eval"):
+            twice = run_cli(*evaluate)
+        after = run_cli(*evaluate)
+    assert during.returncode == 0, during.stderr[-2000:]
+    assert "training is still running in another process" in during.stdout
+    assert refused.returncode != 0 and "another sd3exp process is preparing or training" in refused.stderr
+    assert twice.returncode != 0 and "another sd3exp process is evaluating" in twice.stderr
+    assert after.returncode == 0 and "reused 3 unchanged cell(s)" in after.stdout, after.stderr[-2000:]
+    cells = json.loads((run / "eval" / "cells.json").read_text())
+    assert [c["label"] for c in cells] == ["checkpoint-2", "checkpoint-4", "checkpoint-6", "final"]

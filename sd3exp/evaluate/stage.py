@@ -17,6 +17,7 @@ from sd3exp.evaluate.comfyui import Cell, Sampling
 from sd3exp.evaluate.grid import write_grids
 from sd3exp.evaluate.report import write_report
 from sd3exp.io import read_json, write_json
+from sd3exp.runfolder import training_elsewhere
 from sd3exp.schema import EvalConfig, ExperimentConfig
 
 
@@ -106,9 +107,14 @@ def render_comfyui(cfg: ExperimentConfig, job: RenderJob, run_dir: Path) -> List
     return cellio.store_images(result, run_dir / "eval" / "images")
 
 
-def checkpoints_to_render(cfg: ExperimentConfig) -> List[Checkpoint]:
+def checkpoints_to_render(cfg: ExperimentConfig, run_dir: Path) -> List[Checkpoint]:
     ev = cfg.eval
-    found = discover(cfg.paths.training_dir, ev.every_k, ev.min_step, ev.max_step, ev.include_final)
+    final = ev.include_final
+    if cfg.stage == "eval" and training_elsewhere(run_dir):
+        print("training is still running in another process: evaluating the checkpoints finished so far, without "
+              "the final model; evaluate again when it ends (only new cells are rendered)")
+        final = False
+    found = discover(cfg.paths.training_dir, ev.every_k, ev.min_step, ev.max_step, final)
     for problem in found.problems:
         print(f"warning: {problem}")
     if not found.checkpoints:
@@ -155,7 +161,7 @@ def evaluate(cfg: ExperimentConfig, run_dir: Path) -> Path:
         print("eval.backend=none: evaluation skipped")
         return run_dir
     eval_dir = run_dir / "eval"
-    checkpoints = checkpoints_to_render(cfg)
+    checkpoints = checkpoints_to_render(cfg, run_dir)
     record = request_record(cfg, checkpoints)
     if (eval_dir / "request.json").is_file() and read_json(eval_dir / "request.json").get("key") == record["key"]:
         print(f"already evaluated with these settings: {eval_dir / 'report.html'}")
