@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-from typing import Iterable
+from typing import Iterable, Optional
 
 from sd3exp.errors import ConfigError
 from sd3exp.schema import ConceptConfig
@@ -35,12 +35,17 @@ from sd3exp.schema import ConceptConfig
 NATIVE_SPLIT_ON = {",": "comma", ".": "period", " ": "space"}
 
 
-def tag_separator(concept: ConceptConfig) -> str:
+def _where(concept: ConceptConfig, where: Optional[str]) -> str:
+    """How errors name the concept: `where` (e.g. "concepts[0]") or by its id."""
+    return where or f"concepts[id={concept.id}]"
+
+
+def tag_separator(concept: ConceptConfig, where: Optional[str] = None) -> str:
     """The concept's separator, normalised: ", " -> ",", "  " -> " "."""
     raw = concept.captions.separator
     sep = raw.strip() or (" " if raw and set(raw) == {" "} else "")
     if not sep:
-        raise ConfigError(f"concepts[id={concept.id}].captions.separator", raw,
+        raise ConfigError(f"{_where(concept, where)}.captions.separator", raw,
                           "the tag separator is empty or only line breaks/tabs", 'use "," (or "." / " ")')
     return sep
 
@@ -84,7 +89,7 @@ def simpletuner_repeats(concept: ConceptConfig) -> int:
     return 0 if materialized(concept) else concept.repeats - 1
 
 
-def native_shuffle_block(concept: ConceptConfig, seed: int) -> dict | None:
+def native_shuffle_block(concept: ConceptConfig, seed: int, where: Optional[str] = None) -> dict | None:
     """multibackend.json `caption_shuffle` for native mode; None when shuffle is off or materialized.
 
     SimpleTuner builds `count` variants per caption at text-embed caching time
@@ -96,14 +101,14 @@ def native_shuffle_block(concept: ConceptConfig, seed: int) -> dict | None:
     cap = concept.captions
     if not cap.shuffle or materialized(concept):
         return None
-    sep = tag_separator(concept)
+    sep = tag_separator(concept, where)
     if sep not in NATIVE_SPLIT_ON:
-        raise ConfigError(f"concepts[id={concept.id}].captions.separator", cap.separator,
+        raise ConfigError(f"{_where(concept, where)}.captions.separator", cap.separator,
                           "SimpleTuner's native caption_shuffle only splits on ',', '.' or ' '",
                           "use one of those, or captions.mode=materialized")
     count = concept.repeats if cap.variants is None else cap.variants
     if count < 1:
-        raise ConfigError(f"concepts[id={concept.id}].captions.variants", cap.variants, "must be >= 1",
+        raise ConfigError(f"{_where(concept, where)}.captions.variants", cap.variants, "must be >= 1",
                           "leave it unset to use one variant per pass (repeats)")
     return {"enable": True, "count": count, "seed": shuffle_seed(concept, seed),
             "split_on": NATIVE_SPLIT_ON[sep], "position_start": cap.keep_tags, "include_original": False}

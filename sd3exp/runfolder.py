@@ -51,14 +51,11 @@ def training_overrides(task: List[str]) -> str:
     return ",".join(sorted(o.input_line for o in parsed if is_setting(o.key_or_group)))
 
 
-# What each lock guards: training-side stages lock the run folder itself, evaluation its config/
-# folder, so a run can be evaluated while it trains (no lock file is written either way).
-LOCKED_BY = {"training": ("prepare", "audit", "train", "all"), "evaluation": ("eval", "report", "all")}
-DOING = {"training": "preparing or training", "evaluation": "evaluating"}
-
-
-def lock_target(run_dir: Path, role: str) -> Path:
-    return run_dir if role == "training" else run_dir / "config"
+# The locks: (folder locked, inside the run folder; what its holder is doing; the stages that take it).
+# Evaluation locks config/, not the run folder, so a run can be evaluated while it trains; no lock
+# file is written either way.
+LOCKS = (("", "preparing or training", ("prepare", "audit", "train", "all")),
+         ("config", "evaluating", ("eval", "report", "all")))
 
 
 def _try_lock(fd: int) -> bool:
@@ -75,11 +72,11 @@ def exclusive(run_dir: Path, stage: str) -> Iterator[None]:
     once, nor evaluate it at once; evaluating while another process trains is allowed."""
     fds = []
     try:
-        for role, stages in LOCKED_BY.items():
+        for folder, doing, stages in LOCKS:
             if stage in stages:
-                fds.append(os.open(lock_target(run_dir, role), os.O_RDONLY))
+                fds.append(os.open(run_dir / folder, os.O_RDONLY))
                 if not _try_lock(fds[-1]):
-                    raise RunConflictError(f"another sd3exp process is {DOING[role]} {run_dir}. Fix: wait for it "
+                    raise RunConflictError(f"another sd3exp process is {doing} {run_dir}. Fix: wait for it "
                                            "to finish, or stop it first.")
         yield
     finally:

@@ -109,17 +109,6 @@ def check_resolution(cfg: ExperimentConfig) -> None:
                           f"(this is {megapixels:g})", "at most 2236 with pixel_area, 5 with area (megapixels)")
 
 
-def check_caption_rules(cfg: ExperimentConfig, i: int) -> None:
-    """captions.py's separator and shuffle rules, its errors naming the concept by index."""
-    c = cfg.concepts[i]
-    try:
-        captions.tag_separator(c)
-        captions.native_shuffle_block(c, cfg.seed)
-    except ConfigError as err:
-        field = f"concepts[{i}].{err.field.split('].', 1)[1]}"
-        raise ConfigError(field, err.value, err.problem, err.fix) from None
-
-
 def check_concepts(cfg: ExperimentConfig) -> None:
     if not cfg.concepts:
         raise ConfigError("concepts", [], "an experiment needs at least one concept",
@@ -144,7 +133,8 @@ def check_concepts(cfg: ExperimentConfig) -> None:
         cap = c.captions
         _choice(f"concepts[{i}].captions.mode", cap.mode, ("native", "materialized"))
         _positive(f"concepts[{i}].captions.keep_tags", cap.keep_tags, "use 0 to shuffle every tag", strict=False)
-        check_caption_rules(cfg, i)
+        captions.tag_separator(c, where=f"concepts[{i}]")
+        captions.native_shuffle_block(c, cfg.seed, where=f"concepts[{i}]")
 
 
 def check_dataset_paths(cfg: ExperimentConfig) -> None:

@@ -31,8 +31,8 @@ from sd3exp.evaluate.checkpoints import BASE_LABEL, Checkpoint
 Graph = dict[str, dict[str, Any]]
 log = logging.getLogger(__name__)
 # kind -> (loader class_type, model input, eval.nodes key)
-LOADERS = {"full": ("UNETLoader", "unet_name", "unet"), "lora": ("LoraLoaderModelOnly", "lora_name", "lora"),
-           "base": ("UNETLoader", "unet_name", "unet")}  # base keeps the workflow's own unet_name
+LOADERS = {"full": ("UNETLoader", "unet_name", "unet"), "lora": ("LoraLoaderModelOnly", "lora_name", "lora")}
+LOADERS["base"] = LOADERS["full"]  # the base model: the workflow's own unet_name
 SAFETY_POLL_S = 10.0  # poll /queue this often even while the websocket is up
 
 

@@ -9,8 +9,6 @@ linked (or copied) into the new eval/images under the new prompt index.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 from dataclasses import replace
@@ -22,10 +20,6 @@ from sd3exp.evaluate.checkpoints import Checkpoint
 from sd3exp.io import read_json
 
 CellKey = Tuple[str, int, int]  # label, prompt index, seed
-
-
-def digest(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 def fingerprints(checkpoints: Sequence[Checkpoint], include_base: bool) -> Dict[str, List]:

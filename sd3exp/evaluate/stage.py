@@ -31,7 +31,7 @@ def sampling_of(ev: EvalConfig) -> Sampling:
     return Sampling(ev.negative_prompt or None, ev.steps, ev.cfg, ev.width, ev.height)
 
 
-def render_settings(cfg: ExperimentConfig) -> str:
+def render_settings(cfg: ExperimentConfig) -> dict:
     """Everything a cell's pixels depend on besides its checkpoint, prompt and seed."""
     ev = cfg.eval
     data: dict = {"backend": ev.backend, "sampling": asdict(sampling_of(ev))}
@@ -41,15 +41,14 @@ def render_settings(cfg: ExperimentConfig) -> str:
                             ev.workflow_inputs, dict(ev.nodes)]
     else:
         data["base_model"] = str(Path(cfg.model.path).resolve())
-    return reuse.digest(data)
+    return data
 
 
 def request_record(cfg: ExperimentConfig, checkpoints: Sequence[Checkpoint]) -> dict:
-    """What was asked for (request.json): the same key means the earlier evaluation stands as it is."""
+    """What was asked for (request.json): the same record means the earlier evaluation stands as it is."""
     ev = cfg.eval
-    record = {"settings": render_settings(cfg), "checkpoints": reuse.fingerprints(checkpoints, ev.include_base),
-              "prompts": list(ev.prompts), "seeds": list(ev.seeds)}
-    return {"key": reuse.digest(record), **record}
+    return {"settings": render_settings(cfg), "checkpoints": reuse.fingerprints(checkpoints, ev.include_base),
+            "prompts": list(ev.prompts), "seeds": list(ev.seeds)}
 
 
 def run_name(cfg: ExperimentConfig, run_dir: Path) -> str:
@@ -163,7 +162,7 @@ def evaluate(cfg: ExperimentConfig, run_dir: Path) -> Path:
     eval_dir = run_dir / "eval"
     checkpoints = checkpoints_to_render(cfg, run_dir)
     record = request_record(cfg, checkpoints)
-    if (eval_dir / "request.json").is_file() and read_json(eval_dir / "request.json").get("key") == record["key"]:
+    if (eval_dir / "request.json").is_file() and read_json(eval_dir / "request.json") == record:
         print(f"already evaluated with these settings: {eval_dir / 'report.html'}")
         return eval_dir / "report.html"
     kept = archive_previous(eval_dir)
