@@ -70,6 +70,7 @@ class ConceptAudit:
     keep_separator: List[str] = field(default_factory=list)
     ignored_files: List[str] = field(default_factory=list)
     tag_counts: Dict[str, int] = field(default_factory=dict)
+    generated_captions: List[str] = field(default_factory=list)  # images audited on their generated caption
 
 
 @dataclass
@@ -147,7 +148,10 @@ def _check_caption(a: ConceptAudit, c: ConceptConfig, name: str, text: str, tags
         a.keep_separator.append(name)
 
 
-def _check_captions(a: ConceptAudit, c: ConceptConfig, images: List[Path]) -> None:
+def _check_captions(a: ConceptAudit, c: ConceptConfig, images: List[Path], generated: Dict[str, str]) -> None:
+    """The captions training reads: the user's <stem>.txt, or the generated one for the images in
+    `generated` (named <stem>.txt too, and listed in a.generated_captions)."""
+    by_stem = {p.stem: p.name for p in images if p.name in generated}
     stems = {p.stem for p in images}
     tags: Counter = Counter()
     for p in sorted(Path(c.path).iterdir()):
@@ -157,6 +161,8 @@ def _check_captions(a: ConceptAudit, c: ConceptConfig, images: List[Path]) -> No
             if p.stem not in stems:
                 a.orphan_captions.append(p.name)
                 continue
+            if p.stem in by_stem:  # captioner.prefer=model: the generated caption is used
+                continue
             try:
                 text = p.read_bytes().decode("utf-8")
             except UnicodeDecodeError:
@@ -165,11 +171,16 @@ def _check_captions(a: ConceptAudit, c: ConceptConfig, images: List[Path]) -> No
             _check_caption(a, c, p.name, text, tags)
         elif (p.suffix.lower() not in IMAGE_EXTENSIONS or not p.is_file()) and not p.name.startswith(KNOWN_FILES):
             a.ignored_files.append(p.name + ("/" if p.is_dir() else ""))
-    a.missing_captions = [p.name for p in images if not p.with_suffix(".txt").is_file()]
+    for p in images:
+        if p.name in generated:
+            a.generated_captions.append(p.name)
+            _check_caption(a, c, f"{p.stem}.txt", generated[p.name], tags)
+    a.missing_captions = [p.name for p in images if p.name not in generated and not p.with_suffix(".txt").is_file()]
     a.tag_counts = dict(tags.most_common())
 
 
-def audit_concept(c: ConceptConfig, rule: BucketRule) -> ConceptAudit:
+def audit_concept(c: ConceptConfig, rule: BucketRule, generated: Optional[Dict[str, str]] = None) -> ConceptAudit:
+    """`generated`: {image name: caption} of the images that train on a generated caption."""
     folder = Path(c.path)
     a = ConceptAudit(c.id, str(folder.absolute()), folder.is_dir())
     if not a.found:
@@ -178,7 +189,7 @@ def audit_concept(c: ConceptConfig, rule: BucketRule) -> ConceptAudit:
     a.images = [p.name for p in images]
     a.shared_stems = shared_stems(images)
     _check_images(a, images, rule)
-    _check_captions(a, c, images)
+    _check_captions(a, c, images, generated or {})
     return a
 
 
@@ -242,10 +253,15 @@ def audit_warnings(report: AuditReport, cfg: ExperimentConfig) -> List[str]:
     return _messages(report, cfg, errors=False)
 
 
-def audit(cfg: ExperimentConfig) -> AuditReport:
-    """Audit every concept's source folder (reads only)."""
+def audit(cfg: ExperimentConfig, generated: Optional[Dict[str, Dict[str, str]]] = None) -> AuditReport:
+    """Audit every concept's source folder (reads only). `generated`: {concept id: {image: caption}}
+    of the generated captions training uses (default: looked up in the caption store)."""
+    from sd3exp.caption.sources import generated_captions
+
     rule = bucket_rule(cfg)
-    report = AuditReport([audit_concept(c, rule) for c in cfg.concepts], [], [])
+    if generated is None:
+        generated = {c.id: generated_captions(c, cfg.captioner) for c in cfg.concepts}
+    report = AuditReport([audit_concept(c, rule, generated[c.id]) for c in cfg.concepts], [], [])
     report.errors, report.warnings = audit_errors(report, cfg), audit_warnings(report, cfg)
     return report
 

@@ -211,7 +211,7 @@ def user_extra_args(cfg: ExperimentConfig) -> List[Arg]:
 
 
 # Settings that say where and how to run, not what to train: left out of the config hash.
-INVOCATION_KEYS = ("paths", "stage", "eval", "dataset.prepared_dir", "dataset.cache_dir", "trainer.simpletuner", "trainer.home", "trainer.new_run",
+INVOCATION_KEYS = ("paths", "stage", "eval", "captioner", "dataset.prepared_dir", "dataset.cache_dir", "trainer.simpletuner", "trainer.home", "trainer.new_run",
                    "trainer.force", "trainer.cpu_shim")
 
 

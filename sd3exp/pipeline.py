@@ -22,6 +22,7 @@ from sd3exp.schema import ExperimentConfig
 from sd3exp.validate import validate
 
 DATA_STAGES = ("prepare", "audit", "train", "all")
+CAPTION_STAGES = ("caption", "review")  # read the dataset, never the model
 
 
 @dataclass
@@ -67,7 +68,7 @@ def load(cfg: DictConfig) -> Job:
         from sd3exp.demo import ensure_demo_assets
 
         ensure_demo_assets(exp, with_model=exp.stage in DATA_STAGES + ("eval",))
-    validate(exp, need_data=exp.stage in DATA_STAGES)
+    validate(exp, need_data=exp.stage in DATA_STAGES + CAPTION_STAGES)
     return Job(exp, Path(exp.paths.run_dir).resolve(), overrides_of(cfg), resolved_yaml, sha)
 
 

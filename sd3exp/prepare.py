@@ -36,7 +36,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Union
+from typing import Callable, Dict, List, Optional, Union
 
 from tqdm import tqdm
 
@@ -70,6 +70,7 @@ class ConceptSummary:
     bytes_written: int = 0
     link_modes: Dict[str, int] = field(default_factory=dict)
     captions_from_trigger: List[str] = field(default_factory=list)
+    captions_generated: int = 0  # images trained on a caption of the caption store (stage=caption)
 
 
 @dataclass
@@ -90,7 +91,8 @@ class PrepareSummary:
         work = (f"{t('created')} file(s) created, {t('reused')} reused, {t('removed')} removed"
                 if t("created") or t("removed") else "unchanged")
         how = ", ".join(f"{m} {n}" for m, n in links.items()) or "none needed"
-        return (f"prepared {len(self.concepts)} concept(s) in {self.prepared_dir}: {t('images')} images -> "
+        generated = f" ({t('captions_generated')} with generated captions)" if t("captions_generated") else ""
+        return (f"prepared {len(self.concepts)} concept(s) in {self.prepared_dir}: {t('images')} images{generated} -> "
                 f"{t('files')} image files; {work}; {human_bytes(t('bytes_written'))} written; "
                 f"images placed by: {how}; {self.seconds:.2f} s")
 
@@ -213,14 +215,16 @@ def _copies(concept: ConceptConfig, image: Path, text: str, seed: int) -> Dict[s
     return files
 
 
-def layout(concept: ConceptConfig, seed: int) -> Layout:
-    """The prepared folder of `concept`; DatasetError for images without a caption (unless allowed)."""
+def layout(concept: ConceptConfig, seed: int, generated: Optional[Dict[str, str]] = None) -> Layout:
+    """The prepared folder of `concept`; DatasetError for images without a caption (unless allowed).
+    `generated`: {image name: caption} of the images that train on a generated caption."""
     seed = captions.shuffle_seed(concept, seed)
     images = source_images(concept)
+    generated = generated or {}
     files: Dict[str, Want] = {}
     missing, from_trigger = [], []
     for image in images:
-        data = _caption_bytes(image)
+        data = generated[image.name].encode("utf-8") if image.name in generated else _caption_bytes(image)
         if data is None:
             (from_trigger if concept.captions.allow_missing else missing).append(image.name)
             data = concept.trigger.encode("utf-8")
@@ -368,16 +372,20 @@ def _check_paths(cfg: ExperimentConfig, root: Path, owned: dict) -> None:
 
 def prepare(cfg: ExperimentConfig, progress: bool = True) -> PrepareSummary:
     """Build `<prepared_dir>/<id>/` for every concept; DatasetError/ConfigError before writing anything."""
+    from sd3exp.caption.sources import generated_captions
+
     start = time.perf_counter()
     root = Path(cfg.dataset.prepared_dir).absolute()
     old = _read_manifest(root / MANIFEST)
     _check_paths(cfg, root, old.get("concepts", {}))
     plans, records = [], dict(old.get("concepts", {}))
     for c in cfg.concepts:
-        lay = layout(c, cfg.seed)
+        generated = generated_captions(c, cfg.captioner)
+        lay = layout(c, cfg.seed, generated)
         mode = "materialized" if captions.materialized(c) else "native"
         files = sum(not isinstance(w, bytes) for w in lay.files.values())
-        summary = ConceptSummary(c.id, mode, lay.images, files, captions_from_trigger=lay.captions_from_trigger)
+        summary = ConceptSummary(c.id, mode, lay.images, files, captions_from_trigger=lay.captions_from_trigger,
+                                 captions_generated=len(generated))
         plans.append((c, lay.files, summary))
         records[c.id] = _record(c, cfg.seed, summary)
     manifest = {"format": FORMAT, "seed": cfg.seed, "concepts": dict(sorted(records.items()))}

@@ -164,6 +164,29 @@ class EvalConfig:
 
 
 @dataclass
+class CaptionerConfig:
+    """stage=caption: an OpenAI-compatible vision server (url) or a local program (command)."""
+
+    url: Optional[str] = None  # e.g. http://127.0.0.1:8000/v1 (vLLM, llama-server, Ollama, LM Studio)
+    model: Optional[str] = None  # null: the server's only model
+    api_key_env: Optional[str] = None  # name of an environment variable holding a bearer token
+    command: Optional[str] = None  # a program given the image path (appended, or at {image}); prints the caption
+    prompt: str = "descriptive"  # a preset (descriptive | booru) or a Jinja template
+    system: str = "You are a helpful image captioner."
+    max_new_tokens: int = 300
+    temperature: float = 0.6
+    workers: int = 4
+    only_missing: bool = True  # caption only images without a caption file of the user's
+    timeout_s: float = 120.0
+    retries: int = 3  # on 429, 5xx, connection errors and timeouts
+    backoff_s: float = 1.0
+    prefer: str = "user"  # user: your caption files win; model: the generated captions win
+    add_trigger: bool = True
+    max_length: Optional[int] = None  # estimated CLIP tokens; whole tags are kept
+    out_dir: str = "${paths.run_dir}/captions"
+
+
+@dataclass
 class PathsConfig:
     root_dir: str = MISSING
     output_root: str = "${paths.root_dir}/outputs"
@@ -189,6 +212,7 @@ class ExperimentConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    captioner: CaptionerConfig = field(default_factory=CaptionerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 

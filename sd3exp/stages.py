@@ -1,4 +1,4 @@
-"""The stages after compile: audit, prepare, train, eval, report (and `all`)."""
+"""The stages after compile: caption, review, audit, prepare, train, eval, report (and `all`)."""
 
 from __future__ import annotations
 
@@ -44,6 +44,26 @@ def stage_audit(job: Job, plan: Plan) -> None:
     if errors:
         raise DatasetError("the caption audit found problems that would spoil training:\n  - "
                            + "\n  - ".join(errors) + f"\nDetails: {job.run_dir / 'audit.json'}")
+
+
+def stage_caption(job: Job, plan: Plan) -> None:
+    """Caption the images (sd3exp.caption.run) into the caption store; your caption files stay as they are."""
+    from sd3exp.caption.run import caption
+
+    caption(job.cfg, again=command_for(job, "caption"))
+    print(f"next: review the captions with `{command_for(job, 'review')}`")
+
+
+def stage_review(job: Job, plan: Plan) -> None:
+    """Audit the captions training would use and write review.html (problems are shown, not raised)."""
+    from sd3exp import audit
+    from sd3exp.caption.page import write_review
+    from sd3exp.caption.sources import generated_captions
+
+    generated = {c.id: generated_captions(c, job.cfg.captioner) for c in job.cfg.concepts}
+    report = audit.audit(job.cfg, generated)
+    print(audit.write_audit(report, job.run_dir / "audit.json"))
+    print(f"review: {write_review(job.cfg, report, generated, job.run_dir)}")
 
 
 def stage_prepare(job: Job, plan: Plan) -> None:
@@ -125,6 +145,8 @@ def stage_report(job: Job, plan: Plan) -> None:
 
 
 STAGES: Dict[str, Callable[[Job, Plan], None]] = {
+    "caption": stage_caption,
+    "review": stage_review,
     "audit": stage_audit,
     "prepare": stage_prepare,
     "train": stage_train,

@@ -12,7 +12,7 @@ from sd3exp.plan import bucket_rule
 from sd3exp.schedule import SCHEDULES
 from sd3exp.schema import ExperimentConfig
 
-STAGES = ("plan", "compile", "prepare", "audit", "train", "eval", "report", "all")
+STAGES = ("plan", "compile", "caption", "review", "prepare", "audit", "train", "eval", "report", "all")
 
 
 def _positive(field: str, value: float, fix: str, strict: bool = True) -> None:
@@ -137,6 +137,18 @@ def check_concepts(cfg: ExperimentConfig) -> None:
         captions.native_shuffle_block(c, cfg.seed, where=f"concepts[{i}]")
 
 
+def check_captioner(cfg: ExperimentConfig) -> None:
+    c = cfg.captioner
+    _positive("captioner.workers", c.workers, "e.g. captioner.workers=4")
+    _positive("captioner.timeout_s", c.timeout_s, "e.g. captioner.timeout_s=120")
+    _positive("captioner.retries", c.retries, "use 0 for no retries", strict=False)
+    _positive("captioner.backoff_s", c.backoff_s, "use 0 to retry at once", strict=False)
+    _positive("captioner.max_new_tokens", c.max_new_tokens, "e.g. captioner.max_new_tokens=300")
+    _choice("captioner.prefer", c.prefer, ("user", "model"))
+    if c.max_length is not None:
+        _positive("captioner.max_length", c.max_length, "e.g. captioner.max_length=75, or null for no limit")
+
+
 def check_dataset_paths(cfg: ExperimentConfig) -> None:
     """The concept folders exist (for the stages that read them)."""
     for i, c in enumerate(cfg.concepts):
@@ -146,7 +158,7 @@ def check_dataset_paths(cfg: ExperimentConfig) -> None:
 
 
 CHECKS: List[Callable[[ExperimentConfig], None]] = [
-    check_model, check_training, check_schedule, check_checkpointing, check_concepts,
+    check_model, check_training, check_schedule, check_checkpointing, check_concepts, check_captioner,
 ]
 
 

@@ -9,7 +9,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import requests
 import websocket
@@ -69,8 +69,9 @@ class Page:
         return out
 
 
-def open_page(path: Path) -> Dict[str, object]:
-    """{'images': [[src, loaded], ...], 'errors': [...]} for a file opened from disk."""
+def open_page(path: Path, evaluate: Sequence[str] = ()) -> Dict[str, object]:
+    """{'images': [[src, loaded], ...], 'errors': [...], 'values': [...]} for a file opened from disk;
+    `values` are the results of the `evaluate` expressions, run in order after the load."""
     with tempfile.TemporaryDirectory() as profile:
         proc = subprocess.Popen([chromium(), *FLAGS, f"--user-data-dir={profile}", "about:blank"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -85,8 +86,10 @@ def open_page(path: Path) -> Dict[str, object]:
             page.wait_for("Page.loadEventFired")
             time.sleep(0.5)
             images = json.loads(page.call("Runtime.evaluate", expression=IMAGES_JS)["result"]["value"])
+            values = [page.call("Runtime.evaluate", expression=e, returnByValue=True)["result"].get("value")
+                      for e in evaluate]
             page.call("Runtime.evaluate", expression="1")
-            return {"images": images, "errors": page.errors()}
+            return {"images": images, "errors": page.errors(), "values": values}
         finally:
             proc.terminate()
             proc.wait(10)
