@@ -209,3 +209,29 @@ def test_prompt_template_errors_name_the_field(tmp_path, prompt, problem):
         done = cli(src, run, f"captioner.url={url}", f"captioner.prompt='{prompt}'")
         assert not st.requests
     assert done.returncode != 0 and "captioner.prompt=" in done.stderr and problem in done.stderr
+
+
+def test_interrupt_keeps_every_caption_received_and_says_how_to_continue(tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    src, run = tmp_path / "src", tmp_path / "run"
+    images = make_images(src, 30)
+    with serve(State(delay_s=0.3)) as (url, st):
+        args = [sys.executable, "-m", "sd3exp", "experiment=demo", "demo=false", f"concepts.0.path={src}",
+                f"hydra.run.dir={run}", "stage=caption", f"captioner.url={url}", "captioner.workers=2"]
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while len(stored(run)) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode != 0
+        kept = stored(run)  # every record on disk is whole (atomic writes)
+        assert 4 <= len(kept) < 30, err
+        assert "interrupted" in err and "stage=caption" in err
+        st.requests.clear()
+        st.delay_s = 0
+        assert cli(src, run, f"captioner.url={url}").returncode == 0
+        assert {r.sha256 for r in st.requests} == {sha(p) for p in images} - set(kept)
