@@ -235,3 +235,16 @@ def test_interrupt_keeps_every_caption_received_and_says_how_to_continue(tmp_pat
         st.delay_s = 0
         assert cli(src, run, f"captioner.url={url}").returncode == 0
         assert {r.sha256 for r in st.requests} == {sha(p) for p in images} - set(kept)
+
+
+@pytest.mark.parametrize("where", ["inside", "around"])
+def test_caption_store_never_goes_into_an_image_folder(tmp_path, where):
+    src, run = tmp_path / "data" / "src", tmp_path / "run"
+    make_images(src, 2)
+    before = source_state(tmp_path / "data")
+    out = src / "captions" if where == "inside" else tmp_path / "data"
+    with serve() as (url, st):
+        done = cli(src, run, f"captioner.url={url}", f"captioner.out_dir={out}")
+        assert not st.requests
+    assert done.returncode != 0 and "captioner.out_dir=" in done.stderr and "never writes to" in done.stderr
+    assert source_state(tmp_path / "data") == before

@@ -109,6 +109,17 @@ def backend_for(c: CaptionerConfig) -> Backend:
                       "`vllm serve fancyfeast/llama-joycaption-beta-one-hf-llava`) or captioner.command='python tag.py'")
 
 
+def check_out_dir(cfg: ExperimentConfig) -> None:
+    """The caption store never goes into (or around) an image folder of the user's."""
+    out = Path(cfg.captioner.out_dir).resolve()
+    for concept in cfg.concepts:
+        src = Path(concept.path).resolve()
+        if out == src or src in out.parents or out in src.parents:
+            raise ConfigError("captioner.out_dir", cfg.captioner.out_dir,
+                              f"overlaps the image folder of concept '{concept.id}' ({src}), which sd3exp never writes to",
+                              "leave it at its default (<run>/captions) or choose a folder outside your datasets")
+
+
 def _user_tags(concept: ConceptConfig, caption: Path) -> Tuple[bool, List[str]]:
     if not caption.is_file():
         return False, []
@@ -195,6 +206,7 @@ def run_tasks(backend: Backend, tasks: List[Task], workers: int, summary: Summar
 def caption(cfg: ExperimentConfig, again: str, progress: bool = True,
             echo: Callable[[str], None] = print) -> Summary:
     """Run the stage; CaptionError naming the count when some images failed. `again`: the command to re-run."""
+    check_out_dir(cfg)
     summary = Summary(Path(cfg.captioner.out_dir))
     backend = backend_for(cfg.captioner)
     tasks = plan_tasks(cfg, backend, summary)
