@@ -38,7 +38,7 @@ def sha(path: Path) -> str:
 
 def cli(src: Path, run: Path, *extra: str, stage: str = "caption"):
     return run_cli("experiment=demo", "demo=false", f"concepts.0.path={src}", f"hydra.run.dir={run}",
-                   f"stage={stage}", "captioner.timeout_s=1", "captioner.retries=1", "captioner.backoff_s=0", *extra)
+                   f"stage={stage}", "captioner.timeout_s=3", "captioner.retries=1", "captioner.backoff_s=0", *extra)
 
 
 def stored(run: Path) -> Dict[str, str]:
@@ -52,7 +52,7 @@ def test_forty_images_three_fail_named_and_the_rerun_sends_only_those(tmp_path):
     images = make_images(src, 40)
     before = source_state(src)
     failing = {sha(images[3]): "500", sha(images[17]): "slow", sha(images[29]): "malformed"}
-    state = State(behaviours={**failing, sha(images[8]): "429-once"}, slow_s=3)
+    state = State(behaviours={**failing, sha(images[8]): "429-once"}, slow_s=8)  # past timeout_s=3
     with serve(state) as (url, st):
         first = cli(src, run, f"captioner.url={url}", "captioner.model=joycaption", "captioner.workers=8")
         assert first.returncode != 0

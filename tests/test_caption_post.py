@@ -42,19 +42,20 @@ def test_max_length_keeps_whole_tags_then_cuts_words():
     assert postprocess("one two three four five six seven eight nine", s) == "k4s4, one two three four five six"
 
 
-tags = st.lists(st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=20), max_size=12)
+OPENINGS = ["This image shows ", "Sure! ", "In this picture, ", "Here is a caption: ", '"', "k4s4", "k4s4, "]
+tags = st.lists(st.one_of(st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=20),
+                          st.sampled_from(OPENINGS)), max_size=12)
 
 
 @settings(max_examples=300, deadline=None)
 @given(tags, st.sampled_from([",", " ", ".", ";"]), st.one_of(st.none(), st.integers(2, 40)))
 def test_postprocess_properties(parts, sep, limit):
     s = PostSettings("k4s4", sep, max_length=limit)
-    raw = "\n".join(parts)
+    raw = "".join(parts[:2]) + "\n".join(parts[2:])
     out = postprocess(raw, s)
     assert "\n" not in out and starts_with_trigger(out, "k4s4")
-    assert split_tags(out, sep)[0] == "k4s4"
     if limit is not None:
-        assert estimate_clip_tokens(out) <= max(limit, estimate_clip_tokens("k4s4"))
+        assert estimate_clip_tokens(out) <= max(limit, estimate_clip_tokens(split_tags(out, sep)[0]))
     assert postprocess(out, s) == out  # idempotent: re-applying the settings changes nothing
 
 
@@ -86,3 +87,8 @@ def test_answer_text_parts_and_usage():
             "usage": {"total_tokens": 7}}
     answer = answer_of(body)
     assert (answer.text, answer.tokens) == ("a cat", 7)
+
+
+def test_only_quotes_around_the_whole_answer_are_removed():
+    assert strip_boilerplate('"A cat on a mat"') == "A cat on a mat"
+    assert postprocess('a 12" record', COMMA) == 'k4s4, a 12" record'

@@ -1,14 +1,14 @@
 """From a captioner's raw answer to a training caption (pure functions).
 
-1. boilerplate openings ("This image shows", "In this picture,", "Sure! Here is a
-   caption:") are stripped, repeatedly, case-insensitively;
+1. quotes around the whole answer and boilerplate openings ("This image shows", "In
+   this picture,", "Sure! Here is a caption:") are stripped, case-insensitively;
 2. the text is split into tags on the concept's separator and line breaks and joined
    again with it (sd3exp.captions: one line, SimpleTuner's delimiters);
 3. the trigger word is put first unless the caption already starts with it (the
    audit's rule: the trigger as a whole word at the start);
 4. with `max_length`, whole tags are dropped from the end while the audit's CLIP
-   token estimate exceeds it (the trigger always stays; a single over-long tag is cut
-   by words).
+   token estimate exceeds it (the first tag, which holds the trigger, always stays; the
+   last tag that is left is cut by words).
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ class PostSettings:
 
 
 def strip_boilerplate(text: str) -> str:
-    text = text.strip().strip('"').strip()
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] == '"':  # the whole answer in quotes
+        text = text[1:-1].strip()
     changed = True
     while changed:
         changed = False
