@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional
 
 import jinja2
 from PIL import Image, ImageOps
+from tqdm import tqdm
 
 from sd3exp.audit import AuditReport, ConceptAudit, estimate_clip_tokens
 from sd3exp.compile import TEMPLATES
@@ -26,6 +27,7 @@ from sd3exp.schema import ConceptConfig, ExperimentConfig
 TEMPLATE = "review.html.j2"
 THUMB = 256
 TAG_ROWS = 200
+PROGRESS_MIN = 100  # images; fewer make no progress bar
 FLAGS = {  # slug -> label
     "no-caption": "no caption", "empty": "empty", "missing-trigger": "missing trigger",
     "trigger-not-first": "trigger not first", "long": "over 77 CLIP tokens", "duplicate": "duplicate image",
@@ -85,7 +87,7 @@ def _caption_of(user_file: Path, generated: Dict[str, str], image: str) -> tuple
 def concept_cards(c: ConceptConfig, a: ConceptAudit, generated: Dict[str, str], run_dir: Path,
                   prefer: str) -> List[Dict[str, Any]]:
     cards, folder = [], Path(c.path)
-    for name in a.images:
+    for name in tqdm(a.images, desc=f"review {c.id}", unit="image", leave=False, disable=len(a.images) < PROGRESS_MIN):
         image, user_file = folder / name, (folder / name).with_suffix(".txt")
         source, text = _caption_of(user_file, generated, name)
         thumb = thumbnail(image, run_dir / "review" / "thumbs" / c.id / f"{name}.jpg")
