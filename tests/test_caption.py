@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from sd3exp.caption.store import Store
-from tests.conftest import run_cli
+from sd3exp.cli import ROOT
+from tests.conftest import needs_trainer, run_cli
 from tests.openai_standin import State, serve
 from tests.test_prepare import source_state
 
@@ -248,3 +249,30 @@ def test_caption_store_never_goes_into_an_image_folder(tmp_path, where):
         assert not st.requests
     assert done.returncode != 0 and "captioner.out_dir=" in done.stderr and "never writes to" in done.stderr
     assert source_state(tmp_path / "data") == before
+
+
+@needs_trainer
+@pytest.mark.trainer
+@pytest.mark.slow
+def test_demo_trains_on_generated_captions(tmp_path):
+    """The demo dataset without captions: caption it, then the real SimpleTuner trains on the prepared copy."""
+    from sd3exp.demo import DEMO_COUNTS
+    from sd3exp.demo_data import make_demo_dataset
+
+    src, run = tmp_path / "shapes", tmp_path / "run"
+    make_demo_dataset(src, TRIGGER, DEMO_COUNTS, 42)
+    for caption in src.glob("*.txt"):
+        caption.unlink()
+    before = source_state(src)
+    with serve() as (url, _):
+        assert cli(src, run, f"captioner.url={url}").returncode == 0
+    if not (ROOT / "models" / "tiny-sd3").is_dir():  # the demo's model (demo=false does not build it)
+        assert run_cli("make-tiny-model").returncode == 0
+    trained = cli(src, run, stage="train")
+    assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-2000:]
+    assert "16 with generated captions" in trained.stdout
+    assert (run / "training" / "checkpoint-8").is_dir()
+    images = sorted(p for p in src.iterdir() if p.suffix == ".png")
+    assert prepared_captions(run) == {p.with_suffix(".txt").name: f"{TRIGGER}, a shape ({sha(p)[:8]}), plain background"
+                                      for p in images}
+    assert source_state(src) == before
