@@ -44,6 +44,7 @@ class State:
     delay_s: float = 0.0
     slow_s: float = 3.0
     caption: str = "This image shows a shape ({short}), plain background"
+    api_key: Optional[str] = None  # when set, every request needs "Authorization: Bearer <key>"
     requests: List[Received] = field(default_factory=list)
     answered_429: set = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -87,7 +88,15 @@ class Handler(BaseHTTPRequestHandler):
     def _json(self, status: int, data: dict, **kw) -> None:
         self._send(status, json.dumps(data).encode(), **kw)
 
+    def _authorized(self) -> bool:
+        if self.state.api_key and self.headers.get("Authorization") != f"Bearer {self.state.api_key}":
+            self._json(401, {"error": {"message": "Invalid API key", "code": 401}})
+            return False
+        return True
+
     def do_GET(self) -> None:
+        if not self._authorized():
+            return
         if self.path.rstrip("/") == "/v1/models":
             self._json(200, {"object": "list", "data": [{"id": m, "object": "model"} for m in self.state.models]})
         else:
@@ -95,6 +104,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         data = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if not self._authorized():
+            return
         if self.path != "/v1/chat/completions":
             return self._json(404, {"error": {"message": f"no route {self.path}"}})
         body = json.loads(data)

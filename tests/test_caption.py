@@ -276,3 +276,18 @@ def test_demo_trains_on_generated_captions(tmp_path):
     assert prepared_captions(run) == {p.with_suffix(".txt").name: f"{TRIGGER}, a shape ({sha(p)[:8]}), plain background"
                                       for p in images}
     assert source_state(src) == before
+
+
+def test_api_key_from_the_environment(tmp_path):
+    src, run = tmp_path / "src", tmp_path / "run"
+    make_images(src, 2)
+    with serve(State(api_key="s3cret")) as (url, st):
+        unset = cli(src, run, f"captioner.url={url}", "captioner.api_key_env=SD3EXP_TEST_KEY")
+        assert unset.returncode != 0 and "export SD3EXP_TEST_KEY=" in unset.stderr
+        refused = cli(src, run, f"captioner.url={url}")
+        assert refused.returncode != 0 and "401" in refused.stderr and "Invalid API key" in refused.stderr
+        done = run_cli("experiment=demo", "demo=false", f"concepts.0.path={src}", f"hydra.run.dir={run}",
+                       "stage=caption", f"captioner.url={url}", "captioner.api_key_env=SD3EXP_TEST_KEY",
+                       env={"SD3EXP_TEST_KEY": "s3cret"})
+        assert done.returncode == 0, done.stderr
+        assert len(st.requests) == 2 and "s3cret" not in (run / "resolved.yaml").read_text()

@@ -76,6 +76,9 @@ class Backend(Protocol):
 class ServerBackend:
     def __init__(self, c: CaptionerConfig) -> None:
         key = os.environ.get(c.api_key_env) if c.api_key_env else None
+        if c.api_key_env and not key:
+            raise ConfigError("captioner.api_key_env", c.api_key_env, "names an environment variable that is not set",
+                              f"export {c.api_key_env}=<the server's API key>, or captioner.api_key_env=null")
         self.c, self.client = c, ChatClient(c.url, c.model, timeout_s=c.timeout_s, retries=c.retries,
                                             backoff_s=c.backoff_s, api_key=key, pool=c.workers)
         model = self.client.check_model()
