@@ -128,8 +128,12 @@ class ChatClient:
         if self.model in served or (self.model is None and len(served) == 1):
             self.model = self.model or served[0]
             return self.model
-        problem = (f"the server at {self.url} does not serve it (it lists: {', '.join(served) or 'nothing'})"
-                   if self.model else f"the server at {self.url} serves several models: {', '.join(served)}")
+        if not served:
+            problem = f"the server at {self.url} lists no models (GET /models)"
+        elif self.model:
+            problem = f"the server at {self.url} does not serve it (it lists: {', '.join(served)})"
+        else:
+            problem = f"the server at {self.url} serves several models: {', '.join(served)}"
         raise ConfigError("captioner.model", self.model, problem,
                           f"use captioner.model={served[0]}" if served else "load a model into the server")
 
