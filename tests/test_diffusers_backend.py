@@ -45,6 +45,18 @@ with torch.no_grad():
         if "lora_B" in name:
             p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
 StableDiffusion3Pipeline.save_lora_weights(out / "lora", transformer_lora_layers=get_peft_model_state_dict(transformer))
+# rank 4, alpha 8 as SimpleTuner 4.10.1 saves it: alpha in checkpoint-N's metadata only, the final file bare
+transformer.delete_adapters("default")
+transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+with torch.no_grad():
+    for name, p in transformer.named_parameters():
+        if "lora_B" in name:
+            p.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
+layers = get_peft_model_state_dict(transformer)
+StableDiffusion3Pipeline.save_lora_weights(out / "alpha8" / "checkpoint-2", transformer_lora_layers=layers,
+                                           transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
+save_file({"transformer." + k: v.contiguous() for k, v in layers.items()},
+          out / "alpha8" / "pytorch_lora_weights.safetensors")
 """
 
 
@@ -164,3 +176,26 @@ def test_skipped_cells_are_left_out(tiny_run):
         ("checkpoint-100", 0, "ok"), ("checkpoint-200", 0, "ok"), ("checkpoint-200", 1, "ok")]
     assert sorted(p.name for p in images.iterdir()) == ["checkpoint-100_p0_s7.png", "checkpoint-200_p0_s7.png",
                                                         "checkpoint-200_p1_s7.png"]
+
+
+@pytest.mark.trainer
+@pytest.mark.slow
+@needs_trainer
+def test_lora_checkpoint_and_final_render_alike_at_the_trained_scale(tiny_run):
+    """rank 4, alpha 8: diffusers read alpha from checkpoint-N's metadata (scale 2) but not from the
+    final file (scale 1); with the scale made explicit both render at 2, which differs from 1."""
+    from sd3exp.evaluate.lora_scale import strengths
+
+    folder = tiny_run / "alpha8"
+    loras = [Checkpoint(2, "checkpoint-2", "lora", folder / "checkpoint-2" / "pytorch_lora_weights.safetensors"),
+             Checkpoint(None, "final", "lora", folder / "pytorch_lora_weights.safetensors")]
+    found, _ = strengths(loras, rank=4, alpha=8)
+    scales = {label: s.trained for label, s in found.items()}
+    assert scales == {"checkpoint-2": 2.0, "final": 2.0}
+    cells = backend.render(tiny_run / "tiny", loras, PROMPTS[:1], [7], folder / "eval" / "images", trainer_python(),
+                           SAMPLING, timeout_s=600, progress=False, scales=scales)
+    at_one = backend.render(tiny_run / "tiny", loras[1:], PROMPTS[:1], [7], folder / "one" / "images",
+                            trainer_python(), SAMPLING, timeout_s=600, progress=False, scales={"final": 1.0})
+    assert [c.status for c in cells + at_one] == ["ok"] * 3, [c.error for c in cells + at_one]
+    assert same(cells[0].paths[0], cells[1].paths[0])
+    assert not same(cells[1].paths[0], at_one[0].paths[0])

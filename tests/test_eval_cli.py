@@ -3,24 +3,47 @@
 from __future__ import annotations
 
 import json
+import random
+import struct
 from pathlib import Path
 
 from PIL import Image
 
+from sd3exp.evaluate.checkpoints import Checkpoint
+from sd3exp.evaluate.comfyui import ComfyClient, SweepSpec, load_workflow, run_sweep
 from sd3exp.runfolder import exclusive
-from tests.comfy_standin import StandIn
+from tests.comfy_standin import StandIn, save_safetensors
 from tests.conftest import run_cli
 
 PROMPTS = ["k4s4, red circle", "k4s4, blue square"]
+LORA_WORKFLOW = Path(__file__).parent.parent / "conf/workflows/sd3_lora_api.json"
 
 
-def fake_lora_run(run: Path, steps=(2, 4, 6)) -> None:
-    """LoRA checkpoints as sd3exp's trainer leaves them (the stand-in never reads the weights)."""
+def lora_tensors(seed: int, rank: int = 4, width: int = 8) -> dict:
+    """One attention projection's lora_A/lora_B in SimpleTuner's (diffusers) key names."""
+    rng = random.Random(seed)
+    key = "transformer.transformer_blocks.0.attn.to_q"
+    values = lambda n: struct.pack(f"<{n}f", *(rng.gauss(0, 1) for _ in range(n)))
+    return {f"{key}.lora_A.weight": ([rank, width], values(rank * width)),
+            f"{key}.lora_B.weight": ([width, rank], values(rank * width))}
+
+
+def simpletuner_metadata(rank: int, alpha: float) -> dict:
+    """What SimpleTuner 4.10.1 writes into checkpoint-N's LoRA file (the final file has none)."""
+    return {"format": "pt", "lora_adapter_metadata": json.dumps({"transformer.r": rank, "transformer.lora_alpha": alpha})}
+
+
+def fake_lora_run(run: Path, steps=(2, 4, 6), rank: int = 4, alpha: float = 4) -> None:
+    """LoRA checkpoints as sd3exp's trainer leaves them: each with its own weights."""
     training = run / "training"
     for step in steps:
-        (training / f"checkpoint-{step}").mkdir(parents=True)
-        (training / f"checkpoint-{step}" / "pytorch_lora_weights.safetensors").write_bytes(b"lora %d" % step)
+        save_safetensors(training / f"checkpoint-{step}" / "pytorch_lora_weights.safetensors", lora_tensors(step),
+                         simpletuner_metadata(rank, alpha))
     (training / ".sd3exp-run").write_text(f"{run.resolve()}\n")
+
+
+def colour(path: Path) -> tuple:
+    return Image.open(path).convert("RGB").getpixel((0, 0))
 
 
 def test_comfyui_sweep_with_a_base_column_and_a_failing_cell(tmp_path):
@@ -78,7 +101,7 @@ def test_a_second_evaluation_renders_only_what_changed(tmp_path):
 def test_a_run_can_be_evaluated_while_it_trains_but_not_twice_at_once(tmp_path):
     run, models = tmp_path / "run", tmp_path / "comfy-models"
     fake_lora_run(run)
-    (run / "training" / "pytorch_lora_weights.safetensors").write_bytes(b"final, maybe half written")
+    save_safetensors(run / "training" / "pytorch_lora_weights.safetensors", lora_tensors(99))  # maybe half written
     names = [f"run/{label}.safetensors" for label in ("checkpoint-2", "checkpoint-4", "checkpoint-6", "final")]
     with StandIn(tmp_path / "comfy-out", unet_names=["sd3_medium_transformer.safetensors"], lora_names=names) as server:
         evaluate = ["experiment=demo", "stage=eval", "demo=false", "concepts.0.num_images=16", f"hydra.run.dir={run}",
@@ -99,3 +122,32 @@ def test_a_run_can_be_evaluated_while_it_trains_but_not_twice_at_once(tmp_path):
     assert after.returncode == 0 and "reused 3 unchanged cell(s)" in after.stdout, after.stderr[-2000:]
     cells = json.loads((run / "eval" / "cells.json").read_text())
     assert [c["label"] for c in cells] == ["checkpoint-2", "checkpoint-4", "checkpoint-6", "final"]
+
+
+def test_lora_columns_render_at_the_trained_scale_alpha_over_rank(tmp_path):
+    """rank 4, alpha 8: checkpoint-2 (alpha in its metadata) and the final model (the same tensors, no
+    metadata) must render identically, at scale 2, which differs from scale 1."""
+    run, models = tmp_path / "run", tmp_path / "comfy-models"
+    fake_lora_run(run, steps=(2,), rank=4, alpha=8)
+    final = run / "training" / "pytorch_lora_weights.safetensors"
+    save_safetensors(final, lora_tensors(2))
+    with StandIn(tmp_path / "comfy-out", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"]) as server:
+        out = run_cli("experiment=demo", "stage=eval", "demo=false", "concepts.0.num_images=16", "lora.alpha=8",
+                      f"hydra.run.dir={run}", "eval.backend=comfyui", f"eval.url={server.url}",
+                      f"eval.models_dir={models}", f"eval.prompts={json.dumps(PROMPTS[:1])}")
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        name = next(n for n in server.names("LoraLoaderModelOnly") if "final" in n)
+        references = {}
+        for scale in (1.0, 2.0):  # the shipped workflow with its loader's strength set by hand
+            workflow = load_workflow(LORA_WORKFLOW)
+            workflow["10"]["inputs"]["strength_model"] = scale
+            spec = SweepSpec(workflow, [Checkpoint(None, "final", "lora", final)], {"final": name}, PROMPTS[:1])
+            cell, = run_sweep(ComfyClient(server.url), spec, save_dir=tmp_path / f"ref-{scale}", progress=False)
+            references[scale] = colour(cell.paths[0])
+    images = run / "eval" / "images"
+    assert colour(images / "checkpoint-2_p0_s0.png") == colour(images / "final_p0_s0.png") == references[2.0]
+    assert references[1.0] != references[2.0]
+    saved = json.loads(Image.open(images / "final_p0_s0.png").text["prompt"])
+    assert saved["10"]["inputs"]["strength_model"] == 2.0
+    assert "alpha/rank = 2" in out.stdout
+    assert [c["lora_scale"] for c in json.loads((run / "eval" / "cells.json").read_text())] == [2.0, 2.0]

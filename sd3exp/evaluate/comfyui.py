@@ -184,11 +184,13 @@ def filename_prefix(sweep_id: str, cell: CellSpec) -> str:
 
 
 def patch_graph(
-    graph: Graph, nodes: NodeIds, cell: CellSpec, model_name: str, prefix: str, sampling: Sampling = Sampling()
+    graph: Graph, nodes: NodeIds, cell: CellSpec, model_name: str, prefix: str, sampling: Sampling = Sampling(),
+    strength: Optional[float] = None,
 ) -> Graph:
-    """A copy of the graph set up for one cell."""
+    """A copy of the graph set up for one cell; `strength` is a LoRA loader's strength_model."""
     edits = [
         ("loader", nodes.loader, LOADERS[cell.checkpoint.kind][1], model_name),
+        ("loader", nodes.loader, "strength_model", strength),
         ("positive", nodes.positive, "text", cell.prompt),
         ("sampler", nodes.sampler, "seed", cell.seed),
         ("save", nodes.save, "filename_prefix", prefix),
@@ -498,6 +500,7 @@ class Cell:
     error: str = ""
     seconds: float = 0.0
     prompt_id: Optional[str] = None
+    lora_scale: Optional[float] = None  # a LoRA checkpoint's alpha/rank it was rendered at
 
 
 def _cell(spec: CellSpec, **fields: Any) -> Cell:
@@ -519,6 +522,7 @@ class SweepSpec:
     sweep_id: str = field(default_factory=new_sweep_id)
     include_base: bool = False  # a first column from the workflow's own model (LoRA loader bypassed)
     skip: Collection[tuple[str, int, int]] = ()  # (label, prompt index, seed) of cells not to render
+    strengths: Mapping[str, float] = field(default_factory=dict)  # LoRA label -> strength_model (lora_scale)
 
 
 def resolve_names(
@@ -558,7 +562,7 @@ class _Sweep:
         kind = cell.checkpoint.kind
         prefix = filename_prefix(self.spec.sweep_id, cell)
         return patch_graph(self.graphs[kind], self.nodes[kind], cell, names[cell.checkpoint.label], prefix,
-                           self.spec.sampling)
+                           self.spec.sampling, self.spec.strengths.get(cell.checkpoint.label))
 
     def base_name(self) -> dict[str, str]:
         """{"base": the server's spelling of the workflow's own unet_name}, when the base is rendered."""

@@ -16,7 +16,7 @@ import subprocess
 import threading
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Collection, Optional, Sequence
+from typing import Any, Collection, Mapping, Optional, Sequence
 
 from tqdm import tqdm
 
@@ -32,22 +32,26 @@ PIPE_ARGS = {"steps": "num_inference_steps", "cfg": "guidance_scale"}  # Samplin
 log = logging.getLogger(__name__)
 
 
-def job_checkpoints(checkpoints: Sequence[Checkpoint], include_base: bool) -> list[dict[str, Any]]:
-    """The worker's checkpoint list; the base model (kind "base") first when asked for."""
+def job_checkpoints(checkpoints: Sequence[Checkpoint], include_base: bool,
+                    scales: Optional[Mapping[str, float]] = None) -> list[dict[str, Any]]:
+    """The worker's checkpoint list; the base model (kind "base") first when asked for. Every LoRA
+    gets its scale (lora_scale: alpha/rank of training; 1.0 when not given)."""
     base = [{"label": BASE_LABEL, "step": None, "kind": "base", "path": None}] if include_base else []
-    return base + [{"label": c.label, "step": c.step, "kind": c.kind, "path": str(Path(c.path).resolve())}
-                   for c in checkpoints]
+    scales = scales or {}
+    return base + [{"label": c.label, "step": c.step, "kind": c.kind, "path": str(Path(c.path).resolve()),
+                    **({"scale": scales.get(c.label, 1.0)} if c.kind == "lora" else {})} for c in checkpoints]
 
 
 def make_job(base: Path, checkpoints: Sequence[Checkpoint], prompts: Sequence[str], seeds: Sequence[int],
              out_dir: Path, sampling: Sampling = Sampling(), include_base: bool = False,
-             skip: Collection[tuple[str, int, int]] = ()) -> dict[str, Any]:
+             skip: Collection[tuple[str, int, int]] = (), scales: Optional[Mapping[str, float]] = None
+             ) -> dict[str, Any]:
     """The worker's job; unset sampling values keep the pipeline's defaults; `skip` lists the
-    (label, prompt index, seed) cells not to render."""
+    (label, prompt index, seed) cells not to render; `scales` the LoRA scale per label."""
     return {
         "skip": sorted([list(cell) for cell in skip]),
         "base": str(Path(base).resolve()),
-        "checkpoints": job_checkpoints(checkpoints, include_base),
+        "checkpoints": job_checkpoints(checkpoints, include_base, scales),
         "prompts": list(prompts),
         "seeds": list(seeds),
         "sampling": {PIPE_ARGS.get(k, k): v for k, v in asdict(sampling).items() if v is not None},
@@ -129,13 +133,14 @@ def run_worker(job: dict[str, Any], python: Path, job_path: Path, log_path: Path
 
 def render(base: Path | str, checkpoints: Sequence[Checkpoint], prompts: Sequence[str], seeds: Sequence[int],
            out_dir: Path | str, python: Path | str, sampling: Sampling = Sampling(), include_base: bool = False,
-           timeout_s: float = 3600.0, progress: bool = True, skip: Collection[tuple[str, int, int]] = ()) -> list[Cell]:
+           timeout_s: float = 3600.0, progress: bool = True, skip: Collection[tuple[str, int, int]] = (),
+           scales: Optional[Mapping[str, float]] = None) -> list[Cell]:
     """Render checkpoints x prompts x seeds (less `skip`) into `out_dir` (eval/images); one Cell each,
     checkpoint-major.
 
     The job file and the worker's log go next to `out_dir` (render-job.json, render.log).
     """
     out_dir = Path(out_dir)
-    job = make_job(Path(base), checkpoints, prompts, seeds, out_dir, sampling, include_base, skip)
+    job = make_job(Path(base), checkpoints, prompts, seeds, out_dir, sampling, include_base, skip, scales)
     return run_worker(job, Path(python), out_dir.parent / "render-job.json", out_dir.parent / "render.log",
                       timeout_s, progress)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, FrozenSet, List, Mapping, Optional, Sequence
+from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence
 
 from sd3exp.errors import EvalError
 from sd3exp.evaluate import cells as cellio
@@ -15,6 +15,8 @@ from sd3exp.evaluate import reuse
 from sd3exp.evaluate.checkpoints import BASE_LABEL, Checkpoint, discover
 from sd3exp.evaluate.comfyui import Cell, Sampling
 from sd3exp.evaluate.grid import write_grids
+from sd3exp.evaluate import lora_scale
+from sd3exp.evaluate.lora_scale import Strength
 from sd3exp.evaluate.report import write_report
 from sd3exp.io import read_json, write_json
 from sd3exp.runfolder import training_elsewhere
@@ -44,10 +46,12 @@ def render_settings(cfg: ExperimentConfig) -> dict:
     return data
 
 
-def request_record(cfg: ExperimentConfig, checkpoints: Sequence[Checkpoint]) -> dict:
+def request_record(cfg: ExperimentConfig, checkpoints: Sequence[Checkpoint],
+                   strengths: Optional[Mapping[str, Strength]] = None) -> dict:
     """What was asked for (request.json): the same record means the earlier evaluation stands as it is."""
     ev = cfg.eval
-    return {"settings": render_settings(cfg), "checkpoints": reuse.fingerprints(checkpoints, ev.include_base),
+    scales = {label: s.trained for label, s in (strengths or {}).items()}
+    return {"settings": render_settings(cfg), "checkpoints": reuse.fingerprints(checkpoints, ev.include_base, scales),
             "prompts": list(ev.prompts), "seeds": list(ev.seeds)}
 
 
@@ -66,8 +70,9 @@ def render_diffusers(cfg: ExperimentConfig, job: RenderJob, run_dir: Path) -> Li
 
     env = trainer_for(cfg)
     ev = cfg.eval
+    scales = {label: s.trained for label, s in job.strengths.items()}
     return render(cfg.model.path, job.checkpoints, ev.prompts, ev.seeds, run_dir / "eval" / "images", env.python,
-                  sampling_of(ev), job.include_base, ev.timeout_s, skip=job.skip)
+                  sampling_of(ev), job.include_base, ev.timeout_s, skip=job.skip, scales=scales)
 
 
 def with_inputs(graph: dict, inputs: Mapping[str, Any]) -> dict:
@@ -98,12 +103,38 @@ def render_comfyui(cfg: ExperimentConfig, job: RenderJob, run_dir: Path) -> List
         links.write_extra_paths(run_dir / "eval" / "extra_model_paths.yaml", snippet)
         print(f"ComfyUI: start it with --extra-model-paths-config {run_dir / 'eval' / 'extra_model_paths.yaml'}")
     workflow = with_inputs(comfyui.load_workflow(ev.workflow), ev.workflow_inputs)
+    strengths = {label: s.comfy_strength for label, s in job.strengths.items()}
+    warn_strength_override(workflow, ev.workflow_inputs, strengths)
     spec = comfyui.SweepSpec(workflow, checkpoints,
                              {c.label: links.comfy_name(c, name, mode, training) for c in checkpoints},
                              ev.prompts, ev.seeds, sampling_of(ev), dict(ev.nodes), include_base=job.include_base,
-                             skip=job.skip)
+                             skip=job.skip, strengths=strengths)
     result = comfyui.run_sweep(comfyui.ComfyClient(ev.url), spec, timeout_s=ev.timeout_s)
     return cellio.store_images(result, run_dir / "eval" / "images")
+
+
+def warn_strength_override(workflow: dict, inputs: Mapping[str, Any], strengths: Mapping[str, float]) -> None:
+    """A strength_model the user set in eval.workflow_inputs is replaced per checkpoint: say so."""
+    for node_id, values in inputs.items():
+        if "strength_model" in values and strengths and workflow[node_id]["class_type"] == "LoraLoaderModelOnly":
+            print(f"warning: eval.workflow_inputs.{node_id}.strength_model={values['strength_model']!r} is replaced "
+                  "by each checkpoint's trained scale (alpha/rank), so the grid shows what was trained")
+
+
+def lora_strengths(cfg: ExperimentConfig, checkpoints: Sequence[Checkpoint]) -> Dict[str, Strength]:
+    """The trained scale of every LoRA checkpoint; warnings (wrong-strength combinations) printed now,
+    before anything is rendered."""
+    found, warnings = lora_scale.strengths(checkpoints, cfg.lora.rank, cfg.lora.alpha)
+    if cfg.eval.backend == "diffusers" and any(s.comfy_strength != s.trained for s in found.values()):
+        warnings.append("these LoRA files carry .alpha tensors (lora.format=comfyui): the diffusers backend renders "
+                        "them at the trained scale only if diffusers ignores those tensors, which sd3exp has not "
+                        "checked; prefer eval.backend=comfyui for them, or lora.format=diffusers")
+    for warning in warnings:
+        print(f"warning: {warning}")
+    if found:
+        shown = sorted({(round(s.trained, 6), s.source) for s in found.values()})
+        print("LoRA strength: " + "; ".join(f"alpha/rank = {scale:g} (from {source})" for scale, source in shown))
+    return found
 
 
 def checkpoints_to_render(cfg: ExperimentConfig, run_dir: Path) -> List[Checkpoint]:
@@ -142,14 +173,15 @@ class RenderJob:
     checkpoints: List[Checkpoint]
     include_base: bool
     skip: FrozenSet[reuse.CellKey]
+    strengths: Mapping[str, Strength] = field(default_factory=dict)  # LoRA label -> scale to render at
 
 
 def render_job(checkpoints: List[Checkpoint], include_base: bool, all_cells: List[reuse.CellKey],
-               reused: Mapping[reuse.CellKey, Cell]) -> RenderJob:
+               reused: Mapping[reuse.CellKey, Cell], strengths: Mapping[str, Strength]) -> RenderJob:
     """Only the checkpoints with a cell that was not reused are loaded."""
     todo = {key[0] for key in all_cells if key not in reused}
     return RenderJob([c for c in checkpoints if c.label in todo], include_base and BASE_LABEL in todo,
-                     frozenset(reused))
+                     frozenset(reused), {k: v for k, v in strengths.items() if k in todo})
 
 
 def evaluate(cfg: ExperimentConfig, run_dir: Path) -> Path:
@@ -161,7 +193,8 @@ def evaluate(cfg: ExperimentConfig, run_dir: Path) -> Path:
         return run_dir
     eval_dir = run_dir / "eval"
     checkpoints = checkpoints_to_render(cfg, run_dir)
-    record = request_record(cfg, checkpoints)
+    strengths = lora_strengths(cfg, checkpoints)
+    record = request_record(cfg, checkpoints, strengths)
     if (eval_dir / "request.json").is_file() and read_json(eval_dir / "request.json") == record:
         print(f"already evaluated with these settings: {eval_dir / 'report.html'}")
         return eval_dir / "report.html"
@@ -170,9 +203,10 @@ def evaluate(cfg: ExperimentConfig, run_dir: Path) -> Path:
     eval_dir.mkdir(parents=True)
     reused = reuse.adopt(reuse.reusable(previous, before, record, ev.prompts, ev.seeds), eval_dir / "images")
     all_cells = reuse.wanted(list(record["checkpoints"]), ev.prompts, ev.seeds)
-    job = render_job(checkpoints, ev.include_base, all_cells, reused)
+    job = render_job(checkpoints, ev.include_base, all_cells, reused, strengths)
     backend = render_comfyui if ev.backend == "comfyui" else render_diffusers
     rendered = backend(cfg, job, run_dir) if job.checkpoints or job.include_base else []
+    rendered = [replace(c, lora_scale=strengths[c.label].trained) if c.label in strengths else c for c in rendered]
     if reused:
         print(f"reused {len(reused)} unchanged cell(s) from {kept}; rendered {len(rendered)}")
     by_key = {**reused, **{(c.label, c.prompt_index, c.seed): c for c in rendered}}
