@@ -49,17 +49,17 @@ def colour(path: Path) -> tuple:
 def test_comfyui_sweep_with_a_base_column_and_a_failing_cell(tmp_path):
     run, models = tmp_path / "run", tmp_path / "comfy-models"
     fake_lora_run(run)
-    fail = lambda g: "CUDA out of memory" if ("checkpoint-4." in json.dumps(g) and PROMPTS[1] in json.dumps(g)) else None
-    with StandIn(tmp_path / "comfy-out", unet_names=["sd3_medium_transformer.safetensors"],
-                 lora_names=[f"run/checkpoint-{s}.safetensors" for s in (2, 4, 6)], error_if=fail) as server:
+    fail = lambda g: "CUDA out of memory" if ("checkpoint-4-" in json.dumps(g) and PROMPTS[1] in json.dumps(g)) else None
+    with StandIn(tmp_path / "comfy-out", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"],
+                 error_if=fail) as server:
         out = run_cli("experiment=demo", "stage=eval", "demo=false", "concepts.0.num_images=16",
                       f"hydra.run.dir={run}", "eval.backend=comfyui", f"eval.url={server.url}",
                       f"eval.models_dir={models}", "eval.include_final=false", f"eval.prompts={json.dumps(PROMPTS)}",
                       "+eval.workflow_inputs.7.vae_name=my_sd3_vae.safetensors", "eval.include_base=true")
     assert out.returncode == 3, out.stdout[-2000:] + out.stderr[-2000:]
     assert "1 of 8 cells failed" in out.stderr and "CUDA out of memory" in out.stderr
-    assert (models / "loras" / "run" / "checkpoint-4.safetensors").resolve() == \
-        (run / "training" / "checkpoint-4" / "pytorch_lora_weights.safetensors").resolve()
+    link, = (models / "loras" / "run").glob("checkpoint-4-*.safetensors")
+    assert link.resolve() == (run / "training" / "checkpoint-4" / "pytorch_lora_weights.safetensors").resolve()
     cells = json.loads((run / "eval" / "cells.json").read_text())
     cells = cells["cells"] if isinstance(cells, dict) else cells
     assert [c["status"] for c in cells].count("ok") == 7
@@ -75,11 +75,11 @@ def test_comfyui_sweep_with_a_base_column_and_a_failing_cell(tmp_path):
 def test_a_second_evaluation_renders_only_what_changed(tmp_path):
     run, models = tmp_path / "run", tmp_path / "comfy-models"
     fake_lora_run(run)
-    fail = lambda g: "CUDA out of memory" if ("checkpoint-4." in json.dumps(g) and PROMPTS[1] in json.dumps(g)) else None
+    fail = lambda g: "CUDA out of memory" if ("checkpoint-4-" in json.dumps(g) and PROMPTS[1] in json.dumps(g)) else None
     common = ["experiment=demo", "stage=eval", "demo=false", "concepts.0.num_images=16", f"hydra.run.dir={run}",
               "eval.backend=comfyui", f"eval.models_dir={models}", "eval.include_final=false", "eval.include_base=true"]
-    with StandIn(tmp_path / "comfy-out", unet_names=["sd3_medium_transformer.safetensors"],
-                 lora_names=[f"run/checkpoint-{s}.safetensors" for s in (2, 4, 6)], error_if=fail) as server:
+    with StandIn(tmp_path / "comfy-out", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"],
+                 error_if=fail) as server:
         first = run_cli(*common, f"eval.url={server.url}", f"eval.prompts={json.dumps(PROMPTS)}")
         assert first.returncode == 3 and len(server.queued) == 8, first.stderr[-2000:]
         before = {p.name: p.read_bytes() for p in (run / "eval" / "images").iterdir()}
@@ -102,8 +102,7 @@ def test_a_run_can_be_evaluated_while_it_trains_but_not_twice_at_once(tmp_path):
     run, models = tmp_path / "run", tmp_path / "comfy-models"
     fake_lora_run(run)
     save_safetensors(run / "training" / "pytorch_lora_weights.safetensors", lora_tensors(99))  # maybe half written
-    names = [f"run/{label}.safetensors" for label in ("checkpoint-2", "checkpoint-4", "checkpoint-6", "final")]
-    with StandIn(tmp_path / "comfy-out", unet_names=["sd3_medium_transformer.safetensors"], lora_names=names) as server:
+    with StandIn(tmp_path / "comfy-out", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"]) as server:
         evaluate = ["experiment=demo", "stage=eval", "demo=false", "concepts.0.num_images=16", f"hydra.run.dir={run}",
                     "eval.backend=comfyui", f"eval.url={server.url}", f"eval.models_dir={models}",
                     f"eval.prompts={json.dumps(PROMPTS[:1])}"]
@@ -151,3 +150,28 @@ def test_lora_columns_render_at_the_trained_scale_alpha_over_rank(tmp_path):
     assert saved["10"]["inputs"]["strength_model"] == 2.0
     assert "alpha/rank = 2" in out.stdout
     assert [c["lora_scale"] for c in json.loads((run / "eval" / "cells.json").read_text())] == [2.0, 2.0]
+
+
+def test_a_retrained_checkpoint_is_not_served_from_comfyuis_cache(tmp_path):
+    """ComfyUI caches a loader by its inputs: a file changed under the same name would give the old images."""
+    run, models = tmp_path / "run", tmp_path / "comfy-models"
+    fake_lora_run(run, steps=(2, 4))
+    evaluate = ["experiment=demo", "stage=eval", "demo=false", "concepts.0.num_images=16", f"hydra.run.dir={run}",
+                "eval.backend=comfyui", f"eval.models_dir={models}", "eval.include_final=false",
+                f"eval.prompts={json.dumps(PROMPTS[:1])}"]
+    weights = run / "training" / "checkpoint-2" / "pytorch_lora_weights.safetensors"
+    images = run / "eval" / "images"
+    with StandIn(tmp_path / "comfy-out", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"]) as server:
+        first = run_cli(*evaluate, f"eval.url={server.url}")
+        assert first.returncode == 0, first.stderr[-2000:]
+        old = colour(images / "checkpoint-2_p0_s0.png")
+        save_safetensors(weights, lora_tensors(102), simpletuner_metadata(4, 4))  # retrained: same name, new weights
+        second = run_cli(*evaluate, f"eval.url={server.url}")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "reused 1 unchanged cell(s)" in second.stdout
+    with StandIn(tmp_path / "comfy-out-2", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"]) as cold:
+        name = next(n for n in cold.names("LoraLoaderModelOnly") if n.startswith("run/checkpoint-2"))
+        spec = SweepSpec(load_workflow(LORA_WORKFLOW), [Checkpoint(2, "checkpoint-2", "lora", weights)],
+                         {"checkpoint-2": name}, PROMPTS[:1], strengths={"checkpoint-2": 1.0})
+        fresh, = run_sweep(ComfyClient(cold.url), spec, save_dir=tmp_path / "fresh", progress=False)
+    assert colour(images / "checkpoint-2_p0_s0.png") == colour(fresh.paths[0]) != old
