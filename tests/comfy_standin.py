@@ -185,6 +185,7 @@ class StandIn:
         self.history: dict[str, Any] = {}
         self.sockets: dict[str, list[WsConn]] = {}
         self.cache: dict[str, Any] = {}
+        self.flags: dict[str, Any] = {}
         self.finished = 0
         self.number = 0
         self.interrupt_flag = False
@@ -291,15 +292,22 @@ class StandIn:
     # ------------------------------------------------------------ execution
 
     def _worker(self) -> None:
+        """ComfyUI's prompt_worker: take the next prompt if one is queued, run it, then apply the
+        /free flags (so a prompt already queued when /free arrives may still run from the cache)."""
         while True:
             with self.cond:
-                while not self.pending and not self.stopping:
+                while not self.pending and not self.stopping and not self.flags:
                     self.cond.wait()
                 if self.stopping:
                     return
-                self.running = self.pending.pop(0)
+                self.running = self.pending.pop(0) if self.pending else None
                 self.interrupt_flag = False
-            self._execute(self.running)
+            if self.running:
+                self._execute(self.running)
+            with self.cond:
+                if self.flags.pop("free_memory", False):
+                    self.cache.clear()
+                self.flags.clear()
 
     def _execute(self, item: Item) -> None:
         cid, pid = item.client_id, item.prompt_id
@@ -460,11 +468,11 @@ class StandIn:
             self.pending = [] if body.get("clear") else [i for i in self.pending if i.prompt_id not in ids]
 
     def free(self, body: dict[str, Any]) -> None:
-        """POST /free: free_memory resets the executor's caches (ComfyUI main.py prompt_worker)."""
+        """POST /free sets flags; the worker applies them (free_memory resets the node cache)."""
         self.frees.append(body)
-        if body.get("free_memory"):
-            with self.cond:
-                self.cache.clear()
+        with self.cond:
+            self.flags.update({k: body[k] for k in ("unload_models", "free_memory") if k in body})
+            self.cond.notify_all()
 
     def interrupt(self, body: dict[str, Any]) -> None:
         target = body.get("prompt_id")

@@ -175,3 +175,27 @@ def test_a_retrained_checkpoint_is_not_served_from_comfyuis_cache(tmp_path):
                          {"checkpoint-2": name}, PROMPTS[:1], strengths={"checkpoint-2": 1.0})
         fresh, = run_sweep(ComfyClient(cold.url), spec, save_dir=tmp_path / "fresh", progress=False)
     assert colour(images / "checkpoint-2_p0_s0.png") == colour(fresh.paths[0]) != old
+
+
+def test_with_extra_model_paths_a_retrained_checkpoint_frees_comfyuis_cache_first(tmp_path):
+    """eval.link_mode=extra_paths: ComfyUI names the file by its own path, which a retrain keeps."""
+    run, models = tmp_path / "run", tmp_path / "comfy-models"
+    fake_lora_run(run, steps=(2,))
+    models.mkdir()
+    (models / "loras").symlink_to(run / "training")  # what extra_model_paths.yaml makes ComfyUI scan
+    evaluate = ["experiment=demo", "stage=eval", "demo=false", "concepts.0.num_images=16", f"hydra.run.dir={run}",
+                "eval.backend=comfyui", "eval.link_mode=extra_paths", "eval.include_final=false",
+                f"eval.prompts={json.dumps(PROMPTS[:1])}"]
+    weights = run / "training" / "checkpoint-2" / "pytorch_lora_weights.safetensors"
+    with StandIn(tmp_path / "comfy-out", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"]) as server:
+        assert run_cli(*evaluate, f"eval.url={server.url}").returncode == 0
+        old = colour(run / "eval" / "images" / "checkpoint-2_p0_s0.png")
+        save_safetensors(weights, lora_tensors(102), simpletuner_metadata(4, 4))
+        second = run_cli(*evaluate, f"eval.url={server.url}")
+        assert second.returncode == 0, second.stderr[-2000:]
+    with StandIn(tmp_path / "comfy-out-2", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"]) as cold:
+        spec = SweepSpec(load_workflow(LORA_WORKFLOW), [Checkpoint(2, "checkpoint-2", "lora", weights)],
+                         {"checkpoint-2": "checkpoint-2/pytorch_lora_weights.safetensors"}, PROMPTS[:1])
+        fresh, = run_sweep(ComfyClient(cold.url), spec, save_dir=tmp_path / "fresh", progress=False)
+    assert colour(run / "eval" / "images" / "checkpoint-2_p0_s0.png") == colour(fresh.paths[0]) != old
+    assert len(server.frees) == 1 and "POST /free" in second.stdout

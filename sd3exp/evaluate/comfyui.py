@@ -429,6 +429,14 @@ class ComfyClient:
         for prompt_id in running & set(prompt_ids):
             self.request("POST", "/interrupt", json={"prompt_id": prompt_id})
 
+    def free(self, grace_s: float = 0.5) -> None:
+        """Unload ComfyUI's models and reset its node cache (POST /free). The server applies it after
+        the prompt it is running, before taking the next; `grace_s` lets an idle worker wake first."""
+        response = self.request("POST", "/free", json={"unload_models": True, "free_memory": True})
+        if response.status_code != 200:
+            raise EvalError(f"ComfyUI POST /free: HTTP {response.status_code}: {response.text[:300]}")
+        time.sleep(grace_s)
+
     def open_socket(self) -> Optional[websocket.WebSocket]:
         """The event websocket for our client_id, or None (then we poll)."""
         try:

@@ -102,6 +102,11 @@ def render_comfyui(cfg: ExperimentConfig, job: RenderJob, run_dir: Path) -> List
         snippet = links.extra_paths_yaml(name, training, sorted({c.kind for c in checkpoints}))
         links.write_extra_paths(run_dir / "eval" / "extra_model_paths.yaml", snippet)
         print(f"ComfyUI: start it with --extra-model-paths-config {run_dir / 'eval' / 'extra_model_paths.yaml'}")
+    client = comfyui.ComfyClient(ev.url)
+    if mode == "extra_paths" and job.changed:
+        print(f"ComfyUI loads {', '.join(sorted(job.changed))} under an unchanged name but the file changed: "
+              "freeing its models and node cache first (POST /free)")
+        client.free()
     workflow = with_inputs(comfyui.load_workflow(ev.workflow), ev.workflow_inputs)
     strengths = {label: s.comfy_strength for label, s in job.strengths.items()}
     warn_strength_override(workflow, ev.workflow_inputs, strengths)
@@ -109,7 +114,7 @@ def render_comfyui(cfg: ExperimentConfig, job: RenderJob, run_dir: Path) -> List
                              {c.label: links.comfy_name(c, name, mode, training) for c in checkpoints},
                              ev.prompts, ev.seeds, sampling_of(ev), dict(ev.nodes), include_base=job.include_base,
                              skip=job.skip, strengths=strengths)
-    result = comfyui.run_sweep(comfyui.ComfyClient(ev.url), spec, timeout_s=ev.timeout_s)
+    result = comfyui.run_sweep(client, spec, timeout_s=ev.timeout_s)
     return cellio.store_images(result, run_dir / "eval" / "images")
 
 
@@ -174,14 +179,19 @@ class RenderJob:
     include_base: bool
     skip: FrozenSet[reuse.CellKey]
     strengths: Mapping[str, Strength] = field(default_factory=dict)  # LoRA label -> scale to render at
+    changed: FrozenSet[str] = frozenset()  # labels whose file changed since the last evaluation
 
 
 def render_job(checkpoints: List[Checkpoint], include_base: bool, all_cells: List[reuse.CellKey],
-               reused: Mapping[reuse.CellKey, Cell], strengths: Mapping[str, Strength]) -> RenderJob:
+               reused: Mapping[reuse.CellKey, Cell], strengths: Mapping[str, Strength],
+               before: Mapping[str, Any], now: Mapping[str, Any]) -> RenderJob:
     """Only the checkpoints with a cell that was not reused are loaded."""
     todo = {key[0] for key in all_cells if key not in reused}
+    old = before.get("checkpoints", {})
+    changed = {c.label for c in checkpoints if c.label in todo and c.label in old
+               and old[c.label][:2] != now["checkpoints"][c.label][:2]}
     return RenderJob([c for c in checkpoints if c.label in todo], include_base and BASE_LABEL in todo,
-                     frozenset(reused), {k: v for k, v in strengths.items() if k in todo})
+                     frozenset(reused), {k: v for k, v in strengths.items() if k in todo}, frozenset(changed))
 
 
 def evaluate(cfg: ExperimentConfig, run_dir: Path) -> Path:
@@ -203,7 +213,7 @@ def evaluate(cfg: ExperimentConfig, run_dir: Path) -> Path:
     eval_dir.mkdir(parents=True)
     reused = reuse.adopt(reuse.reusable(previous, before, record, ev.prompts, ev.seeds), eval_dir / "images")
     all_cells = reuse.wanted(list(record["checkpoints"]), ev.prompts, ev.seeds)
-    job = render_job(checkpoints, ev.include_base, all_cells, reused, strengths)
+    job = render_job(checkpoints, ev.include_base, all_cells, reused, strengths, before, record)
     backend = render_comfyui if ev.backend == "comfyui" else render_diffusers
     rendered = backend(cfg, job, run_dir) if job.checkpoints or job.include_base else []
     rendered = [replace(c, lora_scale=strengths[c.label].trained) if c.label in strengths else c for c in rendered]
