@@ -199,3 +199,55 @@ def test_with_extra_model_paths_a_retrained_checkpoint_frees_comfyuis_cache_firs
         fresh, = run_sweep(ComfyClient(cold.url), spec, save_dir=tmp_path / "fresh", progress=False)
     assert colour(run / "eval" / "images" / "checkpoint-2_p0_s0.png") == colour(fresh.paths[0]) != old
     assert len(server.frees) == 1 and "POST /free" in second.stdout
+
+
+def comfy_eval(run: Path, models: Path, url: str, *extra: str):
+    return run_cli("experiment=demo", "stage=eval", "demo=false", "concepts.0.num_images=16", f"hydra.run.dir={run}",
+                   "eval.backend=comfyui", f"eval.url={url}", f"eval.models_dir={models}", "eval.include_final=false",
+                   f"eval.prompts={json.dumps(PROMPTS)}", *extra)
+
+
+def test_failed_cells_are_retried_and_the_exit_status_stays_3_while_any_fails(tmp_path):
+    run, models = tmp_path / "run", tmp_path / "comfy-models"
+    fake_lora_run(run, steps=(2, 4))
+    failing = {"on": True}
+    fail = lambda g: "CUDA out of memory" if failing["on"] and "checkpoint-4-" in json.dumps(g) \
+        and PROMPTS[1] in json.dumps(g) else None
+    with StandIn(tmp_path / "comfy-out", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"],
+                 error_if=fail) as server:
+        first = comfy_eval(run, models, server.url)
+        again = comfy_eval(run, models, server.url)
+        queued_while_failing = len(server.queued)
+        failing["on"] = False
+        fixed = comfy_eval(run, models, server.url)
+        done = comfy_eval(run, models, server.url)
+    assert (first.returncode, again.returncode) == (3, 3), again.stdout[-1500:] + again.stderr[-1500:]
+    assert "already evaluated" not in again.stdout and queued_while_failing == 4 + 1
+    assert "reused 3 unchanged cell(s)" in again.stdout
+    assert fixed.returncode == 0 and len(server.queued) == 4 + 1 + 1, fixed.stderr[-1500:]
+    assert [c["status"] for c in json.loads((run / "eval" / "cells.json").read_text())] == ["ok"] * 4
+    assert done.returncode == 0 and "already evaluated" in done.stdout
+
+
+def test_a_failed_start_leaves_the_earlier_evaluation_in_place(tmp_path):
+    run, models = tmp_path / "run", tmp_path / "comfy-models"
+    fake_lora_run(run, steps=(2, 4))
+    with StandIn(tmp_path / "comfy-out", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"]) as server:
+        assert comfy_eval(run, models, server.url).returncode == 0
+        before = sorted(p.relative_to(run).as_posix() for p in (run / "eval").rglob("*"))
+        failures = [comfy_eval(run, models, server.url, "eval.include_base=true",
+                               "+eval.workflow_inputs.1.unet_name=no_such_model.safetensors"),
+                    comfy_eval(run, models, server.url, "eval.seeds=[]"),
+                    comfy_eval(run, models, "", "eval.url=null")]
+        assert [f.returncode for f in failures] == [2, 2, 2], [f.stderr[-500:] for f in failures]
+        assert sorted(p.relative_to(run).as_posix() for p in (run / "eval").rglob("*")) == before
+        assert sorted(p.name for p in run.iterdir() if p.name.startswith("eval")) == ["eval"]
+        queued = len(server.queued)
+        again = comfy_eval(run, models, server.url)
+        assert again.returncode == 0 and "already evaluated" in again.stdout and len(server.queued) == queued
+        # an evaluation folder left empty by an older sd3exp: cells come from the latest complete one
+        (run / "eval").rename(run / "eval.previous-1")
+        (run / "eval").mkdir()
+        more = comfy_eval(run, models, server.url, "eval.seeds=[0,1]")
+    assert more.returncode == 0, more.stderr[-1500:]
+    assert "reused 4 unchanged cell(s) (4 from eval.previous-1)" in more.stdout and len(server.queued) == queued + 4

@@ -13,6 +13,7 @@ import copy
 import difflib
 import json
 import logging
+import signal
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -511,6 +512,26 @@ class Cell:
     lora_scale: Optional[float] = None  # a LoRA checkpoint's alpha/rank it was rendered at
 
 
+class Stopped(KeyboardInterrupt):
+    """A signal other than Ctrl-C (SIGTERM) that stops a sweep the way Ctrl-C does."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during a sweep: the cells finished so far, our queued prompts cancelled."""
+
+    def __init__(self, cells: Sequence["Cell"], signum: int) -> None:
+        super().__init__(f"{len(cells)} cell(s) finished")
+        self.cells, self.signum = list(cells), signum
+
+    @classmethod
+    def during(cls, exc: KeyboardInterrupt, cells: Sequence["Cell"]) -> "SweepInterrupted":
+        return cls(cells, getattr(exc, "signum", signal.SIGINT))
+
+
 def _cell(spec: CellSpec, **fields: Any) -> Cell:
     c = spec.checkpoint
     return Cell(c.label, c.step, spec.prompt_index, spec.prompt, spec.seed, **fields)
@@ -674,7 +695,8 @@ def run_sweep(
     """Render the cells; one Cell per checkpoint x prompt x seed not in spec.skip, checkpoint-major.
 
     Model names are checked against /object_info before anything is queued.
-    Ctrl-C interrupts and deletes our queued prompts, then re-raises.
+    Ctrl-C (or Stopped) deletes our queued prompts and interrupts ours running, then raises
+    SweepInterrupted with the cells finished so far.
     """
     deadline = time.monotonic() + timeout_s
     sweep = _Sweep(client, spec, save_dir)  # workflow problems surface before any request
@@ -686,9 +708,9 @@ def run_sweep(
         try:
             sweep.queue_all(names)
             _wait(sweep, watcher, deadline)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             _cancel_quietly(client, list(sweep.queued))
-            raise
+            raise SweepInterrupted.during(exc, [sweep.results[i] for i in sorted(sweep.results)]) from exc
         finally:
             watcher.close()
         if sweep.queued:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from sd3exp.errors import EvalError
 from sd3exp.evaluate.cells import BASE_LABEL, IMAGE_NAME, Cell
 from sd3exp.evaluate.checkpoints import Checkpoint
-from sd3exp.evaluate.comfyui import Sampling
+from sd3exp.evaluate.comfyui import Sampling, SweepInterrupted
 from sd3exp.io import write_json
 from sd3exp.tinymodel import OFFLINE_ENV
 
@@ -89,21 +89,20 @@ def _tail(path: Path, lines: int = 15) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
-def _collect(proc: subprocess.Popen, job: dict[str, Any], bar: tqdm) -> dict[tuple[str, int, int], Cell]:
-    """Cells by (label, prompt index, seed) as the worker reports them."""
-    done = {}
+def _collect(proc: subprocess.Popen, job: dict[str, Any], bar: tqdm, done: dict[tuple[str, int, int], Cell]) -> None:
+    """Cells into `done` by (label, prompt index, seed) as the worker reports them."""
     for line in proc.stdout:
         cell = parse_line(line, job)
         if cell is not None:
             done[(cell.label, cell.prompt_index, cell.seed)] = cell
             bar.update(1)
             bar.set_postfix_str(f"{cell.label} {cell.status}")
-    return done
 
 
 def run_worker(job: dict[str, Any], python: Path, job_path: Path, log_path: Path, timeout_s: float,
                progress: bool = True) -> list[Cell]:
-    """Run the worker on a job; cells in job order (unreported ones as errors with the log's tail)."""
+    """Run the worker on a job; cells in job order (unreported ones as errors with the log's tail).
+    Ctrl-C or SIGTERM kill it and raise SweepInterrupted with the cells it reported."""
     if not Path(python).is_file():
         raise EvalError(f"trainer python {python} does not exist; install the trainer venv (make trainer)")
     write_json(job_path, job)
@@ -117,9 +116,12 @@ def run_worker(job: dict[str, Any], python: Path, job_path: Path, log_path: Path
         timed_out = threading.Event()
         watchdog = threading.Timer(timeout_s, lambda: (timed_out.set(), proc.kill()))
         watchdog.start()
+        done: dict[tuple[str, int, int], Cell] = {}
         try:
-            done = _collect(proc, job, bar)
+            _collect(proc, job, bar, done)
             code = proc.wait()
+        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the worker goes, its finished cells stay
+            raise SweepInterrupted.during(exc, list(done.values())) from exc
         finally:
             watchdog.cancel()
             proc.kill()
