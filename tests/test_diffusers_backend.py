@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ from sd3exp.errors import EvalError
 from sd3exp.evaluate import diffusers_backend as backend
 from sd3exp.evaluate.cells import BASE_LABEL, write_cells_json
 from sd3exp.evaluate.checkpoints import Checkpoint, discover
-from sd3exp.evaluate.comfyui import Sampling
+from sd3exp.evaluate.comfyui import Sampling, SweepInterrupted
 from sd3exp.evaluate.grid import write_grids
 from sd3exp.evaluate.report import write_report
 from sd3exp.tinymodel import OFFLINE_ENV, build_tiny_model
@@ -199,3 +202,15 @@ def test_lora_checkpoint_and_final_render_alike_at_the_trained_scale(tiny_run):
     assert [c.status for c in cells + at_one] == ["ok"] * 3, [c.error for c in cells + at_one]
     assert same(cells[0].paths[0], cells[1].paths[0])
     assert not same(cells[1].paths[0], at_one[0].paths[0])
+
+
+def test_ctrl_c_stops_the_worker_and_keeps_the_cells_it_reported(tmp_path):
+    line = {"label": "a", "step": None, "prompt_index": 0, "seed": 0, "status": "ok", "path": "/i/a.png",
+            "error": "", "seconds": 1.0}
+    python = fake_python(tmp_path, f"echo '{json.dumps(line)}'\nexec sleep 30\n")
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()  # Ctrl-C
+    started = time.monotonic()
+    with pytest.raises(SweepInterrupted) as stop:
+        backend.render(tmp_path, [checkpoint("a")], PROMPTS, [0], tmp_path / "images", python, progress=False)
+    assert [(c.label, c.prompt_index, c.status) for c in stop.value.cells] == [("a", 0, "ok")]
+    assert stop.value.signum == signal.SIGINT and time.monotonic() - started < 10

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import json
 import random
+import shlex
+import signal
 import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
+from sd3exp.cli import ROOT
 from sd3exp.evaluate.checkpoints import Checkpoint
 from sd3exp.evaluate.comfyui import ComfyClient, SweepSpec, load_workflow, run_sweep
 from sd3exp.runfolder import exclusive
@@ -251,3 +258,35 @@ def test_a_failed_start_leaves_the_earlier_evaluation_in_place(tmp_path):
         more = comfy_eval(run, models, server.url, "eval.seeds=[0,1]")
     assert more.returncode == 0, more.stderr[-1500:]
     assert "reused 4 unchanged cell(s) (4 from eval.previous-1)" in more.stdout and len(server.queued) == queued + 4
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_keeps_the_finished_cells_and_cleans_the_servers_queue(tmp_path, signum, code):
+    run, models = tmp_path / "run", tmp_path / "comfy-models"
+    fake_lora_run(run, steps=(2, 4))
+    args = ["experiment=demo", "stage=eval", "demo=false", "concepts.0.num_images=16", f"hydra.run.dir={run}",
+            "eval.backend=comfyui", f"eval.models_dir={models}", "eval.include_final=false",
+            f"eval.prompts={json.dumps(PROMPTS)}", "eval.seeds=[0,1]"]
+    with StandIn(tmp_path / "comfy-out", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"],
+                 delay_s=0.4) as server:
+        proc = subprocess.Popen([sys.executable, "-m", "sd3exp", *args, f"eval.url={server.url}"], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while server.finished < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signum)
+        stdout, stderr = proc.communicate(timeout=60)
+        time.sleep(0.3)
+        left = server.queue_state()
+        queued = len(server.queued)
+        assert proc.returncode == code, stdout[-1500:] + stderr[-1500:]
+        assert left == {"queue_running": [], "queue_pending": []} and len(server.deleted) >= 1
+        kept = json.loads((run / "eval" / "cells.json").read_text())
+        assert 1 <= len(kept) < 8 and all(c["status"] == "ok" for c in kept)
+        assert "Traceback" not in stderr and [line.startswith("sd3exp:") for line in stderr.splitlines()].count(True) == 1
+        assert f"kept {len(kept)} newly rendered cell(s)" in stderr
+        again = shlex.split(stderr.split("Continue with: ")[1].strip())
+        assert again[:3] == ["python", "-m", "sd3exp"]
+        after = subprocess.run([sys.executable, *again[1:]], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert after.returncode == 0, after.stdout[-1500:] + after.stderr[-1500:]
+    assert len(server.queued) == queued + 8 - len(kept) and f"reused {len(kept)} unchanged cell(s)" in after.stdout
