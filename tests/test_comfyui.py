@@ -289,7 +289,7 @@ def test_positive_is_the_prompt_wired_to_ksampler_positive() -> None:
 
 
 def test_node_lookup_errors_name_the_fix() -> None:
-    with pytest.raises(EvalError, match="eval.nodes.lora"):
+    with pytest.raises(EvalError, match="no LoraLoaderModelOnly node; add one"):
         find_nodes(WORKFLOW, "lora")
     with pytest.raises(EvalError, match="eval.nodes.save='42'"):
         find_nodes(WORKFLOW, "full", {"save": "42"})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shlex
 import signal
 import struct
@@ -17,10 +18,11 @@ from PIL import Image
 
 from sd3exp.cli import ROOT
 from sd3exp.evaluate.checkpoints import Checkpoint
-from sd3exp.evaluate.comfyui import ComfyClient, SweepSpec, load_workflow, run_sweep
+from sd3exp.errors import EvalError
+from sd3exp.evaluate.comfyui import ComfyClient, SweepSpec, find_nodes, load_workflow, run_sweep
 from sd3exp.runfolder import exclusive
 from tests.comfy_standin import StandIn, save_safetensors
-from tests.conftest import run_cli
+from tests.conftest import compose_experiment, run_cli
 
 PROMPTS = ["k4s4, red circle", "k4s4, blue square"]
 LORA_WORKFLOW = Path(__file__).parent.parent / "conf/workflows/sd3_lora_api.json"
@@ -290,3 +292,36 @@ def test_ctrl_c_or_sigterm_keeps_the_finished_cells_and_cleans_the_servers_queue
         after = subprocess.run([sys.executable, *again[1:]], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert after.returncode == 0, after.stdout[-1500:] + after.stderr[-1500:]
     assert len(server.queued) == queued + 8 - len(kept) and f"reused {len(kept)} unchanged cell(s)" in after.stdout
+
+
+def fix_overrides(stderr: str, pattern: str) -> list[str]:
+    """The overrides a printed fix names, split as a shell would split them when pasted."""
+    return shlex.split(re.search(pattern, stderr.split("Fix:")[1]).group(0))
+
+
+def test_every_fix_hint_of_the_evaluation_works_when_pasted(tmp_path):
+    run, models = tmp_path / "run", tmp_path / "comfy-models"
+    fake_lora_run(run, steps=(2,))
+    with StandIn(tmp_path / "comfy-out", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"]) as server:
+        base = ["eval.include_base=true", "+eval.workflow_inputs.1.unet_name=sd3_medium.safetensors"]
+        wrong = comfy_eval(run, models, server.url, *base)
+        assert wrong.returncode == 2 and "Fix:" in wrong.stderr
+        fixed = comfy_eval(run, models, server.url, *base, *fix_overrides(wrong.stderr, r"'\+\+eval\.[^']*'|\+\+eval\.\S+"))
+        assert fixed.returncode == 0, fixed.stderr[-1500:]
+        for broken, pattern in ((["eval.seeds=[]"], r"eval\.seeds='[^']*'"),
+                                (["eval.prompts=[]"], r"eval\.prompts='[^']*'"),
+                                (["eval.workflow=null"], r"eval\.workflow='[^']*'")):
+            out = comfy_eval(run, models, server.url, *broken)
+            assert out.returncode == 2, out.stderr[-500:]
+            again = comfy_eval(run, models, server.url, *broken, *fix_overrides(out.stderr, pattern))
+            assert again.returncode == 0, again.stderr[-1500:]
+
+
+def test_node_hints_are_overrides_that_select_the_node():
+    workflow = json.loads(json.dumps(load_workflow(LORA_WORKFLOW)))
+    workflow["11"] = {**workflow["10"], "inputs": {**workflow["10"]["inputs"]}}  # two LoRA loaders
+    with pytest.raises(EvalError) as err:
+        find_nodes(workflow, "lora")
+    override, = fix_overrides(str(err.value), r"'\+\+eval\.nodes[^']*'|\+\+eval\.nodes\S+")
+    cfg = compose_experiment("demo", [override])
+    assert find_nodes(workflow, "lora", cfg.eval.nodes).loader == "10"

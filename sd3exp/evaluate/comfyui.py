@@ -13,6 +13,7 @@ import copy
 import difflib
 import json
 import logging
+import shlex
 import signal
 import time
 import uuid
@@ -87,9 +88,18 @@ def _only(graph: Graph, class_type: str, role: str, overrides: Mapping[str, str]
     if explicit:
         return explicit
     ids = sorted(i for i, n in graph.items() if n["class_type"] == class_type)
-    if len(ids) != 1:
-        raise EvalError(f"the workflow has {len(ids)} {class_type} nodes {ids}; set eval.nodes.{role}=<node id>")
+    if not ids:
+        raise EvalError(f"the workflow has no {class_type} node; add one to it (for a LoRA run use "
+                        "conf/workflows/sd3_lora_api.json)")
+    if len(ids) > 1:
+        raise EvalError(f"the workflow has {len(ids)} {class_type} nodes {ids}. Fix: name the one to use, e.g. "
+                        f"{node_override(role, ids[0])}")
     return ids[0]
+
+
+def node_override(role: str, node_id: str) -> str:
+    """The command-line override that picks a node (`++` adds the key or replaces it)."""
+    return shlex.quote(f"++eval.nodes.{role}={node_id}")
 
 
 def _linked(graph: Graph, sampler: str, name: str, class_type: str, overrides: Mapping[str, str]) -> Optional[str]:
@@ -116,9 +126,10 @@ def find_nodes(graph: Graph, kind: str, overrides: Optional[Mapping[str, str]] =
     sampler = _only(graph, "KSampler", "sampler", overrides)
     positive = _linked(graph, sampler, "positive", "CLIPTextEncode", overrides)
     if positive is None:
-        raise EvalError(
-            f"KSampler {sampler}'s positive input is not a CLIPTextEncode node; set eval.nodes.positive=<node id>"
-        )
+        texts = sorted(i for i, n in graph.items() if n["class_type"] == "CLIPTextEncode")
+        fix = f"Fix: name the prompt node, e.g. {node_override('positive', texts[0])}" if texts else \
+            "the workflow has no CLIPTextEncode node to put the prompt in"
+        raise EvalError(f"KSampler {sampler}'s positive input is not a CLIPTextEncode node. {fix}")
     return NodeIds(
         loader=_only(graph, class_type, role, overrides),
         positive=positive,
@@ -206,7 +217,11 @@ def patch_graph(
         if value is None:
             continue
         if node is None:
-            raise EvalError(f"cannot set {key}={value!r}: no {role} node found; set eval.nodes.{role}=<node id>")
+            kinds = {"negative": "CLIPTextEncode", "latent": "EmptySD3LatentImage"}
+            ids = sorted(i for i, n in graph.items() if n["class_type"] == kinds.get(role))
+            fix = f"Fix: name it, e.g. {node_override(role, ids[0])}" if ids else \
+                f"the workflow has no {kinds.get(role, role)} node for it"
+            raise EvalError(f"cannot set {key}={value!r}: no {role} node is wired to the KSampler. {fix}")
         out[node]["inputs"][key] = value
     return out
 
@@ -603,10 +618,13 @@ class _Sweep:
         by_norm = {_norm(n): n for n in available}
         if _norm(name) in by_norm:
             return {BASE_LABEL: by_norm[_norm(name)]}
+        near = closest(name, available)
+        fix = f"add {shlex.quote(f'++eval.workflow_inputs.{loader}.unet_name={near[0]}')} (or another of those), " \
+            if near else ""
         raise EvalError(
             f"eval.include_base: the workflow's base model {name!r} (node {loader} unet_name) is not one of "
-            f"ComfyUI's {len(available)} diffusion models; closest: {closest(name, available)[:5]}. Fix: set "
-            f"eval.workflow_inputs='{{{loader}: {{unet_name: <one of those>}}}}', or eval.include_base=false")
+            f"ComfyUI's {len(available)} diffusion models; closest: {near[:5]}. Fix: {fix}or add "
+            "eval.include_base=false")
 
     def queue_all(self, names: Mapping[str, str]) -> None:
         graphs = [self.graph(i, names) for i in range(len(self.cells))]  # all patch errors before queueing

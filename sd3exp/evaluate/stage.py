@@ -28,6 +28,7 @@ from sd3exp.schema import EvalConfig, ExperimentConfig
 
 STAGING = "eval.next"  # where an evaluation is built before it replaces eval/
 EXTRA_PATHS_FILE = "comfyui_extra_model_paths.yaml"
+SHIPPED_WORKFLOWS = {"full": "sd3_api.json", "lora": "sd3_lora_api.json"}  # model.type -> conf/workflows/
 
 
 class CellsFailed(EvalError):
@@ -182,7 +183,7 @@ def check_settings(cfg: ExperimentConfig) -> None:
                           "add eval.url=http://127.0.0.1:8188")
     if ev.backend == "comfyui" and not ev.workflow:
         raise ConfigError("eval.workflow", ev.workflow, "eval.backend=comfyui needs an API-format workflow",
-                          "add eval.workflow=conf/workflows/sd3_api.json (sd3_lora_api.json for a LoRA)")
+                          f"add eval.workflow='${{paths.root_dir}}/conf/workflows/{SHIPPED_WORKFLOWS[cfg.model.type]}'")
 
 
 def archive_previous(eval_dir: Path) -> Optional[Path]:
