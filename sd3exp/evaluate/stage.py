@@ -299,14 +299,16 @@ def evaluate(cfg: ExperimentConfig, run_dir: Path, resume_command: Optional[str]
     if before == record and complete(current, all_cells):
         print(f"already evaluated with these settings: {eval_dir / 'report.html'}")
         return eval_dir / "report.html"
-    staging = staging_dir(run_dir)
+    staging, reused = staging_dir(run_dir), {}
     try:
         with stop_on_sigterm():
             reused = reuse_earlier(run_dir, record, ev.prompts, ev.seeds, staging / "images")
             job = render_job(checkpoints, ev.include_base, all_cells, reused, strengths, before, record)
             rendered = render(cfg, job, run_dir, staging)
-    except SweepInterrupted as stop:
-        keep_partial(cfg, run_dir, staging, reused, stop, record, resume_command)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Stopped), before or during the sweep
+        stop = exc if isinstance(exc, SweepInterrupted) else SweepInterrupted.during(exc, [])
+        stop.cells = with_scales(stop.cells, strengths)
+        keep_partial(run_dir, staging, all_cells, reused, stop, record, resume_command)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -319,16 +321,23 @@ def render(cfg: ExperimentConfig, job: RenderJob, run_dir: Path, staging: Path) 
     if not (job.checkpoints or job.include_base):
         return []
     backend = render_comfyui if cfg.eval.backend == "comfyui" else render_diffusers
-    rendered = backend(cfg, job, run_dir, staging / "images")
-    return [replace(c, lora_scale=job.strengths[c.label].trained) if c.label in job.strengths else c
-            for c in rendered]
+    return with_scales(backend(cfg, job, run_dir, staging / "images"), job.strengths)
 
 
-def keep_partial(cfg: ExperimentConfig, run_dir: Path, staging: Path, reused: Mapping[reuse.CellKey, Cell],
-                 stop: SweepInterrupted, record: dict, resume_command: Optional[str]) -> None:
-    """Ctrl-C or SIGTERM: record the finished cells (cells.json partial) and say how to continue."""
-    done = [c for c in cellio.store_images(stop.cells, staging / "images") if c.status == "ok"]
-    cells = sorted([*reused.values(), *done], key=lambda c: (c.label, c.prompt_index, c.seed))
+def with_scales(cells: Sequence[Cell], strengths: Mapping[str, Strength]) -> List[Cell]:
+    """The cells with the LoRA scale each was rendered at (cells.json `lora_scale`)."""
+    return [replace(c, lora_scale=strengths[c.label].trained) if c.label in strengths else c for c in cells]
+
+
+def keep_partial(run_dir: Path, staging: Path, all_cells: Sequence[reuse.CellKey],
+                 reused: Mapping[reuse.CellKey, Cell], stop: SweepInterrupted, record: dict,
+                 resume_command: Optional[str]) -> None:
+    """Ctrl-C or SIGTERM: record the finished cells (cells.json partial, in grid order) and say how to
+    continue."""
+    done = {(c.label, c.prompt_index, c.seed): c for c in cellio.store_images(stop.cells, staging / "images")
+            if c.status == "ok"}
+    by_key = {**reused, **done}
+    cells = [by_key[key] for key in all_cells if key in by_key]
     if done:
         cellio.write_cells_json(cells, staging / "cells.json")
         write_json(staging / "request.json", record)
