@@ -210,7 +210,12 @@ def test_ctrl_c_stops_the_worker_and_keeps_the_cells_it_reported(tmp_path):
     python = fake_python(tmp_path, f"echo '{json.dumps(line)}'\nexec sleep 30\n")
     threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()  # Ctrl-C
     started = time.monotonic()
-    with pytest.raises(SweepInterrupted) as stop:
-        backend.render(tmp_path, [checkpoint("a")], PROMPTS, [0], tmp_path / "images", python, progress=False)
+    # the OS may hand a process's signal to any of its threads: here never to the main one
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        with pytest.raises(SweepInterrupted) as stop:
+            backend.render(tmp_path, [checkpoint("a")], PROMPTS, [0], tmp_path / "images", python, progress=False)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     assert [(c.label, c.prompt_index, c.status) for c in stop.value.cells] == [("a", 0, "ok")]
     assert stop.value.signum == signal.SIGINT and time.monotonic() - started < 10

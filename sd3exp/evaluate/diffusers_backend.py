@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import subprocess
 import threading
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Collection, Mapping, Optional, Sequence
+from typing import Any, Collection, Iterator, Mapping, Optional, Sequence
 
 from tqdm import tqdm
 
@@ -28,6 +29,7 @@ from sd3exp.io import write_json
 from sd3exp.tinymodel import OFFLINE_ENV
 
 WORKER = Path(__file__).resolve().parent.parent / "workers" / "render_diffusers.py"
+WAKE_S = 0.2  # longest the main thread waits for a progress line before it looks at signals
 PIPE_ARGS = {"steps": "num_inference_steps", "cfg": "guidance_scale"}  # Sampling field -> pipeline argument
 log = logging.getLogger(__name__)
 
@@ -89,9 +91,24 @@ def _tail(path: Path, lines: int = 15) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
+def _lines(stream: Any) -> Iterator[str]:
+    """The stream's lines, read by a helper thread: the main thread never blocks in a read for long, so
+    Ctrl-C and SIGTERM (which the OS may hand to any thread) are acted on within WAKE_S."""
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: ([lines.put(line) for line in stream], lines.put(None)), daemon=True).start()
+    while True:
+        try:
+            line = lines.get(timeout=WAKE_S)
+        except queue.Empty:
+            continue
+        if line is None:
+            return
+        yield line
+
+
 def _collect(proc: subprocess.Popen, job: dict[str, Any], bar: tqdm, done: dict[tuple[str, int, int], Cell]) -> None:
     """Cells into `done` by (label, prompt index, seed) as the worker reports them."""
-    for line in proc.stdout:
+    for line in _lines(proc.stdout):
         cell = parse_line(line, job)
         if cell is not None:
             done[(cell.label, cell.prompt_index, cell.seed)] = cell
