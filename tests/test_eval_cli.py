@@ -325,3 +325,24 @@ def test_node_hints_are_overrides_that_select_the_node():
     override, = fix_overrides(str(err.value), r"'\+\+eval\.nodes[^']*'|\+\+eval\.nodes\S+")
     cfg = compose_experiment("demo", [override])
     assert find_nodes(workflow, "lora", cfg.eval.nodes).loader == "10"
+
+
+def test_sigterm_before_any_cell_finished_leaves_nothing_behind(tmp_path):
+    run, models = tmp_path / "run", tmp_path / "comfy-models"
+    fake_lora_run(run, steps=(2,))
+    with StandIn(tmp_path / "comfy-out", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"],
+                 delay_s=3.0) as server:
+        proc = subprocess.Popen([sys.executable, "-m", "sd3exp", "experiment=demo", "stage=eval", "demo=false",
+                                 "concepts.0.num_images=16", f"hydra.run.dir={run}", "eval.backend=comfyui",
+                                 f"eval.url={server.url}", f"eval.models_dir={models}", "eval.include_final=false",
+                                 f"eval.prompts={json.dumps(PROMPTS)}"], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while len(server.queued) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+        time.sleep(0.3)
+        assert server.queue_state() == {"queue_running": [], "queue_pending": []}
+    assert proc.returncode == 143 and "no new cell was finished" in stderr, stderr[-1500:]
+    assert not (run / "eval").exists() and not (run / "eval.next").exists()
