@@ -12,7 +12,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import jinja2
 
@@ -215,9 +215,27 @@ INVOCATION_KEYS = ("paths", "stage", "eval", "captioner", "dataset.prepared_dir"
                    "trainer.force", "trainer.cpu_shim")
 
 
+def relocatable(data: Any, folders: Dict[str, str]) -> Any:
+    """`data` with every path inside one of `folders` (absolute folder -> placeholder) written relative to it."""
+    if isinstance(data, dict):
+        return {k: relocatable(v, folders) for k, v in data.items()}
+    if isinstance(data, list):
+        return [relocatable(v, folders) for v in data]
+    if isinstance(data, str):
+        for folder, placeholder in folders.items():
+            if data == folder or data.startswith(folder.rstrip("/") + "/"):
+                return placeholder + data[len(folder.rstrip("/")):]
+    return data
+
+
 def config_hash(resolved: dict) -> str:
-    """sha256 of the resolved training settings (INVOCATION_KEYS removed)."""
+    """sha256 of the resolved training settings (INVOCATION_KEYS removed; paths inside the run folder or
+    the project checkout written relative to them, so moving either keeps a run's identity)."""
     data = json.loads(json.dumps(resolved, sort_keys=True, default=str))
+    paths = data.get("paths") or {}
+    folders = {str(paths[k]): f"${{paths.{k}}}" for k in ("run_dir", "root_dir") if isinstance(paths.get(k), str)
+               and paths[k].startswith("/")}
+    data = relocatable(data, dict(sorted(folders.items(), key=lambda kv: -len(kv[0]))))
     for key in INVOCATION_KEYS:
         *parents, leaf = key.split(".")
         node = data

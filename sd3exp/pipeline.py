@@ -23,6 +23,7 @@ from sd3exp.validate import validate
 
 DATA_STAGES = ("prepare", "audit", "train", "all")
 CAPTION_STAGES = ("caption", "review")  # read the dataset, never the model
+READ_ONLY_STAGES = ("eval", "report")  # they only read checkpoints, whoever trained them
 
 
 @dataclass
@@ -97,7 +98,8 @@ def claim(job: Job, cfg: DictConfig) -> Job:
     where `cfg` is resolved again (every path under the run folder follows it)."""
     t = job.cfg.trainer
     training = Path(job.cfg.paths.training_dir)
-    run_dir = runfolder.resolve_run_dir(job.run_dir, record_of(job), training, t.force, t.new_run)
+    run_dir = runfolder.resolve_run_dir(job.run_dir, record_of(job), training, t.force, t.new_run,
+                                        reading=job.cfg.stage in READ_ONLY_STAGES)
     if run_dir == job.run_dir:
         return job
     print(f"trainer.new_run: starting a new run folder {run_dir}")

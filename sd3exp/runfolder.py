@@ -136,12 +136,27 @@ def next_free(run_dir: Path) -> Path:
     return Path(f"{run_dir}-{n}")
 
 
+def training_owner(training_dir: Path) -> Optional[str]:
+    """The run folder that trained into `training_dir` (as recorded then), or None when sd3exp did not."""
+    owner = training_dir / OWNER
+    return owner.read_text().strip() if owner.is_file() else None
+
+
+def note_training_owner(training_dir: Path, run_dir: Path) -> None:
+    """Evaluation only reads checkpoints: say whose they are when they are not this run folder's."""
+    claimed = training_owner(training_dir)
+    if not checkpoint_dirs(training_dir) or claimed == str(run_dir.resolve()):
+        return
+    whose = f"of the run folder {claimed} (moved or copied since)" if claimed else "sd3exp did not train (no " \
+        f"{OWNER} file: SimpleTuner run by hand?)"
+    print(f"evaluating checkpoints in {training_dir} {whose}; they are only read")
+
+
 def check_training_owner(training_dir: Path, run_dir: Path) -> None:
     """Refuse a training folder whose checkpoints belong to another run."""
     if not checkpoint_dirs(training_dir):
         return
-    owner = training_dir / OWNER
-    claimed = owner.read_text().strip() if owner.is_file() else None
+    claimed = training_owner(training_dir)
     if claimed != str(run_dir.resolve()):
         raise RunConflictError(
             f"paths.training_dir={training_dir} already holds checkpoints of "
@@ -157,13 +172,15 @@ def claim_training_dir(training_dir: Path, run_dir: Path) -> None:
         write_bytes(owner, f"{run_dir.resolve()}\n".encode())
 
 
-def resolve_run_dir(run_dir: Path, record: RunRecord, training_dir: Path, force: bool, new_run: bool) -> Path:
-    """The folder this invocation may write to: `run_dir`, or a fresh sibling for trainer.new_run."""
+def resolve_run_dir(run_dir: Path, record: RunRecord, training_dir: Path, force: bool, new_run: bool,
+                    reading: bool = False) -> Path:
+    """The folder this invocation may write to: `run_dir`, or a fresh sibling for trainer.new_run.
+    `reading` (eval, report): checkpoints are only read, so whoever trained them is accepted."""
     previous = read_record(run_dir)
     if new_run and previous is not None:
         return next_free(run_dir)
     if previous is None or previous.config_hash == record.config_hash:
-        check_training_owner(training_dir, run_dir)
+        (note_training_owner if reading else check_training_owner)(training_dir, run_dir)
         return run_dir
     if force:
         archive(run_dir, previous)

@@ -129,7 +129,7 @@ def stage_train(job: Job, plan: Plan) -> None:
 def stage_eval(job: Job, plan: Plan) -> None:
     from sd3exp.evaluate.stage import evaluate
 
-    evaluate(job.cfg, job.run_dir)
+    evaluate(job.cfg, job.run_dir, command_for(job, "eval"))
 
 
 def stage_report(job: Job, plan: Plan) -> None:

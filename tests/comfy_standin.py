@@ -39,6 +39,42 @@ KNOWN = OUTPUT_NODES | {
     "EmptySD3LatentImage", "KSampler", "VAELoader", "VAEDecode", "ModelSamplingSD3",
 }
 MODEL_INPUTS = {"UNETLoader": "unet_name", "LoraLoaderModelOnly": "lora_name"}
+FOLDERS = {"UNETLoader": ("unet", "diffusion_models"), "LoraLoaderModelOnly": ("loras",)}  # under models/
+
+
+def save_safetensors(path: Path, tensors: dict[str, tuple[list[int], bytes]], metadata: Optional[dict] = None) -> None:
+    """A safetensors file of float32 tensors (name -> (shape, little-endian bytes))."""
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, (shape, data) in tensors.items():
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+    raw = json.dumps(header).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"".join(data for _, data in tensors.values()))
+
+
+def _load_safetensors(path: Path) -> dict[str, tuple[list[int], bytes]]:
+    """The tensors of a safetensors file; its metadata is dropped, as ComfyUI's loaders drop it."""
+    data = path.read_bytes()
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + size])
+    header.pop("__metadata__", None)
+    body = data[8 + size:]
+    return {k: (v["shape"], body[v["data_offsets"][0]:v["data_offsets"][1]]) for k, v in header.items()}
+
+
+def lora_patch(path: Path, strength: float) -> str:
+    """What LoraLoaderModelOnly adds (comfy/weight_adapter/lora.py): strength x (alpha/rank if the file
+    has `.alpha` tensors, else 1) x B·A; B·A stands for the lora tensors' digest."""
+    tensors = _load_safetensors(path)
+    scale = 1.0
+    for key, (_, data) in tensors.items():
+        if key.endswith(".alpha"):
+            rank = tensors[key[:-len(".alpha")] + ".lora_A.weight"][0][0]
+            scale = struct.unpack("<f", data[:4])[0] / rank
+    weights = hashlib.sha1(b"".join(k.encode() + d for k, (_, d) in sorted(tensors.items()) if not k.endswith(".alpha")))
+    return f"{weights.hexdigest()[:12]}x{round(strength * scale, 6):g}"
 
 
 def node_value(graph: Graph, class_type: str, name: str) -> Any:
@@ -121,6 +157,7 @@ class StandIn:
     """The server. Use as a context manager; `url` is http://127.0.0.1:<port>."""
 
     output_dir: Path
+    models_dir: Optional[Path] = None  # when set, listed and read by the loaders (models/unet, loras, ...)
     unet_names: list[str] = field(default_factory=list)
     lora_names: list[str] = field(default_factory=list)
     combo: bool = False  # /object_info in ["COMBO", {"options": [...]}] shape
@@ -134,6 +171,8 @@ class StandIn:
     on_done: Callable[[str], None] = lambda prompt_id: None  # after a history write
     # observations
     queued: list[str] = field(default_factory=list)
+    loads: list[str] = field(default_factory=list)  # model files read by loader nodes (not cached)
+    frees: list[Any] = field(default_factory=list)  # POST /free bodies
     deleted: list[str] = field(default_factory=list)
     interrupts: list[Optional[str]] = field(default_factory=list)
     ready_at: dict[str, float] = field(default_factory=dict)  # prompt_id -> when its image was written
@@ -146,6 +185,7 @@ class StandIn:
         self.history: dict[str, Any] = {}
         self.sockets: dict[str, list[WsConn]] = {}
         self.cache: dict[str, Any] = {}
+        self.flags: dict[str, Any] = {}
         self.finished = 0
         self.number = 0
         self.interrupt_flag = False
@@ -217,7 +257,13 @@ class StandIn:
         return 200, {"prompt_id": item.prompt_id, "number": item.number, "node_errors": node_errors}
 
     def names(self, class_type: str) -> list[str]:
-        return self.unet_names if class_type == "UNETLoader" else self.lora_names
+        """The listed names, plus what models_dir holds (scanned recursively, symlinks followed)."""
+        listed = self.unet_names if class_type == "UNETLoader" else self.lora_names
+        found = []
+        for folder in FOLDERS[class_type] if self.models_dir else ():
+            root = self.models_dir / folder
+            found += sorted(p.relative_to(root).as_posix() for p in root.rglob("*.safetensors") if p.is_file())
+        return listed + [n for n in found if n not in listed]
 
     def validate(self, graph: Graph, outputs: list[str]) -> dict[str, Any]:
         errors: dict[str, Any] = {}
@@ -246,15 +292,22 @@ class StandIn:
     # ------------------------------------------------------------ execution
 
     def _worker(self) -> None:
+        """ComfyUI's prompt_worker: take the next prompt if one is queued, run it, then apply the
+        /free flags (so a prompt already queued when /free arrives may still run from the cache)."""
         while True:
             with self.cond:
-                while not self.pending and not self.stopping:
+                while not self.pending and not self.stopping and not self.flags:
                     self.cond.wait()
                 if self.stopping:
                     return
-                self.running = self.pending.pop(0)
+                self.running = self.pending.pop(0) if self.pending else None
                 self.interrupt_flag = False
-            self._execute(self.running)
+            if self.running:
+                self._execute(self.running)
+            with self.cond:
+                if self.flags.pop("free_memory", False):
+                    self.cache.clear()
+                self.flags.clear()
 
     def _execute(self, item: Item) -> None:
         cid, pid = item.client_id, item.prompt_id
@@ -266,15 +319,17 @@ class StandIn:
         messages.append(["execution_cached", {"nodes": cached, "prompt_id": pid, "timestamp": _ms()}])
         self.emit(cid, *messages[1])
         outputs: dict[str, Any] = {}
+        values: dict[str, Any] = {}  # what each node computed (a model, latents), as a digest
         failure = None
         for node_id in _order(item.graph):
-            if node_id in cached:
-                outputs.update({node_id: self.cache[signatures[node_id]]} if self.cache[signatures[node_id]] else {})
+            if node_id in cached:  # ComfyUI's cache: keyed by input values, so a changed file is not re-read
+                output, values[node_id] = self.cache[signatures[node_id]]
+                outputs.update({node_id: output} if output else {})
                 continue
-            failure = self._run_node(item, node_id, outputs)
+            failure = self._run_node(item, node_id, outputs, values)
             if failure:
                 break
-            self.cache[signatures[node_id]] = outputs.get(node_id)
+            self.cache[signatures[node_id]] = (outputs.get(node_id), values.get(node_id))
         if failure:
             messages.append(failure)
             outputs = {}
@@ -284,14 +339,46 @@ class StandIn:
             time.sleep(self.history_lag_s)
         self._task_done(item, outputs, messages, failure is None)
 
-    def _run_node(self, item: Item, node_id: str, outputs: dict[str, Any]) -> Optional[list[Any]]:
+    def _input_value(self, node: dict[str, Any], name: str, values: dict[str, Any]) -> Any:
+        link = node["inputs"].get(name)
+        return values.get(str(link[0])) if _is_link(link) else link
+
+    def _file(self, class_type: str, name: str) -> Optional[Path]:
+        """The model file a loader reads (symlinks followed), when models_dir has it."""
+        for folder in FOLDERS[class_type] if self.models_dir else ():
+            path = self.models_dir / folder / name
+            if path.is_file():
+                self.loads.append(name)
+                return path
+        return None
+
+    def _compute(self, node: dict[str, Any], values: dict[str, Any]) -> Any:
+        """A digest of what the node computes: a model's tensors, a sample of a model and seed."""
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "UNETLoader":
+            path = self._file(kind, inputs["unet_name"])
+            return hashlib.sha1(path.read_bytes()).hexdigest()[:12] if path else inputs["unet_name"]
+        if kind == "LoraLoaderModelOnly":
+            strength = float(inputs.get("strength_model", 1.0))
+            path = self._file(kind, inputs["lora_name"])
+            patch = lora_patch(path, strength) if path else f"{inputs['lora_name']}x{strength:g}"
+            return f"{self._input_value(node, 'model', values)}+{patch}"
+        if kind == "KSampler":
+            return f"{self._input_value(node, 'model', values)}|seed={inputs.get('seed')}"
+        if kind == "VAEDecode":
+            return self._input_value(node, "samples", values)
+        return None
+
+    def _run_node(self, item: Item, node_id: str, outputs: dict[str, Any], values: dict[str, Any]
+                  ) -> Optional[list[Any]]:
         """Run one node; the [event, data] that ended the prompt, or None."""
         cid, pid, node = item.client_id, item.prompt_id, item.graph[node_id]
         self.emit(cid, "executing", {"node": node_id, "display_node": node_id, "prompt_id": pid})
+        values[node_id] = self._compute(node, values)
         if node["class_type"] == "KSampler":
             return self._sample(item, node_id)
         if node["class_type"] == "SaveImage":
-            images = self._save(item, node)
+            images = self._save(item, node, self._input_value(node, "images", values))
             outputs[node_id] = {"images": images}
             executed = {"node": node_id, "display_node": node_id, "output": {"images": images}, "prompt_id": pid}
             self.emit(cid, "executed", executed)
@@ -324,16 +411,16 @@ class StandIn:
             time.sleep(min(0.005, max(0.0, end - time.monotonic())))
         return self.interrupt_flag
 
-    def _save(self, item: Item, node: dict[str, Any]) -> list[dict[str, str]]:
+    def _save(self, item: Item, node: dict[str, Any], pixels: Any) -> list[dict[str, str]]:
         """SaveImage: `<prefix>_<counter:05>_.png`, a `/` in the prefix makes a subfolder."""
         subfolder, _, base = str(node["inputs"]["filename_prefix"]).rpartition("/")
         folder = self.output_dir / subfolder
         folder.mkdir(parents=True, exist_ok=True)
         counters = [int(p.name[len(base) + 1:len(base) + 6]) for p in folder.glob(f"{base}_?????_.png")]
         name = f"{base}_{max(counters, default=0) + 1:05}_.png"
-        if not self.lose_file_if(item.graph):
-            seed = node_value(item.graph, "KSampler", "seed") or 0
-            (folder / name).write_bytes(_png(8, (seed * 37 % 256, 128, 200), {"prompt": json.dumps(item.graph)}))
+        if not self.lose_file_if(item.graph):  # the colour stands for what was sampled: model and seed
+            r, g, b = hashlib.sha1(str(pixels).encode()).digest()[:3]
+            (folder / name).write_bytes(_png(8, (r, g, b), {"prompt": json.dumps(item.graph)}))
         self.ready_at[item.prompt_id] = time.monotonic()
         return [{"filename": name, "subfolder": subfolder, "type": "output"}]
 
@@ -379,6 +466,13 @@ class StandIn:
             ids = set(body.get("delete", []))
             self.deleted += [i.prompt_id for i in self.pending if i.prompt_id in ids]
             self.pending = [] if body.get("clear") else [i for i in self.pending if i.prompt_id not in ids]
+
+    def free(self, body: dict[str, Any]) -> None:
+        """POST /free sets flags; the worker applies them (free_memory resets the node cache)."""
+        self.frees.append(body)
+        with self.cond:
+            self.flags.update({k: body[k] for k in ("unload_models", "free_memory") if k in body})
+            self.cond.notify_all()
 
     def interrupt(self, body: dict[str, Any]) -> None:
         target = body.get("prompt_id")
@@ -502,6 +596,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._reply(*s.submit(body))
         if path == "/queue":
             s.change_queue(body)
+        elif path == "/free":
+            s.free(body)
         elif path == "/interrupt":
             s.interrupt(body)
         else:

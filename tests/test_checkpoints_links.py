@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -90,9 +91,10 @@ def test_links_created_then_identical_ones_skipped(tmp_path: Path) -> None:
     models = tmp_path / "models"
     first = link_checkpoints(found.checkpoints, models, "run1")
     assert [a.action for a in first] == ["create"] * 4
-    link = models / "unet" / "run1" / "checkpoint-200.safetensors"
+    name = comfy_name(found.checkpoints[1], "run1", "symlink", tmp_path / "out")
+    assert re.fullmatch(r"run1/checkpoint-200-[0-9a-f]{10}\.safetensors", name)
+    link = models / "unet" / name
     assert link.is_symlink() and link.read_bytes() == b"w200"
-    assert comfy_name(found.checkpoints[1], "run1", "symlink", tmp_path / "out") == "run1/checkpoint-200.safetensors"
     again = link_checkpoints(found.checkpoints, models, "run1")
     assert [a.action for a in again] == ["skip"] * 4 and not any(a.problem for a in again)
 
@@ -101,12 +103,13 @@ def test_lora_links_go_to_loras(tmp_path: Path) -> None:
     touch(tmp_path / "out" / "checkpoint-5" / LORA_FILE)
     found = discover(tmp_path / "out", include_final=False)
     link_checkpoints(found.checkpoints, tmp_path / "models", "r")
-    assert (tmp_path / "models" / "loras" / "r" / "checkpoint-5.safetensors").is_symlink()
+    assert [p.is_symlink() for p in (tmp_path / "models" / "loras" / "r").glob("checkpoint-5-*.safetensors")] == [True]
 
 
 def test_a_different_file_is_never_overwritten(tmp_path: Path) -> None:
     found = discover(full_run(tmp_path / "out", steps=(100,)), include_final=False)
-    other = touch(tmp_path / "models" / "unet" / "run1" / "checkpoint-100.safetensors", b"someone else's")
+    name = comfy_name(found.checkpoints[0], "run1", "symlink", tmp_path / "out")
+    other = touch(tmp_path / "models" / "unet" / name, b"someone else's")
     actions = link_checkpoints(found.checkpoints, tmp_path / "models", "run1")
     assert [a.action for a in actions] == ["conflict"] and "not overwritten" in actions[0].message
     assert not other.is_symlink() and other.read_bytes() == b"someone else's"
@@ -116,13 +119,27 @@ def test_broken_links_are_reported(tmp_path: Path) -> None:
     found = discover(full_run(tmp_path / "out", steps=(100,)), include_final=False)
     folder = tmp_path / "models" / "unet" / "run1"
     folder.mkdir(parents=True)
-    (folder / "checkpoint-100.safetensors").symlink_to(tmp_path / "gone" / "a.safetensors")
+    name = comfy_name(found.checkpoints[0], "run1", "symlink", tmp_path / "out").split("/")[1]
+    (folder / name).symlink_to(tmp_path / "gone" / "a.safetensors")
     (folder / "checkpoint-50.safetensors").symlink_to(tmp_path / "gone" / "b.safetensors")
     actions = link_checkpoints(found.checkpoints, tmp_path / "models", "run1")
-    assert [(a.action, a.link.name) for a in actions] == [
-        ("broken", "checkpoint-100.safetensors"), ("broken", "checkpoint-50.safetensors")
-    ]
-    assert os.readlink(folder / "checkpoint-100.safetensors") == str(tmp_path / "gone" / "a.safetensors")
+    assert [(a.action, a.link.name) for a in actions] == [("broken", name), ("broken", "checkpoint-50.safetensors")]
+    assert os.readlink(folder / name) == str(tmp_path / "gone" / "a.safetensors")
+
+
+def test_a_changed_checkpoint_gets_a_new_link_name_and_the_old_link_goes(tmp_path: Path) -> None:
+    """ComfyUI caches a loader by its input values: a retrained file under the old name is not reloaded."""
+    found = discover(full_run(tmp_path / "out", steps=(100,)), include_final=False)
+    models = tmp_path / "models"
+    link_checkpoints(found.checkpoints, models, "run1")
+    before = comfy_name(found.checkpoints[0], "run1", "symlink", tmp_path / "out")
+    weights = found.checkpoints[0].path
+    weights.write_bytes(b"retrained")
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    actions = link_checkpoints(found.checkpoints, models, "run1")
+    after = comfy_name(found.checkpoints[0], "run1", "symlink", tmp_path / "out")
+    assert after != before and [a.action for a in actions] == ["create", "remove"]
+    assert sorted(p.name for p in (models / "unet" / "run1").iterdir()) == [after.split("/")[1]]
 
 
 def test_extra_model_paths_instead_of_links(tmp_path: Path) -> None:

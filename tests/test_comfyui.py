@@ -33,7 +33,6 @@ from sd3exp.evaluate.comfyui import (
     render_seconds,
     run_sweep,
 )
-from sd3exp.evaluate.links import comfy_name
 from tests.comfy_standin import StandIn, node_value
 
 RUN = "run1"
@@ -46,7 +45,7 @@ def ckpts(kind: str = "full", steps: Sequence[int] = (100, 200, 300)) -> list[Ch
 
 
 def names_for(checkpoints: Sequence[Checkpoint]) -> list[str]:
-    return [comfy_name(c, RUN, "symlink", "/out") for c in checkpoints]
+    return [f"{RUN}/{c.label}.safetensors" for c in checkpoints]
 
 
 @pytest.fixture
@@ -58,7 +57,7 @@ def server(tmp_path: Path):
 def sweep(url: str, checkpoints: Sequence[Checkpoint], workflow: dict = WORKFLOW, **kwargs: Any) -> list[Cell]:
     spec_keys = {"seeds", "sampling", "nodes", "sweep_id", "prompts", "include_base"}
     spec_args = {"prompts": PROMPTS, **{k: kwargs.pop(k) for k in list(kwargs) if k in spec_keys}}
-    names = {c.label: comfy_name(c, RUN, "symlink", "/out") for c in checkpoints}
+    names = dict(zip((c.label for c in checkpoints), names_for(checkpoints)))
     spec = SweepSpec(workflow, checkpoints, names, **spec_args)
     client = ComfyClient(url, retries=kwargs.pop("retries", 2), backoff_s=0.01)
     return run_sweep(client, spec, progress=False, **kwargs)
@@ -290,7 +289,7 @@ def test_positive_is_the_prompt_wired_to_ksampler_positive() -> None:
 
 
 def test_node_lookup_errors_name_the_fix() -> None:
-    with pytest.raises(EvalError, match="eval.nodes.lora"):
+    with pytest.raises(EvalError, match="no LoraLoaderModelOnly node; add one"):
         find_nodes(WORKFLOW, "lora")
     with pytest.raises(EvalError, match="eval.nodes.save='42'"):
         find_nodes(WORKFLOW, "full", {"save": "42"})

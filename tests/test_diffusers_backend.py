@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ from sd3exp.errors import EvalError
 from sd3exp.evaluate import diffusers_backend as backend
 from sd3exp.evaluate.cells import BASE_LABEL, write_cells_json
 from sd3exp.evaluate.checkpoints import Checkpoint, discover
-from sd3exp.evaluate.comfyui import Sampling
+from sd3exp.evaluate.comfyui import Sampling, SweepInterrupted
 from sd3exp.evaluate.grid import write_grids
 from sd3exp.evaluate.report import write_report
 from sd3exp.tinymodel import OFFLINE_ENV, build_tiny_model
@@ -45,6 +48,18 @@ with torch.no_grad():
         if "lora_B" in name:
             p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
 StableDiffusion3Pipeline.save_lora_weights(out / "lora", transformer_lora_layers=get_peft_model_state_dict(transformer))
+# rank 4, alpha 8 as SimpleTuner 4.10.1 saves it: alpha in checkpoint-N's metadata only, the final file bare
+transformer.delete_adapters("default")
+transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+with torch.no_grad():
+    for name, p in transformer.named_parameters():
+        if "lora_B" in name:
+            p.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
+layers = get_peft_model_state_dict(transformer)
+StableDiffusion3Pipeline.save_lora_weights(out / "alpha8" / "checkpoint-2", transformer_lora_layers=layers,
+                                           transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
+save_file({"transformer." + k: v.contiguous() for k, v in layers.items()},
+          out / "alpha8" / "pytorch_lora_weights.safetensors")
 """
 
 
@@ -164,3 +179,43 @@ def test_skipped_cells_are_left_out(tiny_run):
         ("checkpoint-100", 0, "ok"), ("checkpoint-200", 0, "ok"), ("checkpoint-200", 1, "ok")]
     assert sorted(p.name for p in images.iterdir()) == ["checkpoint-100_p0_s7.png", "checkpoint-200_p0_s7.png",
                                                         "checkpoint-200_p1_s7.png"]
+
+
+@pytest.mark.trainer
+@pytest.mark.slow
+@needs_trainer
+def test_lora_checkpoint_and_final_render_alike_at_the_trained_scale(tiny_run):
+    """rank 4, alpha 8: diffusers read alpha from checkpoint-N's metadata (scale 2) but not from the
+    final file (scale 1); with the scale made explicit both render at 2, which differs from 1."""
+    from sd3exp.evaluate.lora_scale import strengths
+
+    folder = tiny_run / "alpha8"
+    loras = [Checkpoint(2, "checkpoint-2", "lora", folder / "checkpoint-2" / "pytorch_lora_weights.safetensors"),
+             Checkpoint(None, "final", "lora", folder / "pytorch_lora_weights.safetensors")]
+    found, _ = strengths(loras, rank=4, alpha=8)
+    scales = {label: s.trained for label, s in found.items()}
+    assert scales == {"checkpoint-2": 2.0, "final": 2.0}
+    cells = backend.render(tiny_run / "tiny", loras, PROMPTS[:1], [7], folder / "eval" / "images", trainer_python(),
+                           SAMPLING, timeout_s=600, progress=False, scales=scales)
+    at_one = backend.render(tiny_run / "tiny", loras[1:], PROMPTS[:1], [7], folder / "one" / "images",
+                            trainer_python(), SAMPLING, timeout_s=600, progress=False, scales={"final": 1.0})
+    assert [c.status for c in cells + at_one] == ["ok"] * 3, [c.error for c in cells + at_one]
+    assert same(cells[0].paths[0], cells[1].paths[0])
+    assert not same(cells[1].paths[0], at_one[0].paths[0])
+
+
+def test_ctrl_c_stops_the_worker_and_keeps_the_cells_it_reported(tmp_path):
+    line = {"label": "a", "step": None, "prompt_index": 0, "seed": 0, "status": "ok", "path": "/i/a.png",
+            "error": "", "seconds": 1.0}
+    python = fake_python(tmp_path, f"echo '{json.dumps(line)}'\nexec sleep 30\n")
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()  # Ctrl-C
+    started = time.monotonic()
+    # the OS may hand a process's signal to any of its threads: here never to the main one
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        with pytest.raises(SweepInterrupted) as stop:
+            backend.render(tmp_path, [checkpoint("a")], PROMPTS, [0], tmp_path / "images", python, progress=False)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    assert [(c.label, c.prompt_index, c.status) for c in stop.value.cells] == [("a", 0, "ok")]
+    assert stop.value.signum == signal.SIGINT and time.monotonic() - started < 10

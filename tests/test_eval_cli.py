@@ -3,40 +3,72 @@
 from __future__ import annotations
 
 import json
+import random
+import re
+import shlex
+import signal
+import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
+from sd3exp.cli import ROOT
+from sd3exp.evaluate.checkpoints import Checkpoint
+from sd3exp.errors import EvalError
+from sd3exp.evaluate.comfyui import ComfyClient, SweepSpec, find_nodes, load_workflow, run_sweep
 from sd3exp.runfolder import exclusive
-from tests.comfy_standin import StandIn
-from tests.conftest import run_cli
+from tests.comfy_standin import StandIn, save_safetensors
+from tests.conftest import compose_experiment, run_cli
 
 PROMPTS = ["k4s4, red circle", "k4s4, blue square"]
+LORA_WORKFLOW = Path(__file__).parent.parent / "conf/workflows/sd3_lora_api.json"
 
 
-def fake_lora_run(run: Path, steps=(2, 4, 6)) -> None:
-    """LoRA checkpoints as sd3exp's trainer leaves them (the stand-in never reads the weights)."""
+def lora_tensors(seed: int, rank: int = 4, width: int = 8) -> dict:
+    """One attention projection's lora_A/lora_B in SimpleTuner's (diffusers) key names."""
+    rng = random.Random(seed)
+    key = "transformer.transformer_blocks.0.attn.to_q"
+    values = lambda n: struct.pack(f"<{n}f", *(rng.gauss(0, 1) for _ in range(n)))
+    return {f"{key}.lora_A.weight": ([rank, width], values(rank * width)),
+            f"{key}.lora_B.weight": ([width, rank], values(rank * width))}
+
+
+def simpletuner_metadata(rank: int, alpha: float) -> dict:
+    """What SimpleTuner 4.10.1 writes into checkpoint-N's LoRA file (the final file has none)."""
+    return {"format": "pt", "lora_adapter_metadata": json.dumps({"transformer.r": rank, "transformer.lora_alpha": alpha})}
+
+
+def fake_lora_run(run: Path, steps=(2, 4, 6), rank: int = 4, alpha: float = 4) -> None:
+    """LoRA checkpoints as sd3exp's trainer leaves them: each with its own weights."""
     training = run / "training"
     for step in steps:
-        (training / f"checkpoint-{step}").mkdir(parents=True)
-        (training / f"checkpoint-{step}" / "pytorch_lora_weights.safetensors").write_bytes(b"lora %d" % step)
+        save_safetensors(training / f"checkpoint-{step}" / "pytorch_lora_weights.safetensors", lora_tensors(step),
+                         simpletuner_metadata(rank, alpha))
     (training / ".sd3exp-run").write_text(f"{run.resolve()}\n")
+
+
+def colour(path: Path) -> tuple:
+    return Image.open(path).convert("RGB").getpixel((0, 0))
 
 
 def test_comfyui_sweep_with_a_base_column_and_a_failing_cell(tmp_path):
     run, models = tmp_path / "run", tmp_path / "comfy-models"
     fake_lora_run(run)
-    fail = lambda g: "CUDA out of memory" if ("checkpoint-4." in json.dumps(g) and PROMPTS[1] in json.dumps(g)) else None
-    with StandIn(tmp_path / "comfy-out", unet_names=["sd3_medium_transformer.safetensors"],
-                 lora_names=[f"run/checkpoint-{s}.safetensors" for s in (2, 4, 6)], error_if=fail) as server:
+    fail = lambda g: "CUDA out of memory" if ("checkpoint-4-" in json.dumps(g) and PROMPTS[1] in json.dumps(g)) else None
+    with StandIn(tmp_path / "comfy-out", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"],
+                 error_if=fail) as server:
         out = run_cli("experiment=demo", "stage=eval", "demo=false", "concepts.0.num_images=16",
                       f"hydra.run.dir={run}", "eval.backend=comfyui", f"eval.url={server.url}",
                       f"eval.models_dir={models}", "eval.include_final=false", f"eval.prompts={json.dumps(PROMPTS)}",
                       "+eval.workflow_inputs.7.vae_name=my_sd3_vae.safetensors", "eval.include_base=true")
     assert out.returncode == 3, out.stdout[-2000:] + out.stderr[-2000:]
     assert "1 of 8 cells failed" in out.stderr and "CUDA out of memory" in out.stderr
-    assert (models / "loras" / "run" / "checkpoint-4.safetensors").resolve() == \
-        (run / "training" / "checkpoint-4" / "pytorch_lora_weights.safetensors").resolve()
+    link, = (models / "loras" / "run").glob("checkpoint-4-*.safetensors")
+    assert link.resolve() == (run / "training" / "checkpoint-4" / "pytorch_lora_weights.safetensors").resolve()
     cells = json.loads((run / "eval" / "cells.json").read_text())
     cells = cells["cells"] if isinstance(cells, dict) else cells
     assert [c["status"] for c in cells].count("ok") == 7
@@ -52,11 +84,11 @@ def test_comfyui_sweep_with_a_base_column_and_a_failing_cell(tmp_path):
 def test_a_second_evaluation_renders_only_what_changed(tmp_path):
     run, models = tmp_path / "run", tmp_path / "comfy-models"
     fake_lora_run(run)
-    fail = lambda g: "CUDA out of memory" if ("checkpoint-4." in json.dumps(g) and PROMPTS[1] in json.dumps(g)) else None
+    fail = lambda g: "CUDA out of memory" if ("checkpoint-4-" in json.dumps(g) and PROMPTS[1] in json.dumps(g)) else None
     common = ["experiment=demo", "stage=eval", "demo=false", "concepts.0.num_images=16", f"hydra.run.dir={run}",
               "eval.backend=comfyui", f"eval.models_dir={models}", "eval.include_final=false", "eval.include_base=true"]
-    with StandIn(tmp_path / "comfy-out", unet_names=["sd3_medium_transformer.safetensors"],
-                 lora_names=[f"run/checkpoint-{s}.safetensors" for s in (2, 4, 6)], error_if=fail) as server:
+    with StandIn(tmp_path / "comfy-out", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"],
+                 error_if=fail) as server:
         first = run_cli(*common, f"eval.url={server.url}", f"eval.prompts={json.dumps(PROMPTS)}")
         assert first.returncode == 3 and len(server.queued) == 8, first.stderr[-2000:]
         before = {p.name: p.read_bytes() for p in (run / "eval" / "images").iterdir()}
@@ -78,9 +110,8 @@ def test_a_second_evaluation_renders_only_what_changed(tmp_path):
 def test_a_run_can_be_evaluated_while_it_trains_but_not_twice_at_once(tmp_path):
     run, models = tmp_path / "run", tmp_path / "comfy-models"
     fake_lora_run(run)
-    (run / "training" / "pytorch_lora_weights.safetensors").write_bytes(b"final, maybe half written")
-    names = [f"run/{label}.safetensors" for label in ("checkpoint-2", "checkpoint-4", "checkpoint-6", "final")]
-    with StandIn(tmp_path / "comfy-out", unet_names=["sd3_medium_transformer.safetensors"], lora_names=names) as server:
+    save_safetensors(run / "training" / "pytorch_lora_weights.safetensors", lora_tensors(99))  # maybe half written
+    with StandIn(tmp_path / "comfy-out", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"]) as server:
         evaluate = ["experiment=demo", "stage=eval", "demo=false", "concepts.0.num_images=16", f"hydra.run.dir={run}",
                     "eval.backend=comfyui", f"eval.url={server.url}", f"eval.models_dir={models}",
                     f"eval.prompts={json.dumps(PROMPTS[:1])}"]
@@ -99,3 +130,219 @@ def test_a_run_can_be_evaluated_while_it_trains_but_not_twice_at_once(tmp_path):
     assert after.returncode == 0 and "reused 3 unchanged cell(s)" in after.stdout, after.stderr[-2000:]
     cells = json.loads((run / "eval" / "cells.json").read_text())
     assert [c["label"] for c in cells] == ["checkpoint-2", "checkpoint-4", "checkpoint-6", "final"]
+
+
+def test_lora_columns_render_at_the_trained_scale_alpha_over_rank(tmp_path):
+    """rank 4, alpha 8: checkpoint-2 (alpha in its metadata) and the final model (the same tensors, no
+    metadata) must render identically, at scale 2, which differs from scale 1."""
+    run, models = tmp_path / "run", tmp_path / "comfy-models"
+    fake_lora_run(run, steps=(2,), rank=4, alpha=8)
+    final = run / "training" / "pytorch_lora_weights.safetensors"
+    save_safetensors(final, lora_tensors(2))
+    with StandIn(tmp_path / "comfy-out", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"]) as server:
+        out = run_cli("experiment=demo", "stage=eval", "demo=false", "concepts.0.num_images=16", "lora.alpha=8",
+                      f"hydra.run.dir={run}", "eval.backend=comfyui", f"eval.url={server.url}",
+                      f"eval.models_dir={models}", f"eval.prompts={json.dumps(PROMPTS[:1])}")
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        name = next(n for n in server.names("LoraLoaderModelOnly") if "final" in n)
+        references = {}
+        for scale in (1.0, 2.0):  # the shipped workflow with its loader's strength set by hand
+            workflow = load_workflow(LORA_WORKFLOW)
+            workflow["10"]["inputs"]["strength_model"] = scale
+            spec = SweepSpec(workflow, [Checkpoint(None, "final", "lora", final)], {"final": name}, PROMPTS[:1])
+            cell, = run_sweep(ComfyClient(server.url), spec, save_dir=tmp_path / f"ref-{scale}", progress=False)
+            references[scale] = colour(cell.paths[0])
+    images = run / "eval" / "images"
+    assert colour(images / "checkpoint-2_p0_s0.png") == colour(images / "final_p0_s0.png") == references[2.0]
+    assert references[1.0] != references[2.0]
+    saved = json.loads(Image.open(images / "final_p0_s0.png").text["prompt"])
+    assert saved["10"]["inputs"]["strength_model"] == 2.0
+    assert "alpha/rank = 2" in out.stdout
+    assert [c["lora_scale"] for c in json.loads((run / "eval" / "cells.json").read_text())] == [2.0, 2.0]
+
+
+def test_a_retrained_checkpoint_is_not_served_from_comfyuis_cache(tmp_path):
+    """ComfyUI caches a loader by its inputs: a file changed under the same name would give the old images."""
+    run, models = tmp_path / "run", tmp_path / "comfy-models"
+    fake_lora_run(run, steps=(2, 4))
+    evaluate = ["experiment=demo", "stage=eval", "demo=false", "concepts.0.num_images=16", f"hydra.run.dir={run}",
+                "eval.backend=comfyui", f"eval.models_dir={models}", "eval.include_final=false",
+                f"eval.prompts={json.dumps(PROMPTS[:1])}"]
+    weights = run / "training" / "checkpoint-2" / "pytorch_lora_weights.safetensors"
+    images = run / "eval" / "images"
+    with StandIn(tmp_path / "comfy-out", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"]) as server:
+        first = run_cli(*evaluate, f"eval.url={server.url}")
+        assert first.returncode == 0, first.stderr[-2000:]
+        old = colour(images / "checkpoint-2_p0_s0.png")
+        save_safetensors(weights, lora_tensors(102), simpletuner_metadata(4, 4))  # retrained: same name, new weights
+        second = run_cli(*evaluate, f"eval.url={server.url}")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "reused 1 unchanged cell(s)" in second.stdout
+    with StandIn(tmp_path / "comfy-out-2", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"]) as cold:
+        name = next(n for n in cold.names("LoraLoaderModelOnly") if n.startswith("run/checkpoint-2"))
+        spec = SweepSpec(load_workflow(LORA_WORKFLOW), [Checkpoint(2, "checkpoint-2", "lora", weights)],
+                         {"checkpoint-2": name}, PROMPTS[:1], strengths={"checkpoint-2": 1.0})
+        fresh, = run_sweep(ComfyClient(cold.url), spec, save_dir=tmp_path / "fresh", progress=False)
+    assert colour(images / "checkpoint-2_p0_s0.png") == colour(fresh.paths[0]) != old
+
+
+def test_with_extra_model_paths_a_retrained_checkpoint_frees_comfyuis_cache_first(tmp_path):
+    """eval.link_mode=extra_paths: ComfyUI names the file by its own path, which a retrain keeps."""
+    run, models = tmp_path / "run", tmp_path / "comfy-models"
+    fake_lora_run(run, steps=(2,))
+    models.mkdir()
+    (models / "loras").symlink_to(run / "training")  # what extra_model_paths.yaml makes ComfyUI scan
+    evaluate = ["experiment=demo", "stage=eval", "demo=false", "concepts.0.num_images=16", f"hydra.run.dir={run}",
+                "eval.backend=comfyui", "eval.link_mode=extra_paths", "eval.include_final=false",
+                f"eval.prompts={json.dumps(PROMPTS[:1])}"]
+    weights = run / "training" / "checkpoint-2" / "pytorch_lora_weights.safetensors"
+    with StandIn(tmp_path / "comfy-out", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"]) as server:
+        assert run_cli(*evaluate, f"eval.url={server.url}").returncode == 0
+        old = colour(run / "eval" / "images" / "checkpoint-2_p0_s0.png")
+        save_safetensors(weights, lora_tensors(102), simpletuner_metadata(4, 4))
+        second = run_cli(*evaluate, f"eval.url={server.url}")
+        assert second.returncode == 0, second.stderr[-2000:]
+    with StandIn(tmp_path / "comfy-out-2", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"]) as cold:
+        spec = SweepSpec(load_workflow(LORA_WORKFLOW), [Checkpoint(2, "checkpoint-2", "lora", weights)],
+                         {"checkpoint-2": "checkpoint-2/pytorch_lora_weights.safetensors"}, PROMPTS[:1])
+        fresh, = run_sweep(ComfyClient(cold.url), spec, save_dir=tmp_path / "fresh", progress=False)
+    assert colour(run / "eval" / "images" / "checkpoint-2_p0_s0.png") == colour(fresh.paths[0]) != old
+    assert len(server.frees) == 1 and "POST /free" in second.stdout
+
+
+def comfy_eval(run: Path, models: Path, url: str, *extra: str):
+    return run_cli("experiment=demo", "stage=eval", "demo=false", "concepts.0.num_images=16", f"hydra.run.dir={run}",
+                   "eval.backend=comfyui", f"eval.url={url}", f"eval.models_dir={models}", "eval.include_final=false",
+                   f"eval.prompts={json.dumps(PROMPTS)}", *extra)
+
+
+def test_failed_cells_are_retried_and_the_exit_status_stays_3_while_any_fails(tmp_path):
+    run, models = tmp_path / "run", tmp_path / "comfy-models"
+    fake_lora_run(run, steps=(2, 4))
+    failing = {"on": True}
+    fail = lambda g: "CUDA out of memory" if failing["on"] and "checkpoint-4-" in json.dumps(g) \
+        and PROMPTS[1] in json.dumps(g) else None
+    with StandIn(tmp_path / "comfy-out", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"],
+                 error_if=fail) as server:
+        first = comfy_eval(run, models, server.url)
+        again = comfy_eval(run, models, server.url)
+        queued_while_failing = len(server.queued)
+        failing["on"] = False
+        fixed = comfy_eval(run, models, server.url)
+        done = comfy_eval(run, models, server.url)
+    assert (first.returncode, again.returncode) == (3, 3), again.stdout[-1500:] + again.stderr[-1500:]
+    assert "already evaluated" not in again.stdout and queued_while_failing == 4 + 1
+    assert "reused 3 unchanged cell(s)" in again.stdout
+    assert fixed.returncode == 0 and len(server.queued) == 4 + 1 + 1, fixed.stderr[-1500:]
+    assert [c["status"] for c in json.loads((run / "eval" / "cells.json").read_text())] == ["ok"] * 4
+    assert done.returncode == 0 and "already evaluated" in done.stdout
+
+
+def test_a_failed_start_leaves_the_earlier_evaluation_in_place(tmp_path):
+    run, models = tmp_path / "run", tmp_path / "comfy-models"
+    fake_lora_run(run, steps=(2, 4))
+    with StandIn(tmp_path / "comfy-out", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"]) as server:
+        assert comfy_eval(run, models, server.url).returncode == 0
+        before = sorted(p.relative_to(run).as_posix() for p in (run / "eval").rglob("*"))
+        failures = [comfy_eval(run, models, server.url, "eval.include_base=true",
+                               "+eval.workflow_inputs.1.unet_name=no_such_model.safetensors"),
+                    comfy_eval(run, models, server.url, "eval.seeds=[]"),
+                    comfy_eval(run, models, "", "eval.url=null")]
+        assert [f.returncode for f in failures] == [2, 2, 2], [f.stderr[-500:] for f in failures]
+        assert sorted(p.relative_to(run).as_posix() for p in (run / "eval").rglob("*")) == before
+        assert sorted(p.name for p in run.iterdir() if p.name.startswith("eval")) == ["eval"]
+        queued = len(server.queued)
+        again = comfy_eval(run, models, server.url)
+        assert again.returncode == 0 and "already evaluated" in again.stdout and len(server.queued) == queued
+        # an evaluation folder left empty by an older sd3exp: cells come from the latest complete one
+        (run / "eval").rename(run / "eval.previous-1")
+        (run / "eval").mkdir()
+        more = comfy_eval(run, models, server.url, "eval.seeds=[0,1]")
+    assert more.returncode == 0, more.stderr[-1500:]
+    assert "reused 4 unchanged cell(s) (4 from eval.previous-1)" in more.stdout and len(server.queued) == queued + 4
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_keeps_the_finished_cells_and_cleans_the_servers_queue(tmp_path, signum, code):
+    run, models = tmp_path / "run", tmp_path / "comfy-models"
+    fake_lora_run(run, steps=(2, 4))
+    args = ["experiment=demo", "stage=eval", "demo=false", "concepts.0.num_images=16", f"hydra.run.dir={run}",
+            "eval.backend=comfyui", f"eval.models_dir={models}", "eval.include_final=false",
+            f"eval.prompts={json.dumps(PROMPTS)}", "eval.seeds=[0,1]"]
+    with StandIn(tmp_path / "comfy-out", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"],
+                 delay_s=0.4) as server:
+        proc = subprocess.Popen([sys.executable, "-m", "sd3exp", *args, f"eval.url={server.url}"], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while server.finished < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signum)
+        stdout, stderr = proc.communicate(timeout=60)
+        time.sleep(0.3)
+        left = server.queue_state()
+        queued = len(server.queued)
+        assert proc.returncode == code, stdout[-1500:] + stderr[-1500:]
+        assert left == {"queue_running": [], "queue_pending": []} and len(server.deleted) >= 1
+        kept = json.loads((run / "eval" / "cells.json").read_text())
+        assert 1 <= len(kept) < 8 and all(c["status"] == "ok" for c in kept)
+        assert "Traceback" not in stderr and [line.startswith("sd3exp:") for line in stderr.splitlines()].count(True) == 1
+        assert f"kept {len(kept)} newly rendered cell(s)" in stderr
+        again = shlex.split(stderr.split("Continue with: ")[1].strip())
+        assert again[:3] == ["python", "-m", "sd3exp"]
+        after = subprocess.run([sys.executable, *again[1:]], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert after.returncode == 0, after.stdout[-1500:] + after.stderr[-1500:]
+    assert len(server.queued) == queued + 8 - len(kept) and f"reused {len(kept)} unchanged cell(s)" in after.stdout
+
+
+def fix_overrides(stderr: str, pattern: str) -> list[str]:
+    """The overrides a printed fix names, split as a shell would split them when pasted."""
+    return shlex.split(re.search(pattern, stderr.split("Fix:")[1]).group(0))
+
+
+def test_every_fix_hint_of_the_evaluation_works_when_pasted(tmp_path):
+    run, models = tmp_path / "run", tmp_path / "comfy-models"
+    fake_lora_run(run, steps=(2,))
+    with StandIn(tmp_path / "comfy-out", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"]) as server:
+        base = ["eval.include_base=true", "+eval.workflow_inputs.1.unet_name=sd3_medium.safetensors"]
+        wrong = comfy_eval(run, models, server.url, *base)
+        assert wrong.returncode == 2 and "Fix:" in wrong.stderr
+        fixed = comfy_eval(run, models, server.url, *base, *fix_overrides(wrong.stderr, r"'\+\+eval\.[^']*'|\+\+eval\.\S+"))
+        assert fixed.returncode == 0, fixed.stderr[-1500:]
+        for broken, pattern in ((["eval.seeds=[]"], r"eval\.seeds='[^']*'"),
+                                (["eval.prompts=[]"], r"eval\.prompts='[^']*'"),
+                                (["eval.workflow=null"], r"eval\.workflow='[^']*'")):
+            out = comfy_eval(run, models, server.url, *broken)
+            assert out.returncode == 2, out.stderr[-500:]
+            again = comfy_eval(run, models, server.url, *broken, *fix_overrides(out.stderr, pattern))
+            assert again.returncode == 0, again.stderr[-1500:]
+
+
+def test_node_hints_are_overrides_that_select_the_node():
+    workflow = json.loads(json.dumps(load_workflow(LORA_WORKFLOW)))
+    workflow["11"] = {**workflow["10"], "inputs": {**workflow["10"]["inputs"]}}  # two LoRA loaders
+    with pytest.raises(EvalError) as err:
+        find_nodes(workflow, "lora")
+    override, = fix_overrides(str(err.value), r"'\+\+eval\.nodes[^']*'|\+\+eval\.nodes\S+")
+    cfg = compose_experiment("demo", [override])
+    assert find_nodes(workflow, "lora", cfg.eval.nodes).loader == "10"
+
+
+def test_sigterm_before_any_cell_finished_leaves_nothing_behind(tmp_path):
+    run, models = tmp_path / "run", tmp_path / "comfy-models"
+    fake_lora_run(run, steps=(2,))
+    with StandIn(tmp_path / "comfy-out", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"],
+                 delay_s=3.0) as server:
+        proc = subprocess.Popen([sys.executable, "-m", "sd3exp", "experiment=demo", "stage=eval", "demo=false",
+                                 "concepts.0.num_images=16", f"hydra.run.dir={run}", "eval.backend=comfyui",
+                                 f"eval.url={server.url}", f"eval.models_dir={models}", "eval.include_final=false",
+                                 f"eval.prompts={json.dumps(PROMPTS)}"], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while len(server.queued) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+        time.sleep(0.3)
+        assert server.queue_state() == {"queue_running": [], "queue_pending": []}
+    assert proc.returncode == 143 and "no new cell was finished" in stderr, stderr[-1500:]
+    assert not (run / "eval").exists() and not (run / "eval.next").exists()

@@ -13,6 +13,8 @@ import copy
 import difflib
 import json
 import logging
+import shlex
+import signal
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -86,9 +88,18 @@ def _only(graph: Graph, class_type: str, role: str, overrides: Mapping[str, str]
     if explicit:
         return explicit
     ids = sorted(i for i, n in graph.items() if n["class_type"] == class_type)
-    if len(ids) != 1:
-        raise EvalError(f"the workflow has {len(ids)} {class_type} nodes {ids}; set eval.nodes.{role}=<node id>")
+    if not ids:
+        raise EvalError(f"the workflow has no {class_type} node; add one to it (for a LoRA run use "
+                        "conf/workflows/sd3_lora_api.json)")
+    if len(ids) > 1:
+        raise EvalError(f"the workflow has {len(ids)} {class_type} nodes {ids}. Fix: name the one to use, e.g. "
+                        f"{node_override(role, ids[0])}")
     return ids[0]
+
+
+def node_override(role: str, node_id: str) -> str:
+    """The command-line override that picks a node (`++` adds the key or replaces it)."""
+    return shlex.quote(f"++eval.nodes.{role}={node_id}")
 
 
 def _linked(graph: Graph, sampler: str, name: str, class_type: str, overrides: Mapping[str, str]) -> Optional[str]:
@@ -115,9 +126,10 @@ def find_nodes(graph: Graph, kind: str, overrides: Optional[Mapping[str, str]] =
     sampler = _only(graph, "KSampler", "sampler", overrides)
     positive = _linked(graph, sampler, "positive", "CLIPTextEncode", overrides)
     if positive is None:
-        raise EvalError(
-            f"KSampler {sampler}'s positive input is not a CLIPTextEncode node; set eval.nodes.positive=<node id>"
-        )
+        texts = sorted(i for i, n in graph.items() if n["class_type"] == "CLIPTextEncode")
+        fix = f"Fix: name the prompt node, e.g. {node_override('positive', texts[0])}" if texts else \
+            "the workflow has no CLIPTextEncode node to put the prompt in"
+        raise EvalError(f"KSampler {sampler}'s positive input is not a CLIPTextEncode node. {fix}")
     return NodeIds(
         loader=_only(graph, class_type, role, overrides),
         positive=positive,
@@ -184,11 +196,13 @@ def filename_prefix(sweep_id: str, cell: CellSpec) -> str:
 
 
 def patch_graph(
-    graph: Graph, nodes: NodeIds, cell: CellSpec, model_name: str, prefix: str, sampling: Sampling = Sampling()
+    graph: Graph, nodes: NodeIds, cell: CellSpec, model_name: str, prefix: str, sampling: Sampling = Sampling(),
+    strength: Optional[float] = None,
 ) -> Graph:
-    """A copy of the graph set up for one cell."""
+    """A copy of the graph set up for one cell; `strength` is a LoRA loader's strength_model."""
     edits = [
         ("loader", nodes.loader, LOADERS[cell.checkpoint.kind][1], model_name),
+        ("loader", nodes.loader, "strength_model", strength),
         ("positive", nodes.positive, "text", cell.prompt),
         ("sampler", nodes.sampler, "seed", cell.seed),
         ("save", nodes.save, "filename_prefix", prefix),
@@ -203,7 +217,11 @@ def patch_graph(
         if value is None:
             continue
         if node is None:
-            raise EvalError(f"cannot set {key}={value!r}: no {role} node found; set eval.nodes.{role}=<node id>")
+            kinds = {"negative": "CLIPTextEncode", "latent": "EmptySD3LatentImage"}
+            ids = sorted(i for i, n in graph.items() if n["class_type"] == kinds.get(role))
+            fix = f"Fix: name it, e.g. {node_override(role, ids[0])}" if ids else \
+                f"the workflow has no {kinds.get(role, role)} node for it"
+            raise EvalError(f"cannot set {key}={value!r}: no {role} node is wired to the KSampler. {fix}")
         out[node]["inputs"][key] = value
     return out
 
@@ -427,6 +445,14 @@ class ComfyClient:
         for prompt_id in running & set(prompt_ids):
             self.request("POST", "/interrupt", json={"prompt_id": prompt_id})
 
+    def free(self, grace_s: float = 0.5) -> None:
+        """Unload ComfyUI's models and reset its node cache (POST /free). The server applies it after
+        the prompt it is running, before taking the next; `grace_s` lets an idle worker wake first."""
+        response = self.request("POST", "/free", json={"unload_models": True, "free_memory": True})
+        if response.status_code != 200:
+            raise EvalError(f"ComfyUI POST /free: HTTP {response.status_code}: {response.text[:300]}")
+        time.sleep(grace_s)
+
     def open_socket(self) -> Optional[websocket.WebSocket]:
         """The event websocket for our client_id, or None (then we poll)."""
         try:
@@ -498,6 +524,27 @@ class Cell:
     error: str = ""
     seconds: float = 0.0
     prompt_id: Optional[str] = None
+    lora_scale: Optional[float] = None  # a LoRA checkpoint's alpha/rank it was rendered at
+
+
+class Stopped(KeyboardInterrupt):
+    """A signal other than Ctrl-C (SIGTERM) that stops a sweep the way Ctrl-C does."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during a sweep: the cells finished so far, our queued prompts cancelled."""
+
+    def __init__(self, cells: Sequence["Cell"], signum: int) -> None:
+        super().__init__(f"{len(cells)} cell(s) finished")
+        self.cells, self.signum = list(cells), signum
+
+    @classmethod
+    def during(cls, exc: KeyboardInterrupt, cells: Sequence["Cell"]) -> "SweepInterrupted":
+        return cls(cells, getattr(exc, "signum", signal.SIGINT))
 
 
 def _cell(spec: CellSpec, **fields: Any) -> Cell:
@@ -519,6 +566,7 @@ class SweepSpec:
     sweep_id: str = field(default_factory=new_sweep_id)
     include_base: bool = False  # a first column from the workflow's own model (LoRA loader bypassed)
     skip: Collection[tuple[str, int, int]] = ()  # (label, prompt index, seed) of cells not to render
+    strengths: Mapping[str, float] = field(default_factory=dict)  # LoRA label -> strength_model (lora_scale)
 
 
 def resolve_names(
@@ -558,7 +606,7 @@ class _Sweep:
         kind = cell.checkpoint.kind
         prefix = filename_prefix(self.spec.sweep_id, cell)
         return patch_graph(self.graphs[kind], self.nodes[kind], cell, names[cell.checkpoint.label], prefix,
-                           self.spec.sampling)
+                           self.spec.sampling, self.spec.strengths.get(cell.checkpoint.label))
 
     def base_name(self) -> dict[str, str]:
         """{"base": the server's spelling of the workflow's own unet_name}, when the base is rendered."""
@@ -570,10 +618,13 @@ class _Sweep:
         by_norm = {_norm(n): n for n in available}
         if _norm(name) in by_norm:
             return {BASE_LABEL: by_norm[_norm(name)]}
+        near = closest(name, available)
+        fix = f"add {shlex.quote(f'++eval.workflow_inputs.{loader}.unet_name={near[0]}')} (or another of those), " \
+            if near else ""
         raise EvalError(
             f"eval.include_base: the workflow's base model {name!r} (node {loader} unet_name) is not one of "
-            f"ComfyUI's {len(available)} diffusion models; closest: {closest(name, available)[:5]}. Fix: set "
-            f"eval.workflow_inputs='{{{loader}: {{unet_name: <one of those>}}}}', or eval.include_base=false")
+            f"ComfyUI's {len(available)} diffusion models; closest: {near[:5]}. Fix: {fix}or add "
+            "eval.include_base=false")
 
     def queue_all(self, names: Mapping[str, str]) -> None:
         graphs = [self.graph(i, names) for i in range(len(self.cells))]  # all patch errors before queueing
@@ -662,7 +713,8 @@ def run_sweep(
     """Render the cells; one Cell per checkpoint x prompt x seed not in spec.skip, checkpoint-major.
 
     Model names are checked against /object_info before anything is queued.
-    Ctrl-C interrupts and deletes our queued prompts, then re-raises.
+    Ctrl-C (or Stopped) deletes our queued prompts and interrupts ours running, then raises
+    SweepInterrupted with the cells finished so far.
     """
     deadline = time.monotonic() + timeout_s
     sweep = _Sweep(client, spec, save_dir)  # workflow problems surface before any request
@@ -674,9 +726,9 @@ def run_sweep(
         try:
             sweep.queue_all(names)
             _wait(sweep, watcher, deadline)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             _cancel_quietly(client, list(sweep.queued))
-            raise
+            raise SweepInterrupted.during(exc, [sweep.results[i] for i in sorted(sweep.results)]) from exc
         finally:
             watcher.close()
         if sweep.queued:

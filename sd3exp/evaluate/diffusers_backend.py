@@ -12,42 +12,48 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import subprocess
 import threading
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Collection, Optional, Sequence
+from typing import Any, Collection, Iterator, Mapping, Optional, Sequence
 
 from tqdm import tqdm
 
 from sd3exp.errors import EvalError
 from sd3exp.evaluate.cells import BASE_LABEL, IMAGE_NAME, Cell
 from sd3exp.evaluate.checkpoints import Checkpoint
-from sd3exp.evaluate.comfyui import Sampling
+from sd3exp.evaluate.comfyui import Sampling, SweepInterrupted
 from sd3exp.io import write_json
 from sd3exp.tinymodel import OFFLINE_ENV
 
 WORKER = Path(__file__).resolve().parent.parent / "workers" / "render_diffusers.py"
+WAKE_S = 0.2  # longest the main thread waits for a progress line before it looks at signals
 PIPE_ARGS = {"steps": "num_inference_steps", "cfg": "guidance_scale"}  # Sampling field -> pipeline argument
 log = logging.getLogger(__name__)
 
 
-def job_checkpoints(checkpoints: Sequence[Checkpoint], include_base: bool) -> list[dict[str, Any]]:
-    """The worker's checkpoint list; the base model (kind "base") first when asked for."""
+def job_checkpoints(checkpoints: Sequence[Checkpoint], include_base: bool,
+                    scales: Optional[Mapping[str, float]] = None) -> list[dict[str, Any]]:
+    """The worker's checkpoint list; the base model (kind "base") first when asked for. Every LoRA
+    gets its scale (lora_scale: alpha/rank of training; 1.0 when not given)."""
     base = [{"label": BASE_LABEL, "step": None, "kind": "base", "path": None}] if include_base else []
-    return base + [{"label": c.label, "step": c.step, "kind": c.kind, "path": str(Path(c.path).resolve())}
-                   for c in checkpoints]
+    scales = scales or {}
+    return base + [{"label": c.label, "step": c.step, "kind": c.kind, "path": str(Path(c.path).resolve()),
+                    **({"scale": scales.get(c.label, 1.0)} if c.kind == "lora" else {})} for c in checkpoints]
 
 
 def make_job(base: Path, checkpoints: Sequence[Checkpoint], prompts: Sequence[str], seeds: Sequence[int],
              out_dir: Path, sampling: Sampling = Sampling(), include_base: bool = False,
-             skip: Collection[tuple[str, int, int]] = ()) -> dict[str, Any]:
+             skip: Collection[tuple[str, int, int]] = (), scales: Optional[Mapping[str, float]] = None
+             ) -> dict[str, Any]:
     """The worker's job; unset sampling values keep the pipeline's defaults; `skip` lists the
-    (label, prompt index, seed) cells not to render."""
+    (label, prompt index, seed) cells not to render; `scales` the LoRA scale per label."""
     return {
         "skip": sorted([list(cell) for cell in skip]),
         "base": str(Path(base).resolve()),
-        "checkpoints": job_checkpoints(checkpoints, include_base),
+        "checkpoints": job_checkpoints(checkpoints, include_base, scales),
         "prompts": list(prompts),
         "seeds": list(seeds),
         "sampling": {PIPE_ARGS.get(k, k): v for k, v in asdict(sampling).items() if v is not None},
@@ -85,21 +91,35 @@ def _tail(path: Path, lines: int = 15) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
-def _collect(proc: subprocess.Popen, job: dict[str, Any], bar: tqdm) -> dict[tuple[str, int, int], Cell]:
-    """Cells by (label, prompt index, seed) as the worker reports them."""
-    done = {}
-    for line in proc.stdout:
+def _lines(stream: Any) -> Iterator[str]:
+    """The stream's lines, read by a helper thread: the main thread never blocks in a read for long, so
+    Ctrl-C and SIGTERM (which the OS may hand to any thread) are acted on within WAKE_S."""
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: ([lines.put(line) for line in stream], lines.put(None)), daemon=True).start()
+    while True:
+        try:
+            line = lines.get(timeout=WAKE_S)
+        except queue.Empty:
+            continue
+        if line is None:
+            return
+        yield line
+
+
+def _collect(proc: subprocess.Popen, job: dict[str, Any], bar: tqdm, done: dict[tuple[str, int, int], Cell]) -> None:
+    """Cells into `done` by (label, prompt index, seed) as the worker reports them."""
+    for line in _lines(proc.stdout):
         cell = parse_line(line, job)
         if cell is not None:
             done[(cell.label, cell.prompt_index, cell.seed)] = cell
             bar.update(1)
             bar.set_postfix_str(f"{cell.label} {cell.status}")
-    return done
 
 
 def run_worker(job: dict[str, Any], python: Path, job_path: Path, log_path: Path, timeout_s: float,
                progress: bool = True) -> list[Cell]:
-    """Run the worker on a job; cells in job order (unreported ones as errors with the log's tail)."""
+    """Run the worker on a job; cells in job order (unreported ones as errors with the log's tail).
+    Ctrl-C or SIGTERM kill it and raise SweepInterrupted with the cells it reported."""
     if not Path(python).is_file():
         raise EvalError(f"trainer python {python} does not exist; install the trainer venv (make trainer)")
     write_json(job_path, job)
@@ -113,9 +133,12 @@ def run_worker(job: dict[str, Any], python: Path, job_path: Path, log_path: Path
         timed_out = threading.Event()
         watchdog = threading.Timer(timeout_s, lambda: (timed_out.set(), proc.kill()))
         watchdog.start()
+        done: dict[tuple[str, int, int], Cell] = {}
         try:
-            done = _collect(proc, job, bar)
+            _collect(proc, job, bar, done)
             code = proc.wait()
+        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the worker goes, its finished cells stay
+            raise SweepInterrupted.during(exc, list(done.values())) from exc
         finally:
             watchdog.cancel()
             proc.kill()
@@ -129,13 +152,14 @@ def run_worker(job: dict[str, Any], python: Path, job_path: Path, log_path: Path
 
 def render(base: Path | str, checkpoints: Sequence[Checkpoint], prompts: Sequence[str], seeds: Sequence[int],
            out_dir: Path | str, python: Path | str, sampling: Sampling = Sampling(), include_base: bool = False,
-           timeout_s: float = 3600.0, progress: bool = True, skip: Collection[tuple[str, int, int]] = ()) -> list[Cell]:
+           timeout_s: float = 3600.0, progress: bool = True, skip: Collection[tuple[str, int, int]] = (),
+           scales: Optional[Mapping[str, float]] = None) -> list[Cell]:
     """Render checkpoints x prompts x seeds (less `skip`) into `out_dir` (eval/images); one Cell each,
     checkpoint-major.
 
     The job file and the worker's log go next to `out_dir` (render-job.json, render.log).
     """
     out_dir = Path(out_dir)
-    job = make_job(Path(base), checkpoints, prompts, seeds, out_dir, sampling, include_base, skip)
+    job = make_job(Path(base), checkpoints, prompts, seeds, out_dir, sampling, include_base, skip, scales)
     return run_worker(job, Path(python), out_dir.parent / "render-job.json", out_dir.parent / "render.log",
                       timeout_s, progress)

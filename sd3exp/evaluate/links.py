@@ -1,15 +1,18 @@
 """Make checkpoints visible to ComfyUI without copying them.
 
-Either symlinks `<models>/unet/<run>/checkpoint-N.safetensors` (LoRA:
-`<models>/loras/<run>/...`), planned by a pure function from what is on disk
-now, or an `extra_model_paths.yaml` entry that adds the run folder itself.
+Either symlinks `<models>/unet/<run>/checkpoint-N-<stamp>.safetensors` (LoRA:
+`<models>/loras/<run>/...`; the stamp changes with the file, so ComfyUI never
+serves a cached older version under the same name), planned by a pure function
+from what is on disk now, or an `extra_model_paths.yaml` entry that adds the run folder itself.
 Nothing is ever overwritten: conflicts and broken links are reported.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Mapping, Optional, Sequence
@@ -20,6 +23,7 @@ from sd3exp.evaluate.checkpoints import Checkpoint
 LinkMode = Literal["symlink", "extra_paths"]
 MODEL_FOLDERS = {"full": "unet", "lora": "loras"}
 EXTRA_PATHS_KEYS = {"full": "diffusion_models", "lora": "loras"}
+STAMP_LEN = 10
 
 
 @dataclass(frozen=True)
@@ -36,7 +40,7 @@ class Existing:
 class LinkAction:
     """One planned or reported link; `problem` is True for conflicts and broken links."""
 
-    action: Literal["create", "skip", "conflict", "broken"]
+    action: Literal["create", "skip", "conflict", "broken", "remove"]
     link: Path
     target: Optional[Path]
     message: str
@@ -46,9 +50,23 @@ class LinkAction:
         return self.action in ("conflict", "broken")
 
 
+def stamp(path: Path) -> str:
+    """A short id of a checkpoint file's version (size and mtime, as the evaluation's reuse judges a
+    change): a changed file gets a new link name, so ComfyUI's node cache, keyed by the name, reloads it."""
+    info = Path(path).stat()
+    return hashlib.sha1(f"{info.st_size}:{info.st_mtime_ns}".encode()).hexdigest()[:STAMP_LEN]
+
+
 def link_name(checkpoint: Checkpoint, run: str) -> str:
-    """`<run>/<label>.safetensors`: the symlink's path inside ComfyUI's unet or loras folder."""
-    return f"{run}/{checkpoint.label}.safetensors"
+    """`<run>/<label>-<stamp>.safetensors`: the symlink's path inside ComfyUI's unet or loras folder."""
+    return f"{run}/{checkpoint.label}-{stamp(checkpoint.path)}.safetensors"
+
+
+def superseded(folder: Path, label: str, target: Path, keep: Path) -> list[Path]:
+    """Our links to `target` for an earlier version of the file (`<label>[-<stamp>].safetensors`)."""
+    pattern = re.compile(re.escape(label) + rf"(-[0-9a-f]{{{STAMP_LEN}}})?\.safetensors")
+    return sorted(p for p in folder.iterdir() if p != keep and p.is_symlink() and pattern.fullmatch(p.name)
+                  and Path(os.path.realpath(p)) == target) if folder.is_dir() else []
 
 
 def comfy_name(checkpoint: Checkpoint, run: str, mode: LinkMode, out_dir: Path | str) -> str:
@@ -119,6 +137,12 @@ def link_checkpoints(checkpoints: Sequence[Checkpoint], models_dir: Path | str, 
         if action.action == "create":
             action.link.parent.mkdir(parents=True, exist_ok=True)
             action.link.symlink_to(action.target)
+    for c in checkpoints:
+        link = link_path(c, run, models_dir)
+        for old in superseded(link.parent, c.label, wanted[link], link):
+            old.unlink()
+            actions.append(LinkAction("remove", old, wanted[link], f"{old}: link of an earlier version of "
+                                      f"{wanted[link]}, replaced by {link.name}"))
     return actions
 
 

@@ -2,7 +2,7 @@
 
 A cell is reused when the earlier evaluation of this run had the same render
 settings (backend, sampling, workflow file bytes and inputs, base model), its
-checkpoint file is unchanged (path and mtime), its prompt text and seed are
+checkpoint file is unchanged (path and mtime; a LoRA's scale too), its prompt text and seed are
 still asked for, it succeeded, and its images are still on disk. Its images are
 linked (or copied) into the new eval/images under the new prompt index.
 """
@@ -22,9 +22,13 @@ from sd3exp.io import read_json
 CellKey = Tuple[str, int, int]  # label, prompt index, seed
 
 
-def fingerprints(checkpoints: Sequence[Checkpoint], include_base: bool) -> Dict[str, List]:
-    """label -> [weights path, mtime_ns]; the base model is covered by the render settings."""
-    found = {c.label: [str(c.path), c.path.stat().st_mtime_ns] for c in checkpoints}
+def fingerprints(checkpoints: Sequence[Checkpoint], include_base: bool,
+                 scales: Optional[Mapping[str, float]] = None) -> Dict[str, List]:
+    """label -> [weights path, mtime_ns] (+ the LoRA scale rendered at); the base model is covered by
+    the render settings."""
+    scales = scales or {}
+    found = {c.label: [str(c.path), c.path.stat().st_mtime_ns] + ([scales[c.label]] if c.label in scales else [])
+             for c in checkpoints}
     return {BASE_LABEL: [], **found} if include_base else found
 
 

@@ -3,28 +3,46 @@ evaluation), then the grid(s), cells.json and report.html."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
-from dataclasses import asdict, dataclass
+import shutil
+import signal
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, FrozenSet, List, Mapping, Optional, Sequence
+from typing import Any, Dict, FrozenSet, Iterator, List, Mapping, Optional, Sequence
 
-from sd3exp.errors import EvalError
+from sd3exp.errors import ConfigError, EvalError
 from sd3exp.evaluate import cells as cellio
 from sd3exp.evaluate import reuse
 from sd3exp.evaluate.checkpoints import BASE_LABEL, Checkpoint, discover
-from sd3exp.evaluate.comfyui import Cell, Sampling
+from sd3exp.evaluate.comfyui import Cell, Sampling, Stopped, SweepInterrupted
 from sd3exp.evaluate.grid import write_grids
+from sd3exp.evaluate import lora_scale
+from sd3exp.evaluate.lora_scale import Strength
 from sd3exp.evaluate.report import write_report
-from sd3exp.io import read_json, write_json
+from sd3exp.io import write_json
 from sd3exp.runfolder import training_elsewhere
 from sd3exp.schema import EvalConfig, ExperimentConfig
+
+
+STAGING = "eval.next"  # where an evaluation is built before it replaces eval/
+EXTRA_PATHS_FILE = "comfyui_extra_model_paths.yaml"
+SHIPPED_WORKFLOWS = {"full": "sd3_api.json", "lora": "sd3_lora_api.json"}  # model.type -> conf/workflows/
 
 
 class CellsFailed(EvalError):
     """The sweep finished, but some cells failed (drawn as error tiles)."""
 
     exit_code = 3
+
+
+class EvalInterrupted(EvalError):
+    """Ctrl-C or SIGTERM: the finished cells were kept; exit 128 + the signal's number."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def sampling_of(ev: EvalConfig) -> Sampling:
@@ -44,10 +62,12 @@ def render_settings(cfg: ExperimentConfig) -> dict:
     return data
 
 
-def request_record(cfg: ExperimentConfig, checkpoints: Sequence[Checkpoint]) -> dict:
+def request_record(cfg: ExperimentConfig, checkpoints: Sequence[Checkpoint],
+                   strengths: Optional[Mapping[str, Strength]] = None) -> dict:
     """What was asked for (request.json): the same record means the earlier evaluation stands as it is."""
     ev = cfg.eval
-    return {"settings": render_settings(cfg), "checkpoints": reuse.fingerprints(checkpoints, ev.include_base),
+    scales = {label: s.trained for label, s in (strengths or {}).items()}
+    return {"settings": render_settings(cfg), "checkpoints": reuse.fingerprints(checkpoints, ev.include_base, scales),
             "prompts": list(ev.prompts), "seeds": list(ev.seeds)}
 
 
@@ -60,14 +80,15 @@ def run_name(cfg: ExperimentConfig, run_dir: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_.=,+-]", "_", rel)
 
 
-def render_diffusers(cfg: ExperimentConfig, job: RenderJob, run_dir: Path) -> List[Cell]:
+def render_diffusers(cfg: ExperimentConfig, job: RenderJob, run_dir: Path, images: Path) -> List[Cell]:
     from sd3exp.evaluate.diffusers_backend import render
     from sd3exp.stages import trainer_for
 
     env = trainer_for(cfg)
     ev = cfg.eval
-    return render(cfg.model.path, job.checkpoints, ev.prompts, ev.seeds, run_dir / "eval" / "images", env.python,
-                  sampling_of(ev), job.include_base, ev.timeout_s, skip=job.skip)
+    scales = {label: s.trained for label, s in job.strengths.items()}
+    return render(cfg.model.path, job.checkpoints, ev.prompts, ev.seeds, images, env.python,
+                  sampling_of(ev), job.include_base, ev.timeout_s, skip=job.skip, scales=scales)
 
 
 def with_inputs(graph: dict, inputs: Mapping[str, Any]) -> dict:
@@ -80,13 +101,10 @@ def with_inputs(graph: dict, inputs: Mapping[str, Any]) -> dict:
     return graph
 
 
-def render_comfyui(cfg: ExperimentConfig, job: RenderJob, run_dir: Path) -> List[Cell]:
+def render_comfyui(cfg: ExperimentConfig, job: RenderJob, run_dir: Path, images: Path) -> List[Cell]:
     from sd3exp.evaluate import comfyui, links
 
     ev, checkpoints = cfg.eval, job.checkpoints
-    if not ev.url or not ev.workflow:
-        raise EvalError("eval.backend=comfyui needs eval.url (e.g. http://127.0.0.1:8188) and eval.workflow "
-                        "(an API-format workflow; conf/workflows/sd3_api.json is the default)")
     name, training = run_name(cfg, run_dir), Path(cfg.paths.training_dir)
     mode = ev.link_mode
     if mode == "symlink" and ev.models_dir:
@@ -95,15 +113,46 @@ def render_comfyui(cfg: ExperimentConfig, job: RenderJob, run_dir: Path) -> List
             print(f"warning: {p}")
     elif mode == "extra_paths":
         snippet = links.extra_paths_yaml(name, training, sorted({c.kind for c in checkpoints}))
-        links.write_extra_paths(run_dir / "eval" / "extra_model_paths.yaml", snippet)
-        print(f"ComfyUI: start it with --extra-model-paths-config {run_dir / 'eval' / 'extra_model_paths.yaml'}")
+        links.write_extra_paths(run_dir / EXTRA_PATHS_FILE, snippet)
+        print(f"ComfyUI: start it with --extra-model-paths-config {run_dir / EXTRA_PATHS_FILE}")
+    client = comfyui.ComfyClient(ev.url)
+    if mode == "extra_paths" and job.changed:
+        print(f"ComfyUI loads {', '.join(sorted(job.changed))} under an unchanged name but the file changed: "
+              "freeing its models and node cache first (POST /free)")
+        client.free()
     workflow = with_inputs(comfyui.load_workflow(ev.workflow), ev.workflow_inputs)
+    strengths = {label: s.comfy_strength for label, s in job.strengths.items()}
+    warn_strength_override(workflow, ev.workflow_inputs, strengths)
     spec = comfyui.SweepSpec(workflow, checkpoints,
                              {c.label: links.comfy_name(c, name, mode, training) for c in checkpoints},
                              ev.prompts, ev.seeds, sampling_of(ev), dict(ev.nodes), include_base=job.include_base,
-                             skip=job.skip)
-    result = comfyui.run_sweep(comfyui.ComfyClient(ev.url), spec, timeout_s=ev.timeout_s)
-    return cellio.store_images(result, run_dir / "eval" / "images")
+                             skip=job.skip, strengths=strengths)
+    result = comfyui.run_sweep(client, spec, timeout_s=ev.timeout_s)
+    return cellio.store_images(result, images)
+
+
+def warn_strength_override(workflow: dict, inputs: Mapping[str, Any], strengths: Mapping[str, float]) -> None:
+    """A strength_model the user set in eval.workflow_inputs is replaced per checkpoint: say so."""
+    for node_id, values in inputs.items():
+        if "strength_model" in values and strengths and workflow[node_id]["class_type"] == "LoraLoaderModelOnly":
+            print(f"warning: eval.workflow_inputs.{node_id}.strength_model={values['strength_model']!r} is replaced "
+                  "by each checkpoint's trained scale (alpha/rank), so the grid shows what was trained")
+
+
+def lora_strengths(cfg: ExperimentConfig, checkpoints: Sequence[Checkpoint]) -> Dict[str, Strength]:
+    """The trained scale of every LoRA checkpoint; warnings (wrong-strength combinations) printed now,
+    before anything is rendered."""
+    found, warnings = lora_scale.strengths(checkpoints, cfg.lora.rank, cfg.lora.alpha)
+    if cfg.eval.backend == "diffusers" and any(s.comfy_strength != s.trained for s in found.values()):
+        warnings.append("these LoRA files carry .alpha tensors (lora.format=comfyui): the diffusers backend renders "
+                        "them at the trained scale only if diffusers ignores those tensors, which sd3exp has not "
+                        "checked; prefer eval.backend=comfyui for them, or lora.format=diffusers")
+    for warning in warnings:
+        print(f"warning: {warning}")
+    if found:
+        shown = sorted({(round(s.trained, 6), s.source) for s in found.values()})
+        print("LoRA strength: " + "; ".join(f"alpha/rank = {scale:g} (from {source})" for scale, source in shown))
+    return found
 
 
 def checkpoints_to_render(cfg: ExperimentConfig, run_dir: Path) -> List[Checkpoint]:
@@ -118,20 +167,34 @@ def checkpoints_to_render(cfg: ExperimentConfig, run_dir: Path) -> List[Checkpoi
         print(f"warning: {problem}")
     if not found.checkpoints:
         raise EvalError(f"no complete checkpoints in {cfg.paths.training_dir}; train first (stage=train)")
-    if not ev.prompts:
-        raise EvalError("eval.prompts is empty. Fix: list the prompts to render, e.g. eval.prompts='[\"k4s4, a castle\"]'")
     return found.checkpoints
 
 
+def check_settings(cfg: ExperimentConfig) -> None:
+    """The evaluation settings that need no checkpoint or server, checked before anything is touched."""
+    ev = cfg.eval
+    if not ev.prompts:
+        raise ConfigError("eval.prompts", [], "is empty: there is nothing to render",
+                          "list the prompts to render, e.g. eval.prompts='[\"k4s4, a castle\"]'")
+    if not ev.seeds:
+        raise ConfigError("eval.seeds", [], "is empty: there is nothing to render", "e.g. eval.seeds='[0,1]'")
+    if ev.backend == "comfyui" and not ev.url:
+        raise ConfigError("eval.url", ev.url, "eval.backend=comfyui needs the ComfyUI server's address",
+                          "add eval.url=http://127.0.0.1:8188")
+    if ev.backend == "comfyui" and not ev.workflow:
+        raise ConfigError("eval.workflow", ev.workflow, "eval.backend=comfyui needs an API-format workflow",
+                          f"add eval.workflow='${{paths.root_dir}}/conf/workflows/{SHIPPED_WORKFLOWS[cfg.model.type]}'")
+
+
 def archive_previous(eval_dir: Path) -> Optional[Path]:
-    """Keep an earlier evaluation (different request) beside the new one instead of overwriting it."""
+    """Keep an earlier evaluation beside the new one instead of overwriting it."""
     if not (eval_dir.exists() and any(eval_dir.iterdir())):
         return None
     n = 1
     while eval_dir.with_name(f"eval.previous-{n}").exists():
         n += 1
     kept = eval_dir.rename(eval_dir.with_name(f"eval.previous-{n}"))
-    print(f"an earlier evaluation with other settings was kept as {kept}")
+    print(f"the earlier evaluation was kept as {kept}")
     return kept
 
 
@@ -142,55 +205,168 @@ class RenderJob:
     checkpoints: List[Checkpoint]
     include_base: bool
     skip: FrozenSet[reuse.CellKey]
+    strengths: Mapping[str, Strength] = field(default_factory=dict)  # LoRA label -> scale to render at
+    changed: FrozenSet[str] = frozenset()  # labels whose file changed since the last evaluation
 
 
 def render_job(checkpoints: List[Checkpoint], include_base: bool, all_cells: List[reuse.CellKey],
-               reused: Mapping[reuse.CellKey, Cell]) -> RenderJob:
+               reused: Mapping[reuse.CellKey, Cell], strengths: Mapping[str, Strength],
+               before: Mapping[str, Any], now: Mapping[str, Any]) -> RenderJob:
     """Only the checkpoints with a cell that was not reused are loaded."""
     todo = {key[0] for key in all_cells if key not in reused}
+    old = before.get("checkpoints", {})
+    changed = {c.label for c in checkpoints if c.label in todo and c.label in old
+               and old[c.label][:2] != now["checkpoints"][c.label][:2]}
     return RenderJob([c for c in checkpoints if c.label in todo], include_base and BASE_LABEL in todo,
-                     frozenset(reused))
+                     frozenset(reused), {k: v for k, v in strengths.items() if k in todo}, frozenset(changed))
 
 
-def evaluate(cfg: ExperimentConfig, run_dir: Path) -> Path:
-    """Render what is not reusable from the last evaluation, then grid, cells.json, report.html;
-    returns the report's path."""
+def complete(cells: Sequence[Cell], all_cells: Sequence[reuse.CellKey]) -> bool:
+    """Whether an evaluation holds every cell asked for, all of them ok."""
+    ok = {(c.label, c.prompt_index, c.seed) for c in cells if c.status == "ok"}
+    return set(all_cells) <= ok and len(cells) == len(all_cells)
+
+
+def earlier_evaluations(run_dir: Path) -> List[Path]:
+    """Evaluations cells may be reused from, newest first: eval/, then eval.previous-N, highest N first."""
+    numbered = [p for p in run_dir.glob("eval.previous-*") if p.name.rsplit("-", 1)[1].isdigit()]
+    return [run_dir / "eval"] + sorted(numbered, key=lambda p: -int(p.name.rsplit("-", 1)[1]))
+
+
+def reuse_earlier(run_dir: Path, record: dict, prompts: Sequence[str], seeds: Sequence[int],
+                  images_dir: Path) -> Dict[reuse.CellKey, Cell]:
+    """Unchanged good cells of every earlier evaluation (the newest has precedence), placed in images_dir."""
+    found: Dict[reuse.CellKey, Cell] = {}
+    sources = []
+    for folder in earlier_evaluations(run_dir):
+        previous, before = reuse.load_previous(folder)
+        cells = reuse.reusable(previous, before, record, prompts, seeds)
+        new = {k: v for k, v in cells.items() if k not in found}
+        found.update(new)
+        sources += [f"{len(new)} from {folder.name}"] if new else []
+    if found:
+        print(f"reused {len(found)} unchanged cell(s) ({', '.join(sources)})")
+    return reuse.adopt(found, images_dir)
+
+
+def staging_dir(run_dir: Path) -> Path:
+    """A fresh folder the new evaluation is built in; eval/ is replaced only once it has produced
+    something. One left by a killed evaluation holds nothing reusable (no cells.json) and goes."""
+    staging = run_dir / STAGING
+    if staging.exists():
+        shutil.rmtree(staging)
+    (staging / "images").mkdir(parents=True)
+    return staging
+
+
+def promote(staging: Path, eval_dir: Path) -> None:
+    """The new evaluation becomes eval/; the earlier one is kept as eval.previous-N."""
+    archive_previous(eval_dir)
+    staging.rename(eval_dir)
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """SIGTERM (a scheduler, `timeout`) stops the evaluation like Ctrl-C does."""
+    def stop(signum: int, frame: Any) -> None:
+        raise Stopped(signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def evaluate(cfg: ExperimentConfig, run_dir: Path, resume_command: Optional[str] = None) -> Path:
+    """Render what is not reusable from earlier evaluations, then grid, cells.json, report.html;
+    returns the report's path. Nothing in eval/ is touched until the new evaluation produced cells."""
     ev = cfg.eval
     if ev.backend == "none":
         print("eval.backend=none: evaluation skipped")
         return run_dir
+    check_settings(cfg)
     eval_dir = run_dir / "eval"
     checkpoints = checkpoints_to_render(cfg, run_dir)
-    record = request_record(cfg, checkpoints)
-    if (eval_dir / "request.json").is_file() and read_json(eval_dir / "request.json") == record:
+    strengths = lora_strengths(cfg, checkpoints)
+    record = request_record(cfg, checkpoints, strengths)
+    all_cells = reuse.wanted(list(record["checkpoints"]), ev.prompts, ev.seeds)
+    current, before = reuse.load_previous(eval_dir)
+    if before == record and complete(current, all_cells):
         print(f"already evaluated with these settings: {eval_dir / 'report.html'}")
         return eval_dir / "report.html"
-    kept = archive_previous(eval_dir)
-    previous, before = reuse.load_previous(kept)
-    eval_dir.mkdir(parents=True)
-    reused = reuse.adopt(reuse.reusable(previous, before, record, ev.prompts, ev.seeds), eval_dir / "images")
-    all_cells = reuse.wanted(list(record["checkpoints"]), ev.prompts, ev.seeds)
-    job = render_job(checkpoints, ev.include_base, all_cells, reused)
-    backend = render_comfyui if ev.backend == "comfyui" else render_diffusers
-    rendered = backend(cfg, job, run_dir) if job.checkpoints or job.include_base else []
-    if reused:
-        print(f"reused {len(reused)} unchanged cell(s) from {kept}; rendered {len(rendered)}")
+    staging, reused = staging_dir(run_dir), {}
+    try:
+        with stop_on_sigterm():
+            reused = reuse_earlier(run_dir, record, ev.prompts, ev.seeds, staging / "images")
+            job = render_job(checkpoints, ev.include_base, all_cells, reused, strengths, before, record)
+            rendered = render(cfg, job, run_dir, staging)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Stopped), before or during the sweep
+        stop = exc if isinstance(exc, SweepInterrupted) else SweepInterrupted.during(exc, [])
+        stop.cells = with_scales(stop.cells, strengths)
+        keep_partial(run_dir, staging, all_cells, reused, stop, record, resume_command)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     by_key = {**reused, **{(c.label, c.prompt_index, c.seed): c for c in rendered}}
-    return finish(cfg, run_dir, [by_key[key] for key in all_cells], record)
+    return finish(cfg, run_dir, [by_key[key] for key in all_cells], record, staging)
 
 
-def finish(cfg: ExperimentConfig, run_dir: Path, cells: List[Cell], record: dict) -> Path:
+def render(cfg: ExperimentConfig, job: RenderJob, run_dir: Path, staging: Path) -> List[Cell]:
+    """The job's cells, rendered into staging/images (none when everything was reused)."""
+    if not (job.checkpoints or job.include_base):
+        return []
+    backend = render_comfyui if cfg.eval.backend == "comfyui" else render_diffusers
+    return with_scales(backend(cfg, job, run_dir, staging / "images"), job.strengths)
+
+
+def with_scales(cells: Sequence[Cell], strengths: Mapping[str, Strength]) -> List[Cell]:
+    """The cells with the LoRA scale each was rendered at (cells.json `lora_scale`)."""
+    return [replace(c, lora_scale=strengths[c.label].trained) if c.label in strengths else c for c in cells]
+
+
+def keep_partial(run_dir: Path, staging: Path, all_cells: Sequence[reuse.CellKey],
+                 reused: Mapping[reuse.CellKey, Cell], stop: SweepInterrupted, record: dict,
+                 resume_command: Optional[str]) -> None:
+    """Ctrl-C or SIGTERM: record the finished cells (cells.json partial, in grid order) and say how to
+    continue."""
+    done = {(c.label, c.prompt_index, c.seed): c for c in cellio.store_images(stop.cells, staging / "images")
+            if c.status == "ok"}
+    by_key = {**reused, **done}
+    cells = [by_key[key] for key in all_cells if key in by_key]
+    if done:
+        cellio.write_cells_json(cells, staging / "cells.json")
+        write_json(staging / "request.json", record)
+        promote(staging, run_dir / "eval")
+        kept = f"kept {len(done)} newly rendered cell(s) ({len(cells)} in all) in {run_dir / 'eval' / 'cells.json'}"
+    else:
+        shutil.rmtree(staging, ignore_errors=True)
+        kept = f"no new cell was finished; {run_dir / 'eval'} is unchanged"
+    again = resume_command or "the same command"
+    raise EvalInterrupted(f"evaluation stopped by {signal.Signals(stop.signum).name}: {kept}. "
+                          f"Continue with: {again}", 128 + stop.signum) from stop
+
+
+def finish(cfg: ExperimentConfig, run_dir: Path, cells: List[Cell], record: dict, staging: Path) -> Path:
+    """Grid(s), cells.json, report.html and request.json written in staging, which then becomes eval/."""
     eval_dir = run_dir / "eval"
-    grids = write_grids(cells, eval_dir, cfg.eval.max_grid_pixels)
-    cellio.write_cells_json(cells, eval_dir / "cells.json")
-    report = write_report(run_dir, cells, grids, title=cfg.name)
-    write_json(eval_dir / "request.json", record)
+    grids = write_grids(cells, staging, cfg.eval.max_grid_pixels)
+    cellio.write_cells_json(cells, staging / "cells.json")
+    write_report(run_dir, cells, grids, out=staging / "report.html", title=cfg.name)
+    write_json(staging / "request.json", record)
+    promote(staging, eval_dir)
+    report = eval_dir / "report.html"
     failed = [c for c in cells if c.status != "ok"]
-    print(f"evaluated {len(cells)} cell(s) ({len(cells) - len(failed)} ok): {', '.join(str(g) for g in grids)}")
+    print(f"evaluated {len(cells)} cell(s) ({len(cells) - len(failed)} ok): "
+          f"{', '.join(str(eval_dir / g.name) for g in grids)}")
     print(f"report: {report}")
     if failed:
         first = failed[0]
         raise CellsFailed(f"{len(failed)} of {len(cells)} cells failed, e.g. {first.label} prompt "
                           f"{first.prompt_index} seed {first.seed}: {first.error}. They are drawn as error tiles in "
-                          f"the grid; see {report}")
+                          f"the grid; see {report}. Running the same command again renders only the failed cells")
     return report

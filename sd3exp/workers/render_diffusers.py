@@ -4,14 +4,15 @@ Standalone worker, run by the trainer venv's python (stdlib, torch, diffusers,
 safetensors, peft); sd3exp never imports it. Usage: render_diffusers.py JOB.json
 
 The job (JSON): base (pipeline folder), checkpoints ([{label, step, kind:
-base|full|lora, path}]), prompts, seeds, sampling (StableDiffusion3Pipeline
-keyword arguments such as num_inference_steps, guidance_scale, width, height,
+base|full|lora, path, scale (LoRA only: its alpha/rank)}]), prompts, seeds,
+sampling (StableDiffusion3Pipeline keyword arguments such as num_inference_steps, guidance_scale, width, height,
 negative_prompt), out_dir, image_name (a str.format pattern with label,
 prompt_index, seed and suffix).
 
 The base pipeline loads once, on the CPU in float32; each checkpoint's weights
-are swapped in (full: its transformer state dict; lora: load_lora_weights,
-unloaded before the next). stdout carries one JSON line per cell, nothing else:
+are swapped in (full: its transformer state dict; lora: its tensors through
+load_lora_weights at the job's scale, never the file's metadata; unloaded
+before the next). stdout carries one JSON line per cell, nothing else:
 {label, step, prompt_index, seed, status: ok|error, path, error, seconds}.
 A failing cell (or checkpoint) is reported and the sweep goes on.
 """
@@ -32,6 +33,7 @@ from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from safetensors.torch import load_file
 
 DTYPE = torch.float32
+LORA_ADAPTER = "sd3exp"
 
 
 def protocol_stream() -> TextIO:
@@ -55,8 +57,9 @@ class Weights:
     def __init__(self, pipe: StableDiffusion3Pipeline, base: str) -> None:
         self.pipe, self.base, self.state = pipe, base, "base"
 
-    def use(self, kind: str, path: str | None) -> None:
-        """Load one checkpoint (kind base|full|lora); raises when its weights cannot be loaded."""
+    def use(self, kind: str, path: str | None, scale: float = 1.0) -> None:
+        """Load one checkpoint (kind base|full|lora, a LoRA at `scale`); raises when its weights cannot
+        be loaded."""
         if self.state == "lora":
             self.pipe.unload_lora_weights()
             self.state = "base"
@@ -67,7 +70,10 @@ class Weights:
             self.pipe.transformer.load_state_dict(load_file(path), strict=True)
         elif kind == "lora":
             self.state = "lora"
-            self.pipe.load_lora_weights(str(Path(path).parent), weight_name=Path(path).name)
+            # the bare tensors: diffusers would take alpha/rank from the file's metadata, which
+            # SimpleTuner writes into checkpoint-N but not into the final model; the scale is explicit
+            self.pipe.load_lora_weights(load_file(path), adapter_name=LORA_ADAPTER)
+            self.pipe.set_adapters([LORA_ADAPTER], [scale])
         elif kind != "base":
             raise ValueError(f"unknown checkpoint kind {kind!r} (base, full or lora)")
 
@@ -110,7 +116,7 @@ def sweep(job: dict, out: TextIO) -> None:
     skip = {tuple(cell) for cell in job.get("skip", [])}
     for ckpt in job["checkpoints"]:
         try:
-            weights.use(ckpt["kind"], ckpt.get("path"))
+            weights.use(ckpt["kind"], ckpt.get("path"), ckpt.get("scale", 1.0))
             load_error = ""
         except Exception as exc:  # noqa: BLE001 - reported per cell, the sweep goes on
             load_error = f"{describe(exc)} (loading {ckpt['kind']} weights from {ckpt.get('path')})"
