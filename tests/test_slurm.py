@@ -1,0 +1,94 @@
+"""Sweeps on a real one-node Slurm (tests/slurm/cluster.sh, started by .ci/run): jobs submitted through
+`hydra/launcher=slurm_gpu`, a failing trial, a preempted trial, a cache shared by the trials."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import List, Optional
+
+import pytest
+
+from sd3exp.runfolder import checkpoint_dirs
+from tests.conftest import needs_trainer, run_cli
+
+CLUSTER = Path(__file__).resolve().parent / "slurm" / "cluster.sh"
+
+
+def slurm_conf() -> Optional[str]:
+    conf = os.environ.get("SLURM_CONF")
+    return conf if conf and Path(conf).is_file() and shutil.which("sbatch") else None
+
+
+pytestmark = [pytest.mark.slurm, pytest.mark.skipif(
+    slurm_conf() is None and os.environ.get("CI") != "true",
+    reason=f"no one-node Slurm: run `{CLUSTER} start` and `eval \"$({CLUSTER} env)\"` first")]
+
+# The cluster's node has no GPU and few CPUs: the launcher's GPU settings overridden for it.
+CPU_LAUNCHER = ["hydra/launcher=slurm_gpu", "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=0",
+                "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=30"]
+# A small trial whatever conf/experiment/demo.yaml says: 4 LoRA steps, a checkpoint every 2, one 64 px cell.
+SMALL = ["model.type=lora", "training.epochs=0", "training.max_steps=4", "checkpointing.every_steps=2",
+         "checkpointing.keep=0", "dataset.resolution=64", "eval.prompts=[k4s4 red circle]", "eval.seeds=[0]",
+         "eval.steps=2", "eval.width=64", "eval.height=64"]
+
+
+def slurm(*args: str) -> str:
+    return subprocess.run(list(args), check=True, capture_output=True, text=True, timeout=60).stdout
+
+
+def sweep(sweep_dir: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return run_cli("-m", "experiment=demo", *CPU_LAUNCHER, *args, f"hydra.sweep.dir={sweep_dir}", timeout=timeout)
+
+
+def jobs_of(sweep_dir: Path) -> List[dict]:
+    return json.loads((sweep_dir / "sweep.json").read_text())["jobs"]
+
+
+def queue() -> str:
+    return slurm("squeue", "-h", "-o", "%i %T").strip()
+
+
+def test_the_cluster_has_one_idle_node_sized_to_the_machine():
+    state, cpus, memory = slurm("sinfo", "-h", "-N", "-o", "%t %c %m").split()
+    total_mb = int(subprocess.run(["free", "-m"], capture_output=True, text=True).stdout.split()[7])
+    assert state == "idle" and int(cpus) == os.cpu_count() and 0 < int(memory) < total_mb
+
+
+def test_a_batch_job_runs_and_accounting_reports_it(tmp_path):
+    """submitit polls job states with sacct: accounting must answer."""
+    out = slurm("sbatch", "--parsable", "--wait", f"--output={tmp_path}/job.out", "--wrap=echo ran on $(hostname)")
+    job = out.strip().split(";")[0]
+    assert (tmp_path / "job.out").read_text().startswith("ran on ")
+    states = slurm("sacct", "-n", "-X", "-P", "-o", "State", "-j", job).split()
+    assert states == ["COMPLETED"]
+
+
+def test_a_failing_trial_is_reported_and_the_other_still_runs(tmp_path):
+    out = sweep(tmp_path, "lora.rank=4,0", "stage=compile", timeout=300)
+    assert out.returncode != 0
+    jobs = jobs_of(tmp_path)
+    assert [j["status"] for j in jobs] == ["compiled", "failed"]
+    assert "lora.rank" in jobs[1]["error"]
+    assert len(list((tmp_path / ".submitit").glob("*_[01]"))) == 2  # two Slurm array tasks
+    assert queue() == ""
+
+
+@needs_trainer
+@pytest.mark.trainer
+def test_a_two_trial_sweep_trains_and_evaluates_each_trial(tmp_path):
+    out = sweep(tmp_path, "lora.rank=2,4", "stage=all", *SMALL)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert queue() == ""
+    jobs = jobs_of(tmp_path)
+    assert [j["values"] for j in jobs] == [{"lora.rank": "2"}, {"lora.rank": "4"}]
+    for job in jobs:
+        run = tmp_path / job["run_dir"]
+        plan = json.loads((run / "plan.json").read_text())
+        assert job["status"] == "evaluated" and job["links"]["grid"] and (run / "eval" / "grid.png").is_file()
+        assert sorted(checkpoint_dirs(run / "training")) == plan["checkpoint_steps"] == [2, 4]
+        assert f"--lora_rank={job['values']['lora.rank']}" in (run / "config" / "config.env").read_text()
+    assert "sweep summary:" in out.stdout
