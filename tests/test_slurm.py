@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import List, Optional
 
 import pytest
 
+from sd3exp.cli import ROOT
 from sd3exp.runfolder import checkpoint_dirs
 from tests.conftest import needs_trainer, run_cli
 
@@ -92,3 +96,52 @@ def test_a_two_trial_sweep_trains_and_evaluates_each_trial(tmp_path):
         assert sorted(checkpoint_dirs(run / "training")) == plan["checkpoint_steps"] == [2, 4]
         assert f"--lora_rank={job['values']['lora.rank']}" in (run / "config" / "config.env").read_text()
     assert "sweep summary:" in out.stdout
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def saved(training: Path) -> List[int]:
+    """Steps of the checkpoints whose save finished (SimpleTuner writes `.guard` last)."""
+    return [s for s, p in checkpoint_dirs(training).items() if (p / ".guard").is_file()]
+
+
+def files_of(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@needs_trainer
+@pytest.mark.trainer
+def test_a_preempted_trial_is_requeued_and_resumes_from_its_latest_checkpoint(tmp_path):
+    """Slurm's preemption / time-limit signal (USR2, as `--signal=USR2@...` sends it) through scancel:
+    submitit checkpoints the Hydra job and requeues it; the rerun resumes SimpleTuner."""
+    args = ["-m", "experiment=demo", *CPU_LAUNCHER, "lora.rank=2", "stage=train", *SMALL,
+            "training.max_steps=8", f"hydra.sweep.dir={tmp_path}"]
+    sweep_cmd = subprocess.Popen([sys.executable, "-m", "sd3exp", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+    training = tmp_path / "0_demo" / "training"
+    try:
+        wait_for(lambda: saved(training), 600, "the first checkpoint")
+        first = {s: files_of(training / f"checkpoint-{s}") for s in saved(training)}
+        job = queue().split()[0]
+        slurm("scancel", "--signal=USR2", job)
+        output, _ = sweep_cmd.communicate(timeout=900)
+    finally:
+        sweep_cmd.kill()
+    assert sweep_cmd.returncode == 0, output[-3000:]
+    assert queue() == ""
+    plan = json.loads((tmp_path / "0_demo" / "plan.json").read_text())
+    assert sorted(checkpoint_dirs(training)) == plan["checkpoint_steps"] == [2, 4, 6, 8]
+    for step, files in first.items():  # the checkpoints saved before the preemption are untouched
+        assert files_of(training / f"checkpoint-{step}") == files
+    log = "".join(p.read_text() for p in sorted((tmp_path / ".submitit").glob("*/*_log.*")))
+    assert "Requeued job" in log
+    resumed = [int(s) for s in re.findall(r"resuming from checkpoint-(\d+)", log)]
+    assert resumed and resumed[0] >= max(first)
+    summary = json.loads((tmp_path / "0_demo" / "training_summary.json").read_text())
+    assert summary["start_step"] == resumed[0] and summary["progress"]["step"] == 8
