@@ -3,7 +3,8 @@
 One ordered list of trainer arguments (`Arg`) is rendered twice: as config.env
 lines (mapped variables, the rest in TRAINER_EXTRA_ARGS) and as config.json.
 Paths inside the run folder are written relative to it, because SimpleTuner
-runs with the run folder as its working directory (`cd <run> && simpletuner train`).
+runs with the run folder as its working directory (`cd <run> && simpletuner train`); the
+prepared image folders and the shared caches (sd3exp/cache.py) are absolute.
 """
 
 from __future__ import annotations
@@ -160,7 +161,9 @@ def dataset_entry(c: ConceptConfig, cfg: ExperimentConfig, cache: Path, run_dir:
     ds = cfg.dataset
     entry = {
         "id": c.id, "type": "local",
-        "instance_data_dir": run_relative(Path(ds.prepared_dir) / c.id, run_dir),
+        # absolute: SimpleTuner names a latent <cache_dir_vae>/<image folder minus instance_data_dir>/<name>,
+        # so a relative one would put the run folder's path into the shared cache's file names
+        "instance_data_dir": (Path(ds.prepared_dir) / c.id).resolve().as_posix(),
         "caption_strategy": c.caption_strategy, "metadata_backend": "discovery",
         "resolution": whole(ds.resolution), "resolution_type": ds.resolution_type,
         "crop": ds.crop, "crop_style": ds.crop_style, "crop_aspect": ds.crop_aspect,

@@ -130,14 +130,14 @@ class TrainResult:
         return d
 
 
-def follow(stream, log, bar: tqdm, progress: Progress, started: Callable[[], None] = lambda: None) -> None:
+def follow(stream, log, bar: tqdm, progress: Progress, on_first_step: Callable[[], None] = lambda: None) -> None:
     """Copy the trainer's output to the log and move the bar; before the first step the bar
-    shows what SimpleTuner is doing (loading models, filling caches). `started` is called once,
-    at the first step line (its caches are complete by then)."""
+    shows what SimpleTuner is doing (loading models, filling caches). `on_first_step` is called
+    at every step line (from the first one on, SimpleTuner's caches are complete)."""
     start, shown = progress.step, 0.0
     for line in _lines(stream, log):
         if progress.feed(line):
-            started()
+            on_first_step()
             if progress.total != bar.total:
                 bar.total = progress.total
             bar.update(progress.step - bar.n)
@@ -149,7 +149,7 @@ def follow(stream, log, bar: tqdm, progress: Progress, started: Callable[[], Non
 
 
 def launch(cmd: List[str], run_dir: Path, training_dir: Path, env: Dict[str, str], total: int,
-           start_step: int, started: Callable[[], None]) -> TrainResult:
+           start_step: int, on_first_step: Callable[[], None]) -> TrainResult:
     """Start the trainer in the run folder and follow it until it exits."""
     log_path = run_dir / "train.log"
     progress, started = Progress(step=start_step), time.monotonic()
@@ -159,7 +159,7 @@ def launch(cmd: List[str], run_dir: Path, training_dir: Path, env: Dict[str, str
                                 start_new_session=True)
         bar = tqdm(total=total, initial=start_step, unit="step", desc="train", dynamic_ncols=True)
         try:
-            follow(proc.stdout, log, bar, progress, started)
+            follow(proc.stdout, log, bar, progress, on_first_step)
             code = proc.wait()
         except KeyboardInterrupt:
             stop(proc)
@@ -203,11 +203,11 @@ def failure_message(result: TrainResult, resume_command: str) -> str:
 
 def run_training(cmd: List[str], run_dir: Path, training_dir: Path, env: Dict[str, str], total: int,
                  planned: List[int], next_command: Optional[str], resume_command: str,
-                 started: Callable[[], None]) -> TrainResult:
+                 on_first_step: Callable[[], None]) -> TrainResult:
     start = max(checkpoint_dirs(training_dir), default=0)
     if start:
         print(f"resuming from checkpoint-{start} (SimpleTuner resume_from_checkpoint=latest)")
-    result = launch(cmd, run_dir, training_dir, env, total, start, started)
+    result = launch(cmd, run_dir, training_dir, env, total, start, on_first_step)
     write_json(run_dir / "training_summary.json", result.to_dict())
     print(report(result, planned, total, next_command))
     if result.exit_code != 0:

@@ -45,7 +45,9 @@ def slurm(*args: str) -> str:
 
 
 def sweep(sweep_dir: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return run_cli("-m", "experiment=demo", *CPU_LAUNCHER, *args, f"hydra.sweep.dir={sweep_dir}", timeout=timeout)
+    """A demo sweep on the cluster; its caches in `<sweep_dir>/cache` (not the project's outputs/)."""
+    return run_cli("-m", "experiment=demo", *CPU_LAUNCHER, *args, f"hydra.sweep.dir={sweep_dir}",
+                   f"dataset.cache_dir={sweep_dir}/cache", timeout=timeout)
 
 
 def jobs_of(sweep_dir: Path) -> List[dict]:
@@ -81,11 +83,29 @@ def test_a_failing_trial_is_reported_and_the_other_still_runs(tmp_path):
     assert queue() == ""
 
 
+def test_other_resolutions_get_other_caches(tmp_path):
+    out = sweep(tmp_path, "dataset.resolution=64,128", "stage=compile", timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    caches = [json.loads((tmp_path / j["run_dir"] / "plan.json").read_text())["cache_dir"] for j in jobs_of(tmp_path)]
+    assert len(set(caches)) == 2 and all(Path(c).parent == tmp_path / "cache" for c in caches)
+    for job, cache in zip(jobs_of(tmp_path), caches):
+        backends = json.loads((tmp_path / job["run_dir"] / "config" / "multibackend.json").read_text())
+        assert [b.get("cache_dir_vae", b.get("cache_dir")) for b in backends] == [f"{cache}/vae/shapes", f"{cache}/text"]
+
+
+@pytest.fixture(scope="module")
+def two_trials(tmp_path_factory):
+    """The issue's sweep: two LoRA ranks, trained and evaluated, one Slurm job each, started at once."""
+    sweep_dir = tmp_path_factory.mktemp("sweep")
+    out = sweep(sweep_dir, "lora.rank=2,4", "stage=all", *SMALL)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return sweep_dir, out
+
+
 @needs_trainer
 @pytest.mark.trainer
-def test_a_two_trial_sweep_trains_and_evaluates_each_trial(tmp_path):
-    out = sweep(tmp_path, "lora.rank=2,4", "stage=all", *SMALL)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+def test_a_two_trial_sweep_trains_and_evaluates_each_trial(two_trials):
+    tmp_path, out = two_trials
     assert queue() == ""
     jobs = jobs_of(tmp_path)
     assert [j["values"] for j in jobs] == [{"lora.rank": "2"}, {"lora.rank": "4"}]
@@ -121,7 +141,7 @@ def test_a_preempted_trial_is_requeued_and_resumes_from_its_latest_checkpoint(tm
     """Slurm's preemption / time-limit signal (USR2, as `--signal=USR2@...` sends it) through scancel:
     submitit checkpoints the Hydra job and requeues it; the rerun resumes SimpleTuner."""
     args = ["-m", "experiment=demo", *CPU_LAUNCHER, "lora.rank=2", "stage=train", *SMALL,
-            "training.max_steps=8", f"hydra.sweep.dir={tmp_path}"]
+            "training.max_steps=8", f"hydra.sweep.dir={tmp_path}", f"dataset.cache_dir={tmp_path}/cache"]
     sweep_cmd = subprocess.Popen([sys.executable, "-m", "sd3exp", *args], cwd=ROOT, stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True)
     training = tmp_path / "0_demo" / "training"
@@ -145,3 +165,23 @@ def test_a_preempted_trial_is_requeued_and_resumes_from_its_latest_checkpoint(tm
     assert resumed and resumed[0] >= max(first)
     summary = json.loads((tmp_path / "0_demo" / "training_summary.json").read_text())
     assert summary["start_step"] == resumed[0] and summary["progress"]["step"] == 8
+
+
+def latents_computed(train_log: str) -> int:
+    return sum(int(n) for n in re.findall(r"VAECache has (\d+) unprocessed files", train_log))
+
+
+@needs_trainer
+@pytest.mark.trainer
+def test_the_trials_share_one_cache_filled_once(two_trials):
+    sweep_dir, _ = two_trials
+    runs = [sweep_dir / j["run_dir"] for j in jobs_of(sweep_dir)]
+    caches = {json.loads((r / "plan.json").read_text())["cache_dir"] for r in runs}
+    assert len(caches) == 1 and [p.name for p in (sweep_dir / "cache").iterdir()] == [Path(*caches).name]
+    logs = [(r / "train.log").read_text(errors="replace") for r in runs]
+    images = len(list((runs[0] / "dataset" / "shapes").glob("*.png")))
+    assert sorted(latents_computed(log) for log in logs) == [0, images]
+    cache = Path(*caches)
+    assert len(list((cache / "vae" / "shapes").glob("*.pt"))) == images  # one trial's latents, flat
+    captions = {p.read_text() for p in (runs[0] / "dataset" / "shapes").glob("*.txt")}
+    assert len(list((cache / "text").glob("*.pt"))) <= len(captions) + 2  # captions (+ validation/null)
