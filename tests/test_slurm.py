@@ -150,6 +150,8 @@ def test_a_preempted_trial_is_requeued_and_resumes_from_its_latest_checkpoint(tm
         first = {s: files_of(training / f"checkpoint-{s}") for s in saved(training)}
         job = queue().split()[0]
         slurm("scancel", "--signal=USR2", job)
+        wait_for(lambda: "PENDING" in queue(), 120, "the job to be requeued")
+        slurm("scontrol", "update", f"JobId={job}", "StartTime=now")  # else eligible 2 minutes later
         output, _ = sweep_cmd.communicate(timeout=900)
     finally:
         sweep_cmd.kill()
