@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from sd3exp import trainer_env
-from sd3exp.runfolder import waiting_lock
 from sd3exp.demo_data import make_demo_dataset
+from sd3exp.runfolder import waiting_lock
 from sd3exp.schema import ExperimentConfig
 from sd3exp.tinymodel import build_tiny_model
 
