@@ -133,11 +133,13 @@ class TrainResult:
 def follow(stream, log, bar: tqdm, progress: Progress, on_first_step: Callable[[], None] = lambda: None) -> None:
     """Copy the trainer's output to the log and move the bar; before the first step the bar
     shows what SimpleTuner is doing (loading models, filling caches). `on_first_step` is called
-    at every step line (from the first one on, SimpleTuner's caches are complete)."""
+    at every line from SimpleTuner's first step bar on (its caches are complete by then)."""
     start, shown = progress.step, 0.0
     for line in _lines(stream, log):
-        if progress.feed(line):
+        moved = progress.feed(line)
+        if progress.total is not None:
             on_first_step()
+        if moved:
             if progress.total != bar.total:
                 bar.total = progress.total
             bar.update(progress.step - bar.n)
