@@ -8,7 +8,7 @@ sha256 of exactly those, and the caches live in `<dataset.cache_dir>/<key>/` (`v
 dataset gets a new key, so no stale latent is ever read (nothing has to be cleared).
 
 SimpleTuner does not lock its caches: `filling` holds the key folder's lock from the trainer's
-start until its first step (the caches are complete by then), so jobs that start at once take
+start until its step bar appears (the caches are complete by then), so jobs that start at once take
 turns and the later ones find every latent and embed already computed.
 """
 

@@ -126,6 +126,7 @@ start() {
     log "already running ($DIR)"; return 0
   fi
   write_configs
+  trap 'log "start failed: stopping what it started"; stop' ERR
   export SLURM_CONF="$DIR/slurm.conf"
   munged --key-file="$DIR/munge.key" --socket="$DIR/munge.socket" --pid-file="$DIR/munged.pid" \
     --log-file="$DIR/log/munged.log" --seed-file="$DIR/munge.seed" --force
