@@ -144,7 +144,7 @@ def test_a_preempted_trial_is_requeued_and_resumes_from_its_latest_checkpoint(tm
             "training.max_steps=8", f"hydra.sweep.dir={tmp_path}", f"dataset.cache_dir={tmp_path}/cache"]
     sweep_cmd = subprocess.Popen([sys.executable, "-m", "sd3exp", *args], cwd=ROOT, stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True)
-    training = tmp_path / "0_demo" / "training"
+    training, job = tmp_path / "0_demo" / "training", None
     try:
         wait_for(lambda: saved(training), 600, "the first checkpoint")
         first = {s: files_of(training / f"checkpoint-{s}") for s in saved(training)}
@@ -155,6 +155,8 @@ def test_a_preempted_trial_is_requeued_and_resumes_from_its_latest_checkpoint(tm
         output, _ = sweep_cmd.communicate(timeout=900)
     finally:
         sweep_cmd.kill()
+        if job:  # a failed test leaves nothing queued (a no-op once the job is done)
+            subprocess.run(["scancel", job], check=False, capture_output=True)
     assert sweep_cmd.returncode == 0, output[-3000:]
     assert queue() == ""
     plan = json.loads((tmp_path / "0_demo" / "plan.json").read_text())
