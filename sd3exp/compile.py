@@ -3,7 +3,8 @@
 One ordered list of trainer arguments (`Arg`) is rendered twice: as config.env
 lines (mapped variables, the rest in TRAINER_EXTRA_ARGS) and as config.json.
 Paths inside the run folder are written relative to it, because SimpleTuner
-runs with the run folder as its working directory (`cd <run> && simpletuner train`).
+runs with the run folder as its working directory (`cd <run> && simpletuner train`); the
+prepared image folders and the shared caches (sd3exp/cache.py) are absolute.
 """
 
 from __future__ import annotations
@@ -156,16 +157,18 @@ def trainer_args(cfg: ExperimentConfig, plan: Plan, run_dir: Path) -> List[Arg]:
             + _scale_args(cfg) + _misc_args(cfg, run_dir))
 
 
-def dataset_entry(c: ConceptConfig, cfg: ExperimentConfig, run_dir: Path) -> dict:
+def dataset_entry(c: ConceptConfig, cfg: ExperimentConfig, cache: Path, run_dir: Path) -> dict:
     ds = cfg.dataset
     entry = {
         "id": c.id, "type": "local",
-        "instance_data_dir": run_relative(Path(ds.prepared_dir) / c.id, run_dir),
+        # absolute: SimpleTuner names a latent <cache_dir_vae>/<image folder minus instance_data_dir>/<name>,
+        # so a relative one would put the run folder's path into the shared cache's file names
+        "instance_data_dir": (Path(ds.prepared_dir) / c.id).resolve().as_posix(),
         "caption_strategy": c.caption_strategy, "metadata_backend": "discovery",
         "resolution": whole(ds.resolution), "resolution_type": ds.resolution_type,
         "crop": ds.crop, "crop_style": ds.crop_style, "crop_aspect": ds.crop_aspect,
         "repeats": captions.simpletuner_repeats(c), "probability": c.probability,
-        "cache_dir_vae": run_relative(Path(ds.cache_dir) / "vae" / c.id, run_dir),
+        "cache_dir_vae": run_relative(cache / "vae" / c.id, run_dir),
     }
     if ds.minimum_image_size is not None:
         entry["minimum_image_size"] = whole(ds.minimum_image_size)
@@ -175,11 +178,13 @@ def dataset_entry(c: ConceptConfig, cfg: ExperimentConfig, run_dir: Path) -> dic
     return entry
 
 
-def data_backends(cfg: ExperimentConfig, run_dir: Path) -> List[dict]:
-    """The multibackend.json list: one image dataset per concept + the text-embed cache."""
-    entries = [dataset_entry(c, cfg, run_dir) for c in cfg.concepts]
+def data_backends(cfg: ExperimentConfig, plan: Plan, run_dir: Path) -> List[dict]:
+    """The multibackend.json list: one image dataset per concept + the text-embed cache, both
+    in the dataset's shared cache folder (plan.cache_dir, sd3exp/cache.py)."""
+    cache = Path(plan.cache_dir)
+    entries = [dataset_entry(c, cfg, cache, run_dir) for c in cfg.concepts]
     entries.append({"id": TEXT_EMBEDS_ID, "type": "local", "dataset_type": "text_embeds", "default": True,
-                    "cache_dir": run_relative(Path(cfg.dataset.cache_dir) / "text", run_dir)})
+                    "cache_dir": run_relative(cache / "text", run_dir)})
     return entries
 
 
@@ -267,7 +272,7 @@ def compile_experiment(cfg: ExperimentConfig, plan: Plan, run_dir: Path, config_
         "config/config.env": env.get_template("config.env.j2").render(
             header=header, lines=[] if json_backend else env_lines(args)),
         "config/multibackend.json": env.get_template("multibackend.json.j2").render(
-            backends=data_backends(cfg, run_dir)),
+            backends=data_backends(cfg, plan, run_dir)),
         "config/config.json": env.get_template("config.json.j2").render(config=config_json),
     }
     return Compiled(files)

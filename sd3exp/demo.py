@@ -6,6 +6,7 @@ from pathlib import Path
 
 from sd3exp import trainer_env
 from sd3exp.demo_data import make_demo_dataset
+from sd3exp.runfolder import waiting_lock
 from sd3exp.schema import ExperimentConfig
 from sd3exp.tinymodel import build_tiny_model
 
@@ -14,14 +15,18 @@ DEMO_COUNTS = {(64, 64): 8, (128, 64): 4, (64, 128): 4}
 
 
 def ensure_demo_assets(cfg: ExperimentConfig, with_model: bool) -> None:
-    """Build what a `demo: true` experiment needs and does not find."""
+    """Build what a `demo: true` experiment needs and does not find (one job at a time: the jobs of
+    a sweep start at once)."""
     for c in cfg.concepts:
-        if not Path(c.path).exists():
-            print(f"demo: generating the demo dataset at {c.path}")
-            make_demo_dataset(Path(c.path), c.trigger, DEMO_COUNTS, cfg.seed)
+        with waiting_lock(Path(c.path).parent, "is generating the demo dataset in"):
+            if not Path(c.path).exists():
+                print(f"demo: generating the demo dataset at {c.path}")
+                make_demo_dataset(Path(c.path), c.trigger, DEMO_COUNTS, cfg.seed)
     model = Path(cfg.model.path)
-    if with_model and not model.exists():
-        t = cfg.trainer
-        env = trainer_env.locate(t.simpletuner, t.version, t.home)
-        print(f"demo: building the tiny random SD3 at {model}")
-        build_tiny_model(model, env.python, seed=0)
+    if with_model:
+        with waiting_lock(model.parent, "is building the tiny model in"):
+            if not model.exists():
+                t = cfg.trainer
+                env = trainer_env.locate(t.simpletuner, t.version, t.home)
+                print(f"demo: building the tiny random SD3 at {model}")
+                build_tiny_model(model, env.python, seed=0)

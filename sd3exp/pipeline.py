@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Tuple
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from sd3exp import __version__, lrplot, runfolder
+from sd3exp import __version__, cache, lrplot, runfolder
 from sd3exp.errors import ConfigError
 from sd3exp.compile import Compiled, compile_experiment, config_hash
 from sd3exp.io import dumps_json, write_if_changed
@@ -85,7 +85,7 @@ def concept_sizes(cfg: ExperimentConfig) -> Dict[str, Optional[List[Tuple[int, i
 
 
 def build(job: Job) -> Tuple[Plan, Compiled]:
-    plan = make_plan(job.cfg, concept_sizes(job.cfg))
+    plan = replace(make_plan(job.cfg, concept_sizes(job.cfg)), cache_dir=str(cache.cache_dir(job.cfg)))
     return plan, compile_experiment(job.cfg, plan, job.run_dir, job.config_hash, job.overrides)
 
 

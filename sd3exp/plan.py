@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from sd3exp import schedule as lr_schedule
@@ -60,6 +61,7 @@ class Plan:
     schedule: Dict[str, object]
     lr_curve: List[Tuple[int, float]]
     warnings: List[str] = field(default_factory=list)
+    cache_dir: Optional[str] = None  # the shared text-embed/VAE cache (sd3exp/cache.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -210,5 +212,8 @@ def render_table(plan: Plan) -> str:
         f"lr schedule      {plan.schedule['scheduler']:>10}   lr {plan.lr:g} -> {plan.lr_curve[-1][1]:g} "
         f"(warmup/period {plan.schedule['warmup_steps']})",
     ]
+    if plan.cache_dir:
+        state = "filled earlier" if Path(plan.cache_dir).is_dir() else "new"
+        lines.append(f"cache            {Path(plan.cache_dir).name:>10}   {plan.cache_dir} ({state})")
     lines += [f"warning: {w}" for w in plan.warnings]
     return "\n".join(lines)

@@ -149,20 +149,24 @@ def config_hash(env_text: str) -> Optional[str]:
     return lines[0][len(HASH_LINE):].strip() if lines else None
 
 
+def without_run_dir(text: str, resolved_yaml: str) -> str:
+    """`text` with the run folder's own path (paths.run_dir of resolved.yaml) replaced by <run>."""
+    run_dir = ((yaml.safe_load(resolved_yaml) or {}).get("paths") or {}).get("run_dir")
+    return text.replace(str(run_dir), RUN) if run_dir else text
+
+
 def yaml_settings(text: str, ignored: Sequence[str]) -> Dict[str, str]:
     """Leaves of resolved.yaml, with the run folder's own path replaced by <run>."""
-    data = yaml.safe_load(text) or {}
-    run_dir = (data.get("paths") or {}).get("run_dir")
-    if run_dir:
-        data = yaml.safe_load(text.replace(str(run_dir), RUN))
+    data = yaml.safe_load(without_run_dir(text, text)) or {}
     return {k: v for k, v in flatten(data) if not any(k == i or k.startswith(i + ".") for i in ignored)}
 
 
 def settings(files: Dict[str, str], ignored: Sequence[str]) -> Dict[str, Dict[str, str]]:
     plan = {k: v for k, v in json.loads(files["plan.json"]).items() if k not in PLAN_SKIP}
+    backends = json.loads(without_run_dir(files["config/multibackend.json"], files["resolved.yaml"]))
     return {
         "config.env": env_settings(files["config/config.env"]),
-        "multibackend.json": dict(flatten({"dataset": json.loads(files["config/multibackend.json"])})),
+        "multibackend.json": dict(flatten({"dataset": backends})),
         "config.json": dict(flatten(json.loads(files["config/config.json"]))),
         "plan.json": dict(flatten(plan)),
         "resolved.yaml": yaml_settings(files["resolved.yaml"], ignored),

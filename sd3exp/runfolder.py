@@ -84,6 +84,21 @@ def exclusive(run_dir: Path, stage: str) -> Iterator[None]:
             os.close(fd)
 
 
+@contextlib.contextmanager
+def waiting_lock(folder: Path, doing: str) -> Iterator[None]:
+    """Hold `folder`'s lock, waiting for it: sd3exp jobs that start at once (a Slurm sweep) take
+    turns at filling a folder they share (the demo assets, a shared cache)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        if not _try_lock(fd):
+            print(f"waiting for another sd3exp job {doing} {folder}", flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def training_elsewhere(run_dir: Path) -> bool:
     """Whether another process holds the run's training lock right now."""
     fd = os.open(run_dir, os.O_RDONLY)

@@ -72,7 +72,7 @@ class DatasetConfig:
     crop_aspect: str = "square"
     caption_dropout: float = 0.1
     prepared_dir: str = "${paths.run_dir}/dataset"
-    cache_dir: str = "${paths.run_dir}/cache"
+    cache_dir: str = "${paths.output_root}/cache"  # one <cache key>/ per dataset (sd3exp/cache.py)
 
 
 @dataclass

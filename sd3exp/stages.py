@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import shlex
-import shutil
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
-from sd3exp import trainer_env
+from sd3exp import cache, trainer_env
 from sd3exp.compile import trainer_args, user_extra_args
 from sd3exp.errors import ConfigError, DatasetError, EvalError
 from sd3exp.pipeline import Job
@@ -72,16 +71,6 @@ def stage_prepare(job: Job, plan: Plan) -> None:
     stage_audit(job, plan)
     summary = prepare.prepare(job.cfg)
     print(summary.line())
-    drop_stale_vae_cache(job.cfg, [c.id for c in summary.concepts if c.created or c.removed])
-
-
-def drop_stale_vae_cache(cfg: ExperimentConfig, changed: List[str]) -> None:
-    """SimpleTuner keys its VAE cache by file name: a re-prepared concept needs a fresh one."""
-    for concept_id in changed:
-        cache = Path(cfg.dataset.cache_dir) / "vae" / concept_id
-        if cache.is_dir():
-            shutil.rmtree(cache)
-            print(f"dataset '{concept_id}' changed: cleared its VAE latent cache {cache}")
 
 
 def trainer_for(cfg: ExperimentConfig) -> trainer_env.TrainerEnv:
@@ -122,8 +111,11 @@ def stage_train(job: Job, plan: Plan) -> None:
               "resuming from the last finished checkpoint")
     process_env = train.trainer_environment(env.bin, run_dir, cpu=shim, offline=Path(cfg.model.path).is_dir())
     next_command = command_for(job, "eval") if cfg.stage == "train" else None
-    train.run_training(env.train_command(), run_dir, training_dir, process_env, plan.max_train_steps,
-                       plan.checkpoint_steps, next_command, resume_command=command_for(job, cfg.stage))
+    print(f"cache: {plan.cache_dir} (shared by the runs on the same data; sd3exp/cache.py)")
+    with cache.filling(Path(plan.cache_dir)) as caches_complete:
+        train.run_training(env.train_command(), run_dir, training_dir, process_env, plan.max_train_steps,
+                           plan.checkpoint_steps, next_command, resume_command=command_for(job, cfg.stage),
+                           on_first_step=caches_complete)
 
 
 def stage_eval(job: Job, plan: Plan) -> None:

@@ -9,7 +9,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from tqdm import tqdm
 
@@ -130,12 +130,16 @@ class TrainResult:
         return d
 
 
-def follow(stream, log, bar: tqdm, progress: Progress) -> None:
+def follow(stream, log, bar: tqdm, progress: Progress, on_first_step: Callable[[], None] = lambda: None) -> None:
     """Copy the trainer's output to the log and move the bar; before the first step the bar
-    shows what SimpleTuner is doing (loading models, filling caches)."""
+    shows what SimpleTuner is doing (loading models, filling caches). `on_first_step` is called
+    at every line from SimpleTuner's first step bar on (its caches are complete by then)."""
     start, shown = progress.step, 0.0
     for line in _lines(stream, log):
-        if progress.feed(line):
+        moved = progress.feed(line)
+        if progress.total is not None:
+            on_first_step()
+        if moved:
             if progress.total != bar.total:
                 bar.total = progress.total
             bar.update(progress.step - bar.n)
@@ -147,7 +151,7 @@ def follow(stream, log, bar: tqdm, progress: Progress) -> None:
 
 
 def launch(cmd: List[str], run_dir: Path, training_dir: Path, env: Dict[str, str], total: int,
-           start_step: int) -> TrainResult:
+           start_step: int, on_first_step: Callable[[], None]) -> TrainResult:
     """Start the trainer in the run folder and follow it until it exits."""
     log_path = run_dir / "train.log"
     progress, started = Progress(step=start_step), time.monotonic()
@@ -157,11 +161,14 @@ def launch(cmd: List[str], run_dir: Path, training_dir: Path, env: Dict[str, str
                                 start_new_session=True)
         bar = tqdm(total=total, initial=start_step, unit="step", desc="train", dynamic_ncols=True)
         try:
-            follow(proc.stdout, log, bar, progress)
+            follow(proc.stdout, log, bar, progress, on_first_step)
             code = proc.wait()
         except KeyboardInterrupt:
             stop(proc)
             code = 130
+        except SystemExit:  # Slurm preemption/time limit: submitit requeued the job and exits this process
+            stop(proc)
+            raise
         finally:
             bar.close()
     ckpts = {s: str(p) for s, p in checkpoint_dirs(training_dir).items()}
@@ -197,11 +204,12 @@ def failure_message(result: TrainResult, resume_command: str) -> str:
 
 
 def run_training(cmd: List[str], run_dir: Path, training_dir: Path, env: Dict[str, str], total: int,
-                 planned: List[int], next_command: Optional[str], resume_command: str) -> TrainResult:
+                 planned: List[int], next_command: Optional[str], resume_command: str,
+                 on_first_step: Callable[[], None]) -> TrainResult:
     start = max(checkpoint_dirs(training_dir), default=0)
     if start:
         print(f"resuming from checkpoint-{start} (SimpleTuner resume_from_checkpoint=latest)")
-    result = launch(cmd, run_dir, training_dir, env, total, start)
+    result = launch(cmd, run_dir, training_dir, env, total, start, on_first_step)
     write_json(run_dir / "training_summary.json", result.to_dict())
     print(report(result, planned, total, next_command))
     if result.exit_code != 0:

@@ -1,0 +1,195 @@
+"""Sweeps on a real one-node Slurm (tests/slurm/cluster.sh, started by .ci/run): jobs submitted through
+`hydra/launcher=slurm_gpu`, a failing trial, a preempted trial, a cache shared by the trials."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import pytest
+
+from sd3exp.cli import ROOT
+from sd3exp.runfolder import checkpoint_dirs
+from tests.conftest import needs_trainer, run_cli
+
+CLUSTER = Path(__file__).resolve().parent / "slurm" / "cluster.sh"
+
+
+def slurm_conf() -> Optional[str]:
+    conf = os.environ.get("SLURM_CONF")
+    return conf if conf and Path(conf).is_file() and shutil.which("sbatch") else None
+
+
+pytestmark = [pytest.mark.slurm, pytest.mark.skipif(
+    slurm_conf() is None and os.environ.get("CI") != "true",
+    reason=f"no one-node Slurm: run `{CLUSTER} start` and `eval \"$({CLUSTER} env)\"` first")]
+
+# The cluster's node has no GPU and few CPUs: the launcher's GPU settings overridden for it.
+CPU_LAUNCHER = ["hydra/launcher=slurm_gpu", "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=0",
+                "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=30"]
+# A small trial whatever conf/experiment/demo.yaml says: 4 LoRA steps, a checkpoint every 2, one 64 px cell.
+SMALL = ["model.type=lora", "training.epochs=0", "training.max_steps=4", "checkpointing.every_steps=2",
+         "checkpointing.keep=0", "dataset.resolution=64", "eval.prompts=[k4s4 red circle]", "eval.seeds=[0]",
+         "eval.steps=2", "eval.width=64", "eval.height=64"]
+
+
+def slurm(*args: str) -> str:
+    return subprocess.run(list(args), check=True, capture_output=True, text=True, timeout=60).stdout
+
+
+def sweep(sweep_dir: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """A demo sweep on the cluster; its caches in `<sweep_dir>/cache` (not the project's outputs/)."""
+    return run_cli("-m", "experiment=demo", *CPU_LAUNCHER, *args, f"hydra.sweep.dir={sweep_dir}",
+                   f"dataset.cache_dir={sweep_dir}/cache", timeout=timeout)
+
+
+def jobs_of(sweep_dir: Path) -> List[dict]:
+    return json.loads((sweep_dir / "sweep.json").read_text())["jobs"]
+
+
+def queue() -> str:
+    return slurm("squeue", "-h", "-o", "%i %T").strip()
+
+
+def test_the_cluster_has_one_idle_node_sized_to_the_machine():
+    state, cpus, memory = slurm("sinfo", "-h", "-N", "-o", "%t %c %m").split()
+    total_mb = int(subprocess.run(["free", "-m"], capture_output=True, text=True).stdout.split()[7])
+    assert state == "idle" and int(cpus) == os.cpu_count() and 0 < int(memory) < total_mb
+
+
+def test_a_batch_job_runs_and_accounting_reports_it(tmp_path):
+    """submitit polls job states with sacct: accounting must answer."""
+    out = slurm("sbatch", "--parsable", "--wait", f"--output={tmp_path}/job.out", "--wrap=echo ran on $(hostname)")
+    job = out.strip().split(";")[0]
+    assert (tmp_path / "job.out").read_text().startswith("ran on ")
+    states = slurm("sacct", "-n", "-X", "-P", "-o", "State", "-j", job).split()
+    assert states == ["COMPLETED"]
+
+
+def test_a_failing_trial_is_reported_and_the_other_still_runs(tmp_path):
+    out = sweep(tmp_path, "lora.rank=4,0", "stage=compile", timeout=300)
+    assert out.returncode != 0
+    jobs = jobs_of(tmp_path)
+    assert [j["status"] for j in jobs] == ["compiled", "failed"]
+    assert "lora.rank" in jobs[1]["error"]
+    assert len(list((tmp_path / ".submitit").glob("*_[01]"))) == 2  # two Slurm array tasks
+    assert queue() == ""
+
+
+def test_other_resolutions_get_other_caches(tmp_path):
+    out = sweep(tmp_path, "dataset.resolution=64,128", "stage=compile", timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    caches = [json.loads((tmp_path / j["run_dir"] / "plan.json").read_text())["cache_dir"] for j in jobs_of(tmp_path)]
+    assert len(set(caches)) == 2 and all(Path(c).parent == tmp_path / "cache" for c in caches)
+    for job, cache in zip(jobs_of(tmp_path), caches):
+        backends = json.loads((tmp_path / job["run_dir"] / "config" / "multibackend.json").read_text())
+        assert [b.get("cache_dir_vae", b.get("cache_dir")) for b in backends] == [f"{cache}/vae/shapes", f"{cache}/text"]
+
+
+@pytest.fixture(scope="module")
+def two_trials(tmp_path_factory):
+    """The issue's sweep: two LoRA ranks, trained and evaluated, one Slurm job each, started at once."""
+    sweep_dir = tmp_path_factory.mktemp("sweep")
+    out = sweep(sweep_dir, "lora.rank=2,4", "stage=all", *SMALL)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return sweep_dir, out
+
+
+@needs_trainer
+@pytest.mark.trainer
+def test_a_two_trial_sweep_trains_and_evaluates_each_trial(two_trials):
+    tmp_path, out = two_trials
+    assert queue() == ""
+    jobs = jobs_of(tmp_path)
+    assert [j["values"] for j in jobs] == [{"lora.rank": "2"}, {"lora.rank": "4"}]
+    for job in jobs:
+        run = tmp_path / job["run_dir"]
+        plan = json.loads((run / "plan.json").read_text())
+        assert job["status"] == "evaluated" and job["links"]["grid"] and (run / "eval" / "grid.png").is_file()
+        assert sorted(checkpoint_dirs(run / "training")) == plan["checkpoint_steps"] == [2, 4]
+        assert f"--lora_rank={job['values']['lora.rank']}" in (run / "config" / "config.env").read_text()
+    assert "sweep summary:" in out.stdout
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def saved(training: Path) -> List[int]:
+    """Steps of the checkpoints whose save finished (SimpleTuner writes `.guard` last)."""
+    return [s for s, p in checkpoint_dirs(training).items() if (p / ".guard").is_file()]
+
+
+def files_of(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@needs_trainer
+@pytest.mark.trainer
+def test_a_preempted_trial_is_requeued_and_resumes_from_its_latest_checkpoint(tmp_path):
+    """Slurm's preemption / time-limit signal (USR2, as `--signal=USR2@...` sends it) through scancel:
+    submitit checkpoints the Hydra job and requeues it; the rerun resumes SimpleTuner."""
+    args = ["-m", "experiment=demo", *CPU_LAUNCHER, "lora.rank=2", "stage=train", *SMALL,
+            "training.max_steps=8", f"hydra.sweep.dir={tmp_path}", f"dataset.cache_dir={tmp_path}/cache"]
+    sweep_cmd = subprocess.Popen([sys.executable, "-m", "sd3exp", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+    training, job = tmp_path / "0_demo" / "training", None
+    try:
+        wait_for(lambda: saved(training), 600, "the first checkpoint")
+        first = {s: files_of(training / f"checkpoint-{s}") for s in saved(training)}
+        job = queue().split()[0]
+        slurm("scancel", "--signal=USR2", job)
+        wait_for(lambda: "PENDING" in queue(), 120, "the job to be requeued")
+        slurm("scontrol", "update", f"JobId={job}", "StartTime=now")  # else eligible 2 minutes later
+        output, _ = sweep_cmd.communicate(timeout=900)
+    finally:
+        sweep_cmd.kill()
+        if job:  # a failed test leaves nothing queued (a no-op once the job is done)
+            subprocess.run(["scancel", job], check=False, capture_output=True)
+    assert sweep_cmd.returncode == 0, output[-3000:]
+    assert queue() == ""
+    plan = json.loads((tmp_path / "0_demo" / "plan.json").read_text())
+    assert sorted(checkpoint_dirs(training)) == plan["checkpoint_steps"] == [2, 4, 6, 8]
+    for step, files in first.items():  # the checkpoints saved before the preemption are untouched
+        assert files_of(training / f"checkpoint-{step}") == files
+    log = "".join(p.read_text() for p in sorted((tmp_path / ".submitit").glob("*/*_log.*")))
+    assert "Requeued job" in log
+    resumed = [int(s) for s in re.findall(r"resuming from checkpoint-(\d+)", log)]
+    assert resumed and resumed[0] >= max(first)
+    summary = json.loads((tmp_path / "0_demo" / "training_summary.json").read_text())
+    assert summary["start_step"] == resumed[0] and summary["progress"]["step"] == 8
+
+
+def latents_computed(train_log: str) -> int:
+    return sum(int(n) for n in re.findall(r"VAECache has (\d+) unprocessed files", train_log))
+
+
+@needs_trainer
+@pytest.mark.trainer
+def test_the_trials_share_one_cache_filled_once(two_trials):
+    sweep_dir, _ = two_trials
+    runs = [sweep_dir / j["run_dir"] for j in jobs_of(sweep_dir)]
+    caches = {json.loads((r / "plan.json").read_text())["cache_dir"] for r in runs}
+    assert len(caches) == 1 and [p.name for p in (sweep_dir / "cache").iterdir()] == [Path(*caches).name]
+    logs = [(r / "train.log").read_text(errors="replace") for r in runs]
+    images = len(list((runs[0] / "dataset" / "shapes").glob("*.png")))
+    # one trial computed every latent and text embed ("Processing prompts" is SimpleTuner's embed bar),
+    # the other, started at the same time, waited for it and computed none
+    assert sorted((latents_computed(log), "Processing prompts" in log) for log in logs) == [(0, False), (images, True)]
+    cache = Path(*caches)
+    assert len(list((cache / "vae" / "shapes").glob("*.pt"))) == images  # one trial's latents, flat
+    captions = {p.read_text() for p in (runs[0] / "dataset" / "shapes").glob("*.txt")}
+    assert len(list((cache / "text").glob("*.pt"))) == len(captions)
+    assert any("waiting for another sd3exp job is filling the shared cache" in p.read_text()
+               for p in (sweep_dir / ".submitit").glob("*/*_log.out"))
