@@ -498,6 +498,9 @@ class Cell:
     error: str = ""
     seconds: float = 0.0
     prompt_id: Optional[str] = None
+    scores: dict[str, float] = field(default_factory=dict)  # measure -> value (sd3exp/evaluate/score.py)
+    memorised: Optional[bool] = None  # a near-copy of one training image; None: not scored
+    scored_with: str = ""  # digest of what the scores depend on besides the image; "" = not scored
 
 
 def _cell(spec: CellSpec, **fields: Any) -> Cell:

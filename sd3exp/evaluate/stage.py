@@ -16,6 +16,7 @@ from sd3exp.evaluate.checkpoints import BASE_LABEL, Checkpoint, discover
 from sd3exp.evaluate.comfyui import Cell, Sampling
 from sd3exp.evaluate.grid import write_grids
 from sd3exp.evaluate.report import write_report
+from sd3exp.evaluate.score import best_label, check_scoring, choose_best, summary_line
 from sd3exp.io import read_json, write_json
 from sd3exp.runfolder import training_elsewhere
 from sd3exp.schema import EvalConfig, ExperimentConfig
@@ -160,6 +161,7 @@ def evaluate(cfg: ExperimentConfig, run_dir: Path) -> Path:
         print("eval.backend=none: evaluation skipped")
         return run_dir
     eval_dir = run_dir / "eval"
+    check_scoring(cfg)
     checkpoints = checkpoints_to_render(cfg, run_dir)
     record = request_record(cfg, checkpoints)
     if (eval_dir / "request.json").is_file() and read_json(eval_dir / "request.json") == record:
@@ -181,13 +183,16 @@ def evaluate(cfg: ExperimentConfig, run_dir: Path) -> Path:
 
 def finish(cfg: ExperimentConfig, run_dir: Path, cells: List[Cell], record: dict) -> Path:
     eval_dir = run_dir / "eval"
-    grids = write_grids(cells, eval_dir, cfg.eval.max_grid_pixels)
+    cells, choice = choose_best(cfg, run_dir, cells, record)
+    grids = write_grids(cells, eval_dir, cfg.eval.max_grid_pixels, best=best_label(choice))
     cellio.write_cells_json(cells, eval_dir / "cells.json")
     report = write_report(run_dir, cells, grids, title=cfg.name)
     write_json(eval_dir / "request.json", record)
     failed = [c for c in cells if c.status != "ok"]
     print(f"evaluated {len(cells)} cell(s) ({len(cells) - len(failed)} ok): {', '.join(str(g) for g in grids)}")
     print(f"report: {report}")
+    if choice:
+        print(summary_line(choice))
     if failed:
         first = failed[0]
         raise CellsFailed(f"{len(failed)} of {len(cells)} cells failed, e.g. {first.label} prompt "

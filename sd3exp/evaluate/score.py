@@ -1,0 +1,207 @@
+"""Scores per cell and the best checkpoint (eval/best.json, eval/scores.png).
+
+The weight-free measures need no model and run here (numpy, Pillow), on small
+thumbnails (eval.scoring.thumbnail pixels a side, RGB in [0, 1]):
+- pixel_fidelity: 100 x (1 - RMS distance to the nearest training image of the prompt's
+  concept(s): those whose trigger the prompt contains, else every concept);
+- drift: 100 x RMS distance to the base model's render of the same prompt and seed (needs
+  eval.include_base=true).
+A cell is scored once: its scores are kept in cells.json with a digest of what they depend
+on besides the image (settings, training images), and reused while that digest holds.
+Failed cells are left out of the scores and counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from sd3exp.evaluate.cells import BASE_LABEL, Cell, cell_image, column_title
+from sd3exp.evaluate.select import MEASURES, Candidate, Choice, Rule, choose, make_rule, mean_scores
+from sd3exp.images import list_images
+from sd3exp.io import read_json, write_bytes, write_json
+from sd3exp.schema import ExperimentConfig
+
+BEST_FILE = "best.json"
+PLOT_FILE = "scores.png"
+
+
+def thumbnail(source: Union[Path, bytes], side: int) -> np.ndarray:
+    """The image as a side x side x 3 float array in [0, 1] (squashed to a square, bilinear)."""
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+        small = im.convert("RGB").resize((side, side), Image.Resampling.BILINEAR)
+    return np.asarray(small, dtype=np.float64) / 255.0
+
+
+def rms(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """RMS distance between `a` and each image of `b` (a stack, or one image)."""
+    return np.sqrt(np.mean((b - a) ** 2, axis=(-3, -2, -1)))
+
+
+def pixel_fidelity(render: np.ndarray, training: np.ndarray) -> float:
+    """100 x (1 - RMS distance to the nearest of the `training` thumbnails)."""
+    return float(100.0 * (1.0 - np.min(rms(render, training))))
+
+
+def drift(render: np.ndarray, base: np.ndarray) -> float:
+    """100 x RMS distance to the base model's render."""
+    return float(100.0 * rms(render, base))
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    trigger: str
+    digests: Tuple[str, ...]  # sha256 of each image file
+    thumbs: np.ndarray  # N x side x side x 3
+
+
+def training_sets(cfg: ExperimentConfig) -> Dict[str, TrainingSet]:
+    """Thumbnails of each concept's images, for the concepts whose folder exists."""
+    side = cfg.eval.scoring.thumbnail
+    found = {}
+    for concept in cfg.concepts:
+        folder = Path(concept.path)
+        images = list_images(folder) if folder.is_dir() else []
+        if images:
+            found[concept.id] = TrainingSet(concept.trigger,
+                                            tuple(hashlib.sha256(p.read_bytes()).hexdigest() for p in images),
+                                            np.stack([thumbnail(p, side) for p in images]))
+    return found
+
+
+def concepts_of(prompt: str, sets: Mapping[str, TrainingSet]) -> List[str]:
+    """The concepts a prompt is about: those whose trigger it contains, else all."""
+    named = [cid for cid, s in sets.items() if s.trigger and s.trigger in prompt]
+    return named or list(sets)
+
+
+def scoring_key(cfg: ExperimentConfig, sets: Mapping[str, TrainingSet]) -> str:
+    """Digest of what a cell's scores depend on besides its own image."""
+    sc = cfg.eval.scoring
+    data = {"thumbnail": sc.thumbnail, "memorised_pixel": sc.memorised_pixel,
+            "training": {cid: list(s.digests) for cid, s in sets.items()}}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _image(cell: Cell, side: int) -> Optional[np.ndarray]:
+    source = cell_image(cell) if cell.status == "ok" else None
+    try:
+        return thumbnail(source, side) if source is not None else None
+    except OSError:
+        return None
+
+
+def score_cells(cfg: ExperimentConfig, cells: Sequence[Cell]) -> Tuple[List[Cell], int, int]:
+    """The cells with their weight-free scores, how many were scored now and how many scores
+    were kept (scored earlier under the same key); failed cells are neither."""
+    sc = cfg.eval.scoring
+    sets = training_sets(cfg)
+    key = scoring_key(cfg, sets)
+    base = {(c.prompt_index, c.seed): c for c in cells if c.label == BASE_LABEL}
+    todo = [i for i, c in enumerate(cells) if c.status == "ok" and c.scored_with != key]
+    out, pools = list(cells), {}
+    for i in tqdm(todo, desc="scoring", unit="cell", disable=not todo):
+        cell = cells[i]
+        image = _image(cell, sc.thumbnail)
+        if image is None:
+            out[i] = replace(cell, scores={}, memorised=None, scored_with="")
+            continue
+        scores = {}
+        names = tuple(concepts_of(cell.prompt, sets))
+        if names:
+            pool = pools.get(names)
+            if pool is None:
+                pool = pools[names] = np.concatenate([sets[n].thumbs for n in names])
+            scores["pixel_fidelity"] = pixel_fidelity(image, pool)
+        base_cell = base.get((cell.prompt_index, cell.seed))
+        base_image = _image(base_cell, sc.thumbnail) if base_cell is not None else None
+        if base_image is not None:
+            scores["drift"] = drift(image, base_image)
+        memorised = scores["pixel_fidelity"] > sc.memorised_pixel if "pixel_fidelity" in scores else None
+        out[i] = replace(cell, scores=scores, memorised=memorised, scored_with=key)
+    return out, len(todo), sum(c.status == "ok" for c in cells) - len(todo)
+
+
+def _cell_view(cell: Cell) -> dict:
+    return {"label": cell.label, "step": cell.step, "status": cell.status, "scores": cell.scores,
+            "memorised": cell.memorised}
+
+
+def checkpoint_path(record: Mapping, label: str) -> Optional[str]:
+    entry = record.get("checkpoints", {}).get(label)
+    return entry[0] if entry else None
+
+
+def best_record(choice: Choice, candidates: Sequence[Candidate], record: Mapping) -> dict:
+    """eval/best.json: the chosen checkpoint, its scores, the rule, the runners-up, what was left out."""
+    def entry(c: Candidate) -> dict:
+        return {**c.to_dict(), "checkpoint": checkpoint_path(record, c.label)}
+
+    base = next((c for c in candidates if c.label == BASE_LABEL), None)
+    return {"best": entry(choice.best) if choice.best else None, "rule": choice.rule.to_dict(),
+            "runners_up": [entry(c) for c in choice.ranked[1:4]],
+            "excluded": [{**entry(c), "reason": why} for c, why in choice.excluded if c.label != BASE_LABEL],
+            "base": base.to_dict() if base else None,
+            "failed_cells": sum(c.failed for c in candidates),
+            "measures": {m: MEASURES[m][1] for m in dict.fromkeys(m for c in candidates for m in c.scores)}}
+
+
+def summary_line(choice: Choice) -> str:
+    """One line: the chosen checkpoint, why, and the rule."""
+    rule, best = choice.rule, choice.best
+    if best is None:
+        return f"best checkpoint: none (no checkpoint meets the rule: {rule.text()})"
+    return (f"best checkpoint: {column_title(best.label, best.step)} ({best.label}): {rule.objective} "
+            f"{best.scores[rule.objective]:.4g}, best of {len(choice.ranked)} eligible "
+            f"(rule: {rule.text()})")
+
+
+def rule_of(cfg: ExperimentConfig) -> Rule:
+    sel = cfg.eval.select
+    return make_rule(sel.objective, sel.direction, sel.at_least, sel.at_most, sel.not_memorised)
+
+
+def check_scoring(cfg: ExperimentConfig) -> None:
+    """Refuse, before any rendering, a selection rule or scoring set-up that cannot work."""
+    if cfg.eval.scoring.enabled:
+        rule_of(cfg)
+
+
+def best_label(choice: Optional[Choice]) -> Optional[str]:
+    return choice.best.label if choice and choice.best else None
+
+
+def read_best(eval_dir: Path) -> Optional[dict]:
+    """eval/best.json, or None when the evaluation chose nothing (scoring off)."""
+    path = eval_dir / BEST_FILE
+    return read_json(path) if path.is_file() else None
+
+
+def choose_best(cfg: ExperimentConfig, run_dir: Path, cells: Sequence[Cell], record: Mapping
+                ) -> Tuple[List[Cell], Optional[Choice]]:
+    """Score the cells not yet scored, choose the best checkpoint, write best.json and scores.png.
+    With eval.scoring.enabled=false: the cells as they are, no choice."""
+    if not cfg.eval.scoring.enabled:
+        return list(cells), None
+    from sd3exp import plots
+
+    rule = rule_of(cfg)
+    cells, fresh, kept = score_cells(cfg, cells)
+    candidates = mean_scores([_cell_view(c) for c in cells])
+    choice = choose(candidates, rule)
+    failed = sum(c.failed for c in candidates)
+    print(f"scored {fresh} new cell(s), {kept} kept from the last evaluation"
+          + (f"; {failed} failed cell(s) left out of the scores" if failed else ""))
+    eval_dir = run_dir / "eval"
+    write_json(eval_dir / BEST_FILE, best_record(choice, candidates, record))
+    write_bytes(eval_dir / PLOT_FILE, plots.score_plot(candidates, choice.best.label if choice.best else None,
+                                                      rule.objective))
+    return cells, choice

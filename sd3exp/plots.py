@@ -1,0 +1,61 @@
+"""Charts drawn with matplotlib (Agg backend, fixed PNG metadata: same data, same bytes)."""
+
+from __future__ import annotations
+
+import io
+from typing import Optional, Sequence, Tuple
+
+import matplotlib
+
+matplotlib.use("Agg")
+from matplotlib import pyplot as plt  # noqa: E402  (after the backend is chosen)
+from matplotlib.figure import Figure  # noqa: E402
+
+from sd3exp.evaluate.cells import column_title  # noqa: E402
+from sd3exp.evaluate.select import MEASURES, Candidate  # noqa: E402
+
+LINE, MARK, TICK = "#c82828", "#176b2c", "#d2d2d2"
+DPI = 100
+
+
+def png(fig: Figure) -> bytes:
+    """The figure as PNG bytes without a timestamp or version in its metadata; the figure is closed."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def lr_curve(curve: Sequence[Tuple[int, float]], checkpoints: Sequence[int], title: str) -> bytes:
+    """Learning rate against step; checkpoint steps as grey vertical lines."""
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    for step in checkpoints:
+        ax.axvline(step, color=TICK, linewidth=1, zorder=0)
+    ax.plot([s for s, _ in curve], [v for _, v in curve], color=LINE, linewidth=2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("learning rate")
+    ax.set_title(f"{title}\nlearning rate as SimpleTuner will apply it", fontsize=10)
+    ax.set_ylim(bottom=0)
+    fig.tight_layout()
+    return png(fig)
+
+
+def score_plot(candidates: Sequence[Candidate], best: Optional[str], objective: str) -> bytes:
+    """One panel per measure, checkpoints on the X axis in column order, the chosen one marked."""
+    measures = [m for m in MEASURES if any(m in c.scores for c in candidates)]
+    fig, axes = plt.subplots(max(1, len(measures)), 1, figsize=(8, 1.2 + 2.2 * max(1, len(measures))),
+                             sharex=True, squeeze=False)
+    titles = [column_title(c.label, c.step) for c in candidates]
+    xs = list(range(len(candidates)))
+    for ax, measure in zip(axes[:, 0], measures):
+        points = [(x, c.scores[measure]) for x, c in zip(xs, candidates) if measure in c.scores]
+        ax.plot([x for x, _ in points], [y for _, y in points], color=LINE, marker="o", linewidth=2)
+        ax.set_ylabel(measure + (" (objective)" if measure == objective else ""), fontsize=9)
+        if best is not None:
+            ax.axvline([c.label for c in candidates].index(best), color=MARK, linestyle="--", linewidth=1.5)
+    if not measures:
+        axes[0, 0].text(0.5, 0.5, "no scores", ha="center", va="center", transform=axes[0, 0].transAxes)
+    axes[-1, 0].set_xticks(xs, titles, rotation=30, ha="right", fontsize=8)
+    axes[0, 0].set_title("mean score per checkpoint" + (" (dashed: chosen)" if best else ""), fontsize=10)
+    fig.tight_layout()
+    return png(fig)
