@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from typing import Optional, Sequence, Tuple
+from typing import Mapping, Optional, Sequence, Tuple
 
 import matplotlib
 
@@ -57,5 +57,22 @@ def score_plot(candidates: Sequence[Candidate], best: Optional[str], objective: 
         axes[0, 0].text(0.5, 0.5, "no scores", ha="center", va="center", transform=axes[0, 0].transAxes)
     axes[-1, 0].set_xticks(xs, titles, rotation=30, ha="right", fontsize=8)
     axes[0, 0].set_title("mean score per checkpoint" + (" (dashed: chosen)" if best else ""), fontsize=10)
+    fig.tight_layout()
+    return png(fig)
+
+
+def training_plot(records: Sequence[Mapping], best_step: Optional[int]) -> bytes:
+    """Training loss and learning rate against step from SimpleTuner's own metrics records
+    ({"step": N, "metrics": {"train_loss": .., "learning_rate": ..}}), the chosen step marked."""
+    fig, (loss_ax, lr_ax) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
+    for ax, key in ((loss_ax, "train_loss"), (lr_ax, "learning_rate")):
+        points = [(r["step"], r["metrics"][key]) for r in records if key in r.get("metrics", {})]
+        ax.plot([s for s, _ in points], [v for _, v in points], color=LINE, linewidth=1.5)
+        ax.set_ylabel(key, fontsize=9)
+        if best_step is not None:
+            ax.axvline(best_step, color=MARK, linestyle="--", linewidth=1.5)
+    lr_ax.set_xlabel("step")
+    loss_ax.set_title("SimpleTuner's training metrics" + (" (dashed: chosen checkpoint)" if best_step else ""),
+                      fontsize=10)
     fig.tight_layout()
     return png(fig)

@@ -114,13 +114,14 @@ def stage_eval(job: Job, plan: Plan) -> None:
 
 def stage_report(job: Job, plan: Plan) -> None:
     """Rebuild the grid(s) and report.html from eval/cells.json (e.g. after changing a template)."""
-    from sd3exp.evaluate import cells, grid, report
+    from sd3exp.evaluate import cells, grid, report, score
 
     eval_dir = job.run_dir / "eval"
     if not (eval_dir / "cells.json").is_file():
         raise EvalError(f"no evaluation in {eval_dir}; run stage=eval first")
     found = cells.read_cells_json(eval_dir / "cells.json")
-    grids = grid.write_grids(found, eval_dir, job.cfg.eval.max_grid_pixels)
+    best = (score.read_best(eval_dir) or {}).get("best")
+    grids = grid.write_grids(found, eval_dir, job.cfg.eval.max_grid_pixels, best=best["label"] if best else None)
     print(f"report: {report.write_report(job.run_dir, found, grids, title=job.cfg.name)}")
 
 

@@ -24,6 +24,9 @@ def concept_folder(path):
 def test_eval_scores_cells_writes_best_json_and_rescoring_scores_only_new_cells(tmp_path):
     run, concept = tmp_path / "run", concept_folder(tmp_path / "concept")
     fake_lora_run(run)
+    records = [{"schema_version": 1, "timestamp": "t", "step": s, "metrics": {"train_loss": 1 / s, "learning_rate": 1e-4}}
+               for s in range(1, 7)]  # as SimpleTuner 4.10.1's local_metrics.py appends them (report_to=simpletuner)
+    (run / "training" / "training_metrics.jsonl").write_text("\n".join(map(json.dumps, records)) + "\n{half a line")
     fail = lambda g: "CUDA out of memory" if ("checkpoint-4." in json.dumps(g) and PROMPTS[1] in json.dumps(g)) else None
     common = ["experiment=demo", "stage=eval", "demo=false", f"concepts.0.path={concept}", f"hydra.run.dir={run}",
               "eval.backend=comfyui", f"eval.models_dir={tmp_path / 'models'}", "eval.include_final=false",
@@ -50,6 +53,7 @@ def test_eval_scores_cells_writes_best_json_and_rescoring_scores_only_new_cells(
     assert all(c["scores"]["drift"] == 0.0 and c["memorised"] for c in cells)
     html = (run / "eval" / "report.html").read_text()
     assert 'id="best"' in html and "scores.png" in html and (run / "eval" / "scores.png").is_file()
+    assert "training.png" in html and Image.open(run / "eval" / "training.png").format == "PNG"
     grid = np.asarray(Image.open(run / "eval" / "grid.png").convert("RGB"))
     assert (grid == BEST_GREEN).all(axis=-1).sum() > 100  # the chosen column's frame
 

@@ -75,10 +75,10 @@ def report_context(run_dir: Path, cells: Sequence[Cell], grids: Sequence[Path], 
 
 def scoring_context(eval_dir: Path, page_dir: Path) -> dict[str, Any]:
     """The chosen checkpoint (eval/best.json) and the score plot, when the evaluation was scored."""
-    from sd3exp.evaluate.score import PLOT_FILE, read_best
+    from sd3exp.evaluate.score import PLOT_FILE, TRAINING_PLOT, read_best
 
-    plot = eval_dir / PLOT_FILE
-    return {"best": read_best(eval_dir), "score_plot": _link(plot, page_dir) if plot.is_file() else None}
+    plots = {key: eval_dir / name for key, name in (("score_plot", PLOT_FILE), ("training_plot", TRAINING_PLOT))}
+    return {"best": read_best(eval_dir), **{k: _link(p, page_dir) if p.is_file() else None for k, p in plots.items()}}
 
 
 def _environment() -> jinja2.Environment:

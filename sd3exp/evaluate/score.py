@@ -32,6 +32,8 @@ from sd3exp.schema import ExperimentConfig
 
 BEST_FILE = "best.json"
 PLOT_FILE = "scores.png"
+TRAINING_PLOT = "training.png"
+METRICS_FILE = "training_metrics.jsonl"  # SimpleTuner's own, in its output_dir, with trainer.report_to=simpletuner
 
 
 def thumbnail(source: Union[Path, bytes], side: int) -> np.ndarray:
@@ -185,6 +187,22 @@ def read_best(eval_dir: Path) -> Optional[dict]:
     return read_json(path) if path.is_file() else None
 
 
+def training_metrics(training_dir: Path) -> List[dict]:
+    """SimpleTuner's metric records (one JSON object a line), [] without the file; unreadable lines skipped."""
+    path = training_dir / METRICS_FILE
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and isinstance(record.get("metrics"), dict):
+            records.append(record)
+    return records
+
+
 def choose_best(cfg: ExperimentConfig, run_dir: Path, cells: Sequence[Cell], record: Mapping
                 ) -> Tuple[List[Cell], Optional[Choice]]:
     """Score the cells not yet scored, choose the best checkpoint, write best.json and scores.png.
@@ -204,4 +222,7 @@ def choose_best(cfg: ExperimentConfig, run_dir: Path, cells: Sequence[Cell], rec
     write_json(eval_dir / BEST_FILE, best_record(choice, candidates, record))
     write_bytes(eval_dir / PLOT_FILE, plots.score_plot(candidates, choice.best.label if choice.best else None,
                                                       rule.objective))
+    metrics = training_metrics(Path(cfg.paths.training_dir))
+    if metrics:
+        write_bytes(eval_dir / TRAINING_PLOT, plots.training_plot(metrics, choice.best.step if choice.best else None))
     return cells, choice
