@@ -148,6 +148,7 @@ class ScoringConfig:
     clip: Optional[str] = None  # local CLIP model folder: clip_t, clip_i
     dino: Optional[str] = None  # local DINO(v2) model folder: dino_i
     memorised_cosine: float = 0.95  # CLIP/DINO image cosine to one training image above this: a near-copy
+    cache_dir: Optional[str] = None  # training-image embeddings; default: ~/.cache/sd3exp/embeddings
 
 
 @dataclass

@@ -6,7 +6,8 @@ thumbnails (eval.scoring.thumbnail pixels a side, RGB in [0, 1]):
   concept(s): those whose trigger the prompt contains, else every concept);
 - drift: 100 x RMS distance to the base model's render of the same prompt and seed (needs
   eval.include_base=true).
-A cell is scored once: its scores are kept in cells.json with a digest of what they depend
+With eval.scoring.clip / eval.scoring.dino (local model folders), CLIP-T, CLIP-I and DINO-I
+are added by a worker in the trainer venv (sd3exp/evaluate/models.py). A cell is scored once: its scores are kept in cells.json with a digest of what they depend
 on besides the image (settings, training images), and reused while that digest holds.
 Failed cells are left out of the scores and counted.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import subprocess
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -24,6 +26,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from sd3exp.evaluate import models
 from sd3exp.evaluate.cells import BASE_LABEL, Cell, cell_image, column_title
 from sd3exp.evaluate.select import MEASURES, Candidate, Choice, Rule, choose, make_rule, mean_scores
 from sd3exp.images import list_images
@@ -61,6 +64,7 @@ def drift(render: np.ndarray, base: np.ndarray) -> float:
 @dataclass(frozen=True)
 class TrainingSet:
     trigger: str
+    paths: Tuple[Path, ...]
     digests: Tuple[str, ...]  # sha256 of each image file
     thumbs: np.ndarray  # N x side x side x 3
 
@@ -73,7 +77,7 @@ def training_sets(cfg: ExperimentConfig) -> Dict[str, TrainingSet]:
         folder = Path(concept.path)
         images = list_images(folder) if folder.is_dir() else []
         if images:
-            found[concept.id] = TrainingSet(concept.trigger,
+            found[concept.id] = TrainingSet(concept.trigger, tuple(images),
                                             tuple(hashlib.sha256(p.read_bytes()).hexdigest() for p in images),
                                             np.stack([thumbnail(p, side) for p in images]))
     return found
@@ -85,11 +89,13 @@ def concepts_of(prompt: str, sets: Mapping[str, TrainingSet]) -> List[str]:
     return named or list(sets)
 
 
-def scoring_key(cfg: ExperimentConfig, sets: Mapping[str, TrainingSet]) -> str:
+def scoring_key(cfg: ExperimentConfig, sets: Mapping[str, TrainingSet], folders: Mapping[str, Path]) -> str:
     """Digest of what a cell's scores depend on besides its own image."""
     sc = cfg.eval.scoring
     data = {"thumbnail": sc.thumbnail, "memorised_pixel": sc.memorised_pixel,
-            "training": {cid: list(s.digests) for cid, s in sets.items()}}
+            "training": {cid: list(s.digests) for cid, s in sets.items()},
+            "models": {k: models.model_digest(f) for k, f in folders.items()},
+            "memorised_cosine": sc.memorised_cosine if folders else None}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -105,8 +111,8 @@ def score_cells(cfg: ExperimentConfig, cells: Sequence[Cell]) -> Tuple[List[Cell
     """The cells with their weight-free scores, how many were scored now and how many scores
     were kept (scored earlier under the same key); failed cells are neither."""
     sc = cfg.eval.scoring
-    sets = training_sets(cfg)
-    key = scoring_key(cfg, sets)
+    sets, folders = training_sets(cfg), models.configured(sc.clip, sc.dino)
+    key = scoring_key(cfg, sets, folders)
     base = {(c.prompt_index, c.seed): c for c in cells if c.label == BASE_LABEL}
     todo = [i for i, c in enumerate(cells) if c.status == "ok" and c.scored_with != key]
     out, pools = list(cells), {}
@@ -129,7 +135,38 @@ def score_cells(cfg: ExperimentConfig, cells: Sequence[Cell]) -> Tuple[List[Cell
             scores["drift"] = drift(image, base_image)
         memorised = scores["pixel_fidelity"] > sc.memorised_pixel if "pixel_fidelity" in scores else None
         out[i] = replace(cell, scores=scores, memorised=memorised, scored_with=key)
+    if folders:
+        out = model_scores(cfg, out, [i for i in todo if out[i].scored_with], sets, folders)
     return out, len(todo), sum(c.status == "ok" for c in cells) - len(todo)
+
+
+def model_scores(cfg: ExperimentConfig, cells: List[Cell], todo: Sequence[int], sets: Mapping[str, TrainingSet],
+                 folders: Mapping[str, Path]) -> List[Cell]:
+    """CLIP-T / CLIP-I / DINO-I added to the cells at `todo` (by the trainer venv's worker); when the worker
+    fails the cells keep their weight-free scores and are scored again next time."""
+    from sd3exp.stages import trainer_for
+
+    if not todo:
+        return cells
+    sc = cfg.eval.scoring
+    job = models.make_job(folders, {cid: list(zip(s.paths, s.digests)) for cid, s in sets.items()},
+                          [{"id": i, "image": str(cell_image(cells[i])), "prompt": cells[i].prompt,
+                            "concepts": concepts_of(cells[i].prompt, sets)} for i in todo],
+                          models.cache_dir(sc.cache_dir))
+    work = Path(cfg.paths.run_dir) / "eval"
+    try:
+        found = models.run_worker(job, trainer_for(cfg).python, work, cfg.eval.timeout_s)
+    except (OSError, subprocess.SubprocessError, KeyError, ValueError) as err:
+        print(f"warning: CLIP/DINO scoring failed ({err}); scored without them. {work / 'score.log'}:\n  "
+              + "\n  ".join(models.tail(work / "score.log")))
+        return [replace(c, scored_with="") if i in set(todo) else c for i, c in enumerate(cells)]
+    out = list(cells)
+    for i in todo:
+        got = found[str(i)]
+        near = any(got.get(f"{k}_max", -1.0) > sc.memorised_cosine for k in folders)
+        measures = {m: v for m, v in got.items() if m in MEASURES}
+        out[i] = replace(cells[i], scores={**cells[i].scores, **measures}, memorised=bool(cells[i].memorised) or near)
+    return out
 
 
 def _cell_view(cell: Cell) -> dict:
@@ -175,6 +212,7 @@ def check_scoring(cfg: ExperimentConfig) -> None:
     """Refuse, before any rendering, a selection rule or scoring set-up that cannot work."""
     if cfg.eval.scoring.enabled:
         rule_of(cfg)
+        models.configured(cfg.eval.scoring.clip, cfg.eval.scoring.dino)
 
 
 def best_label(choice: Optional[Choice]) -> Optional[str]:
