@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import subprocess
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -239,6 +240,16 @@ def training_metrics(training_dir: Path) -> List[dict]:
         if isinstance(record, dict) and isinstance(record.get("step"), int) and isinstance(record.get("metrics"), dict):
             records.append(record)
     return records
+
+
+def objective(run_dir: Path) -> Optional[float]:
+    """The run's objective: its best checkpoint's score under the rule; NaN when the rule chose none;
+    None when the run was not scored."""
+    best = read_best(Path(run_dir) / "eval")
+    if best is None:
+        return None
+    chosen = best["best"]
+    return float(chosen["scores"][best["rule"]["objective"]]) if chosen else math.nan
 
 
 def choose_best(cfg: ExperimentConfig, run_dir: Path, cells: Sequence[Cell], record: Mapping
