@@ -142,8 +142,15 @@ def summary(job: Job) -> str:
             ("checkpoints", f"{len(steps)} (steps {', '.join(map(str, steps))})" if steps else "none"),
             ("train log", run / "train.log")]
     rows += [(name, path) for name, path in (("grid", run / "eval" / "grid.png"),
-                                             ("report", run / "eval" / "report.html")) if path.exists()]
-    return "\n".join([f"\n{job.cfg.name}: done"] + [f"  {k:<12} {v}" for k, v in rows])
+                                             ("report", run / "eval" / "report.html"),
+                                             ("best", run / "eval" / "best.json")) if path.exists()]
+    lines = [f"\n{job.cfg.name}: done"] + [f"  {k:<12} {v}" for k, v in rows]
+    if (run / "eval" / "best.json").exists():
+        from sd3exp.best import run_line
+        from sd3exp.io import read_json
+
+        lines.append(f"best checkpoint: {run_line(read_json(run / 'eval' / 'best.json'))}")
+    return "\n".join(lines)
 
 
 def run_stage(stage: str, job: Job, plan: Plan) -> None:

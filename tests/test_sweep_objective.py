@@ -62,7 +62,7 @@ def test_a_rule_that_chooses_nothing_is_a_nan_objective(tmp_path):
     assert math.isnan(objective(tmp_path)) and objective(tmp_path / "nowhere") is None
 
 
-FAST = ["experiment=demo", "training.max_steps=2", "checkpointing.every_steps=1", "eval.steps=1",
+FAST = ["experiment=demo", "training.epochs=0", "training.max_steps=2", "checkpointing.every_steps=1", "eval.steps=1",
         "eval.width=32", "eval.height=32", "eval.prompts=[\"k4s4, red circle\"]"]
 
 
