@@ -80,3 +80,28 @@ def test_scoring_off_keeps_the_evaluation_as_it_was(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "best checkpoint" not in out.stdout and not (run / "eval" / "best.json").exists()
     assert all(c["scores"] == {} for c in json.loads((run / "eval" / "cells.json").read_text()))
+
+
+def test_changing_the_rule_or_scoring_evaluates_again_without_rendering(tmp_path):
+    run, concept = tmp_path / "run", concept_folder(tmp_path / "concept")
+    fake_lora_run(run)
+    common = ["experiment=demo", "stage=eval", "demo=false", f"concepts.0.path={concept}", f"hydra.run.dir={run}",
+              "eval.backend=comfyui", f"eval.models_dir={tmp_path / 'models'}", "eval.include_final=false",
+              f"eval.prompts={json.dumps(PROMPTS)}"]
+    with StandIn(tmp_path / "comfy-out", unet_names=["sd3_medium_transformer.safetensors"],
+                 lora_names=[f"run/checkpoint-{s}.safetensors" for s in (2, 4, 6)]) as server:
+        first = run_cli(*common, f"eval.url={server.url}")
+        same = run_cli(*common, f"eval.url={server.url}")
+        rule = run_cli(*common, f"eval.url={server.url}", "+eval.select.at_least.pixel_fidelity=101")
+        thumbs = run_cli(*common, f"eval.url={server.url}", "eval.scoring.thumbnail=8")
+        queued = len(server.queued)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert same.returncode == 0 and "already evaluated" in same.stdout
+    assert same.stdout.strip().splitlines()[-1].startswith("best checkpoint: step 2 (checkpoint-2)")
+    assert rule.returncode == 0, rule.stderr[-2000:]
+    assert "reused 6 unchanged cell(s)" in rule.stdout and "scored 0 new cell(s), 6 kept" in rule.stdout, rule.stdout[-1500:]
+    assert rule.stdout.strip().splitlines()[-1] == (
+        "best checkpoint: none (no checkpoint meets the rule: highest mean pixel_fidelity where "
+        "pixel_fidelity >= 101; ties go to the earlier step)")
+    assert "scored 6 new cell(s), 0 kept" in thumbs.stdout
+    assert queued == 6  # rendered once

@@ -20,7 +20,7 @@ import io
 import json
 import math
 import subprocess
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -215,6 +215,21 @@ def check_scoring(cfg: ExperimentConfig) -> None:
     if cfg.eval.scoring.enabled:
         rule_of(cfg)
         models.configured(cfg.eval.scoring.clip, cfg.eval.scoring.dino)
+
+
+def scoring_request(cfg: ExperimentConfig) -> dict:
+    """The scoring settings and selection rule, part of an evaluation's request.json: changing them
+    evaluates again (every cell reused, only scores that depend on the change computed)."""
+    return {"scoring": asdict(cfg.eval.scoring), "select": asdict(cfg.eval.select)}
+
+
+def print_best(eval_dir: Path) -> None:
+    """The best-checkpoint line of an earlier evaluation, when it was scored."""
+    from sd3exp.best import run_line
+
+    best = read_best(eval_dir)
+    if best is not None:
+        print(f"best checkpoint: {run_line(best)}")
 
 
 def best_label(choice: Optional[Choice]) -> Optional[str]:

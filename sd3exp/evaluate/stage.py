@@ -16,7 +16,7 @@ from sd3exp.evaluate.checkpoints import BASE_LABEL, Checkpoint, discover
 from sd3exp.evaluate.comfyui import Cell, Sampling
 from sd3exp.evaluate.grid import write_grids
 from sd3exp.evaluate.report import write_report
-from sd3exp.evaluate.score import best_label, check_scoring, choose_best, summary_line
+from sd3exp.evaluate.score import best_label, check_scoring, choose_best, print_best, scoring_request, summary_line
 from sd3exp.io import read_json, write_json
 from sd3exp.runfolder import training_elsewhere
 from sd3exp.schema import EvalConfig, ExperimentConfig
@@ -49,7 +49,7 @@ def request_record(cfg: ExperimentConfig, checkpoints: Sequence[Checkpoint]) -> 
     """What was asked for (request.json): the same record means the earlier evaluation stands as it is."""
     ev = cfg.eval
     return {"settings": render_settings(cfg), "checkpoints": reuse.fingerprints(checkpoints, ev.include_base),
-            "prompts": list(ev.prompts), "seeds": list(ev.seeds)}
+            "prompts": list(ev.prompts), "seeds": list(ev.seeds), "scoring": scoring_request(cfg)}
 
 
 def run_name(cfg: ExperimentConfig, run_dir: Path) -> str:
@@ -166,6 +166,7 @@ def evaluate(cfg: ExperimentConfig, run_dir: Path) -> Path:
     record = request_record(cfg, checkpoints)
     if (eval_dir / "request.json").is_file() and read_json(eval_dir / "request.json") == record:
         print(f"already evaluated with these settings: {eval_dir / 'report.html'}")
+        print_best(eval_dir)
         return eval_dir / "report.html"
     kept = archive_previous(eval_dir)
     previous, before = reuse.load_previous(kept)
