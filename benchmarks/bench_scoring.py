@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--clip", default=None)
     parser.add_argument("--dino", default=None)
     parser.add_argument("overrides", nargs="*", default=["experiment=demo"])
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     models = [f"eval.scoring.{k}={v}" for k, v in (("clip", args.clip), ("dino", args.dino)) if v]
     modes = {"scoring off": ["eval.scoring.enabled=false"], "scoring on": models}
     times = {name: [] for name in modes}

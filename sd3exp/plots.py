@@ -51,6 +51,7 @@ def score_plot(candidates: Sequence[Candidate], best: Optional[str], objective: 
         points = [(x, c.scores[measure]) for x, c in zip(xs, candidates) if measure in c.scores]
         ax.plot([x for x, _ in points], [y for _, y in points], color=LINE, marker="o", linewidth=2)
         ax.set_ylabel(measure + (" (objective)" if measure == objective else ""), fontsize=9)
+        ax.ticklabel_format(axis="y", useOffset=False)
         if best is not None:
             ax.axvline([c.label for c in candidates].index(best), color=MARK, linestyle="--", linewidth=1.5)
     if not measures:
