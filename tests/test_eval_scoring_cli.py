@@ -56,6 +56,11 @@ def test_eval_scores_cells_writes_best_json_and_rescoring_scores_only_new_cells(
     assert "training.png" in html and Image.open(run / "eval" / "training.png").format == "PNG"
     grid = np.asarray(Image.open(run / "eval" / "grid.png").convert("RGB"))
     assert (grid == BEST_GREEN).all(axis=-1).sum() > 100  # the chosen column's frame
+    (run / "eval" / "grid.png").unlink()
+    rebuilt = run_cli(*[a for a in common if a != "stage=eval"], "stage=report")
+    assert rebuilt.returncode == 0, rebuilt.stderr[-2000:]
+    grid = np.asarray(Image.open(run / "eval" / "grid.png").convert("RGB"))
+    assert (grid == BEST_GREEN).all(axis=-1).sum() > 100  # stage=report keeps it
 
 
 def test_an_unknown_objective_is_refused_before_rendering(tmp_path):
