@@ -64,12 +64,17 @@ def score_plot(candidates: Sequence[Candidate], best: Optional[str], objective: 
 
 def training_plot(records: Sequence[Mapping], best_step: Optional[int]) -> bytes:
     """Training loss and learning rate against step from SimpleTuner's own metrics records
-    ({"step": N, "metrics": {"train_loss": .., "learning_rate": ..}}), the chosen step marked."""
+    ({"step": N, "metrics": {"train_loss": .., "learning_rate": .., "loss/val/<dataset>": ..}}: the
+    held-out loss of an eval dataset, when there is one), the chosen step marked."""
     fig, (loss_ax, lr_ax) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
-    for ax, key in ((loss_ax, "train_loss"), (lr_ax, "learning_rate")):
-        points = [(r["step"], r["metrics"][key]) for r in records if key in r.get("metrics", {})]
-        ax.plot([s for s, _ in points], [v for _, v in points], color=LINE, linewidth=1.5)
-        ax.set_ylabel(key, fontsize=9)
+    held_out = sorted({k for r in records for k in r["metrics"] if k.startswith("loss/val/")})
+    for ax, key in [(loss_ax, "train_loss"), (lr_ax, "learning_rate")] + [(loss_ax, k) for k in held_out]:
+        points = [(r["step"], r["metrics"][key]) for r in records if key in r["metrics"]]
+        ax.plot([s for s, _ in points], [v for _, v in points], linewidth=1.5, label=key,
+                color=LINE if key in ("train_loss", "learning_rate") else None, marker="o" if key in held_out else None)
+        ax.set_ylabel("loss" if ax is loss_ax else key, fontsize=9)
+    if held_out:
+        loss_ax.legend(fontsize=8)
         if best_step is not None:
             ax.axvline(best_step, color=MARK, linestyle="--", linewidth=1.5)
     lr_ax.set_xlabel("step")

@@ -31,3 +31,11 @@ def test_the_score_plot_has_one_panel_per_measure_and_marks_the_chosen_checkpoin
     assert marked.shape[0] > 400  # two panels
     green = (np.abs(marked.astype(int) - (0x17, 0x6b, 0x2c)).sum(axis=-1) < 30).sum()
     assert green > 50 and (np.abs(unmarked.astype(int) - (0x17, 0x6b, 0x2c)).sum(axis=-1) < 30).sum() == 0
+
+
+def test_the_training_plot_draws_held_out_losses_when_simpletuner_logged_them():
+    records = [{"step": s, "metrics": {"train_loss": 1 / s, "learning_rate": 1e-4}} for s in range(1, 9)]
+    plain = plots.training_plot(records, 4)
+    held = records + [{"step": s, "metrics": {"loss/val/shapes-eval": 0.5 / s}} for s in (4, 8)]
+    assert plots.training_plot(held, 4) != plain
+    assert plots.training_plot(held, 4) == plots.training_plot(held, 4)
