@@ -55,7 +55,7 @@ def scoring_seconds(run: Path, overrides: List[str]) -> float:
 
     register()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        cfg = absolute_paths(OmegaConf.to_object(compose("config", overrides=overrides + [f"paths.run_dir={run}"])))
+        cfg = absolute_paths(OmegaConf.to_object(compose("config", overrides=overrides + ["name=bench", f"paths.run_dir={run}"])))
     cells = [replace(c, scored_with="") for c in read_cells_json(run / "eval" / "cells.json")]
     start = time.monotonic()
     choose_best(cfg, run, cells, read_json(run / "eval" / "request.json"))

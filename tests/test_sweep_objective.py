@@ -68,6 +68,7 @@ FAST = ["experiment=demo", "training.epochs=0", "training.max_steps=2", "checkpo
 
 @pytest.mark.trainer
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # 4 x (train 2 steps + evaluate): about 20 min on 2 busy cores
 @needs_trainer
 def test_a_four_job_demo_sweep_is_ranked_by_the_objective(tmp_path):
     out = run_cli("-m", *FAST, "optimizer.lr=1e-4,1e-3", "lora.rank=2,4", "stage=all",
@@ -83,6 +84,7 @@ def test_a_four_job_demo_sweep_is_ranked_by_the_objective(tmp_path):
 
 @pytest.mark.trainer
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 @needs_trainer
 def test_an_optuna_sweep_of_four_trials_completes_and_writes_its_results(tmp_path):
     out = run_cli(*FAST, "hparams_search=optuna_lr_rank", "hydra.sweeper.n_trials=4", "stage=all",
