@@ -16,7 +16,7 @@ def run_line(best: dict) -> str:
     if chosen is None:
         return f"no checkpoint meets the rule ({rule['text']})"
     step = f"step {chosen['step']}" if chosen["step"] is not None else chosen["label"]
-    return (f"{step} ({chosen['label']}): {rule['objective']} {chosen['scores'][rule['objective']]:.4g}; "
+    return (f"{step} ({chosen['label']}): {rule['objective']} {chosen['scores'][rule['objective']]:.6g}; "
             f"{chosen['checkpoint']} (rule: {rule['text']})")
 
 
@@ -33,7 +33,7 @@ def show_sweep(sweep_dir: Path) -> int:
     ranked = [j for j in data["jobs"] if j["rank"] is not None]
     for job in data["jobs"]:
         b = job["best"]
-        score = f"{b['objective']} {b['score']:.4g} at {b['label']}" if b and b["score"] is not None else job["status"]
+        score = f"{b['objective']} {b['score']:.6g} at {b['label']}" if b and b["score"] is not None else job["status"]
         values = " ".join(f"{k}={v}" for k, v in job["values"].items())
         print(f"  {job['rank'] or '-':>3}  job {job['num']}  {values}  {score}")
     if not ranked:
@@ -41,7 +41,7 @@ def show_sweep(sweep_dir: Path) -> int:
         return 1
     win = ranked[0]
     print(f"winner: job {win['num']} ({sweep_dir / win['run_dir']}), {win['best']['label']}: "
-          f"{win['best']['objective']} {win['best']['score']:.4g}; {win['best']['checkpoint']}")
+          f"{win['best']['objective']} {win['best']['score']:.6g}; {win['best']['checkpoint']}")
     return 0
 
 

@@ -201,7 +201,7 @@ def summary_line(choice: Choice) -> str:
     if best is None:
         return f"best checkpoint: none (no checkpoint meets the rule: {rule.text()})"
     return (f"best checkpoint: {column_title(best.label, best.step)} ({best.label}): {rule.objective} "
-            f"{best.scores[rule.objective]:.4g}, best of {len(choice.ranked)} eligible "
+            f"{best.scores[rule.objective]:.6g}, best of {len(choice.ranked)} eligible "
             f"(rule: {rule.text()})")
 
 
