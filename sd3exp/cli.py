@@ -65,11 +65,11 @@ def fail(err: Sd3expError) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def _hydra_main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> Optional[float]:
     from sd3exp.pipeline import run
 
     try:
-        run(cfg)
+        return run(cfg)  # the objective, for sweepers
     except Sd3expError as err:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             print(f"sd3exp: error in job {HydraConfig.get().job.num}: {err}", file=sys.stderr)

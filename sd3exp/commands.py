@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable, Dict, List
 
 from sd3exp import trainer_env
+from sd3exp.best import best_main
 from sd3exp.lock import lock_main
 from sd3exp.review import diff_main
 
@@ -43,4 +44,5 @@ SUBCOMMANDS: Dict[str, Callable[[List[str]], int]] = {
     "make-tiny-model": make_tiny_model,
     "diff": diff_main,
     "lock": lock_main,
+    "best": best_main,
 }

@@ -138,18 +138,25 @@ def discard_empty(run_dir: Path) -> None:
         run_dir.rmdir()
 
 
-def run(cfg: DictConfig) -> None:
+def run(cfg: DictConfig) -> Optional[float]:
+    """Run the stages asked for; returns the run's objective (the best checkpoint's score, NaN
+    when nothing was chosen) after an evaluation, so Hydra sweepers can optimise it."""
     run_dir = Path(cfg.paths.run_dir)
     try:
         job = load(cfg)
         if job.cfg.stage == "plan":
             plan, _ = build(job)
             print(render_table(plan))
-            return
+            return None
         job, plan = stage_compile(job, cfg)
     finally:
         discard_empty(run_dir)
     run_later_stages(job, plan)
+    if job.cfg.stage not in ("eval", "all"):
+        return None
+    from sd3exp.evaluate.score import objective
+
+    return objective(job.run_dir)
 
 
 def run_later_stages(job: Job, plan: Plan) -> None:

@@ -139,6 +139,30 @@ class TrainerConfig:
 
 
 @dataclass
+class ScoringConfig:
+    """Measures per cell (sd3exp/evaluate/score.py); the weight-free ones need no model."""
+
+    enabled: bool = True
+    thumbnail: int = 32  # side of the thumbnails pixel measures compare
+    memorised_pixel: float = 97.0  # pixel_fidelity above this: a near-copy of one training image
+    clip: Optional[str] = None  # local CLIP model folder: clip_t, clip_i
+    dino: Optional[str] = None  # local DINO(v2) model folder: dino_i
+    memorised_cosine: float = 0.95  # CLIP/DINO image cosine to one training image above this: a near-copy
+    cache_dir: Optional[str] = None  # training-image embeddings; default: ~/.cache/sd3exp/embeddings
+
+
+@dataclass
+class SelectConfig:
+    """How the best checkpoint is chosen (sd3exp/evaluate/select.py)."""
+
+    objective: str = "pixel_fidelity"
+    direction: Optional[str] = None  # max | min; default: the measure's own
+    at_least: Dict[str, float] = field(default_factory=dict)  # guards: {measure: lowest allowed mean}
+    at_most: Dict[str, float] = field(default_factory=dict)
+    not_memorised: bool = False
+
+
+@dataclass
 class EvalConfig:
     backend: str = "diffusers"  # diffusers | comfyui | none
     url: Optional[str] = None
@@ -161,6 +185,8 @@ class EvalConfig:
     link_mode: str = "symlink"  # symlink | extra_paths
     timeout_s: float = 3600.0
     max_grid_pixels: int = 64_000_000
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
 
 
 @dataclass

@@ -126,13 +126,14 @@ def stage_eval(job: Job, plan: Plan) -> None:
 
 def stage_report(job: Job, plan: Plan) -> None:
     """Rebuild the grid(s) and report.html from eval/cells.json (e.g. after changing a template)."""
-    from sd3exp.evaluate import cells, grid, report
+    from sd3exp.evaluate import cells, grid, report, score
 
     eval_dir = job.run_dir / "eval"
     if not (eval_dir / "cells.json").is_file():
         raise EvalError(f"no evaluation in {eval_dir}; run stage=eval first")
     found = cells.read_cells_json(eval_dir / "cells.json")
-    grids = grid.write_grids(found, eval_dir, job.cfg.eval.max_grid_pixels)
+    best = (score.read_best(eval_dir) or {}).get("best")
+    grids = grid.write_grids(found, eval_dir, job.cfg.eval.max_grid_pixels, best=best["label"] if best else None)
     print(f"report: {report.write_report(job.run_dir, found, grids, title=job.cfg.name)}")
 
 
@@ -155,8 +156,15 @@ def summary(job: Job) -> str:
             ("checkpoints", f"{len(steps)} (steps {', '.join(map(str, steps))})" if steps else "none"),
             ("train log", run / "train.log")]
     rows += [(name, path) for name, path in (("grid", run / "eval" / "grid.png"),
-                                             ("report", run / "eval" / "report.html")) if path.exists()]
-    return "\n".join([f"\n{job.cfg.name}: done"] + [f"  {k:<12} {v}" for k, v in rows])
+                                             ("report", run / "eval" / "report.html"),
+                                             ("best", run / "eval" / "best.json")) if path.exists()]
+    lines = [f"\n{job.cfg.name}: done"] + [f"  {k:<12} {v}" for k, v in rows]
+    if (run / "eval" / "best.json").exists():
+        from sd3exp.best import run_line
+        from sd3exp.io import read_json
+
+        lines.append(f"best checkpoint: {run_line(read_json(run / 'eval' / 'best.json'))}")
+    return "\n".join(lines)
 
 
 def run_stage(stage: str, job: Job, plan: Plan) -> None:

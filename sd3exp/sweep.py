@@ -89,13 +89,45 @@ def plan_figures(run_dir: Path) -> Optional[Dict[str, int]]:
             "checkpoints": len(plan["checkpoint_steps"])}
 
 
+def best_thumbnail(eval_dir: Path, label: str) -> Optional[Path]:
+    """The chosen checkpoint's first rendered image."""
+    cells = read_json(eval_dir / "cells.json") if (eval_dir / "cells.json").is_file() else []
+    for cell in cells:
+        if cell["label"] == label and cell["status"] == "ok" and cell["paths"]:
+            path = eval_dir / cell["paths"][0]
+            return path if path.is_file() else None
+    return None
+
+
+def job_best(run_dir: Path, sweep_dir: Path) -> Optional[Dict[str, Any]]:
+    """The job's best checkpoint, its score and a thumbnail, from eval/best.json; None when not scored."""
+    path = run_dir / "eval" / "best.json"
+    if not path.is_file():
+        return None
+    best = read_json(path)
+    rule, chosen = best["rule"], best["best"]
+    thumb = best_thumbnail(run_dir / "eval", chosen["label"]) if chosen else None
+    return {"label": chosen["label"] if chosen else None, "step": chosen["step"] if chosen else None,
+            "checkpoint": chosen["checkpoint"] if chosen else None, "objective": rule["objective"],
+            "direction": rule["direction"], "score": chosen["scores"][rule["objective"]] if chosen else None,
+            "rule": rule["text"], "thumbnail": os.path.relpath(thumb, sweep_dir) if thumb else None}
+
+
+def ranking(jobs: List[Dict[str, Any]]) -> List[int]:
+    """Job numbers, best objective first (the rule's direction; ties: the lower job number); unscored last."""
+    scored = [j for j in jobs if j["best"] and j["best"]["score"] is not None]
+    sign = -1.0 if scored and scored[0]["best"]["direction"] == "max" else 1.0
+    ranked = sorted(scored, key=lambda j: (sign * j["best"]["score"], j["num"]))
+    return [j["num"] for j in ranked] + [j["num"] for j in jobs if j not in scored]
+
+
 def row(record: Dict[str, Any], values: Dict[str, str], swept: List[str], sweep_dir: Path) -> Dict[str, Any]:
     run_dir = Path(record["run_dir"] or sweep_dir)
     done = record["status"] == "completed"
     return {"num": record["num"], "run_dir": os.path.relpath(run_dir, sweep_dir),
             "values": {k: values.get(k) for k in swept},
             "status": disk_status(run_dir, record["training_dir"]) if done else record["status"],
-            "error": record["error"], "plan": plan_figures(run_dir),
+            "error": record["error"], "plan": plan_figures(run_dir), "best": job_best(run_dir, sweep_dir),
             "links": {name: os.path.relpath(run_dir / rel, sweep_dir) if (run_dir / rel).is_file() else None
                       for name, rel in EVAL_LINKS.items()}}
 
@@ -103,8 +135,12 @@ def row(record: Dict[str, Any], values: Dict[str, str], swept: List[str], sweep_
 def summary(sweep_dir: Path) -> Dict[str, Any]:
     records = read_records(sweep_dir)
     swept, common, values = split_overrides(records)
-    return {"sweep_dir": str(sweep_dir), "swept": swept, "common": common,
-            "jobs": [row(r, v, swept, sweep_dir) for r, v in zip(records, values)]}
+    jobs = [row(r, v, swept, sweep_dir) for r, v in zip(records, values)]
+    order = ranking(jobs)
+    for job in jobs:
+        job["rank"] = order.index(job["num"]) + 1 if job["best"] and job["best"]["score"] is not None else None
+    return {"sweep_dir": str(sweep_dir), "swept": swept, "common": common, "ranking": order,
+            "jobs": sorted(jobs, key=lambda j: order.index(j["num"]))}
 
 
 def render_html(data: Dict[str, Any]) -> str:

@@ -525,6 +525,9 @@ class Cell:
     seconds: float = 0.0
     prompt_id: Optional[str] = None
     lora_scale: Optional[float] = None  # a LoRA checkpoint's alpha/rank it was rendered at
+    scores: dict[str, float] = field(default_factory=dict)  # measure -> value (sd3exp/evaluate/score.py)
+    memorised: Optional[bool] = None  # a near-copy of one training image; None: not scored
+    scored_with: str = ""  # digest of what the scores depend on besides the image; "" = not scored
 
 
 class Stopped(KeyboardInterrupt):

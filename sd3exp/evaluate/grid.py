@@ -40,6 +40,7 @@ FONT_FILES = (
 GRID_FILE = re.compile(r"grid(-seed-?\d+)?(-\d+)?\.png")
 ERROR_RED = (200, 30, 30)
 ERROR_FILL = (255, 236, 236)
+BEST_GREEN = (23, 150, 60)
 Font = Union[ImageFont.FreeTypeFont, ImageFont.ImageFont]
 T = TypeVar("T")
 
@@ -262,8 +263,8 @@ def _row_label(draw: ImageDraw.ImageDraw, row: Row, top: int, layout: Layout) ->
 
 
 def render_grid(cells: Mapping[tuple[str, int, int], Cell], columns: Sequence[Column], rows: Sequence[Row],
-                layout: Layout) -> Image.Image:
-    """One grid image; `cells` maps (label, prompt index, seed) to its cell."""
+                layout: Layout, best: Optional[str] = None) -> Image.Image:
+    """One grid image; `cells` maps (label, prompt index, seed) to its cell; the `best` column is framed."""
     image = Image.new("RGB", layout.size(len(columns), len(rows)), "white")
     draw = ImageDraw.Draw(image)
     tw, th = layout.tile
@@ -277,6 +278,10 @@ def render_grid(cells: Mapping[tuple[str, int, int], Cell], columns: Sequence[Co
         for i, column in enumerate(columns):
             cell = cells.get((column.label, row.prompt_index, row.seed))
             image.paste(cell_tile(cell, layout), (layout.left + i * tw, y))
+    for i, column in enumerate(columns):
+        if column.label == best:
+            x, width = layout.left + i * tw, max(3, layout.pad // 2)
+            draw.rectangle((x, 0, x + tw - 1, image.height - 1), outline=BEST_GREEN, width=width)
     return image
 
 
@@ -331,8 +336,10 @@ def remove_stale(out_dir: Path, keep: Sequence[Path]) -> None:
             path.unlink()
 
 
-def write_grids(cells: Sequence[Cell], out_dir: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Path]:
-    """Write the comparison grid(s) for `cells` into `out_dir` (atomically); return their paths in order."""
+def write_grids(cells: Sequence[Cell], out_dir: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS,
+                best: Optional[str] = None) -> list[Path]:
+    """Write the comparison grid(s) for `cells` into `out_dir` (atomically), the `best` checkpoint's
+    column framed; return their paths in order."""
     if not cells:
         raise EvalError("no cells to put in a grid: nothing was rendered")
     out_dir = Path(out_dir)
@@ -342,7 +349,7 @@ def write_grids(cells: Sequence[Cell], out_dir: Path | str, max_pixels: int = DE
     written = []
     for name, piece_columns, piece_rows in split(columns, rows, layout, max_pixels):
         path = out_dir / name
-        write_bytes(path, _png(render_grid(by_key, piece_columns, piece_rows, layout)))
+        write_bytes(path, _png(render_grid(by_key, piece_columns, piece_rows, layout, best)))
         written.append(path)
     remove_stale(out_dir, written)
     return written

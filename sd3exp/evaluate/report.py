@@ -43,6 +43,8 @@ def cell_row(cell: Cell, page_dir: Path) -> dict[str, Any]:
         "status": cell.status,
         "error": cell.error,
         "image": href(source, page_dir) if isinstance(source, Path) and source.is_file() else None,
+        "scores": {name: f"{value:.4g}" for name, value in cell.scores.items()},
+        "memorised": cell.memorised,
     }
 
 
@@ -66,8 +68,17 @@ def report_context(run_dir: Path, cells: Sequence[Cell], grids: Sequence[Path], 
         "total_seconds": f"{sum(c.seconds for c in cells):.1f}",
         "plan": plan,
         "lr_curve": _link(lr_curve, page_dir) if lr_curve.is_file() else None,
+        **scoring_context(run_dir / "eval", page_dir),
         "configs": [_link(run_dir / name, page_dir) | {"name": name} for name in CONFIG_FILES],
     }
+
+
+def scoring_context(eval_dir: Path, page_dir: Path) -> dict[str, Any]:
+    """The chosen checkpoint (eval/best.json) and the score plot, when the evaluation was scored."""
+    from sd3exp.evaluate.score import PLOT_FILE, TRAINING_PLOT, read_best
+
+    plots = {key: eval_dir / name for key, name in (("score_plot", PLOT_FILE), ("training_plot", TRAINING_PLOT))}
+    return {"best": read_best(eval_dir), **{k: _link(p, page_dir) if p.is_file() else None for k, p in plots.items()}}
 
 
 def _environment() -> jinja2.Environment:

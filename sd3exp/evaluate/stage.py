@@ -21,6 +21,7 @@ from sd3exp.evaluate.grid import write_grids
 from sd3exp.evaluate import lora_scale
 from sd3exp.evaluate.lora_scale import Strength
 from sd3exp.evaluate.report import write_report
+from sd3exp.evaluate.score import best_label, check_scoring, choose_best, print_best, scoring_request, summary_line
 from sd3exp.io import write_json
 from sd3exp.runfolder import training_elsewhere
 from sd3exp.schema import EvalConfig, ExperimentConfig
@@ -68,7 +69,8 @@ def request_record(cfg: ExperimentConfig, checkpoints: Sequence[Checkpoint],
     ev = cfg.eval
     scales = {label: s.trained for label, s in (strengths or {}).items()}
     return {"settings": render_settings(cfg), "checkpoints": reuse.fingerprints(checkpoints, ev.include_base, scales),
-            "prompts": list(ev.prompts), "seeds": list(ev.seeds)}
+            "prompts": list(ev.prompts), "seeds": list(ev.seeds),
+            "scoring": scoring_request(cfg)}
 
 
 def run_name(cfg: ExperimentConfig, run_dir: Path) -> str:
@@ -291,6 +293,7 @@ def evaluate(cfg: ExperimentConfig, run_dir: Path, resume_command: Optional[str]
         return run_dir
     check_settings(cfg)
     eval_dir = run_dir / "eval"
+    check_scoring(cfg)
     checkpoints = checkpoints_to_render(cfg, run_dir)
     strengths = lora_strengths(cfg, checkpoints)
     record = request_record(cfg, checkpoints, strengths)
@@ -298,6 +301,7 @@ def evaluate(cfg: ExperimentConfig, run_dir: Path, resume_command: Optional[str]
     current, before = reuse.load_previous(eval_dir)
     if before == record and complete(current, all_cells):
         print(f"already evaluated with these settings: {eval_dir / 'report.html'}")
+        print_best(eval_dir)
         return eval_dir / "report.html"
     staging, reused = staging_dir(run_dir), {}
     try:
@@ -354,7 +358,8 @@ def keep_partial(run_dir: Path, staging: Path, all_cells: Sequence[reuse.CellKey
 def finish(cfg: ExperimentConfig, run_dir: Path, cells: List[Cell], record: dict, staging: Path) -> Path:
     """Grid(s), cells.json, report.html and request.json written in staging, which then becomes eval/."""
     eval_dir = run_dir / "eval"
-    grids = write_grids(cells, staging, cfg.eval.max_grid_pixels)
+    cells, choice = choose_best(cfg, run_dir, cells, record, out_dir=staging)
+    grids = write_grids(cells, staging, cfg.eval.max_grid_pixels, best=best_label(choice))
     cellio.write_cells_json(cells, staging / "cells.json")
     write_report(run_dir, cells, grids, out=staging / "report.html", title=cfg.name)
     write_json(staging / "request.json", record)
@@ -364,6 +369,8 @@ def finish(cfg: ExperimentConfig, run_dir: Path, cells: List[Cell], record: dict
     print(f"evaluated {len(cells)} cell(s) ({len(cells) - len(failed)} ok): "
           f"{', '.join(str(eval_dir / g.name) for g in grids)}")
     print(f"report: {report}")
+    if choice:
+        print(summary_line(choice))
     if failed:
         first = failed[0]
         raise CellsFailed(f"{len(failed)} of {len(cells)} cells failed, e.g. {first.label} prompt "

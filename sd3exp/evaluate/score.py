@@ -1,0 +1,295 @@
+"""Scores per cell and the best checkpoint (eval/best.json, eval/scores.png).
+
+The weight-free measures need no model and run here (numpy, Pillow), on small
+thumbnails (eval.scoring.thumbnail pixels a side, RGB in [0, 1]):
+- pixel_fidelity: 100 x (1 - RMS distance to the nearest training image of the prompt's
+  concept(s): those whose trigger the prompt contains, else every concept);
+- drift: 100 x RMS distance to the base model's render of the same prompt and seed (needs
+  eval.include_base=true).
+With eval.scoring.clip / eval.scoring.dino (local model folders), CLIP-T, CLIP-I and DINO-I
+are added by a worker in the trainer venv (sd3exp/evaluate/models.py). A cell is scored
+once: its scores are kept in cells.json with a digest of what they depend on besides the
+image (settings, training images, models), and reused while that digest holds.
+Failed cells are left out of the scores and counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import subprocess
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from sd3exp.evaluate import models
+from sd3exp.evaluate.cells import BASE_LABEL, Cell, cell_image, column_title
+from sd3exp.evaluate.select import MEASURES, Candidate, Choice, Rule, choose, make_rule, mean_scores
+from sd3exp.images import list_images
+from sd3exp.io import read_json, write_bytes, write_json
+from sd3exp.schema import ExperimentConfig
+
+BEST_FILE = "best.json"
+PLOT_FILE = "scores.png"
+TRAINING_PLOT = "training.png"
+METRICS_FILE = "training_metrics.jsonl"  # SimpleTuner's own, in its output_dir, with trainer.report_to=simpletuner
+
+
+def thumbnail(source: Union[Path, bytes], side: int) -> np.ndarray:
+    """The image as a side x side x 3 float array in [0, 1] (squashed to a square, bilinear)."""
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+        small = im.convert("RGB").resize((side, side), Image.Resampling.BILINEAR)
+    return np.asarray(small, dtype=np.float64) / 255.0
+
+
+def rms(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """RMS distance between `a` and each image of `b` (a stack, or one image)."""
+    return np.sqrt(np.mean((b - a) ** 2, axis=(-3, -2, -1)))
+
+
+def pixel_fidelity(render: np.ndarray, training: np.ndarray) -> float:
+    """100 x (1 - RMS distance to the nearest of the `training` thumbnails)."""
+    return float(100.0 * (1.0 - np.min(rms(render, training))))
+
+
+def drift(render: np.ndarray, base: np.ndarray) -> float:
+    """100 x RMS distance to the base model's render."""
+    return float(100.0 * rms(render, base))
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    trigger: str
+    paths: Tuple[Path, ...]
+    digests: Tuple[str, ...]  # sha256 of each image file
+    thumbs: np.ndarray  # N x side x side x 3
+
+
+def training_sets(cfg: ExperimentConfig) -> Dict[str, TrainingSet]:
+    """Thumbnails of each concept's images, for the concepts whose folder exists."""
+    side = cfg.eval.scoring.thumbnail
+    found = {}
+    for concept in cfg.concepts:
+        folder = Path(concept.path)
+        images = list_images(folder) if folder.is_dir() else []
+        if images:
+            found[concept.id] = TrainingSet(concept.trigger, tuple(images),
+                                            tuple(hashlib.sha256(p.read_bytes()).hexdigest() for p in images),
+                                            np.stack([thumbnail(p, side) for p in images]))
+    return found
+
+
+def concepts_of(prompt: str, sets: Mapping[str, TrainingSet]) -> List[str]:
+    """The concepts a prompt is about: those whose trigger it contains, else all."""
+    named = [cid for cid, s in sets.items() if s.trigger and s.trigger in prompt]
+    return named or list(sets)
+
+
+def scoring_key(cfg: ExperimentConfig, sets: Mapping[str, TrainingSet], folders: Mapping[str, Path]) -> str:
+    """Digest of what a cell's scores depend on besides its own image."""
+    sc = cfg.eval.scoring
+    data = {"thumbnail": sc.thumbnail, "memorised_pixel": sc.memorised_pixel,
+            "training": {cid: list(s.digests) for cid, s in sets.items()},
+            "models": {k: models.model_digest(f) for k, f in folders.items()},
+            "memorised_cosine": sc.memorised_cosine if folders else None}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _image(cell: Cell, side: int) -> Optional[np.ndarray]:
+    source = cell_image(cell) if cell.status == "ok" else None
+    try:
+        return thumbnail(source, side) if source is not None else None
+    except OSError:
+        return None
+
+
+def score_cells(cfg: ExperimentConfig, cells: Sequence[Cell], work_dir: Optional[Path] = None
+                ) -> Tuple[List[Cell], int, int]:
+    """The cells with their weight-free scores, how many were scored now and how many scores
+    were kept (scored earlier under the same key); failed cells are neither. The CLIP/DINO worker's
+    files go to `work_dir` (default the run's eval/)."""
+    sc = cfg.eval.scoring
+    sets, folders = training_sets(cfg), models.configured(sc.clip, sc.dino)
+    key = scoring_key(cfg, sets, folders)
+    base = {(c.prompt_index, c.seed): c for c in cells if c.label == BASE_LABEL}
+    todo = [i for i, c in enumerate(cells) if c.status == "ok" and c.scored_with != key]
+    out, pools = list(cells), {}
+    for i in tqdm(todo, desc="scoring", unit="cell", disable=not todo):
+        cell = cells[i]
+        image = _image(cell, sc.thumbnail)
+        if image is None:
+            out[i] = replace(cell, scores={}, memorised=None, scored_with="")
+            continue
+        scores = {}
+        names = tuple(concepts_of(cell.prompt, sets))
+        if names:
+            pool = pools.get(names)
+            if pool is None:
+                pool = pools[names] = np.concatenate([sets[n].thumbs for n in names])
+            scores["pixel_fidelity"] = pixel_fidelity(image, pool)
+        base_cell = base.get((cell.prompt_index, cell.seed))
+        base_image = _image(base_cell, sc.thumbnail) if base_cell is not None else None
+        if base_image is not None:
+            scores["drift"] = drift(image, base_image)
+        memorised = scores["pixel_fidelity"] > sc.memorised_pixel if "pixel_fidelity" in scores else None
+        out[i] = replace(cell, scores=scores, memorised=memorised, scored_with=key)
+    if folders:
+        out = model_scores(cfg, out, [i for i in todo if out[i].scored_with], sets, folders,
+                           work_dir or Path(cfg.paths.run_dir) / "eval")
+    return out, len(todo), sum(c.status == "ok" for c in cells) - len(todo)
+
+
+def model_scores(cfg: ExperimentConfig, cells: List[Cell], todo: Sequence[int], sets: Mapping[str, TrainingSet],
+                 folders: Mapping[str, Path], work: Path) -> List[Cell]:
+    """CLIP-T / CLIP-I / DINO-I added to the cells at `todo` (by the trainer venv's worker); when the worker
+    fails the cells keep their weight-free scores and are scored again next time."""
+    from sd3exp.stages import trainer_for
+
+    if not todo:
+        return cells
+    sc = cfg.eval.scoring
+    job = models.make_job(folders, {cid: list(zip(s.paths, s.digests)) for cid, s in sets.items()},
+                          [{"id": i, "image": str(cell_image(cells[i])), "prompt": cells[i].prompt,
+                            "concepts": concepts_of(cells[i].prompt, sets)} for i in todo],
+                          models.cache_dir(sc.cache_dir))
+    try:
+        found = models.run_worker(job, trainer_for(cfg).python, work, cfg.eval.timeout_s)
+    except (OSError, subprocess.SubprocessError, KeyError, ValueError) as err:
+        print(f"warning: CLIP/DINO scoring failed ({err}); scored without them. {work / 'score.log'}:\n  "
+              + "\n  ".join(models.tail(work / "score.log")))
+        return [replace(c, scored_with="") if i in set(todo) else c for i, c in enumerate(cells)]
+    out = list(cells)
+    for i in todo:
+        got = found[str(i)]
+        near = any(got.get(f"{k}_max", -1.0) > sc.memorised_cosine for k in folders)
+        measures = {m: v for m, v in got.items() if m in MEASURES}
+        out[i] = replace(cells[i], scores={**cells[i].scores, **measures}, memorised=bool(cells[i].memorised) or near)
+    return out
+
+
+def _cell_view(cell: Cell) -> dict:
+    return {"label": cell.label, "step": cell.step, "status": cell.status, "scores": cell.scores,
+            "memorised": cell.memorised}
+
+
+def checkpoint_path(record: Mapping, label: str) -> Optional[str]:
+    entry = record.get("checkpoints", {}).get(label)
+    return entry[0] if entry else None
+
+
+def best_record(choice: Choice, candidates: Sequence[Candidate], record: Mapping) -> dict:
+    """eval/best.json: the chosen checkpoint, its scores, the rule, the runners-up, what was left out."""
+    def entry(c: Candidate) -> dict:
+        return {**c.to_dict(), "checkpoint": checkpoint_path(record, c.label)}
+
+    base = next((c for c in candidates if c.label == BASE_LABEL), None)
+    return {"best": entry(choice.best) if choice.best else None, "rule": choice.rule.to_dict(),
+            "runners_up": [entry(c) for c in choice.ranked[1:4]],
+            "excluded": [{**entry(c), "reason": why} for c, why in choice.excluded if c.label != BASE_LABEL],
+            "base": base.to_dict() if base else None,
+            "failed_cells": sum(c.failed for c in candidates),
+            "measures": {m: MEASURES[m][1] for m in dict.fromkeys(m for c in candidates for m in c.scores)}}
+
+
+def summary_line(choice: Choice) -> str:
+    """One line: the chosen checkpoint, why, and the rule."""
+    rule, best = choice.rule, choice.best
+    if best is None:
+        return f"best checkpoint: none (no checkpoint meets the rule: {rule.text()})"
+    return (f"best checkpoint: {column_title(best.label, best.step)} ({best.label}): {rule.objective} "
+            f"{best.scores[rule.objective]:.6g}, best of {len(choice.ranked)} eligible "
+            f"(rule: {rule.text()})")
+
+
+def rule_of(cfg: ExperimentConfig) -> Rule:
+    sel = cfg.eval.select
+    return make_rule(sel.objective, sel.direction, sel.at_least, sel.at_most, sel.not_memorised)
+
+
+def check_scoring(cfg: ExperimentConfig) -> None:
+    """Refuse, before any rendering, a selection rule or scoring set-up that cannot work."""
+    if cfg.eval.scoring.enabled:
+        rule_of(cfg)
+        models.configured(cfg.eval.scoring.clip, cfg.eval.scoring.dino)
+
+
+def scoring_request(cfg: ExperimentConfig) -> dict:
+    """The scoring settings and selection rule, part of an evaluation's request.json: changing them
+    evaluates again (every cell reused, only scores that depend on the change computed)."""
+    return {"scoring": asdict(cfg.eval.scoring), "select": asdict(cfg.eval.select)}
+
+
+def print_best(eval_dir: Path) -> None:
+    """The best-checkpoint line of an earlier evaluation, when it was scored."""
+    from sd3exp.best import run_line
+
+    best = read_best(eval_dir)
+    if best is not None:
+        print(f"best checkpoint: {run_line(best)}")
+
+
+def best_label(choice: Optional[Choice]) -> Optional[str]:
+    return choice.best.label if choice and choice.best else None
+
+
+def read_best(eval_dir: Path) -> Optional[dict]:
+    """eval/best.json, or None when the evaluation chose nothing (scoring off)."""
+    path = eval_dir / BEST_FILE
+    return read_json(path) if path.is_file() else None
+
+
+def training_metrics(training_dir: Path) -> List[dict]:
+    """SimpleTuner's metric records (one JSON object a line), [] without the file; unreadable lines skipped."""
+    path = training_dir / METRICS_FILE
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and isinstance(record.get("metrics"), dict):
+            records.append(record)
+    return records
+
+
+def objective(run_dir: Path) -> Optional[float]:
+    """The run's objective: its best checkpoint's score under the rule; NaN when the rule chose none;
+    None when the run was not scored."""
+    best = read_best(Path(run_dir) / "eval")
+    if best is None:
+        return None
+    chosen = best["best"]
+    return float(chosen["scores"][best["rule"]["objective"]]) if chosen else math.nan
+
+
+def choose_best(cfg: ExperimentConfig, run_dir: Path, cells: Sequence[Cell], record: Mapping,
+                out_dir: Optional[Path] = None) -> Tuple[List[Cell], Optional[Choice]]:
+    """Score the cells not yet scored, choose the best checkpoint, write best.json and scores.png into
+    `out_dir` (default the run's eval/). With eval.scoring.enabled=false: the cells as they are, no choice."""
+    if not cfg.eval.scoring.enabled:
+        return list(cells), None
+    from sd3exp import plots
+
+    rule = rule_of(cfg)
+    eval_dir = out_dir or run_dir / "eval"
+    cells, fresh, kept = score_cells(cfg, cells, eval_dir)
+    candidates = mean_scores([_cell_view(c) for c in cells])
+    choice = choose(candidates, rule)
+    failed = sum(c.failed for c in candidates)
+    print(f"scored {fresh} new cell(s), {kept} kept from the last evaluation"
+          + (f"; {failed} failed cell(s) left out of the scores" if failed else ""))
+    write_json(eval_dir / BEST_FILE, best_record(choice, candidates, record))
+    write_bytes(eval_dir / PLOT_FILE, plots.score_plot(candidates, choice.best.label if choice.best else None,
+                                                      rule.objective))
+    metrics = training_metrics(Path(cfg.paths.training_dir))
+    if metrics:
+        write_bytes(eval_dir / TRAINING_PLOT, plots.training_plot(metrics, choice.best.step if choice.best else None))
+    return cells, choice
