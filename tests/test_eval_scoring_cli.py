@@ -13,26 +13,42 @@ from tests.conftest import run_cli
 from tests.test_eval_cli import PROMPTS, fake_lora_run
 
 
-def concept_folder(path):
+def render_colour(tmp_path, label="checkpoint-2"):
+    """The colour the stand-in renders for a checkpoint of `fake_lora_run` (seed 0, any prompt), read from
+    a probe evaluation of a run of its own."""
+    probe, models = tmp_path / "probe", tmp_path / "probe-models"
+    fake_lora_run(probe)
+    with StandIn(tmp_path / "probe-out", unet_names=["sd3_medium_transformer.safetensors"], models_dir=models) as server:
+        out = run_cli("experiment=demo", "stage=eval", "demo=false", "concepts.0.num_images=16", f"hydra.run.dir={probe}",
+                      "eval.backend=comfyui", f"eval.url={server.url}", f"eval.models_dir={models}",
+                      "eval.include_final=false", "eval.scoring.enabled=false", f"eval.prompts={json.dumps(PROMPTS[:1])}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    cells = json.loads((probe / "eval" / "cells.json").read_text())
+    image = probe / "eval" / next(c for c in cells if c["label"] == label)["paths"][0]
+    return Image.open(image).convert("RGB").getpixel((0, 0))
+
+
+def concept_folder(path, render):
+    """Two training images: `render` (a checkpoint's render, so it scores 100) and a white square."""
     path.mkdir()
-    for name, colour in (("a", (0, 128, 200)), ("b", (255, 255, 255))):  # a: the stand-in's seed-0 render
+    for name, colour in (("a", render), ("b", (255, 255, 255))):
         Image.new("RGB", (64, 64), colour).save(path / f"{name}.png")
         (path / f"{name}.txt").write_text("k4s4, a square")
     return path
 
 
 def test_eval_scores_cells_writes_best_json_and_rescoring_scores_only_new_cells(tmp_path):
-    run, concept = tmp_path / "run", concept_folder(tmp_path / "concept")
+    run, concept = tmp_path / "run", concept_folder(tmp_path / "concept", render_colour(tmp_path))
     fake_lora_run(run)
     records = [{"schema_version": 1, "timestamp": "t", "step": s, "metrics": {"train_loss": 1 / s, "learning_rate": 1e-4}}
                for s in range(1, 7)]  # as SimpleTuner 4.10.1's local_metrics.py appends them (report_to=simpletuner)
     (run / "training" / "training_metrics.jsonl").write_text("\n".join(map(json.dumps, records)) + "\n{half a line")
-    fail = lambda g: "CUDA out of memory" if ("checkpoint-4." in json.dumps(g) and PROMPTS[1] in json.dumps(g)) else None
+    fail = lambda g: "CUDA out of memory" if ("checkpoint-4-" in json.dumps(g) and PROMPTS[1] in json.dumps(g)) else None
     common = ["experiment=demo", "stage=eval", "demo=false", f"concepts.0.path={concept}", f"hydra.run.dir={run}",
               "eval.backend=comfyui", f"eval.models_dir={tmp_path / 'models'}", "eval.include_final=false",
               "eval.include_base=true"]
     with StandIn(tmp_path / "comfy-out", unet_names=["sd3_medium_transformer.safetensors"],
-                 lora_names=[f"run/checkpoint-{s}.safetensors" for s in (2, 4, 6)], error_if=fail) as server:
+                 models_dir=tmp_path / "models", error_if=fail) as server:
         first = run_cli(*common, f"eval.url={server.url}", f"eval.prompts={json.dumps(PROMPTS)}")
         server.error_if = lambda g: None
         second = run_cli(*common, f"eval.url={server.url}", f"eval.prompts={json.dumps(['k4s4, a dot', *PROMPTS])}")
@@ -46,11 +62,13 @@ def test_eval_scores_cells_writes_best_json_and_rescoring_scores_only_new_cells(
     best = json.loads((run / "eval" / "best.json").read_text())
     assert best["best"]["label"] == "checkpoint-2" and best["best"]["step"] == 2
     assert best["best"]["checkpoint"].endswith("checkpoint-2/pytorch_lora_weights.safetensors")
-    assert best["best"]["scores"] == {"pixel_fidelity": 100.0, "drift": 0.0}
+    assert best["best"]["scores"]["pixel_fidelity"] == 100.0 and best["best"]["scores"]["drift"] > 0
     assert [r["label"] for r in best["runners_up"]] == ["checkpoint-4", "checkpoint-6"]
     assert best["rule"]["objective"] == "pixel_fidelity" and best["failed_cells"] == 0
     cells = json.loads((run / "eval" / "cells.json").read_text())
-    assert all(c["scores"]["drift"] == 0.0 and c["memorised"] for c in cells)
+    assert all(c["scores"]["drift"] == 0.0 for c in cells if c["label"] == "base")  # the base model's own render
+    assert all(c["scores"]["drift"] > 0 for c in cells if c["label"] != "base" and c["status"] == "ok")
+    assert {c["label"] for c in cells if c["memorised"]} == {"checkpoint-2"}  # a copy of training image a
     html = (run / "eval" / "report.html").read_text()
     assert 'id="best"' in html and "scores.png" in html and (run / "eval" / "scores.png").is_file()
     assert "training.png" in html and Image.open(run / "eval" / "training.png").format == "PNG"
@@ -77,7 +95,7 @@ def test_scoring_off_keeps_the_evaluation_as_it_was(tmp_path):
     run = tmp_path / "run"
     fake_lora_run(run)
     with StandIn(tmp_path / "comfy-out", unet_names=["sd3_medium_transformer.safetensors"],
-                 lora_names=[f"run/checkpoint-{s}.safetensors" for s in (2, 4, 6)]) as server:
+                 models_dir=tmp_path / "models") as server:
         out = run_cli("experiment=demo", "stage=eval", "demo=false", "concepts.0.num_images=16",
                       f"hydra.run.dir={run}", "eval.backend=comfyui", f"eval.url={server.url}",
                       f"eval.models_dir={tmp_path / 'models'}", "eval.include_final=false",
@@ -88,13 +106,13 @@ def test_scoring_off_keeps_the_evaluation_as_it_was(tmp_path):
 
 
 def test_changing_the_rule_or_scoring_evaluates_again_without_rendering(tmp_path):
-    run, concept = tmp_path / "run", concept_folder(tmp_path / "concept")
+    run, concept = tmp_path / "run", concept_folder(tmp_path / "concept", render_colour(tmp_path))
     fake_lora_run(run)
     common = ["experiment=demo", "stage=eval", "demo=false", f"concepts.0.path={concept}", f"hydra.run.dir={run}",
               "eval.backend=comfyui", f"eval.models_dir={tmp_path / 'models'}", "eval.include_final=false",
               f"eval.prompts={json.dumps(PROMPTS)}"]
     with StandIn(tmp_path / "comfy-out", unet_names=["sd3_medium_transformer.safetensors"],
-                 lora_names=[f"run/checkpoint-{s}.safetensors" for s in (2, 4, 6)]) as server:
+                 models_dir=tmp_path / "models") as server:
         first = run_cli(*common, f"eval.url={server.url}")
         same = run_cli(*common, f"eval.url={server.url}")
         rule = run_cli(*common, f"eval.url={server.url}", "+eval.select.at_least.pixel_fidelity=101")
