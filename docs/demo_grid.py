@@ -27,7 +27,7 @@ def main(argv: list[str]) -> int:
     if picture.width > MAX_WIDTH:
         picture = picture.resize((MAX_WIDTH, round(picture.height * MAX_WIDTH / picture.width)), Image.LANCZOS)
     tmp = out.with_name(f".{out.name}.tmp")
-    picture.save(tmp, format="PNG", optimize=True)
+    picture.quantize(colors=128, dither=Image.Dither.NONE).save(tmp, format="PNG", optimize=True)
     tmp.replace(out)
     print(f"wrote {out} ({picture.width}x{picture.height}, {out.stat().st_size // 1024} KB) from {grid}")
     return 0

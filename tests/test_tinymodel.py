@@ -91,10 +91,10 @@ def test_diffusers_loads_and_runs_it(model: Path, tmp_path: Path) -> None:
 
 def test_same_seed_is_reused_other_seed_is_refused(model: Path, capsys: pytest.CaptureFixture) -> None:
     stamp = (model / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
-    assert build_tiny_model(model, PYTHON, seed=7) == model
+    assert build_tiny_model(model, PYTHON, seed=7, vae_steps=VAE_STEPS) == model
     assert "already" in capsys.readouterr().out
     with pytest.raises(TrainerError, match="refusing to overwrite"):
-        build_tiny_model(model, PYTHON, seed=8)
+        build_tiny_model(model, PYTHON, seed=8, vae_steps=VAE_STEPS)
     assert (model / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == stamp
 
 
