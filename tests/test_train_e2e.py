@@ -205,20 +205,23 @@ def test_preflight_names_the_experiment_field(tmp_path):
 def test_materialized_copies_train_the_planned_steps(tmp_path):
     """R caption copies on disk mean SimpleTuner repeats 0: the same passes, counted once."""
     run = tmp_path / "run"
-    out = run_cli("experiment=demo", "stage=train", f"hydra.run.dir={run}", "concepts.0.repeats=2",
-                  "concepts.0.captions.mode=materialized", "checkpointing.every_steps=8")
+    out = run_cli("experiment=demo_lora", "stage=train", f"hydra.run.dir={run}", "concepts.0.repeats=2",
+                  "concepts.0.captions.mode=materialized", "concepts.0.captions.shuffle=true",
+                  "concepts.0.captions.keep_tags=1", "training.max_steps=0", "training.epochs=1",
+                  "checkpointing.every_steps=3")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     plan = json.loads((run / "plan.json").read_text())
     backends = json.loads((run / "config" / "multibackend.json").read_text())
     assert backends[0]["repeats"] == 0 and "caption_shuffle" not in backends[0]
-    assert plan["steps_per_epoch"] == 16 and plan["max_train_steps"] == 16
-    assert len(list((run / "dataset" / "shapes").glob("*.png"))) == 32
-    assert tqdm_totals(run / "train.log") == {16}
-    assert sorted(p.name for p in (run / "training").glob("checkpoint-*")) == ["checkpoint-16", "checkpoint-8"]
+    assert plan["steps_per_epoch"] == 6 and plan["max_train_steps"] == 6  # 3 buckets of 4 images x 2 / batch 4
+    assert len(list((run / "dataset" / "shapes").glob("*.png"))) == 24
+    assert tqdm_totals(run / "train.log") == {6}
+    assert sorted(p.name for p in (run / "training").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
 
 
 def test_several_processes_without_cuda_are_refused(tmp_path):
-    out = run_cli("experiment=demo", "stage=train", f"hydra.run.dir={tmp_path / 'run'}", "training.num_processes=2")
+    out = run_cli("experiment=demo", "stage=train", f"hydra.run.dir={tmp_path / 'run'}", "training.num_processes=2",
+                  "training.batch_size=2")  # 2 images per bucket and process
     assert out.returncode != 0
     assert "training.num_processes=2" in out.stderr and "no CUDA device" in out.stderr
     assert not (tmp_path / "run" / "training").exists()
