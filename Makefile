@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv trainer browser demo test
+.PHONY: venv trainer browser demo demo-grid test
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ browser:
 
 demo: trainer
 	$(BIN)/python -m sd3exp experiment=demo
+
+# The README's picture: the demo's grid, copied to docs/demo-grid.png.
+demo-grid: demo
+	$(BIN)/python docs/demo_grid.py outputs/demo docs/demo-grid.png
 
 test: trainer browser
 	$(BIN)/python -m pytest

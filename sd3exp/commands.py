@@ -26,16 +26,18 @@ def setup_trainer(argv: List[str]) -> int:
 
 
 def make_tiny_model(argv: List[str]) -> int:
-    from sd3exp.tinymodel import build_tiny_model
+    from sd3exp.tinymodel import VAE_STEPS, build_tiny_model
 
     parser = argparse.ArgumentParser(prog="sd3exp make-tiny-model",
-                                     description="Build a randomly initialised tiny SD3 pipeline (no download).")
+                                     description="Build the tiny SD3 pipeline: random transformer and text encoders, "
+                                                 "a VAE trained on generated shapes (no download).")
     parser.add_argument("--out", type=Path, default=ROOT / "models" / "tiny-sd3")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vae-steps", type=int, default=VAE_STEPS, help="VAE training steps; 0 keeps it random")
     parser.add_argument("--home", type=Path, default=None)
     args = parser.parse_args(argv)
     env = trainer_env.ensure(trainer_env.DEFAULT_VERSION, args.home)
-    build_tiny_model(args.out, env.python, args.seed)
+    build_tiny_model(args.out, env.python, args.seed, args.vae_steps)
     return 0
 
 

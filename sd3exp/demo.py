@@ -8,10 +8,10 @@ from sd3exp import trainer_env
 from sd3exp.demo_data import make_demo_dataset
 from sd3exp.runfolder import waiting_lock
 from sd3exp.schema import ExperimentConfig
-from sd3exp.tinymodel import build_tiny_model
+from sd3exp.tinymodel import MARKER, build_tiny_model
 
-# 8 squares, 4 landscapes, 4 portraits: three aspect buckets at resolution 64.
-DEMO_COUNTS = {(64, 64): 8, (128, 64): 4, (64, 128): 4}
+# 4 squares, 4 landscapes, 4 portraits: three aspect buckets of one batch of 4 at resolution 64.
+DEMO_COUNTS = {(64, 64): 4, (128, 64): 4, (64, 128): 4}
 
 
 def ensure_demo_assets(cfg: ExperimentConfig, with_model: bool) -> None:
@@ -23,10 +23,11 @@ def ensure_demo_assets(cfg: ExperimentConfig, with_model: bool) -> None:
                 print(f"demo: generating the demo dataset at {c.path}")
                 make_demo_dataset(Path(c.path), c.trigger, DEMO_COUNTS, cfg.seed)
     model = Path(cfg.model.path)
-    if with_model:
+    ours = (model / MARKER).is_file()  # a tiny SD3 of an older recipe is rebuilt; other folders are left alone
+    if with_model and (ours or not model.exists()):
         with waiting_lock(model.parent, "is building the tiny model in"):
-            if not model.exists():
-                t = cfg.trainer
-                env = trainer_env.locate(t.simpletuner, t.version, t.home)
-                print(f"demo: building the tiny random SD3 at {model}")
-                build_tiny_model(model, env.python, seed=0)
+            t = cfg.trainer
+            env = trainer_env.locate(t.simpletuner, t.version, t.home)
+            if not (model / MARKER).is_file():
+                print(f"demo: building the tiny SD3 at {model} (its VAE trains for about 2 minutes, once)")
+            build_tiny_model(model, env.python, seed=0)

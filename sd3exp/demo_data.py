@@ -55,6 +55,12 @@ def _draw(rng: random.Random, size: tuple[int, int]) -> tuple[Image.Image, str, 
     return img, colour, shape, background
 
 
+def shape_pixels(count: int, size: int, seed: int) -> bytes:
+    """count seeded square shape images like the dataset's, as raw RGB bytes (count x size x size x 3)."""
+    rng = random.Random(seed)
+    return b"".join(_draw(rng, (size, size))[0].tobytes() for _ in range(count))
+
+
 def _write_images(folder: Path, trigger: str, counts: dict[tuple[int, int], int], seed: int) -> None:
     rng = random.Random(seed)
     index = 0

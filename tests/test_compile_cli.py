@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import needs_trainer, run_cli, trainer_python
 
-EXPERIMENTS = ["fantasy_art", "fantasy_art_lora", "cinema_photo", "two_concepts", "demo", "demo_full"]
+EXPERIMENTS = ["fantasy_art", "fantasy_art_lora", "cinema_photo", "two_concepts", "demo", "demo_lora"]
 
 
 def compile_to(run_dir: Path, *overrides: str):
@@ -80,7 +80,7 @@ def test_changed_config_is_refused_then_new_run(tmp_path):
     out = compile_to(run, "experiment=demo", "optimizer.lr=2e-4", "trainer.new_run=true")
     assert out.returncode == 0, out.stderr
     assert "LEARNING_RATE=0.0002" in (tmp_path / "run-2" / "config" / "config.env").read_text()
-    assert "LEARNING_RATE=0.0001" in (run / "config" / "config.env").read_text()
+    assert "LEARNING_RATE=0.002\n" in (run / "config" / "config.env").read_text()
 
 
 def test_json_backend_carries_what_env_cannot(tmp_path):

@@ -61,7 +61,7 @@ def test_comfyui_sweep_with_a_base_column_and_a_failing_cell(tmp_path):
     fail = lambda g: "CUDA out of memory" if ("checkpoint-4-" in json.dumps(g) and PROMPTS[1] in json.dumps(g)) else None
     with StandIn(tmp_path / "comfy-out", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"],
                  error_if=fail) as server:
-        out = run_cli("experiment=demo", "stage=eval", "demo=false", "concepts.0.num_images=16",
+        out = run_cli("experiment=demo_lora", "stage=eval", "demo=false", "concepts.0.num_images=16",
                       f"hydra.run.dir={run}", "eval.backend=comfyui", f"eval.url={server.url}",
                       f"eval.models_dir={models}", "eval.include_final=false", f"eval.prompts={json.dumps(PROMPTS)}",
                       "+eval.workflow_inputs.7.vae_name=my_sd3_vae.safetensors", "eval.include_base=true")
@@ -85,7 +85,7 @@ def test_a_second_evaluation_renders_only_what_changed(tmp_path):
     run, models = tmp_path / "run", tmp_path / "comfy-models"
     fake_lora_run(run)
     fail = lambda g: "CUDA out of memory" if ("checkpoint-4-" in json.dumps(g) and PROMPTS[1] in json.dumps(g)) else None
-    common = ["experiment=demo", "stage=eval", "demo=false", "concepts.0.num_images=16", f"hydra.run.dir={run}",
+    common = ["experiment=demo_lora", "stage=eval", "demo=false", "concepts.0.num_images=16", f"hydra.run.dir={run}",
               "eval.backend=comfyui", f"eval.models_dir={models}", "eval.include_final=false", "eval.include_base=true"]
     with StandIn(tmp_path / "comfy-out", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"],
                  error_if=fail) as server:
@@ -112,13 +112,13 @@ def test_a_run_can_be_evaluated_while_it_trains_but_not_twice_at_once(tmp_path):
     fake_lora_run(run)
     save_safetensors(run / "training" / "pytorch_lora_weights.safetensors", lora_tensors(99))  # maybe half written
     with StandIn(tmp_path / "comfy-out", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"]) as server:
-        evaluate = ["experiment=demo", "stage=eval", "demo=false", "concepts.0.num_images=16", f"hydra.run.dir={run}",
+        evaluate = ["experiment=demo_lora", "stage=eval", "demo=false", "concepts.0.num_images=16", f"hydra.run.dir={run}",
                     "eval.backend=comfyui", f"eval.url={server.url}", f"eval.models_dir={models}",
-                    f"eval.prompts={json.dumps(PROMPTS[:1])}"]
+                    f"eval.prompts={json.dumps(PROMPTS[:1])}", "eval.include_base=false"]
         assert run_cli(*evaluate[:3], "stage=compile", *evaluate[3:5]).returncode == 0
         with exclusive(run, "train"):  # as `stage=train` holds it
             during = run_cli(*evaluate)
-            refused = run_cli("experiment=demo", "stage=train", "demo=false", "concepts.0.num_images=16",
+            refused = run_cli("experiment=demo_lora", "stage=train", "demo=false", "concepts.0.num_images=16",
                               f"hydra.run.dir={run}")
         with exclusive(run, "eval"):
             twice = run_cli(*evaluate)

@@ -130,7 +130,8 @@ def _with(cfg, batch, epochs, passes):
     from dataclasses import replace
 
     concept = replace(cfg.concepts[0], repeats=passes)
-    return replace(cfg, concepts=[concept], training=replace(cfg.training, batch_size=batch, epochs=epochs))
+    training = replace(cfg.training, batch_size=batch, epochs=epochs, max_steps=0)
+    return replace(cfg, concepts=[concept], training=training, checkpointing=replace(cfg.checkpointing, every_steps=2))
 
 
 def test_processes_split_each_bucket_before_batching():
