@@ -96,7 +96,10 @@ def claim(job: Job, cfg: DictConfig) -> Job:
     where `cfg` is resolved again (every path under the run folder follows it)."""
     t = job.cfg.trainer
     training = Path(job.cfg.paths.training_dir)
+    folders = [(f"concepts[{i}].path", Path(c.path)) for i, c in enumerate(job.cfg.concepts)]
+    runfolder.check_apart(job.run_dir, folders)
     run_dir = runfolder.resolve_run_dir(job.run_dir, record_of(job), training, t.force, t.new_run)
+    runfolder.check_apart(run_dir, folders)
     if run_dir == job.run_dir:
         return job
     print(f"trainer.new_run: starting a new run folder {run_dir}")
@@ -112,9 +115,9 @@ def files_of(job: Job, plan: Plan, compiled: Compiled) -> Dict[str, str]:
 
 def write_run(job: Job, plan: Plan, compiled: Compiled) -> List[str]:
     job.run_dir.mkdir(parents=True, exist_ok=True)
+    runfolder.write_record(job.run_dir, record_of(job))  # first: the folder is sd3exp's before anything else is
     changed = runfolder.written(job.run_dir, files_of(job, plan, compiled))
     write_if_changed(job.run_dir / "lr_curve.png", lrplot.render_plan(plan))
-    runfolder.write_record(job.run_dir, record_of(job))
     return changed
 
 
@@ -129,10 +132,18 @@ def stage_compile(job: Job, cfg: DictConfig) -> Tuple[Job, Plan]:
     return job, plan
 
 
-def discard_empty(run_dir: Path) -> None:
-    """Remove the run folder Hydra created for this call if nothing was written to it."""
-    if run_dir.is_dir() and not any(run_dir.iterdir()):
-        run_dir.rmdir()
+def discard_empty(run_dir: Path, output_root: Path) -> None:
+    """Remove the run folder Hydra created for this call if nothing was written to it, and the
+    folders Hydra made above it inside paths.output_root that are left empty."""
+    root, folder = output_root.resolve(), run_dir.resolve()
+    while folder.is_dir() and not any(folder.iterdir()):
+        try:
+            folder.rmdir()
+        except OSError:  # another process has just written to it
+            return
+        if folder.parent == root or root not in folder.parent.parents:
+            return
+        folder = folder.parent
 
 
 def run(cfg: DictConfig) -> None:
@@ -145,7 +156,7 @@ def run(cfg: DictConfig) -> None:
             return
         job, plan = stage_compile(job, cfg)
     finally:
-        discard_empty(run_dir)
+        discard_empty(run_dir, Path(cfg.paths.output_root))
     run_later_stages(job, plan)
 
 

@@ -13,7 +13,7 @@ import fcntl
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -125,8 +125,42 @@ def set_aside_unfinished(training_dir: Path, guard: Optional[str]) -> List[Tuple
 
 
 def read_record(run_dir: Path) -> Optional[RunRecord]:
+    """The folder's sd3exp run record; None without one (a `run.json` sd3exp did not write included)."""
     path = run_dir / RECORD
-    return RunRecord(**read_json(path)) if path.is_file() else None
+    try:
+        data = read_json(path) if path.is_file() else None
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(data, dict) or set(data) != {f.name for f in fields(RunRecord)}:
+        return None
+    return RunRecord(**data)
+
+
+def _listing(folder: Path, limit: int = 6) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    return ", ".join(names[:limit]) + (f" ... and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_not_foreign(run_dir: Path) -> None:
+    """Refuse a run folder that holds files but no sd3exp run record: they are the user's."""
+    if run_dir.is_dir() and read_record(run_dir) is None and any(run_dir.iterdir()):
+        raise RunConflictError(
+            f"the run folder {run_dir} is not empty and is not an sd3exp run folder (no {RECORD}); it holds "
+            f"{_listing(run_dir)}, which sd3exp would overwrite. Fix: point hydra.run.dir at a new or empty "
+            "folder, or leave hydra.run.dir out to use the default under paths.output_root.")
+
+
+def check_apart(run_dir: Path, concepts: List[Tuple[str, Path]]) -> None:
+    """Refuse a run folder equal to, inside or around a concept's image folder."""
+    run = run_dir.resolve()
+    for field_name, path in concepts:
+        folder = path.resolve()
+        if run == folder or folder in run.parents or run in folder.parents:
+            where = "is" if run == folder else "is inside" if folder in run.parents else "contains"
+            raise RunConflictError(
+                f"the run folder {run} {where} {field_name}={folder}: sd3exp would write its files among the "
+                "images (or train on its own output). Fix: keep the run folder (hydra.run.dir) and the image "
+                "folders apart.")
 
 
 def next_free(run_dir: Path) -> Path:
@@ -159,6 +193,7 @@ def claim_training_dir(training_dir: Path, run_dir: Path) -> None:
 
 def resolve_run_dir(run_dir: Path, record: RunRecord, training_dir: Path, force: bool, new_run: bool) -> Path:
     """The folder this invocation may write to: `run_dir`, or a fresh sibling for trainer.new_run."""
+    check_not_foreign(run_dir)
     previous = read_record(run_dir)
     if new_run and previous is not None:
         return next_free(run_dir)

@@ -1,0 +1,63 @@
+"""What a careless user meets: nothing of theirs is overwritten or trained on by mistake, and every
+bad input gets a named error (issue 9). Through the CLI, without the trainer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sd3exp.demo import DEMO_COUNTS
+from sd3exp.demo_data import make_demo_dataset
+from tests.conftest import run_cli
+
+
+def tree(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    """A user's captioned image folder (the demo's 16 shapes)."""
+    return make_demo_dataset(tmp_path / "my-images", "k4s4", DEMO_COUNTS, seed=0)
+
+
+def user_demo(images: Path, *overrides: str):
+    return run_cli("experiment=demo", "demo=false", f"concepts.0.path={images}", *overrides)
+
+
+def test_folder_with_other_files_is_refused_and_kept(tmp_path, images):
+    h = tmp_path / "h"
+    h.mkdir()
+    (h / "plan.json").write_text('{"my":"plan"}')
+    (h / "resolved.yaml").write_text("notes\n")
+    out = user_demo(images, f"hydra.run.dir={h}", "stage=compile")
+    assert out.returncode != 0
+    assert str(h) in out.stderr and "plan.json" in out.stderr and "resolved.yaml" in out.stderr
+    assert "hydra.run.dir" in out.stderr and "Traceback" not in out.stderr
+    assert tree(h) == {"plan.json": b'{"my":"plan"}', "resolved.yaml": b"notes\n"}
+
+
+def test_run_folder_of_sd3exp_is_reused(tmp_path, images):
+    run = tmp_path / "run"
+    assert user_demo(images, f"hydra.run.dir={run}", "stage=compile").returncode == 0
+    out = user_demo(images, f"hydra.run.dir={run}", "stage=compile")
+    assert out.returncode == 0, out.stderr
+    assert "unchanged" in out.stdout
+
+
+@pytest.mark.parametrize("where", ["equal", "inside", "around"])
+def test_run_folder_overlapping_a_concept_folder_is_refused(tmp_path, images, where):
+    before = tree(images)
+    run = {"equal": images, "inside": images / "run", "around": images.parent}[where]
+    out = user_demo(images, f"hydra.run.dir={run}", "stage=compile")
+    assert out.returncode != 0
+    assert "concepts[0].path" in out.stderr and "Traceback" not in out.stderr
+    assert tree(images) == before and not (images / "run").exists()
+
+
+def test_failed_validation_leaves_no_output_folders(tmp_path):
+    outputs = tmp_path / "outputs"
+    out = run_cli("experiment=demo", "optimizer.lr=-1", f"paths.output_root={outputs}", "stage=compile")
+    assert out.returncode != 0 and "optimizer.lr=-1" in out.stderr
+    assert not (outputs / "demo").exists()
