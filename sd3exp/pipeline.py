@@ -72,14 +72,26 @@ def load(cfg: DictConfig) -> Job:
 
 
 def concept_sizes(cfg: ExperimentConfig) -> Dict[str, Optional[List[Tuple[int, int]]]]:
-    """Image sizes per concept read from disk where the folder exists."""
-    from sd3exp.images import image_sizes
+    """Image sizes per concept read from disk where the folder exists (files whose header cannot
+    be read are left out with a warning: the audit refuses them before training)."""
+    from sd3exp.images import FIX, IMAGE_EXTENSIONS, readable_sizes
 
+    sizes: Dict[str, Optional[List[Tuple[int, int]]]] = {}
     for i, c in enumerate(cfg.concepts):
-        if not Path(c.path).is_dir() and c.num_images is None:
-            raise ConfigError(f"concepts[{i}].path", c.path, "folder not found and no num_images declared",
-                              "create the folder, or declare concepts[].num_images to plan without it")
-    return {c.id: image_sizes(Path(c.path)) if Path(c.path).is_dir() else None for c in cfg.concepts}
+        if not Path(c.path).is_dir():
+            if c.num_images is None:
+                raise ConfigError(f"concepts[{i}].path", c.path, "folder not found and no num_images declared",
+                                  "create the folder, or declare concepts[].num_images to plan without it")
+            sizes[c.id] = None
+            continue
+        sizes[c.id], unreadable = readable_sizes(Path(c.path))
+        if not sizes[c.id] and not unreadable:
+            raise ConfigError(f"concepts[{i}].path", c.path, f"no images there ({', '.join(IMAGE_EXTENSIONS)})",
+                              "point it at the folder of images with .txt captions")
+        for name, why in unreadable.items():
+            print(f"warning: concepts[{i}].path: {Path(c.path) / name}: {why}; left out of the plan "
+                  f"(the audit refuses it before training). Fix: {FIX}")
+    return sizes
 
 
 def build(job: Job) -> Tuple[Plan, Compiled]:

@@ -61,3 +61,28 @@ def test_failed_validation_leaves_no_output_folders(tmp_path):
     out = run_cli("experiment=demo", "optimizer.lr=-1", f"paths.output_root={outputs}", "stage=compile")
     assert out.returncode != 0 and "optimizer.lr=-1" in out.stderr
     assert not (outputs / "demo").exists()
+
+
+@pytest.fixture
+def broken(images) -> Path:
+    """The user's folder with a PNG cut to 80% and a zero-byte JPEG, both captioned."""
+    png = images / "0000_64x64.png"
+    png.write_bytes(png.read_bytes()[: int(png.stat().st_size * 0.8)])
+    (images / "zero.jpg").write_bytes(b"")
+    (images / "zero.txt").write_text("k4s4, simple shapes")
+    return images
+
+
+@pytest.mark.parametrize("stage", ["plan", "compile"])
+def test_broken_images_still_plan_with_a_named_warning(tmp_path, broken, stage):
+    out = user_demo(broken, f"hydra.run.dir={tmp_path / 'run'}", f"stage={stage}")
+    assert out.returncode == 0, out.stderr
+    assert f"{broken / 'zero.jpg'}: the file is empty (0 bytes)" in out.stdout and "Fix:" in out.stdout
+    assert "Traceback" not in out.stderr
+
+
+def test_broken_images_are_refused_by_the_audit_naming_each_file(tmp_path, broken):
+    out = user_demo(broken, f"hydra.run.dir={tmp_path / 'run'}", "stage=audit")
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "0000_64x64.png (" in out.stderr and "truncated" in out.stderr
+    assert "zero.jpg (the file is empty (0 bytes))" in out.stderr and "Fix: re-export" in out.stderr
