@@ -6,6 +6,7 @@ which files go where in the run folder, and what is printed.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -16,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from sd3exp import __version__, lrplot, runfolder
 from sd3exp.errors import ConfigError
 from sd3exp.compile import Compiled, compile_experiment, config_hash
-from sd3exp.io import dumps_json, write_if_changed
+from sd3exp.io import dumps_json, read_json, write_if_changed
 from sd3exp.plan import Plan, make_plan, render_table
 from sd3exp.schema import ExperimentConfig
 from sd3exp.validate import validate
@@ -103,14 +104,28 @@ def record_of(job: Job) -> runfolder.RunRecord:
     return runfolder.RunRecord(job.cfg.name, job.overrides, job.config_hash, __version__)
 
 
-def claim(job: Job, cfg: DictConfig) -> Job:
+def plan_change(run_dir: Path, plan: Plan) -> Optional[str]:
+    """How the run folder's plan.json differs from `plan` of the same config (the images on disk
+    changed), in words; None when it does not."""
+    path = run_dir / "plan.json"
+    old = read_json(path) if path.is_file() else None
+    if old is None or old == json.loads(dumps_json(plan.to_dict())):
+        return None
+    def counts(p: dict) -> str:
+        images = ", ".join(f"{c['id']}: {c['images']}" for c in p["concepts"])
+        return f"images {images}; {p['max_train_steps']} steps, checkpoints {p['checkpoint_steps']}"
+    return f"plan.json: {counts(old)}; the image folders now give {counts(plan.to_dict())}"
+
+
+def claim(job: Job, cfg: DictConfig, plan: Plan) -> Job:
     """Apply the run-folder guards; trainer.new_run may move the job to a fresh sibling folder,
     where `cfg` is resolved again (every path under the run folder follows it)."""
     t = job.cfg.trainer
     training = Path(job.cfg.paths.training_dir)
     folders = [(f"concepts[{i}].path", Path(c.path)) for i, c in enumerate(job.cfg.concepts)]
     runfolder.check_apart(job.run_dir, folders)
-    run_dir = runfolder.resolve_run_dir(job.run_dir, record_of(job), training, t.force, t.new_run)
+    run_dir = runfolder.resolve_run_dir(job.run_dir, record_of(job), training, t.force, t.new_run,
+                                        plan_change(job.run_dir, plan))
     runfolder.check_apart(run_dir, folders)
     if run_dir == job.run_dir:
         return job
@@ -136,7 +151,7 @@ def write_run(job: Job, plan: Plan, compiled: Compiled) -> List[str]:
 def stage_compile(job: Job, cfg: DictConfig) -> Tuple[Job, Plan]:
     """Plan, compile and write the run folder (compiled files do not depend on where it is)."""
     plan, compiled = build(job)
-    job = claim(job, cfg)
+    job = claim(job, cfg, plan)
     changed = write_run(job, plan, compiled)
     print(render_table(plan))
     state = f"{len(changed)} file(s) written" if changed else "unchanged"

@@ -9,6 +9,7 @@ recompile first archives the earlier compiled files under `history/`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
@@ -20,7 +21,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from sd3exp.compile import INVOCATION_KEYS
-from sd3exp.errors import RunConflictError
+from sd3exp.errors import DiskFullError, RunConflictError, no_space_message
 from sd3exp.io import read_json, write_bytes, write_if_changed, write_json
 
 RECORD = "run.json"
@@ -191,19 +192,28 @@ def claim_training_dir(training_dir: Path, run_dir: Path) -> None:
         write_bytes(owner, f"{run_dir.resolve()}\n".encode())
 
 
-def resolve_run_dir(run_dir: Path, record: RunRecord, training_dir: Path, force: bool, new_run: bool) -> Path:
-    """The folder this invocation may write to: `run_dir`, or a fresh sibling for trainer.new_run."""
+def resolve_run_dir(run_dir: Path, record: RunRecord, training_dir: Path, force: bool, new_run: bool,
+                    plan_change: Optional[str] = None) -> Path:
+    """The folder this invocation may write to: `run_dir`, or a fresh sibling for trainer.new_run.
+    `plan_change` says how the images changed the plan of the same config (None: they did not)."""
     check_not_foreign(run_dir)
     previous = read_record(run_dir)
     if new_run and previous is not None:
         return next_free(run_dir)
-    if previous is None or previous.config_hash == record.config_hash:
+    started = bool(checkpoint_dirs(training_dir))
+    trained = started or (run_dir / "training_summary.json").is_file()
+    if previous is None or (previous.config_hash == record.config_hash and not (plan_change and trained)):
         check_training_owner(training_dir, run_dir)
         return run_dir
     if force:
         archive(run_dir, previous)
         return run_dir
-    started = bool(checkpoint_dirs(training_dir))
+    if previous.config_hash == record.config_hash:
+        raise RunConflictError(
+            f"the dataset of {run_dir} changed after training started ({plan_change}); resuming would train "
+            "one run on two datasets and never reach the new plan. Fix: add trainer.new_run=true to train the "
+            "new dataset in a new run folder beside it, or trainer.force=true to continue this run with the new "
+            "plan (its compiled files are archived under history/ first; checkpoints are kept).")
     raise RunConflictError(
         f"{run_dir} belongs to a different configuration of '{previous.experiment}' "
         f"(config {previous.config_hash[:12]}, now {record.config_hash[:12]})"
@@ -213,12 +223,21 @@ def resolve_run_dir(run_dir: Path, record: RunRecord, training_dir: Path, force:
 
 
 def archive(run_dir: Path, previous: RunRecord) -> None:
+    """Copy the earlier compiled files under history/<config>/, each whole or not at all."""
     dest = run_dir / "history" / previous.config_hash[:12]
     for name in ("config", "plan.json", "resolved.yaml", RECORD):
-        src = run_dir / name
+        src, tmp = run_dir / name, dest / f".{name}.tmp"
         if src.exists() and not (dest / name).exists():
             dest.mkdir(parents=True, exist_ok=True)
-            (shutil.copytree if src.is_dir() else shutil.copy2)(src, dest / name)
+            try:
+                (shutil.copytree if src.is_dir() else shutil.copy2)(src, tmp)
+                os.rename(tmp, dest / name)
+            except (OSError, shutil.Error) as err:
+                (shutil.rmtree if tmp.is_dir() else Path.unlink)(tmp) if tmp.exists() else None
+                if "No space left on device" not in str(err) and getattr(err, "errno", None) != errno.ENOSPC:
+                    raise
+                raise DiskFullError(f"{no_space_message(dest)}; archiving the earlier {name} failed, "
+                                    "the run's files are unchanged") from err
 
 
 def write_record(run_dir: Path, record: RunRecord) -> None:

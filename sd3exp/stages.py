@@ -103,7 +103,8 @@ def stage_train(job: Job, plan: Plan) -> None:
     process_env = train.trainer_environment(env.bin, run_dir, cpu=shim, offline=Path(cfg.model.path).is_dir())
     next_command = command_for(job, "eval") if cfg.stage == "train" else None
     train.run_training(env.train_command(), run_dir, training_dir, process_env, plan.max_train_steps,
-                       plan.checkpoint_steps, next_command, resume_command=command_for(job, cfg.stage))
+                       plan.checkpoint_steps, next_command, resume_command=command_for(job, cfg.stage),
+                       model_type=cfg.model.type)
 
 
 def stage_eval(job: Job, plan: Plan) -> None:

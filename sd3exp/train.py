@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import re
 import signal
@@ -9,11 +11,11 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 from tqdm import tqdm
 
-from sd3exp.errors import TrainerError
+from sd3exp.errors import DiskFullError, TrainerError, no_space_message
 from sd3exp.io import read_json, write_json
 from sd3exp.runfolder import checkpoint_dirs
 
@@ -123,6 +125,8 @@ class TrainResult:
     progress: Progress
     checkpoints: Dict[int, str]
     log: str
+    stopped_by: Optional[str] = None  # what stopped sd3exp during training: "Ctrl-C", "SIGTERM"
+    killed_by: Optional[str] = None  # the signal that killed the trainer, e.g. "SIGKILL"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -146,12 +150,49 @@ def follow(stream, log, bar: tqdm, progress: Progress) -> None:
             shown = time.monotonic()
 
 
+class Terminated(Exception):
+    """SIGTERM arrived (a scheduler, `timeout`, a closed terminal)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_as_stop() -> Iterator[None]:
+    """Within: SIGTERM raises Terminated, so training stops the way Ctrl-C stops it."""
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def stop_quietly(proc: subprocess.Popen) -> None:
+    """stop() with further SIGINT/SIGTERM ignored until the trainer's group is gone."""
+    handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stop(proc)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 def launch(cmd: List[str], run_dir: Path, training_dir: Path, env: Dict[str, str], total: int,
            start_step: int) -> TrainResult:
-    """Start the trainer in the run folder and follow it until it exits."""
+    """Start the trainer in the run folder and follow it until it exits; Ctrl-C or SIGTERM stop it
+    (exit status 128 + the signal), as does a full disk for train.log."""
     log_path = run_dir / "train.log"
     progress, started = Progress(step=start_step), time.monotonic()
-    with open(log_path, "ab") as log:
+    stopped_by = killed_by = None
+    with sigterm_as_stop(), open(log_path, "ab") as log:
         log.write(f"\n===== sd3exp: {' '.join(cmd)} (cwd {run_dir}) =====\n".encode())
         proc = subprocess.Popen(cmd, cwd=run_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -159,13 +200,23 @@ def launch(cmd: List[str], run_dir: Path, training_dir: Path, env: Dict[str, str
         try:
             follow(proc.stdout, log, bar, progress)
             code = proc.wait()
-        except KeyboardInterrupt:
-            stop(proc)
-            code = 130
+        except (KeyboardInterrupt, Terminated) as err:
+            stop_quietly(proc)
+            sig = signal.SIGINT if isinstance(err, KeyboardInterrupt) else signal.SIGTERM
+            code, stopped_by = 128 + sig, "Ctrl-C" if sig == signal.SIGINT else "SIGTERM"
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            stop_quietly(proc)
+            code = 1
+            progress.tail.append(f"sd3exp: writing {log_path}: No space left on device")
         finally:
             bar.close()
+    if code < 0:
+        code, killed_by = 128 - code, signal_name(-code)
     ckpts = {s: str(p) for s, p in checkpoint_dirs(training_dir).items()}
-    return TrainResult(code, time.monotonic() - started, start_step, progress, ckpts, str(log_path))
+    return TrainResult(code, time.monotonic() - started, start_step, progress, ckpts, str(log_path),
+                       stopped_by, killed_by)
 
 
 def report(result: TrainResult, planned: List[int], planned_total: int, next_command: Optional[str]) -> str:
@@ -186,26 +237,70 @@ def report(result: TrainResult, planned: List[int], planned_total: int, next_com
     return "\n".join(lines)
 
 
-def failure_message(result: TrainResult, resume_command: str) -> str:
-    if result.exit_code == 130:
-        latest = max(result.checkpoints) if result.checkpoints else None
-        where = f"checkpoint-{latest}" if latest else "the start (no checkpoint yet)"
-        return f"training stopped by Ctrl-C at step {result.progress.step}. Resume from {where}: {resume_command}"
+def kept(result: TrainResult) -> str:
+    steps = ", ".join(map(str, result.checkpoints))
+    return f"kept: checkpoint(s) {steps}" if steps else "no checkpoint was written yet"
+
+
+def resume_hint(result: TrainResult, resume_command: str) -> str:
+    latest = max(result.checkpoints) if result.checkpoints else None
+    return f"Resume from {f'checkpoint-{latest}' if latest else 'the start (no checkpoint yet)'}: {resume_command}"
+
+
+def disk_full(result: TrainResult, training_dir: Path) -> Optional[str]:
+    """The message for a trainer that ran out of disk space; None when it did not."""
+    log = Path(result.log)
+    text = log.read_text(errors="replace").rsplit("===== sd3exp:", 1)[-1] if log.is_file() else ""
+    if "No space left on device" not in text + "\n".join(result.progress.tail):
+        return None
+    latest = max(result.checkpoints) if result.checkpoints else None
+    need = (sum(f.stat().st_size for f in Path(result.checkpoints[latest]).rglob("*") if f.is_file())
+            if latest else None)
+    return no_space_message(training_dir, need, "the next checkpoint")
+
+
+def failure_message(result: TrainResult, resume_command: str, training_dir: Path) -> str:
+    step = result.progress.step
+    if result.stopped_by:
+        return (f"training stopped by {result.stopped_by} at step {step}; {kept(result)}. "
+                + resume_hint(result, resume_command))
+    full = disk_full(result, training_dir)
+    if full:
+        return f"training failed: {full}; {kept(result)}. Full log: {result.log}. Then: {resume_hint(result, resume_command)}"
     tail = "\n".join("  " + ln for ln in result.progress.tail[-20:])
+    if result.killed_by:
+        return (f"SimpleTuner was killed by {result.killed_by} at step {step} (by another process, or by the "
+                f"kernel when memory ran out); {kept(result)}. Last lines:\n{tail}\nFull log: {result.log}\n"
+                + resume_hint(result, resume_command))
     return (f"SimpleTuner exited with status {result.exit_code}. Last lines:\n{tail}\n"
             f"Full log: {result.log}")
 
 
+def short_of_plan(result: TrainResult, total: int) -> str:
+    """Why a trainer that exited 0 without reaching the plan failed."""
+    p = result.progress
+    planned = f"; SimpleTuner itself planned {p.total} steps" if p.total and p.total != total else ""
+    return (f"SimpleTuner exited with status 0 at step {p.step}, short of the {total} steps of plan.json{planned}: "
+            "the run is not finished (did the dataset or the step count change after training started?). "
+            f"Fix: train it in a new run folder (trainer.new_run=true). Full log: {result.log}")
+
+
 def run_training(cmd: List[str], run_dir: Path, training_dir: Path, env: Dict[str, str], total: int,
-                 planned: List[int], next_command: Optional[str], resume_command: str) -> TrainResult:
+                 planned: List[int], next_command: Optional[str], resume_command: str,
+                 model_type: str) -> TrainResult:
     start = max(checkpoint_dirs(training_dir), default=0)
     if start:
         print(f"resuming from checkpoint-{start} (SimpleTuner resume_from_checkpoint=latest)")
     result = launch(cmd, run_dir, training_dir, env, total, start)
-    write_json(run_dir / "training_summary.json", result.to_dict())
-    print(report(result, planned, total, next_command))
-    if result.exit_code != 0:
-        err = TrainerError(failure_message(result, resume_command))
-        err.exit_code = result.exit_code
+    try:
+        write_json(run_dir / "training_summary.json", result.to_dict())
+    except DiskFullError as err:
+        print(f"warning: {err}")
+    short = result.exit_code == 0 and not is_complete(run_dir, training_dir, model_type, total)
+    print(report(result, planned, total, None if short else next_command))
+    if result.exit_code != 0 or short:
+        err = TrainerError(short_of_plan(result, total) if short else
+                           failure_message(result, resume_command, training_dir))
+        err.exit_code = result.exit_code or 1
         raise err
     return result

@@ -3,12 +3,17 @@ bad input gets a named error (issue 9). Through the CLI, without the trainer."""
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import subprocess
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 from sd3exp.demo import DEMO_COUNTS
 from sd3exp.demo_data import make_demo_dataset
+from sd3exp.cli import ROOT
 from tests.conftest import run_cli
 
 
@@ -86,3 +91,42 @@ def test_broken_images_are_refused_by_the_audit_naming_each_file(tmp_path, broke
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert "0000_64x64.png (" in out.stderr and "truncated" in out.stderr
     assert "zero.jpg (the file is empty (0 bytes))" in out.stderr and "Fix: re-export" in out.stderr
+
+
+@pytest.mark.parametrize("path", ["/nonexistent-sd3exp/shapes", "../x-sd3exp", "'~'"])
+def test_demo_generates_nothing_at_a_mistyped_path(tmp_path, path):
+    out = run_cli("experiment=demo", f"concepts.0.path={path}", f"hydra.run.dir={tmp_path / 'run'}",
+                  "stage=compile", cwd=tmp_path)
+    assert out.returncode != 0 and "concepts[0].path" in out.stderr and "not found" in out.stderr
+    assert "demo=false" in out.stderr and "Traceback" not in out.stderr
+    assert not Path("/nonexistent-sd3exp").exists() and not (ROOT.parent / "x-sd3exp").exists()
+    assert not (ROOT / "~").exists() and not (tmp_path / "run").exists()
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` mounted at `folder` (needs root, as in this project's CI container)."""
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN); see docs for the manual check")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def test_full_disk_is_named_and_earlier_files_are_kept(tmp_path, images):
+    with small_disk(tmp_path / "disk", "64k") as disk:
+        run = disk / "run"
+        assert user_demo(images, f"hydra.run.dir={run}", "stage=compile").returncode == 0
+        before = tree(run)
+        (disk / "filler").write_bytes(b"\0" * (shutil.disk_usage(disk).free - 1024))
+        out = user_demo(images, f"hydra.run.dir={run}", "stage=compile", "trainer.force=true", "optimizer.lr=2e-4")
+        assert out.returncode != 0 and "Traceback" not in out.stderr
+        assert f"no space left on {run}" in out.stderr and f"the disk mounted at {disk}" in out.stderr
+        assert "files are unchanged" in out.stderr and "Fix: free space" in out.stderr
+        assert {k: v for k, v in tree(run).items() if not k.startswith("history/")} == before
+        out = user_demo(images, f"hydra.run.dir={disk / 'new'}", "stage=compile")
+        assert out.returncode != 0 and "Traceback" not in out.stderr
+        assert f"no space left on {disk / 'new'}" in out.stderr and "nothing was written" in out.stderr
