@@ -108,7 +108,7 @@ def plan_change(run_dir: Path, plan: Plan) -> Optional[str]:
     """How the run folder's plan.json differs from `plan` of the same config (the images on disk
     changed), in words; None when it does not."""
     path = run_dir / "plan.json"
-    old = read_json(path) if path.is_file() else None
+    old = read_json(path) if path.is_file() and runfolder.read_record(run_dir) else None
     if old is None or old == json.loads(dumps_json(plan.to_dict())):
         return None
     def counts(p: dict) -> str:
