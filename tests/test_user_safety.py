@@ -130,3 +130,44 @@ def test_full_disk_is_named_and_earlier_files_are_kept(tmp_path, images):
         out = user_demo(images, f"hydra.run.dir={disk / 'new'}", "stage=compile")
         assert out.returncode != 0 and "Traceback" not in out.stderr
         assert f"no space left on {disk / 'new'}" in out.stderr and "nothing was written" in out.stderr
+
+
+@pytest.mark.parametrize("override, named, fix", [
+    ("optimizer.name=adamw_bf61", "optimizer.name='adamw_bf61'", "use adamw_bf16"),
+    ("concepts.0.repeats=1000000", "concepts[0].repeats=1000000", "training.epochs"),
+    ("concepts.0.trigger=''", "concepts[0].trigger=''", "trigger word"),
+    ("concepts.0.trigger='k4s4, x'", "concepts[0].trigger='k4s4, x'", "concepts[0].captions.keep_tags=2"),
+    ("trainer.extra_args=['--lora_rank=8']", "trainer.extra_args[0]='--lora_rank=8'", "set lora.rank"),
+    ("concepts.0.path=/", "concepts[0].path='/': no images there", "point it at"),
+])
+def test_bad_values_are_named_before_anything_is_written(tmp_path, override, named, fix):
+    outputs = tmp_path / "outputs"
+    out = run_cli("experiment=demo", override, f"paths.output_root={outputs}", "stage=compile")
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert named in out.stderr and fix in out.stderr.split("Fix:")[-1]
+    assert not (outputs / "demo").exists()
+
+
+def test_an_optimizer_typo_leaves_the_run_folder_to_the_corrected_run(tmp_path):
+    run = tmp_path / "run"
+    assert run_cli("experiment=demo", "optimizer.name=torch-adamww", f"hydra.run.dir={run}",
+                   "stage=compile").returncode != 0
+    out = run_cli("experiment=demo", "optimizer.name=torch-adamw", f"hydra.run.dir={run}", "stage=compile")
+    assert out.returncode == 0, out.stderr
+
+
+def test_plan_warns_of_no_checkpoints_and_of_one_folder_in_two_concepts():
+    out = run_cli("experiment=demo", "checkpointing.every_steps=100", "stage=plan")
+    assert out.returncode == 0, out.stderr
+    assert "warning: checkpointing.every_steps=100 is longer than the run" in out.stdout
+    out = run_cli("experiment=two_concepts", "concepts.1.path=data/fantasy_art", "stage=plan")
+    assert out.returncode == 0, out.stderr
+    assert "warning: concepts[1].path and concepts[0].path are the same folder" in out.stdout
+
+
+def test_materialized_plan_shows_the_repeats_simpletuner_gets():
+    out = run_cli("experiment=demo", "concepts.0.repeats=3", "concepts.0.captions.mode=materialized", "stage=plan")
+    assert out.returncode == 0, out.stderr
+    header, row = [ln.split() for ln in out.stdout.splitlines() if ln.startswith(("concept ", "shapes "))]
+    assert header[:5] == ["concept", "images", "passes", "ST", "repeats"]
+    assert row[:5] == ["shapes", "16", "(disk)", "3", "0"]
