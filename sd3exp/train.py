@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Dict, Iterator, List, Optional
 
 from tqdm import tqdm
 
-from sd3exp.errors import DiskFullError, TrainerError, no_space_message
+from sd3exp.errors import DiskFullError, RunConflictError, TrainerError, no_space_message
 from sd3exp.io import read_json, write_json
 from sd3exp.runfolder import checkpoint_dirs
 
@@ -78,6 +79,7 @@ def trainer_environment(bin_dir: Path, run_dir: Path, cpu: bool, offline: bool) 
     cache = run_dir / ".cache"
     env.update(HF_HOME=str(run_dir / ".hf"), MPLCONFIGDIR=str(run_dir / ".mpl"), XDG_CACHE_HOME=str(cache),
                TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"), PYTHONUNBUFFERED="1")
+    env[MARK] = str(run_dir)
     for key in ("CONFIG_BACKEND", "SIMPLETUNER_CONFIG_BACKEND", "ENV", "SIMPLETUNER_ENV", "CONFIG_PATH"):
         env.pop(key, None)
     if offline:
@@ -104,17 +106,57 @@ def _lines(stream, log) -> "iter[str]":
         yield pending.decode("utf-8", "replace")
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """Ctrl-C: SIGINT to the trainer's process group, then TERM, then KILL."""
-    for sig, wait in ((signal.SIGINT, 30), (signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+MARK = "SD3EXP_TRAINING"  # in the trainer's environment: the run folder it trains
+
+
+def run_processes(run_dir: Path) -> List[int]:
+    """The trainer processes of `run_dir`: the one sd3exp started and those it started in sessions
+    of their own (SimpleTuner's `train` runs accelerate under setsid), orphaned or not."""
+    mark = f"\0{MARK}={run_dir}\0".encode()
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
         try:
-            os.killpg(proc.pid, sig)
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
+            if int(entry.name) != os.getpid() and mark in b"\0" + (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except (OSError, ValueError):
             continue
-        except ProcessLookupError:
+    return found
+
+
+def _signal_all(pids: List[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(os.getpgid(pid), sig)
+
+
+def stop_run(run_dir: Path, steps=((signal.SIGINT, 30), (signal.SIGTERM, 10), (signal.SIGKILL, 5))) -> None:
+    """SIGINT to every trainer process group of the run, then TERM, then KILL, until none is left."""
+    for sig, wait in steps:
+        pids = run_processes(run_dir)
+        if not pids:
             return
+        _signal_all(pids, sig)
+        end = time.monotonic() + wait
+        while run_processes(run_dir) and time.monotonic() < end:
+            time.sleep(0.2)
+
+
+def stop(proc: subprocess.Popen, run_dir: Path) -> None:
+    """Ctrl-C: SIGINT to the trainer's process groups, then TERM, then KILL."""
+    stop_run(run_dir)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def reap_when_killed(proc: subprocess.Popen, run_dir: Path) -> threading.Thread:
+    """When the trainer dies by a signal, stop what it started (else it trains on, unwatched)."""
+    def watch() -> None:
+        if proc.wait() < 0:
+            stop_run(run_dir, ((signal.SIGTERM, 10), (signal.SIGKILL, 5)))
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
 
 
 @dataclass
@@ -168,11 +210,11 @@ def sigterm_as_stop() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def stop_quietly(proc: subprocess.Popen) -> None:
-    """stop() with further SIGINT/SIGTERM ignored until the trainer's group is gone."""
+def stop_quietly(proc: subprocess.Popen, run_dir: Path) -> None:
+    """stop() with further SIGINT/SIGTERM ignored until the trainer's groups are gone."""
     handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        stop(proc)
+        stop(proc, run_dir)
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
@@ -197,17 +239,19 @@ def launch(cmd: List[str], run_dir: Path, training_dir: Path, env: Dict[str, str
         proc = subprocess.Popen(cmd, cwd=run_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         bar = tqdm(total=total, initial=start_step, unit="step", desc="train", dynamic_ncols=True)
+        watcher = reap_when_killed(proc, run_dir)
         try:
             follow(proc.stdout, log, bar, progress)
             code = proc.wait()
+            watcher.join()
         except (KeyboardInterrupt, Terminated) as err:
-            stop_quietly(proc)
+            stop_quietly(proc, run_dir)
             sig = signal.SIGINT if isinstance(err, KeyboardInterrupt) else signal.SIGTERM
             code, stopped_by = 128 + sig, "Ctrl-C" if sig == signal.SIGINT else "SIGTERM"
         except OSError as err:
             if err.errno != errno.ENOSPC:
                 raise
-            stop_quietly(proc)
+            stop_quietly(proc, run_dir)
             code = 1
             progress.tail.append(f"sd3exp: writing {log_path}: No space left on device")
         finally:
@@ -291,6 +335,11 @@ def run_training(cmd: List[str], run_dir: Path, training_dir: Path, env: Dict[st
     start = max(checkpoint_dirs(training_dir), default=0)
     if start:
         print(f"resuming from checkpoint-{start} (SimpleTuner resume_from_checkpoint=latest)")
+    left = run_processes(run_dir)
+    if left:
+        raise RunConflictError(
+            f"a trainer started by an earlier sd3exp is still running in {run_dir} (pid {', '.join(map(str, left))}); "
+            f"a second one would train the same run. Fix: wait for it to end, or stop it: kill -INT {left[0]}")
     result = launch(cmd, run_dir, training_dir, env, total, start)
     try:
         write_json(run_dir / "training_summary.json", result.to_dict())
