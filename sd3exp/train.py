@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 from tqdm import tqdm
 
@@ -129,8 +129,8 @@ def _signal_all(pids: List[int], sig: int) -> None:
             os.killpg(os.getpgid(pid), sig)
 
 
-def stop_run(run_dir: Path, steps=((signal.SIGINT, 30), (signal.SIGTERM, 10), (signal.SIGKILL, 5))) -> None:
-    """SIGINT to every trainer process group of the run, then TERM, then KILL, until none is left."""
+def stop_run(run_dir: Path, steps: Tuple[Tuple[int, float], ...]) -> None:
+    """Each (signal, wait) in turn to every trainer process group of the run, until none is left."""
     for sig, wait in steps:
         pids = run_processes(run_dir)
         if not pids:
@@ -141,11 +141,17 @@ def stop_run(run_dir: Path, steps=((signal.SIGINT, 30), (signal.SIGTERM, 10), (s
             time.sleep(0.2)
 
 
+SIGINT_GRACE_S = 10  # SimpleTuner 4.10.1 trains on for 30 s and more after SIGINT; TERM stops it at once
+
+
 def stop(proc: subprocess.Popen, run_dir: Path) -> None:
-    """Ctrl-C: SIGINT to the trainer's process groups, then TERM, then KILL."""
-    stop_run(run_dir)
+    """Ctrl-C: SIGINT to the trainer's process group, then TERM and KILL to every trainer process
+    of the run that is left (the training process runs in a session of its own)."""
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGINT)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(SIGINT_GRACE_S)
+    stop_run(run_dir, ((signal.SIGTERM, 10), (signal.SIGKILL, 5)))
     proc.wait()
 
 
@@ -304,7 +310,7 @@ def disk_full(result: TrainResult, training_dir: Path) -> Optional[str]:
 
 
 def failure_message(result: TrainResult, resume_command: str, training_dir: Path) -> str:
-    step = result.progress.step
+    step = max([result.progress.step, *result.checkpoints])  # it may save after the last line read
     if result.stopped_by:
         return (f"training stopped by {result.stopped_by} at step {step}; {kept(result)}. "
                 + resume_hint(result, resume_command))

@@ -33,8 +33,8 @@ from tests.test_user_safety import small_disk
 
 pytestmark = [needs_trainer, pytest.mark.trainer, pytest.mark.slow]
 
-EPOCHS = 2  # 16 steps, a checkpoint every 2: room for a kill between two of them
-STEPS = 16
+EPOCHS = 12  # 96 steps, a checkpoint every 2: SimpleTuner takes seconds to stop, and trains on meanwhile
+STEPS = 96
 WAIT_S = 900
 
 
@@ -64,7 +64,7 @@ class Kill:
     name: str
     target: str  # "sd3exp" or "trainer"
     sig: signal.Signals
-    ready: Callable[[Path], bool]
+    ready: Callable[[Path, int], bool]  # (run folder, latest checkpoint when this run started)
     exit_code: Optional[int]  # what sd3exp must exit with (None: it is the one killed)
     message: Optional[str] = None  # what it must say
     in_training: bool = True  # wait for the trainer to run before looking at `ready`
@@ -92,20 +92,24 @@ def saving(run: Path) -> bool:
                for p in training.iterdir() if p.is_dir())
 
 
-def new_checkpoint(after: int) -> Callable[[Path], bool]:
-    return lambda run: max(checkpoint_dirs(run / "training"), default=0) > after
+def latest(run: Path) -> int:
+    return max(checkpoint_dirs(run / "training"), default=0)
+
+
+def new_checkpoint(run: Path, start: int) -> bool:
+    return latest(run) > start
 
 
 def kill_points() -> List[Kill]:
     return [
         Kill("SIGKILL sd3exp after the audit (prepare, trainer preflight)", "sd3exp", signal.SIGKILL,
-             lambda run: (run / "audit.json").is_file(), None, in_training=False),
-        Kill("SIGTERM sd3exp during training", "sd3exp", signal.SIGTERM, new_checkpoint(0), 143,
+             lambda run, start: (run / "audit.json").is_file(), None, in_training=False),
+        Kill("SIGTERM sd3exp during training", "sd3exp", signal.SIGTERM, new_checkpoint, 143,
              "training stopped by SIGTERM"),
         Kill("SIGKILL the trainer during a checkpoint save", "trainer", signal.SIGKILL,
-             lambda run: saving(run) or new_checkpoint(4)(run), 137, "SimpleTuner was killed by SIGKILL"),
-        Kill("SIGKILL sd3exp during training", "sd3exp", signal.SIGKILL, new_checkpoint(6), None),
-        Kill("SIGTERM the trainer during training", "trainer", signal.SIGTERM, new_checkpoint(8), 143,
+             lambda run, start: saving(run) or latest(run) > start + 2, 137, "SimpleTuner was killed by SIGKILL"),
+        Kill("SIGKILL sd3exp during training", "sd3exp", signal.SIGKILL, new_checkpoint, None),
+        Kill("SIGTERM the trainer during training", "trainer", signal.SIGTERM, new_checkpoint, 143,
              "SimpleTuner was killed by SIGTERM"),
     ]
 
@@ -115,10 +119,10 @@ def run_and_kill(chain: Chain, kill: Kill, tmp: Path) -> None:
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "sd3exp", *chain.command], cwd=ROOT, stdout=out,
                                 stderr=subprocess.STDOUT)
-    deadline, pgid = time.monotonic() + WAIT_S, None
+    deadline, pgid, start = time.monotonic() + WAIT_S, None, latest(chain.run)
     while proc.poll() is None and time.monotonic() < deadline:
         pgid = pgid or trainer_pid(proc.pid)
-        if (pgid or not kill.in_training) and kill.ready(chain.run):
+        if (pgid or not kill.in_training) and kill.ready(chain.run, start):
             break
         time.sleep(0.05)
     assert proc.poll() is None, f"the run ended before '{kill.name}':\n{log.read_text()[-2000:]}"
@@ -204,7 +208,7 @@ def test_images_added_after_training_started_are_a_changed_run(chain):
     forced = run_cli(*chain.command, "trainer.force=true")
     print(forced.stdout[-3000:], forced.stderr[-3000:])
     assert forced.returncode != 0 and "Traceback" not in forced.stderr
-    assert "short of the 20 steps of plan.json" in forced.stderr and "next:" not in forced.stdout
+    assert f"short of the {STEPS // 16 * 20} steps of plan.json" in forced.stderr and "next:" not in forced.stdout
 
 
 def test_a_full_disk_during_training_is_named(tmp_path):
