@@ -6,6 +6,7 @@ import contextlib
 import errno
 import os
 import re
+import shutil
 import signal
 import subprocess
 import threading
@@ -298,15 +299,18 @@ def resume_hint(result: TrainResult, resume_command: str) -> str:
 
 
 def disk_full(result: TrainResult, training_dir: Path) -> Optional[str]:
-    """The message for a trainer that ran out of disk space; None when it did not."""
+    """The message for a trainer that ran out of disk space; None when it did not. torch.save on a
+    full disk says only 'iostream error', so the free space is checked as well as the log."""
     log = Path(result.log)
     text = log.read_text(errors="replace").rsplit("===== sd3exp:", 1)[-1] if log.is_file() else ""
-    if "No space left on device" not in text + "\n".join(result.progress.tail):
-        return None
     latest = max(result.checkpoints) if result.checkpoints else None
     need = (sum(f.stat().st_size for f in Path(result.checkpoints[latest]).rglob("*") if f.is_file())
             if latest else None)
-    return no_space_message(training_dir, need, "the next checkpoint")
+    said = "No space left on device" in text + "\n".join(result.progress.tail)
+    for folder in (training_dir, log.parent):
+        if said or (folder.is_dir() and shutil.disk_usage(folder).free < max(need or 0, 1 << 20)):
+            return no_space_message(folder, need, "the next checkpoint")
+    return None
 
 
 def failure_message(result: TrainResult, resume_command: str, training_dir: Path) -> str:
