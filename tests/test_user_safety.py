@@ -109,7 +109,7 @@ def small_disk(folder: Path, size: str) -> Iterator[Path]:
     folder.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
                       capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN); see docs for the manual check")
+        pytest.skip("cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): run this test as root for the full-disk check")
     try:
         yield folder
     finally:
