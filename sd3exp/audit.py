@@ -33,7 +33,7 @@ from PIL import Image
 
 from sd3exp import captions
 from sd3exp.buckets import BucketRule, target_size
-from sd3exp.images import IMAGE_EXTENSIONS, image_size, list_images
+from sd3exp.images import IMAGE_EXTENSIONS, image_size, list_images, problem
 from sd3exp.io import dumps_json, write_if_changed
 from sd3exp.prepare import shared_stems
 from sd3exp.plan import bucket_rule
@@ -108,7 +108,7 @@ def _inspect(path: Path) -> Tuple[str, Optional[Size], Optional[str], Optional[s
             im.load()
         return path.name, image_size(path), digest, None
     except Exception as e:  # an OSError, or any of the many types Pillow raises for bad files
-        return path.name, None, digest, f"{type(e).__name__}: {e}"
+        return path.name, None, digest, problem(path, e)
 
 
 def _check_images(a: ConceptAudit, images: List[Path], rule: BucketRule) -> None:
@@ -209,7 +209,8 @@ def _rules(a: ConceptAudit, c: ConceptConfig, ds: DatasetConfig) -> List[Tuple[b
          "rename the caption to its image's name, or remove it"),
         (not lenient, a.empty_captions, "empty caption(s)", "write the captions"),
         (True, a.undecodable_captions, "caption(s) that are not UTF-8", "save them as UTF-8"),
-        (True, a.unreadable, "unreadable or truncated image(s)", "re-export or remove them"),
+        (True, [f"{name} ({why})" for name, why in a.unreadable.items()], "unreadable or truncated image(s)",
+         "re-export them, or move them out of the folder"),
         (True, a.shared_stems, "image groups sharing one caption file", "give each image its own name"),
         (cap.require_trigger, a.lacking_trigger, f"caption(s) without the trigger word '{c.trigger}'",
          "add the trigger as the first tag, or set captions.require_trigger=false"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import sys
@@ -15,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from sd3exp import migrate, schema
-from sd3exp.errors import Sd3expError
+from sd3exp.errors import DiskFullError, Sd3expError, no_space_message
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = ROOT / "conf"
@@ -69,7 +70,13 @@ def _hydra_main(cfg: DictConfig) -> Optional[float]:
     from sd3exp.pipeline import run
 
     try:
-        return run(cfg)  # the objective, for sweepers
+        try:
+            return run(cfg)  # the objective, for sweepers
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            raise DiskFullError(f"{no_space_message(Path(err.filename or cfg.paths.run_dir))}; the files "
+                                "written before are kept (each is written whole or not at all)") from err
     except Sd3expError as err:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             print(f"sd3exp: error in job {HydraConfig.get().job.num}: {err}", file=sys.stderr)

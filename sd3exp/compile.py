@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import jinja2
 
 from sd3exp import __version__, captions, envfile
-from sd3exp.errors import UnsafeValueError
+from sd3exp.errors import ConfigError, UnsafeValueError
 from sd3exp.io import dumps_json
 from sd3exp.plan import Plan
 from sd3exp.schema import ConceptConfig, ExperimentConfig
@@ -215,6 +215,16 @@ def user_extra_args(cfg: ExperimentConfig) -> List[Arg]:
     return out
 
 
+def check_extra_args(args: Sequence[Arg]) -> None:
+    """Refuse a trainer.extra_args item that repeats an argument sd3exp compiles from an experiment field."""
+    compiled = {a.name.replace("-", "_"): a for a in args if not a.field.startswith("trainer.extra_args")}
+    for a in args:
+        first = compiled.get(a.name.replace("-", "_"))
+        if first and a.field.startswith("trainer.extra_args"):
+            raise ConfigError(a.field, a.token(), f"sd3exp already passes --{first.name} (from {first.field})",
+                              f"set {first.field} in the experiment instead, and drop this extra argument")
+
+
 # Settings that say where and how to run, not what to train: left out of the config hash.
 INVOCATION_KEYS = ("paths", "stage", "eval", "captioner", "dataset.prepared_dir", "dataset.cache_dir", "trainer.simpletuner", "trainer.home", "trainer.new_run",
                    "trainer.force", "trainer.cpu_shim")
@@ -261,6 +271,7 @@ def compile_experiment(cfg: ExperimentConfig, plan: Plan, run_dir: Path, config_
                        overrides: str) -> Compiled:
     """Render every compiled file; nothing is written here."""
     args = trainer_args(cfg, plan, run_dir) + user_extra_args(cfg)
+    check_extra_args(args)
     json_backend = cfg.trainer.config_backend == "json"
     header = {"experiment": cfg.name, "overrides": overrides or "(none)", "version": __version__,
               "config_hash": config_sha, "backend": cfg.trainer.config_backend}

@@ -7,6 +7,7 @@ from pathlib import Path
 from sd3exp import trainer_env
 from sd3exp.demo_data import make_demo_dataset
 from sd3exp.runfolder import waiting_lock
+from sd3exp.errors import ConfigError
 from sd3exp.schema import ExperimentConfig
 from sd3exp.tinymodel import MARKER, build_tiny_model
 
@@ -14,17 +15,35 @@ from sd3exp.tinymodel import MARKER, build_tiny_model
 DEMO_COUNTS = {(64, 64): 4, (128, 64): 4, (64, 128): 4}
 
 
+# Where `demo: true` may build what it does not find: the project's own, git-ignored asset folders.
+DEMO_DATA, DEMO_MODELS = "data/demo", "models"
+
+
+def demo_path(field: str, path: Path, root: Path, folder: str) -> Path:
+    """`path` if it lies in the project's demo asset `folder`; a missing path elsewhere is the user's mistake."""
+    home = (root / folder).resolve()
+    if home not in path.resolve().parents:
+        raise ConfigError(field, str(path), f"not found; demo: true builds demo assets only inside {home}",
+                          "fix the path, or set demo=false to use your own files")
+    return path
+
+
 def ensure_demo_assets(cfg: ExperimentConfig, with_model: bool) -> None:
-    """Build what a `demo: true` experiment needs and does not find (one job at a time: the jobs of
-    a sweep start at once)."""
-    for c in cfg.concepts:
-        with waiting_lock(Path(c.path).parent, "is generating the demo dataset in"):
-            if not Path(c.path).exists():
-                print(f"demo: generating the demo dataset at {c.path}")
-                make_demo_dataset(Path(c.path), c.trigger, DEMO_COUNTS, cfg.seed)
+    """Build what a `demo: true` experiment needs and does not find, at the demo's own paths (one job at
+    a time: the jobs of a sweep start at once)."""
+    root = Path(cfg.paths.root_dir)
+    for i, c in enumerate(cfg.concepts):
+        if not Path(c.path).exists():
+            folder = demo_path(f"concepts[{i}].path", Path(c.path), root, DEMO_DATA)
+            with waiting_lock(folder.parent, "is generating the demo dataset in"):
+                if not folder.exists():
+                    print(f"demo: generating the demo dataset at {folder}")
+                    make_demo_dataset(folder, c.trigger, DEMO_COUNTS, cfg.seed)
     model = Path(cfg.model.path)
     ours = (model / MARKER).is_file()  # a tiny SD3 of an older recipe is rebuilt; other folders are left alone
     if with_model and (ours or not model.exists()):
+        if not ours:
+            demo_path("model.path", model, root, DEMO_MODELS)
         with waiting_lock(model.parent, "is building the tiny model in"):
             t = cfg.trainer
             env = trainer_env.locate(t.simpletuner, t.version, t.home)

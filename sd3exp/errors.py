@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Optional
 
 
 class Sd3expError(Exception):
@@ -37,3 +40,20 @@ class TrainerError(Sd3expError):
 
 class EvalError(Sd3expError):
     """The checkpoint evaluation could not run."""
+
+
+class DiskFullError(Sd3expError):
+    """A write failed because the disk is full (ENOSPC)."""
+
+
+def no_space_message(path: Path, need: Optional[int] = None, what: str = "the next write") -> str:
+    """'no space left on <path>' with the disk's mount point, its free space and what is needed."""
+    from sd3exp.prepare import human_bytes
+
+    mount = Path(os.path.abspath(path))
+    while not mount.exists() or not os.path.ismount(mount):
+        mount = mount.parent
+    free = human_bytes(shutil.disk_usage(mount).free)
+    needs = f"; {what} needs about {human_bytes(need)}" if need else ""
+    return (f"no space left on {path} (the disk mounted at {mount} has {free} free{needs}). Fix: free space "
+            "there, or point paths.output_root (or hydra.run.dir) at a disk with room")

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 from PIL import Image
 
+from sd3exp.errors import DatasetError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+# What Pillow raises for a file that is not a readable image (UnidentifiedImageError is an OSError).
+BAD_IMAGE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+FIX = "re-export the image, or move it out of the folder"
 
 
 def list_images(folder: Path) -> List[Path]:
@@ -16,13 +21,36 @@ def list_images(folder: Path) -> List[Path]:
                   if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file())
 
 
+def problem(path: Path, err: Exception) -> str:
+    """What is wrong with an image file, in words."""
+    if path.is_file() and path.stat().st_size == 0:
+        return "the file is empty (0 bytes)"
+    if isinstance(err, Image.UnidentifiedImageError):
+        return "not an image Pillow can read (unknown or damaged header)"
+    return f"{type(err).__name__}: {err}"
+
+
 def image_size(path: Path) -> Tuple[int, int]:
-    """(width, height) from the header, without decoding pixels; EXIF rotation applied."""
-    with Image.open(path) as im:
-        w, h = im.size
-        orientation = im.getexif().get(0x0112, 1)
+    """(width, height) from the header, without decoding pixels; EXIF rotation applied.
+    A file whose header cannot be read raises DatasetError naming it."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            try:
+                orientation = im.getexif().get(0x0112, 1)
+            except BAD_IMAGE:  # e.g. a PNG cut short: EXIF may sit after the pixels; the audit reports it
+                orientation = 1
+    except BAD_IMAGE as err:
+        raise DatasetError(f"{path}: {problem(path, err)}. Fix: {FIX}") from err
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
-def image_sizes(folder: Path) -> List[Tuple[int, int]]:
-    return [image_size(p) for p in list_images(folder)]
+def readable_sizes(folder: Path) -> Tuple[List[Tuple[int, int]], Dict[str, str]]:
+    """The sizes of the images whose header reads, and the others' problems by file name."""
+    sizes, unreadable = [], {}
+    for p in list_images(folder):
+        try:
+            sizes.append(image_size(p))
+        except DatasetError as err:
+            unreadable[p.name] = problem(p, err.__cause__)
+    return sizes, unreadable

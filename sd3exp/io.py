@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Union
+
+from sd3exp.errors import DiskFullError, no_space_message
 
 
 def _umask() -> int:
@@ -26,6 +29,12 @@ def write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        if err.errno == errno.ENOSPC:
+            raise DiskFullError(f"{no_space_message(path)}; writing {path.name} failed, "
+                                f"{'its earlier version is unchanged' if path.exists() else 'nothing was written'}")
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -6,6 +6,7 @@ which files go where in the run folder, and what is printed.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -16,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from sd3exp import __version__, cache, lrplot, runfolder
 from sd3exp.errors import ConfigError
 from sd3exp.compile import Compiled, compile_experiment, config_hash
-from sd3exp.io import dumps_json, write_if_changed
+from sd3exp.io import dumps_json, read_json, write_if_changed
 from sd3exp.plan import Plan, make_plan, render_table
 from sd3exp.schema import ExperimentConfig
 from sd3exp.validate import validate
@@ -74,14 +75,26 @@ def load(cfg: DictConfig) -> Job:
 
 
 def concept_sizes(cfg: ExperimentConfig) -> Dict[str, Optional[List[Tuple[int, int]]]]:
-    """Image sizes per concept read from disk where the folder exists."""
-    from sd3exp.images import image_sizes
+    """Image sizes per concept read from disk where the folder exists (files whose header cannot
+    be read are left out with a warning: the audit refuses them before training)."""
+    from sd3exp.images import FIX, IMAGE_EXTENSIONS, readable_sizes
 
+    sizes: Dict[str, Optional[List[Tuple[int, int]]]] = {}
     for i, c in enumerate(cfg.concepts):
-        if not Path(c.path).is_dir() and c.num_images is None:
-            raise ConfigError(f"concepts[{i}].path", c.path, "folder not found and no num_images declared",
-                              "create the folder, or declare concepts[].num_images to plan without it")
-    return {c.id: image_sizes(Path(c.path)) if Path(c.path).is_dir() else None for c in cfg.concepts}
+        if not Path(c.path).is_dir():
+            if c.num_images is None:
+                raise ConfigError(f"concepts[{i}].path", c.path, "folder not found and no num_images declared",
+                                  "create the folder, or declare concepts[].num_images to plan without it")
+            sizes[c.id] = None
+            continue
+        sizes[c.id], unreadable = readable_sizes(Path(c.path))
+        if not sizes[c.id] and not unreadable:
+            raise ConfigError(f"concepts[{i}].path", c.path, f"no images there ({', '.join(IMAGE_EXTENSIONS)})",
+                              "point it at the folder of images with .txt captions")
+        for name, why in unreadable.items():
+            print(f"warning: concepts[{i}].path: {Path(c.path) / name}: {why}; left out of the plan "
+                  f"(the audit refuses it before training). Fix: {FIX}")
+    return sizes
 
 
 def build(job: Job) -> Tuple[Plan, Compiled]:
@@ -93,13 +106,30 @@ def record_of(job: Job) -> runfolder.RunRecord:
     return runfolder.RunRecord(job.cfg.name, job.overrides, job.config_hash, __version__)
 
 
-def claim(job: Job, cfg: DictConfig) -> Job:
+def plan_change(run_dir: Path, plan: Plan) -> Optional[str]:
+    """How the run folder's plan.json differs from `plan` of the same config (the images on disk
+    changed), in words; None when it does not."""
+    path = run_dir / "plan.json"
+    old = read_json(path) if path.is_file() and runfolder.read_record(run_dir) else None
+    if old is None or old == json.loads(dumps_json(plan.to_dict())):
+        return None
+    def counts(p: dict) -> str:
+        images = ", ".join(f"{c['id']}: {c['images']}" for c in p["concepts"])
+        return f"images {images}; {p['max_train_steps']} steps, checkpoints {p['checkpoint_steps']}"
+    return f"plan.json: {counts(old)}; the image folders now give {counts(plan.to_dict())}"
+
+
+def claim(job: Job, cfg: DictConfig, plan: Plan) -> Job:
     """Apply the run-folder guards; trainer.new_run may move the job to a fresh sibling folder,
     where `cfg` is resolved again (every path under the run folder follows it)."""
     t = job.cfg.trainer
     training = Path(job.cfg.paths.training_dir)
+    folders = [(f"concepts[{i}].path", Path(c.path)) for i, c in enumerate(job.cfg.concepts)]
+    runfolder.check_apart(job.run_dir, folders)
     run_dir = runfolder.resolve_run_dir(job.run_dir, record_of(job), training, t.force, t.new_run,
+                                        plan_change(job.run_dir, plan),
                                         reading=job.cfg.stage in READ_ONLY_STAGES)
+    runfolder.check_apart(run_dir, folders)
     if run_dir == job.run_dir:
         return job
     print(f"trainer.new_run: starting a new run folder {run_dir}")
@@ -115,16 +145,16 @@ def files_of(job: Job, plan: Plan, compiled: Compiled) -> Dict[str, str]:
 
 def write_run(job: Job, plan: Plan, compiled: Compiled) -> List[str]:
     job.run_dir.mkdir(parents=True, exist_ok=True)
+    runfolder.write_record(job.run_dir, record_of(job))  # first: the folder is sd3exp's before anything else is
     changed = runfolder.written(job.run_dir, files_of(job, plan, compiled))
     write_if_changed(job.run_dir / "lr_curve.png", lrplot.render_plan(plan))
-    runfolder.write_record(job.run_dir, record_of(job))
     return changed
 
 
 def stage_compile(job: Job, cfg: DictConfig) -> Tuple[Job, Plan]:
     """Plan, compile and write the run folder (compiled files do not depend on where it is)."""
     plan, compiled = build(job)
-    job = claim(job, cfg)
+    job = claim(job, cfg, plan)
     changed = write_run(job, plan, compiled)
     print(render_table(plan))
     state = f"{len(changed)} file(s) written" if changed else "unchanged"
@@ -132,10 +162,18 @@ def stage_compile(job: Job, cfg: DictConfig) -> Tuple[Job, Plan]:
     return job, plan
 
 
-def discard_empty(run_dir: Path) -> None:
-    """Remove the run folder Hydra created for this call if nothing was written to it."""
-    if run_dir.is_dir() and not any(run_dir.iterdir()):
-        run_dir.rmdir()
+def discard_empty(run_dir: Path, output_root: Path) -> None:
+    """Remove the run folder Hydra created for this call if nothing was written to it, and the
+    folders Hydra made above it inside paths.output_root that are left empty."""
+    root, folder = output_root.resolve(), run_dir.resolve()
+    while folder.is_dir() and not any(folder.iterdir()):
+        try:
+            folder.rmdir()
+        except OSError:  # another process has just written to it
+            return
+        if folder.parent == root or root not in folder.parent.parents:
+            return
+        folder = folder.parent
 
 
 def run(cfg: DictConfig) -> Optional[float]:
@@ -150,7 +188,7 @@ def run(cfg: DictConfig) -> Optional[float]:
             return None
         job, plan = stage_compile(job, cfg)
     finally:
-        discard_empty(run_dir)
+        discard_empty(run_dir, Path(cfg.paths.output_root))
     run_later_stages(job, plan)
     if job.cfg.stage not in ("eval", "all"):
         return None

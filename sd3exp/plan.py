@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
+from sd3exp import captions
 from sd3exp import schedule as lr_schedule
 from sd3exp.buckets import BucketRule, bucket_of
 from sd3exp.errors import ConfigError
@@ -96,7 +97,7 @@ def plan_concept(c: ConceptConfig, sizes: Optional[Sequence[Size]], rule: Bucket
         kept[key] = counts[key]
         batches += math.ceil(samples / batch)
     images = sum(counts.values()) + skipped
-    return ConceptPlan(c.id, images, source, c.repeats, c.repeats - 1, kept, pruned, skipped,
+    return ConceptPlan(c.id, images, source, c.repeats, captions.simpletuner_repeats(c), kept, pruned, skipped,
                        sum(kept.values()) * c.repeats, batches)
 
 
@@ -151,6 +152,25 @@ def zero_batch_check(cfg: ExperimentConfig, concepts: List[ConceptPlan]) -> None
                 )
 
 
+MAX_CHECKPOINTS = 10_000  # planned checkpoint folders
+MAX_COPIES = 1_000_000  # image files a materialized concept may place
+
+
+def limits_check(cfg: ExperimentConfig, concepts: List[ConceptPlan], ckpts: List[int]) -> None:
+    """Refuse plans no disk holds: too many checkpoints or materialized copies."""
+    if len(ckpts) > MAX_CHECKPOINTS:
+        ck = cfg.checkpointing
+        key = next(k for k in ("every_steps", "every_epochs", "round_to") if getattr(ck, k))
+        raise ConfigError(f"checkpointing.{key}", getattr(ck, key),
+                          f"plans {len(ckpts)} checkpoints (more than {MAX_CHECKPOINTS})",
+                          "save less often, or check training.epochs / max_steps and concepts[].repeats")
+    for i, (c, cp) in enumerate(zip(cfg.concepts, concepts)):
+        if captions.materialized(c) and cp.images * c.repeats > MAX_COPIES:
+            raise ConfigError(f"concepts[{i}].repeats", c.repeats,
+                              f"captions.mode=materialized would place {cp.images * c.repeats} image files "
+                              f"(more than {MAX_COPIES})", f"use concepts[{i}].captions.mode=native, or fewer repeats")
+
+
 def make_plan(cfg: ExperimentConfig, sizes: Mapping[str, Optional[Sequence[Size]]]) -> Plan:
     """The step plan; `sizes` maps concept id to image sizes on disk (None: use num_images)."""
     t = cfg.training
@@ -162,6 +182,7 @@ def make_plan(cfg: ExperimentConfig, sizes: Mapping[str, Optional[Sequence[Size]
     max_steps, stop_rule = _max_steps(cfg, spe, every_steps)
     epochs = math.ceil(max_steps / spe)
     ckpts = checkpoint_steps(max_steps, every_steps, every_epochs, spe)
+    limits_check(cfg, concepts, ckpts)
     naive = sum(c.images * c.passes for c in concepts) / t.batch_size
     sched = lr_schedule.to_trainer(cfg.schedule, cfg.optimizer.lr, max_steps)
     warnings = _warnings(cfg, concepts, ckpts)
@@ -185,11 +206,32 @@ def _warnings(cfg: ExperimentConfig, concepts: List[ConceptPlan], ckpts: List[in
            for c in concepts for k, n in c.pruned_buckets.items()]
     out += [f"concept '{c.id}': {c.skipped_images} images are below dataset.minimum_image_size and skipped"
             for c in concepts if c.skipped_images]
+    out += _interval_warnings(cfg, ckpts) + _shared_folder_warnings(cfg)
     keep = cfg.checkpointing.keep
     if keep and len(ckpts) > keep:
         out.append(f"checkpointing.keep={keep} < {len(ckpts)} checkpoints: SimpleTuner will delete "
                    f"the oldest {len(ckpts) - keep} (steps {ckpts[0]}..{ckpts[-keep - 1]}) before they "
                    "can be evaluated; raise checkpointing.keep to keep them all")
+    return out
+
+
+def _interval_warnings(cfg: ExperimentConfig, ckpts: List[int]) -> List[str]:
+    ck = cfg.checkpointing
+    if ckpts or not (ck.every_steps or ck.every_epochs):
+        return []
+    key = "every_steps" if ck.every_steps else "every_epochs"
+    return [f"checkpointing.{key}={getattr(ck, key)} is longer than the run: no checkpoint is saved, only the "
+            f"final weights; lower checkpointing.{key} to evaluate the training along the way"]
+
+
+def _shared_folder_warnings(cfg: ExperimentConfig) -> List[str]:
+    seen: Dict[str, int] = {}
+    out = []
+    for i, c in enumerate(cfg.concepts):
+        if c.path in seen:
+            out.append(f"concepts[{i}].path and concepts[{seen[c.path]}].path are the same folder {c.path}: "
+                       "its images are trained as both concepts")
+        seen.setdefault(c.path, i)
     return out
 
 

@@ -9,18 +9,19 @@ recompile first archives the earlier compiled files under `history/`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from sd3exp.compile import INVOCATION_KEYS
-from sd3exp.errors import RunConflictError
+from sd3exp.errors import DiskFullError, RunConflictError, no_space_message
 from sd3exp.io import read_json, write_bytes, write_if_changed, write_json
 
 RECORD = "run.json"
@@ -140,8 +141,42 @@ def set_aside_unfinished(training_dir: Path, guard: Optional[str]) -> List[Tuple
 
 
 def read_record(run_dir: Path) -> Optional[RunRecord]:
+    """The folder's sd3exp run record; None without one (a `run.json` sd3exp did not write included)."""
     path = run_dir / RECORD
-    return RunRecord(**read_json(path)) if path.is_file() else None
+    try:
+        data = read_json(path) if path.is_file() else None
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(data, dict) or set(data) != {f.name for f in fields(RunRecord)}:
+        return None
+    return RunRecord(**data)
+
+
+def _listing(folder: Path, limit: int = 6) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    return ", ".join(names[:limit]) + (f" ... and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_not_foreign(run_dir: Path) -> None:
+    """Refuse a run folder that holds files but no sd3exp run record: they are the user's."""
+    if run_dir.is_dir() and read_record(run_dir) is None and any(run_dir.iterdir()):
+        raise RunConflictError(
+            f"the run folder {run_dir} is not empty and is not an sd3exp run folder (no {RECORD}); it holds "
+            f"{_listing(run_dir)}, which sd3exp would overwrite. Fix: point hydra.run.dir at a new or empty "
+            "folder, or leave hydra.run.dir out to use the default under paths.output_root.")
+
+
+def check_apart(run_dir: Path, concepts: List[Tuple[str, Path]]) -> None:
+    """Refuse a run folder equal to, inside or around a concept's image folder."""
+    run = run_dir.resolve()
+    for field_name, path in concepts:
+        folder = path.resolve()
+        if run == folder or folder in run.parents or run in folder.parents:
+            where = "is" if run == folder else "is inside" if folder in run.parents else "contains"
+            raise RunConflictError(
+                f"the run folder {run} {where} {field_name}={folder}: sd3exp would write its files among the "
+                "images (or train on its own output). Fix: keep the run folder (hydra.run.dir) and the image "
+                "folders apart.")
 
 
 def next_free(run_dir: Path) -> Path:
@@ -188,19 +223,30 @@ def claim_training_dir(training_dir: Path, run_dir: Path) -> None:
 
 
 def resolve_run_dir(run_dir: Path, record: RunRecord, training_dir: Path, force: bool, new_run: bool,
-                    reading: bool = False) -> Path:
+                    plan_change: Optional[str] = None, reading: bool = False) -> Path:
     """The folder this invocation may write to: `run_dir`, or a fresh sibling for trainer.new_run.
-    `reading` (eval, report): checkpoints are only read, so whoever trained them is accepted."""
+    `plan_change` says how the images changed the plan of the same config (None: they did not).
+    `reading` (eval, report): checkpoints are only read, so whoever trained them is accepted, and a
+    dataset changed since training does not matter."""
+    check_not_foreign(run_dir)
     previous = read_record(run_dir)
     if new_run and previous is not None:
         return next_free(run_dir)
-    if previous is None or previous.config_hash == record.config_hash:
+    started = bool(checkpoint_dirs(training_dir))
+    trained = started or (run_dir / "training_summary.json").is_file()
+    if previous is None or (previous.config_hash == record.config_hash
+                            and not (plan_change and trained and not reading)):
         (note_training_owner if reading else check_training_owner)(training_dir, run_dir)
         return run_dir
     if force:
         archive(run_dir, previous)
         return run_dir
-    started = bool(checkpoint_dirs(training_dir))
+    if previous.config_hash == record.config_hash:
+        raise RunConflictError(
+            f"the dataset of {run_dir} changed after training started ({plan_change}); resuming would train "
+            "one run on two datasets and never reach the new plan. Fix: add trainer.new_run=true to train the "
+            "new dataset in a new run folder beside it, or trainer.force=true to continue this run with the new "
+            "plan (its compiled files are archived under history/ first; checkpoints are kept).")
     raise RunConflictError(
         f"{run_dir} belongs to a different configuration of '{previous.experiment}' "
         f"(config {previous.config_hash[:12]}, now {record.config_hash[:12]})"
@@ -210,12 +256,21 @@ def resolve_run_dir(run_dir: Path, record: RunRecord, training_dir: Path, force:
 
 
 def archive(run_dir: Path, previous: RunRecord) -> None:
+    """Copy the earlier compiled files under history/<config>/, each whole or not at all."""
     dest = run_dir / "history" / previous.config_hash[:12]
     for name in ("config", "plan.json", "resolved.yaml", RECORD):
-        src = run_dir / name
+        src, tmp = run_dir / name, dest / f".{name}.tmp"
         if src.exists() and not (dest / name).exists():
             dest.mkdir(parents=True, exist_ok=True)
-            (shutil.copytree if src.is_dir() else shutil.copy2)(src, dest / name)
+            try:
+                (shutil.copytree if src.is_dir() else shutil.copy2)(src, tmp)
+                os.rename(tmp, dest / name)
+            except (OSError, shutil.Error) as err:
+                (shutil.rmtree if tmp.is_dir() else Path.unlink)(tmp) if tmp.exists() else None
+                if "No space left on device" not in str(err) and getattr(err, "errno", None) != errno.ENOSPC:
+                    raise
+                raise DiskFullError(f"{no_space_message(dest)}; archiving the earlier {name} failed, "
+                                    "the run's files are unchanged") from err
 
 
 def write_record(run_dir: Path, record: RunRecord) -> None:

@@ -115,7 +115,7 @@ def stage_train(job: Job, plan: Plan) -> None:
     with cache.filling(Path(plan.cache_dir)) as caches_complete:
         train.run_training(env.train_command(), run_dir, training_dir, process_env, plan.max_train_steps,
                            plan.checkpoint_steps, next_command, resume_command=command_for(job, cfg.stage),
-                           on_first_step=caches_complete)
+                           on_first_step=caches_complete, model_type=cfg.model.type)
 
 
 def stage_eval(job: Job, plan: Plan) -> None:

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import re
+import shutil
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from tqdm import tqdm
 
-from sd3exp.errors import TrainerError
+from sd3exp.errors import DiskFullError, RunConflictError, TrainerError, no_space_message
 from sd3exp.io import read_json, write_json
 from sd3exp.runfolder import checkpoint_dirs
 
@@ -76,6 +80,7 @@ def trainer_environment(bin_dir: Path, run_dir: Path, cpu: bool, offline: bool) 
     cache = run_dir / ".cache"
     env.update(HF_HOME=str(run_dir / ".hf"), MPLCONFIGDIR=str(run_dir / ".mpl"), XDG_CACHE_HOME=str(cache),
                TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"), PYTHONUNBUFFERED="1")
+    env[MARK] = str(run_dir)
     for key in ("CONFIG_BACKEND", "SIMPLETUNER_CONFIG_BACKEND", "ENV", "SIMPLETUNER_ENV", "CONFIG_PATH"):
         env.pop(key, None)
     if offline:
@@ -102,17 +107,63 @@ def _lines(stream, log) -> "iter[str]":
         yield pending.decode("utf-8", "replace")
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """Ctrl-C: SIGINT to the trainer's process group, then TERM, then KILL."""
-    for sig, wait in ((signal.SIGINT, 30), (signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+MARK = "SD3EXP_TRAINING"  # in the trainer's environment: the run folder it trains
+
+
+def run_processes(run_dir: Path) -> List[int]:
+    """The trainer processes of `run_dir`: the one sd3exp started and those it started in sessions
+    of their own (SimpleTuner's `train` runs accelerate under setsid), orphaned or not."""
+    mark = f"\0{MARK}={run_dir}\0".encode()
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
         try:
-            os.killpg(proc.pid, sig)
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
+            if int(entry.name) != os.getpid() and mark in b"\0" + (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except (OSError, ValueError):
             continue
-        except ProcessLookupError:
+    return found
+
+
+def _signal_all(pids: List[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(os.getpgid(pid), sig)
+
+
+def stop_run(run_dir: Path, steps: Tuple[Tuple[int, float], ...]) -> None:
+    """Each (signal, wait) in turn to every trainer process group of the run, until none is left."""
+    for sig, wait in steps:
+        pids = run_processes(run_dir)
+        if not pids:
             return
+        _signal_all(pids, sig)
+        end = time.monotonic() + wait
+        while run_processes(run_dir) and time.monotonic() < end:
+            time.sleep(0.2)
+
+
+SIGINT_GRACE_S = 10  # SimpleTuner 4.10.1 trains on for 30 s and more after SIGINT; TERM stops it at once
+
+
+def stop(proc: subprocess.Popen, run_dir: Path) -> None:
+    """Ctrl-C: SIGINT to the trainer's process group, then TERM and KILL to every trainer process
+    of the run that is left (the training process runs in a session of its own)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGINT)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(SIGINT_GRACE_S)
+    stop_run(run_dir, ((signal.SIGTERM, 10), (signal.SIGKILL, 5)))
+    proc.wait()
+
+
+def reap_when_killed(proc: subprocess.Popen, run_dir: Path) -> threading.Thread:
+    """When the trainer dies by a signal, stop what it started (else it trains on, unwatched)."""
+    def watch() -> None:
+        if proc.wait() < 0:
+            stop_run(run_dir, ((signal.SIGTERM, 10), (signal.SIGKILL, 5)))
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
 
 
 @dataclass
@@ -123,6 +174,8 @@ class TrainResult:
     progress: Progress
     checkpoints: Dict[int, str]
     log: str
+    stopped_by: Optional[str] = None  # what stopped sd3exp during training: "Ctrl-C", "SIGTERM"
+    killed_by: Optional[str] = None  # the signal that killed the trainer, e.g. "SIGKILL"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -150,29 +203,78 @@ def follow(stream, log, bar: tqdm, progress: Progress, on_first_step: Callable[[
             shown = time.monotonic()
 
 
+class Terminated(Exception):
+    """SIGTERM arrived (a scheduler, `timeout`, a closed terminal)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_as_stop() -> Iterator[None]:
+    """Within: SIGTERM raises Terminated, so training stops the way Ctrl-C stops it."""
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def stop_quietly(proc: subprocess.Popen, run_dir: Path) -> None:
+    """stop() with further SIGINT/SIGTERM ignored until the trainer's groups are gone."""
+    handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stop(proc, run_dir)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 def launch(cmd: List[str], run_dir: Path, training_dir: Path, env: Dict[str, str], total: int,
            start_step: int, on_first_step: Callable[[], None]) -> TrainResult:
-    """Start the trainer in the run folder and follow it until it exits."""
+    """Start the trainer in the run folder and follow it until it exits; Ctrl-C or SIGTERM stop it
+    (exit status 128 + the signal), as does a full disk for train.log."""
     log_path = run_dir / "train.log"
     progress, started = Progress(step=start_step), time.monotonic()
-    with open(log_path, "ab") as log:
+    stopped_by = killed_by = None
+    with sigterm_as_stop(), open(log_path, "ab") as log:
         log.write(f"\n===== sd3exp: {' '.join(cmd)} (cwd {run_dir}) =====\n".encode())
         proc = subprocess.Popen(cmd, cwd=run_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         bar = tqdm(total=total, initial=start_step, unit="step", desc="train", dynamic_ncols=True)
+        watcher = reap_when_killed(proc, run_dir)
         try:
             follow(proc.stdout, log, bar, progress, on_first_step)
             code = proc.wait()
-        except KeyboardInterrupt:
-            stop(proc)
-            code = 130
+            watcher.join()
+        except (KeyboardInterrupt, Terminated) as err:
+            stop_quietly(proc, run_dir)
+            sig = signal.SIGINT if isinstance(err, KeyboardInterrupt) else signal.SIGTERM
+            code, stopped_by = 128 + sig, "Ctrl-C" if sig == signal.SIGINT else "SIGTERM"
         except SystemExit:  # Slurm preemption/time limit: submitit requeued the job and exits this process
-            stop(proc)
+            stop_quietly(proc, run_dir)
             raise
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            stop_quietly(proc, run_dir)
+            code = 1
+            progress.tail.append(f"sd3exp: writing {log_path}: No space left on device")
         finally:
             bar.close()
+    if code < 0:
+        code, killed_by = 128 - code, signal_name(-code)
     ckpts = {s: str(p) for s, p in checkpoint_dirs(training_dir).items()}
-    return TrainResult(code, time.monotonic() - started, start_step, progress, ckpts, str(log_path))
+    return TrainResult(code, time.monotonic() - started, start_step, progress, ckpts, str(log_path),
+                       stopped_by, killed_by)
 
 
 def report(result: TrainResult, planned: List[int], planned_total: int, next_command: Optional[str]) -> str:
@@ -193,27 +295,78 @@ def report(result: TrainResult, planned: List[int], planned_total: int, next_com
     return "\n".join(lines)
 
 
-def failure_message(result: TrainResult, resume_command: str) -> str:
-    if result.exit_code == 130:
-        latest = max(result.checkpoints) if result.checkpoints else None
-        where = f"checkpoint-{latest}" if latest else "the start (no checkpoint yet)"
-        return f"training stopped by Ctrl-C at step {result.progress.step}. Resume from {where}: {resume_command}"
+def kept(result: TrainResult) -> str:
+    steps = ", ".join(map(str, result.checkpoints))
+    return f"kept: checkpoint(s) {steps}" if steps else "no checkpoint was written yet"
+
+
+def resume_hint(result: TrainResult, resume_command: str) -> str:
+    latest = max(result.checkpoints) if result.checkpoints else None
+    return f"Resume from {f'checkpoint-{latest}' if latest else 'the start (no checkpoint yet)'}: {resume_command}"
+
+
+def disk_full(result: TrainResult, training_dir: Path) -> Optional[str]:
+    """The message for a trainer that ran out of disk space; None when it did not. torch.save on a
+    full disk says only 'iostream error', so the free space is checked as well as the log."""
+    log = Path(result.log)
+    text = log.read_text(errors="replace").rsplit("===== sd3exp:", 1)[-1] if log.is_file() else ""
+    latest = max(result.checkpoints) if result.checkpoints else None
+    need = (sum(f.stat().st_size for f in Path(result.checkpoints[latest]).rglob("*") if f.is_file())
+            if latest else None)
+    said = "No space left on device" in text + "\n".join(result.progress.tail)
+    for folder in (training_dir, log.parent):
+        if said or (folder.is_dir() and shutil.disk_usage(folder).free < max(need or 0, 1 << 20)):
+            return no_space_message(folder, need, "the next checkpoint")
+    return None
+
+
+def failure_message(result: TrainResult, resume_command: str, training_dir: Path) -> str:
+    step = max([result.progress.step, *result.checkpoints])  # it may save after the last line read
+    if result.stopped_by:
+        return (f"training stopped by {result.stopped_by} at step {step}; {kept(result)}. "
+                + resume_hint(result, resume_command))
+    full = disk_full(result, training_dir)
+    if full:
+        return f"training failed: {full}; {kept(result)}. Full log: {result.log}. Then: {resume_hint(result, resume_command)}"
     tail = "\n".join("  " + ln for ln in result.progress.tail[-20:])
+    if result.killed_by:
+        return (f"SimpleTuner was killed by {result.killed_by} at step {step} (by another process, or by the "
+                f"kernel when memory ran out); {kept(result)}. Last lines:\n{tail}\nFull log: {result.log}\n"
+                + resume_hint(result, resume_command))
     return (f"SimpleTuner exited with status {result.exit_code}. Last lines:\n{tail}\n"
             f"Full log: {result.log}")
 
 
+def short_of_plan(result: TrainResult, total: int) -> str:
+    """Why a trainer that exited 0 without reaching the plan failed."""
+    p = result.progress
+    planned = f"; SimpleTuner itself planned {p.total} steps" if p.total and p.total != total else ""
+    return (f"SimpleTuner exited with status 0 at step {p.step}, short of the {total} steps of plan.json{planned}: "
+            "the run is not finished (did the dataset or the step count change after training started?). "
+            f"Fix: train it in a new run folder (trainer.new_run=true). Full log: {result.log}")
+
+
 def run_training(cmd: List[str], run_dir: Path, training_dir: Path, env: Dict[str, str], total: int,
                  planned: List[int], next_command: Optional[str], resume_command: str,
-                 on_first_step: Callable[[], None]) -> TrainResult:
+                 model_type: str, on_first_step: Callable[[], None]) -> TrainResult:
     start = max(checkpoint_dirs(training_dir), default=0)
     if start:
         print(f"resuming from checkpoint-{start} (SimpleTuner resume_from_checkpoint=latest)")
+    left = run_processes(run_dir)
+    if left:
+        raise RunConflictError(
+            f"a trainer started by an earlier sd3exp is still running in {run_dir} (pid {', '.join(map(str, left))}); "
+            f"a second one would train the same run. Fix: wait for it to end, or stop it: kill -INT {left[0]}")
     result = launch(cmd, run_dir, training_dir, env, total, start, on_first_step)
-    write_json(run_dir / "training_summary.json", result.to_dict())
-    print(report(result, planned, total, next_command))
-    if result.exit_code != 0:
-        err = TrainerError(failure_message(result, resume_command))
-        err.exit_code = result.exit_code
+    try:
+        write_json(run_dir / "training_summary.json", result.to_dict())
+    except DiskFullError as err:
+        print(f"warning: {err}")
+    short = result.exit_code == 0 and not is_complete(run_dir, training_dir, model_type, total)
+    print(report(result, planned, total, None if short else next_command))
+    if result.exit_code != 0 or short:
+        err = TrainerError(short_of_plan(result, total) if short else
+                           failure_message(result, resume_command, training_dir))
+        err.exit_code = result.exit_code or 1
         raise err
     return result

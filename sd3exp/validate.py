@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Callable, List
 
@@ -13,6 +14,20 @@ from sd3exp.schedule import SCHEDULES
 from sd3exp.schema import ExperimentConfig
 
 STAGES = ("plan", "compile", "caption", "review", "prepare", "audit", "train", "eval", "report", "all")
+MAX_REPEATS = 10_000  # passes per epoch; more is a typo, not a dataset
+# SimpleTuner 4.10.1's optimizer names (helpers/training/optimizer_param.py, optimizer_choices, with the
+# ones that need optional packages such as bitsandbytes): any other name is refused by its parser.
+OPTIMIZERS = (
+    "adamw_bf16", "adamw_schedulefree", "adamw_schedulefree+aggressive", "adamw_schedulefree+no_kahan",
+    "ao-adamfp8", "ao-adamw4bit", "ao-adamw8bit", "ao-adamwfp8", "bnb-adagrad", "bnb-adagrad8bit", "bnb-adam",
+    "bnb-adam8bit", "bnb-adamw", "bnb-adamw-paged", "bnb-adamw8bit", "bnb-adamw8bit-paged", "bnb-ademamix",
+    "bnb-ademamix-paged", "bnb-ademamix8bit", "bnb-ademamix8bit-paged", "bnb-lion", "bnb-lion-paged",
+    "bnb-lion8bit", "bnb-lion8bit-paged", "muon", "optimi-adam", "optimi-adamw", "optimi-adan", "optimi-lion",
+    "optimi-radam", "optimi-ranger", "optimi-sgd", "optimi-stableadamw", "prodigy", "sdnq-adafactor",
+    "sdnq-adamw", "sdnq-adamw+no_quant", "sdnq-came", "sdnq-lion", "sdnq-muon", "sdnq-muon+quantized_matmul",
+    "soap", "torch-adadelta", "torch-adafactor", "torch-adagrad", "torch-adam", "torch-adamax", "torch-adamw",
+    "torch-asgd", "torch-nadam", "torch-radam", "torch-rmsprop", "torch-sgd", "torch-sparseadam",
+)
 
 
 def _positive(field: str, value: float, fix: str, strict: bool = True) -> None:
@@ -42,6 +57,15 @@ def check_training(cfg: ExperimentConfig) -> None:
                           "set training.epochs=N or training.max_steps=N")
     _choice("training.mixed_precision", t.mixed_precision, ("no", "fp16", "bf16", "fp8"))
     _positive("optimizer.lr", cfg.optimizer.lr, "use a positive learning rate, e.g. 1e-4 (LoRA) or 1e-5 (full)")
+    check_optimizer(cfg.optimizer.name)
+
+
+def check_optimizer(name: str) -> None:
+    if name not in OPTIMIZERS:
+        close = difflib.get_close_matches(name, OPTIMIZERS, n=3)
+        raise ConfigError("optimizer.name", name, "not an optimizer SimpleTuner 4.10.1 knows",
+                          f"use {' or '.join(close) if close else 'one of ' + ', '.join(OPTIMIZERS)}"
+                          " (or the optimizer group: optimizer=adamw / optimizer=torch_adamw)")
 
 
 def check_schedule(cfg: ExperimentConfig) -> None:
@@ -128,6 +152,10 @@ def check_concepts(cfg: ExperimentConfig) -> None:
         if c.repeats < 1:
             raise ConfigError(f"concepts[{i}].repeats", c.repeats,
                               "must be >= 1 (passes per epoch: 1 = each image once)", "use repeats: 1 for no repetition")
+        if c.repeats > MAX_REPEATS:
+            raise ConfigError(f"concepts[{i}].repeats", c.repeats, f"more than {MAX_REPEATS} passes per epoch",
+                              "use the passes per epoch you mean (e.g. 10), and training.epochs for the length")
+        check_trigger(c, i)
         if c.num_images is not None and c.num_images < 1:
             raise ConfigError(f"concepts[{i}].num_images", c.num_images, "must be >= 1", "declare the folder's image count")
         cap = c.captions
@@ -147,6 +175,20 @@ def check_captioner(cfg: ExperimentConfig) -> None:
     _choice("captioner.prefer", c.prefer, ("user", "model"))
     if c.max_length is not None:
         _positive("captioner.max_length", c.max_length, "e.g. captioner.max_length=75, or null for no limit")
+
+
+def check_trigger(c: Any, i: int) -> None:
+    """A trigger is one non-empty tag that the caption shuffle keeps whole."""
+    if not c.trigger.strip():
+        raise ConfigError(f"concepts[{i}].trigger", c.trigger, "empty: captions would not be tied to the concept",
+                          "set the concept's trigger word, e.g. k4s4")
+    sep = captions.tag_separator(c, where=f"concepts[{i}]")
+    pieces = len(captions.split_tags(c.trigger, sep))
+    if c.captions.shuffle and pieces > max(1, c.captions.keep_tags):
+        raise ConfigError(f"concepts[{i}].trigger", c.trigger,
+                          f"the tag separator {sep!r} splits it into {pieces} tags, and the caption shuffle moves "
+                          f"all but the first keep_tags={c.captions.keep_tags}",
+                          f"use a trigger without {sep!r}, or set concepts[{i}].captions.keep_tags={pieces}")
 
 
 def check_dataset_paths(cfg: ExperimentConfig) -> None:

@@ -1,0 +1,173 @@
+"""What a careless user meets: nothing of theirs is overwritten or trained on by mistake, and every
+bad input gets a named error (issue 9). Through the CLI, without the trainer."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from sd3exp.demo import DEMO_COUNTS
+from sd3exp.demo_data import make_demo_dataset
+from sd3exp.cli import ROOT
+from tests.conftest import run_cli
+
+
+def tree(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    """A user's captioned image folder (the demo's 16 shapes)."""
+    return make_demo_dataset(tmp_path / "my-images", "k4s4", DEMO_COUNTS, seed=0)
+
+
+def user_demo(images: Path, *overrides: str):
+    return run_cli("experiment=demo", "demo=false", f"concepts.0.path={images}", *overrides)
+
+
+def test_folder_with_other_files_is_refused_and_kept(tmp_path, images):
+    h = tmp_path / "h"
+    h.mkdir()
+    (h / "plan.json").write_text('{"my":"plan"}')
+    (h / "resolved.yaml").write_text("notes\n")
+    out = user_demo(images, f"hydra.run.dir={h}", "stage=compile")
+    assert out.returncode != 0
+    assert str(h) in out.stderr and "plan.json" in out.stderr and "resolved.yaml" in out.stderr
+    assert "hydra.run.dir" in out.stderr and "Traceback" not in out.stderr
+    assert tree(h) == {"plan.json": b'{"my":"plan"}', "resolved.yaml": b"notes\n"}
+
+
+def test_run_folder_of_sd3exp_is_reused(tmp_path, images):
+    run = tmp_path / "run"
+    assert user_demo(images, f"hydra.run.dir={run}", "stage=compile").returncode == 0
+    out = user_demo(images, f"hydra.run.dir={run}", "stage=compile")
+    assert out.returncode == 0, out.stderr
+    assert "unchanged" in out.stdout
+
+
+@pytest.mark.parametrize("where", ["equal", "inside", "around"])
+def test_run_folder_overlapping_a_concept_folder_is_refused(tmp_path, images, where):
+    before = tree(images)
+    run = {"equal": images, "inside": images / "run", "around": images.parent}[where]
+    out = user_demo(images, f"hydra.run.dir={run}", "stage=compile")
+    assert out.returncode != 0
+    assert "concepts[0].path" in out.stderr and "Traceback" not in out.stderr
+    assert tree(images) == before and not (images / "run").exists()
+
+
+def test_failed_validation_leaves_no_output_folders(tmp_path):
+    outputs = tmp_path / "outputs"
+    out = run_cli("experiment=demo", "optimizer.lr=-1", f"paths.output_root={outputs}", "stage=compile")
+    assert out.returncode != 0 and "optimizer.lr=-1" in out.stderr
+    assert not (outputs / "demo").exists()
+
+
+@pytest.fixture
+def broken(images) -> Path:
+    """The user's folder with a PNG cut to 80% and a zero-byte JPEG, both captioned."""
+    png = images / "0000_64x64.png"
+    png.write_bytes(png.read_bytes()[: int(png.stat().st_size * 0.8)])
+    (images / "zero.jpg").write_bytes(b"")
+    (images / "zero.txt").write_text("k4s4, simple shapes")
+    return images
+
+
+@pytest.mark.parametrize("stage", ["plan", "compile"])
+def test_broken_images_still_plan_with_a_named_warning(tmp_path, broken, stage):
+    out = user_demo(broken, f"hydra.run.dir={tmp_path / 'run'}", f"stage={stage}")
+    assert out.returncode == 0, out.stderr
+    assert f"{broken / 'zero.jpg'}: the file is empty (0 bytes)" in out.stdout and "Fix:" in out.stdout
+    assert "Traceback" not in out.stderr
+
+
+def test_broken_images_are_refused_by_the_audit_naming_each_file(tmp_path, broken):
+    out = user_demo(broken, f"hydra.run.dir={tmp_path / 'run'}", "stage=audit")
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "0000_64x64.png (" in out.stderr and "truncated" in out.stderr
+    assert "zero.jpg (the file is empty (0 bytes))" in out.stderr and "Fix: re-export" in out.stderr
+
+
+@pytest.mark.parametrize("path", ["/nonexistent-sd3exp/shapes", "../x-sd3exp", "'~'"])
+def test_demo_generates_nothing_at_a_mistyped_path(tmp_path, path):
+    out = run_cli("experiment=demo", f"concepts.0.path={path}", f"hydra.run.dir={tmp_path / 'run'}",
+                  "stage=compile", cwd=tmp_path)
+    assert out.returncode != 0 and "concepts[0].path" in out.stderr and "not found" in out.stderr
+    assert "demo=false" in out.stderr and "Traceback" not in out.stderr
+    assert not Path("/nonexistent-sd3exp").exists() and not (ROOT.parent / "x-sd3exp").exists()
+    assert not (ROOT / "~").exists() and not (tmp_path / "run").exists()
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` mounted at `folder` (needs root, as in this project's CI container)."""
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): run this test as root for the full-disk check")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def test_full_disk_is_named_and_earlier_files_are_kept(tmp_path, images):
+    with small_disk(tmp_path / "disk", "64k") as disk:
+        run = disk / "run"
+        assert user_demo(images, f"hydra.run.dir={run}", "stage=compile").returncode == 0
+        before = tree(run)
+        (disk / "filler").write_bytes(b"\0" * (shutil.disk_usage(disk).free - 1024))
+        out = user_demo(images, f"hydra.run.dir={run}", "stage=compile", "trainer.force=true", "optimizer.lr=2e-4")
+        assert out.returncode != 0 and "Traceback" not in out.stderr
+        assert f"no space left on {run}" in out.stderr and f"the disk mounted at {disk}" in out.stderr
+        assert "files are unchanged" in out.stderr and "Fix: free space" in out.stderr
+        assert {k: v for k, v in tree(run).items() if not k.startswith("history/")} == before
+        out = user_demo(images, f"hydra.run.dir={disk / 'new'}", "stage=compile")
+        assert out.returncode != 0 and "Traceback" not in out.stderr
+        assert f"no space left on {disk / 'new'}" in out.stderr and "nothing was written" in out.stderr
+
+
+@pytest.mark.parametrize("override, named, fix", [
+    ("optimizer.name=adamw_bf61", "optimizer.name='adamw_bf61'", "use adamw_bf16"),
+    ("concepts.0.repeats=1000000", "concepts[0].repeats=1000000", "training.epochs"),
+    ("concepts.0.trigger=''", "concepts[0].trigger=''", "trigger word"),
+    ("concepts.0.trigger='k4s4, x'", "concepts[0].trigger='k4s4, x'", "concepts[0].captions.keep_tags=2"),
+    ("trainer.extra_args=['--lora_rank=8']", "trainer.extra_args[0]='--lora_rank=8'", "set lora.rank"),
+    ("concepts.0.path=/", "concepts[0].path='/': no images there", "point it at"),
+])
+def test_bad_values_are_named_before_anything_is_written(tmp_path, override, named, fix):
+    outputs = tmp_path / "outputs"
+    out = run_cli("experiment=demo", override, f"paths.output_root={outputs}", "stage=compile")
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert named in out.stderr and fix in out.stderr.split("Fix:")[-1]
+    assert not (outputs / "demo").exists()
+
+
+def test_an_optimizer_typo_leaves_the_run_folder_to_the_corrected_run(tmp_path):
+    run = tmp_path / "run"
+    assert run_cli("experiment=demo", "optimizer.name=torch-adamww", f"hydra.run.dir={run}",
+                   "stage=compile").returncode != 0
+    out = run_cli("experiment=demo", "optimizer.name=torch-adamw", f"hydra.run.dir={run}", "stage=compile")
+    assert out.returncode == 0, out.stderr
+
+
+def test_plan_warns_of_no_checkpoints_and_of_one_folder_in_two_concepts():
+    out = run_cli("experiment=demo", "checkpointing.every_steps=100", "stage=plan")
+    assert out.returncode == 0, out.stderr
+    assert "warning: checkpointing.every_steps=100 is longer than the run" in out.stdout
+    out = run_cli("experiment=two_concepts", "concepts.1.path=data/fantasy_art", "stage=plan")
+    assert out.returncode == 0, out.stderr
+    assert "warning: concepts[1].path and concepts[0].path are the same folder" in out.stdout
+
+
+def test_materialized_plan_shows_the_repeats_simpletuner_gets():
+    out = run_cli("experiment=demo", "concepts.0.repeats=3", "concepts.0.captions.mode=materialized", "stage=plan")
+    assert out.returncode == 0, out.stderr
+    header, row = [ln.split() for ln in out.stdout.splitlines() if ln.startswith(("concept ", "shapes "))]
+    assert header[:5] == ["concept", "images", "passes", "ST", "repeats"]
+    assert row[:5] == ["shapes", "16", "(disk)", "3", "0"]
