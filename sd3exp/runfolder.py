@@ -157,9 +157,11 @@ def _listing(folder: Path, limit: int = 6) -> str:
     return ", ".join(names[:limit]) + (f" ... and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def check_not_foreign(run_dir: Path) -> None:
-    """Refuse a run folder that holds files but no sd3exp run record: they are the user's."""
-    if run_dir.is_dir() and read_record(run_dir) is None and any(run_dir.iterdir()):
+def check_not_foreign(run_dir: Path, training_dir: Optional[Path] = None) -> None:
+    """Refuse a run folder that holds files but no sd3exp run record: they are the user's. Evaluation
+    passes `training_dir`: checkpoints it only reads may be all that a folder holds."""
+    read_only = {training_dir.resolve()} if training_dir else set()
+    if run_dir.is_dir() and read_record(run_dir) is None and any(p.resolve() not in read_only for p in run_dir.iterdir()):
         raise RunConflictError(
             f"the run folder {run_dir} is not empty and is not an sd3exp run folder (no {RECORD}); it holds "
             f"{_listing(run_dir)}, which sd3exp would overwrite. Fix: point hydra.run.dir at a new or empty "
@@ -228,7 +230,7 @@ def resolve_run_dir(run_dir: Path, record: RunRecord, training_dir: Path, force:
     `plan_change` says how the images changed the plan of the same config (None: they did not).
     `reading` (eval, report): checkpoints are only read, so whoever trained them is accepted, and a
     dataset changed since training does not matter."""
-    check_not_foreign(run_dir)
+    check_not_foreign(run_dir, training_dir if reading else None)
     previous = read_record(run_dir)
     if new_run and previous is not None:
         return next_free(run_dir)

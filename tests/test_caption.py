@@ -3,6 +3,7 @@ backend, the caption store and preparation on generated captions."""
 
 from __future__ import annotations
 
+import json
 import hashlib
 import sys
 from pathlib import Path
@@ -38,7 +39,7 @@ def sha(path: Path) -> str:
 
 
 def cli(src: Path, run: Path, *extra: str, stage: str = "caption"):
-    return run_cli("experiment=demo", "demo=false", f"concepts.0.path={src}", f"hydra.run.dir={run}",
+    return run_cli("experiment=demo_quick", "demo=false", f"concepts.0.path={src}", f"hydra.run.dir={run}",
                    f"stage={stage}", "captioner.timeout_s=3", "captioner.retries=1", "captioner.backoff_s=0", *extra)
 
 
@@ -220,7 +221,7 @@ def test_interrupt_keeps_every_caption_received_and_says_how_to_continue(tmp_pat
     src, run = tmp_path / "src", tmp_path / "run"
     images = make_images(src, 30)
     with serve(State(delay_s=0.3)) as (url, st):
-        args = [sys.executable, "-m", "sd3exp", "experiment=demo", "demo=false", f"concepts.0.path={src}",
+        args = [sys.executable, "-m", "sd3exp", "experiment=demo_quick", "demo=false", f"concepts.0.path={src}",
                 f"hydra.run.dir={run}", "stage=caption", f"captioner.url={url}", "captioner.workers=2"]
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 60
@@ -270,8 +271,8 @@ def test_demo_trains_on_generated_captions(tmp_path):
         assert run_cli("make-tiny-model").returncode == 0
     trained = cli(src, run, stage="train")
     assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-2000:]
-    assert "16 with generated captions" in trained.stdout
-    assert (run / "training" / "checkpoint-8").is_dir()
+    assert f"{sum(DEMO_COUNTS.values())} with generated captions" in trained.stdout
+    assert (run / "training" / f"checkpoint-{json.loads((run / 'plan.json').read_text())['max_train_steps']}").is_dir()
     images = sorted(p for p in src.iterdir() if p.suffix == ".png")
     assert prepared_captions(run) == {p.with_suffix(".txt").name: f"{TRIGGER}, a shape ({sha(p)[:8]}), plain background"
                                       for p in images}
@@ -286,7 +287,7 @@ def test_api_key_from_the_environment(tmp_path):
         assert unset.returncode != 0 and "export SD3EXP_TEST_KEY=" in unset.stderr
         refused = cli(src, run, f"captioner.url={url}")
         assert refused.returncode != 0 and "401" in refused.stderr and "Invalid API key" in refused.stderr
-        done = run_cli("experiment=demo", "demo=false", f"concepts.0.path={src}", f"hydra.run.dir={run}",
+        done = run_cli("experiment=demo_quick", "demo=false", f"concepts.0.path={src}", f"hydra.run.dir={run}",
                        "stage=caption", f"captioner.url={url}", "captioner.api_key_env=SD3EXP_TEST_KEY",
                        env={"SD3EXP_TEST_KEY": "s3cret"})
         assert done.returncode == 0, done.stderr

@@ -109,13 +109,13 @@ def test_a_second_evaluation_renders_only_what_changed(tmp_path):
 
 def test_a_run_can_be_evaluated_while_it_trains_but_not_twice_at_once(tmp_path):
     run, models = tmp_path / "run", tmp_path / "comfy-models"
-    fake_lora_run(run)
-    save_safetensors(run / "training" / "pytorch_lora_weights.safetensors", lora_tensors(99))  # maybe half written
     with StandIn(tmp_path / "comfy-out", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"]) as server:
         evaluate = ["experiment=demo_lora", "stage=eval", "demo=false", "concepts.0.num_images=16", f"hydra.run.dir={run}",
                     "eval.backend=comfyui", f"eval.url={server.url}", f"eval.models_dir={models}",
                     f"eval.prompts={json.dumps(PROMPTS[:1])}", "eval.include_base=false"]
-        assert run_cli(*evaluate[:3], "stage=compile", *evaluate[3:5]).returncode == 0
+        assert run_cli(*evaluate[:3], "stage=compile", *evaluate[3:5]).returncode == 0  # the run sd3exp compiled...
+        fake_lora_run(run)  # ...has started training
+        save_safetensors(run / "training" / "pytorch_lora_weights.safetensors", lora_tensors(99))  # maybe half written
         with exclusive(run, "train"):  # as `stage=train` holds it
             during = run_cli(*evaluate)
             refused = run_cli("experiment=demo_lora", "stage=train", "demo=false", "concepts.0.num_images=16",
@@ -140,7 +140,7 @@ def test_lora_columns_render_at_the_trained_scale_alpha_over_rank(tmp_path):
     final = run / "training" / "pytorch_lora_weights.safetensors"
     save_safetensors(final, lora_tensors(2))
     with StandIn(tmp_path / "comfy-out", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"]) as server:
-        out = run_cli("experiment=demo", "stage=eval", "demo=false", "concepts.0.num_images=16", "lora.alpha=8",
+        out = run_cli("experiment=demo_quick", "stage=eval", "demo=false", "concepts.0.num_images=16", "lora.alpha=8",
                       f"hydra.run.dir={run}", "eval.backend=comfyui", f"eval.url={server.url}",
                       f"eval.models_dir={models}", f"eval.prompts={json.dumps(PROMPTS[:1])}")
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
@@ -165,7 +165,7 @@ def test_a_retrained_checkpoint_is_not_served_from_comfyuis_cache(tmp_path):
     """ComfyUI caches a loader by its inputs: a file changed under the same name would give the old images."""
     run, models = tmp_path / "run", tmp_path / "comfy-models"
     fake_lora_run(run, steps=(2, 4))
-    evaluate = ["experiment=demo", "stage=eval", "demo=false", "concepts.0.num_images=16", f"hydra.run.dir={run}",
+    evaluate = ["experiment=demo_quick", "stage=eval", "demo=false", "concepts.0.num_images=16", f"hydra.run.dir={run}",
                 "eval.backend=comfyui", f"eval.models_dir={models}", "eval.include_final=false",
                 f"eval.prompts={json.dumps(PROMPTS[:1])}"]
     weights = run / "training" / "checkpoint-2" / "pytorch_lora_weights.safetensors"
@@ -192,7 +192,7 @@ def test_with_extra_model_paths_a_retrained_checkpoint_frees_comfyuis_cache_firs
     fake_lora_run(run, steps=(2,))
     models.mkdir()
     (models / "loras").symlink_to(run / "training")  # what extra_model_paths.yaml makes ComfyUI scan
-    evaluate = ["experiment=demo", "stage=eval", "demo=false", "concepts.0.num_images=16", f"hydra.run.dir={run}",
+    evaluate = ["experiment=demo_quick", "stage=eval", "demo=false", "concepts.0.num_images=16", f"hydra.run.dir={run}",
                 "eval.backend=comfyui", "eval.link_mode=extra_paths", "eval.include_final=false",
                 f"eval.prompts={json.dumps(PROMPTS[:1])}"]
     weights = run / "training" / "checkpoint-2" / "pytorch_lora_weights.safetensors"
@@ -211,7 +211,7 @@ def test_with_extra_model_paths_a_retrained_checkpoint_frees_comfyuis_cache_firs
 
 
 def comfy_eval(run: Path, models: Path, url: str, *extra: str):
-    return run_cli("experiment=demo", "stage=eval", "demo=false", "concepts.0.num_images=16", f"hydra.run.dir={run}",
+    return run_cli("experiment=demo_quick", "stage=eval", "demo=false", "concepts.0.num_images=16", f"hydra.run.dir={run}",
                    "eval.backend=comfyui", f"eval.url={url}", f"eval.models_dir={models}", "eval.include_final=false",
                    f"eval.prompts={json.dumps(PROMPTS)}", *extra)
 
@@ -266,7 +266,7 @@ def test_a_failed_start_leaves_the_earlier_evaluation_in_place(tmp_path):
 def test_ctrl_c_or_sigterm_keeps_the_finished_cells_and_cleans_the_servers_queue(tmp_path, signum, code):
     run, models = tmp_path / "run", tmp_path / "comfy-models"
     fake_lora_run(run, steps=(2, 4))
-    args = ["experiment=demo", "stage=eval", "demo=false", "concepts.0.num_images=16", f"hydra.run.dir={run}",
+    args = ["experiment=demo_quick", "stage=eval", "demo=false", "concepts.0.num_images=16", f"hydra.run.dir={run}",
             "eval.backend=comfyui", f"eval.models_dir={models}", "eval.include_final=false",
             f"eval.prompts={json.dumps(PROMPTS)}", "eval.seeds=[0,1]"]
     with StandIn(tmp_path / "comfy-out", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"],
@@ -332,7 +332,7 @@ def test_sigterm_before_any_cell_finished_leaves_nothing_behind(tmp_path):
     fake_lora_run(run, steps=(2,))
     with StandIn(tmp_path / "comfy-out", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"],
                  delay_s=3.0) as server:
-        proc = subprocess.Popen([sys.executable, "-m", "sd3exp", "experiment=demo", "stage=eval", "demo=false",
+        proc = subprocess.Popen([sys.executable, "-m", "sd3exp", "experiment=demo_quick", "stage=eval", "demo=false",
                                  "concepts.0.num_images=16", f"hydra.run.dir={run}", "eval.backend=comfyui",
                                  f"eval.url={server.url}", f"eval.models_dir={models}", "eval.include_final=false",
                                  f"eval.prompts={json.dumps(PROMPTS)}"], cwd=ROOT, stdout=subprocess.PIPE,

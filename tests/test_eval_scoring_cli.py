@@ -19,7 +19,7 @@ def render_colour(tmp_path, label="checkpoint-2"):
     probe, models = tmp_path / "probe", tmp_path / "probe-models"
     fake_lora_run(probe)
     with StandIn(tmp_path / "probe-out", unet_names=["sd3_medium_transformer.safetensors"], models_dir=models) as server:
-        out = run_cli("experiment=demo", "stage=eval", "demo=false", "concepts.0.num_images=16", f"hydra.run.dir={probe}",
+        out = run_cli("experiment=demo_quick", "stage=eval", "demo=false", "concepts.0.num_images=16", f"hydra.run.dir={probe}",
                       "eval.backend=comfyui", f"eval.url={server.url}", f"eval.models_dir={models}",
                       "eval.include_final=false", "eval.scoring.enabled=false", f"eval.prompts={json.dumps(PROMPTS[:1])}")
     assert out.returncode == 0, out.stderr[-2000:]
@@ -44,7 +44,7 @@ def test_eval_scores_cells_writes_best_json_and_rescoring_scores_only_new_cells(
                for s in range(1, 7)]  # as SimpleTuner 4.10.1's local_metrics.py appends them (report_to=simpletuner)
     (run / "training" / "training_metrics.jsonl").write_text("\n".join(map(json.dumps, records)) + "\n{half a line")
     fail = lambda g: "CUDA out of memory" if ("checkpoint-4-" in json.dumps(g) and PROMPTS[1] in json.dumps(g)) else None
-    common = ["experiment=demo", "stage=eval", "demo=false", f"concepts.0.path={concept}", f"hydra.run.dir={run}",
+    common = ["experiment=demo_quick", "stage=eval", "demo=false", f"concepts.0.path={concept}", f"hydra.run.dir={run}",
               "eval.backend=comfyui", f"eval.models_dir={tmp_path / 'models'}", "eval.include_final=false",
               "eval.include_base=true"]
     with StandIn(tmp_path / "comfy-out", unet_names=["sd3_medium_transformer.safetensors"],
@@ -84,7 +84,7 @@ def test_eval_scores_cells_writes_best_json_and_rescoring_scores_only_new_cells(
 def test_an_unknown_objective_is_refused_before_rendering(tmp_path):
     run = tmp_path / "run"
     fake_lora_run(run)
-    out = run_cli("experiment=demo", "stage=eval", "demo=false", "concepts.0.num_images=16", f"hydra.run.dir={run}",
+    out = run_cli("experiment=demo_quick", "stage=eval", "demo=false", "concepts.0.num_images=16", f"hydra.run.dir={run}",
                   "eval.backend=comfyui", "eval.url=http://127.0.0.1:9", "eval.select.objective=fidelity")
     assert out.returncode == 2
     assert "eval.select.objective='fidelity': not a measure" in out.stderr and "pixel_fidelity" in out.stderr
@@ -96,7 +96,7 @@ def test_scoring_off_keeps_the_evaluation_as_it_was(tmp_path):
     fake_lora_run(run)
     with StandIn(tmp_path / "comfy-out", unet_names=["sd3_medium_transformer.safetensors"],
                  models_dir=tmp_path / "models") as server:
-        out = run_cli("experiment=demo", "stage=eval", "demo=false", "concepts.0.num_images=16",
+        out = run_cli("experiment=demo_quick", "stage=eval", "demo=false", "concepts.0.num_images=16",
                       f"hydra.run.dir={run}", "eval.backend=comfyui", f"eval.url={server.url}",
                       f"eval.models_dir={tmp_path / 'models'}", "eval.include_final=false",
                       "eval.scoring.enabled=false")
@@ -108,7 +108,7 @@ def test_scoring_off_keeps_the_evaluation_as_it_was(tmp_path):
 def test_changing_the_rule_or_scoring_evaluates_again_without_rendering(tmp_path):
     run, concept = tmp_path / "run", concept_folder(tmp_path / "concept", render_colour(tmp_path))
     fake_lora_run(run)
-    common = ["experiment=demo", "stage=eval", "demo=false", f"concepts.0.path={concept}", f"hydra.run.dir={run}",
+    common = ["experiment=demo_quick", "stage=eval", "demo=false", f"concepts.0.path={concept}", f"hydra.run.dir={run}",
               "eval.backend=comfyui", f"eval.models_dir={tmp_path / 'models'}", "eval.include_final=false",
               f"eval.prompts={json.dumps(PROMPTS)}"]
     with StandIn(tmp_path / "comfy-out", unet_names=["sd3_medium_transformer.safetensors"],

@@ -33,7 +33,7 @@ from tests.test_user_safety import small_disk
 
 pytestmark = [needs_trainer, pytest.mark.trainer, pytest.mark.slow]
 
-EPOCHS = 12  # 96 steps, a checkpoint every 2: SimpleTuner takes seconds to stop, and trains on meanwhile
+EPOCHS = 16  # 96 steps (6 a epoch), a checkpoint every 2: SimpleTuner takes seconds to stop, and trains on meanwhile
 STEPS = 96
 WAIT_S = 900
 
@@ -156,7 +156,7 @@ def chain(tmp_path_factory) -> Chain:
     tmp = tmp_path_factory.mktemp("faults")
     dataset = make_demo_dataset(tmp / "my-images", "k4s4", DEMO_COUNTS, seed=0)
     run = tmp / "run"
-    command = ["experiment=demo", "demo=false", f"concepts.0.path={dataset}", "stage=train",
+    command = ["experiment=demo_quick", "demo=false", f"concepts.0.path={dataset}", "stage=train",
                f"training.epochs={EPOCHS}", f"hydra.run.dir={run}"]
     chain = Chain(run, dataset, digest(dataset), command, {})
     for kill in kill_points():
@@ -208,7 +208,8 @@ def test_images_added_after_training_started_are_a_changed_run(chain):
     forced = run_cli(*chain.command, "trainer.force=true")
     print(forced.stdout[-3000:], forced.stderr[-3000:])
     assert forced.returncode != 0 and "Traceback" not in forced.stderr
-    assert f"short of the {STEPS // 16 * 20} steps of plan.json" in forced.stderr and "next:" not in forced.stdout
+    more = EPOCHS * (STEPS // EPOCHS + 2)  # 4 more squares: 2 more batches of 2 an epoch
+    assert f"short of the {more} steps of plan.json" in forced.stderr and "next:" not in forced.stdout
 
 
 def test_a_full_disk_during_training_is_named(tmp_path):
@@ -216,7 +217,7 @@ def test_a_full_disk_during_training_is_named(tmp_path):
     with small_disk(tmp_path / "disk", "250k") as disk:
         training = disk / "training"
         run = tmp_path / "run"
-        out = run_cli("experiment=demo", "stage=train", f"hydra.run.dir={run}", f"paths.training_dir={training}")
+        out = run_cli("experiment=demo_quick", "stage=train", f"hydra.run.dir={run}", f"paths.training_dir={training}")
         assert out.returncode != 0, out.stdout[-2000:]
         assert f"no space left on {training}" in out.stderr and f"the disk mounted at {disk}" in out.stderr
         assert "the next checkpoint needs about" in out.stderr and "kept: checkpoint(s) 2" in out.stderr

@@ -14,7 +14,7 @@ from tests.test_eval_cli import PROMPTS, fake_lora_run, lora_tensors, simpletune
 
 
 def evaluate(run, models, url, *extra):
-    return run_cli("experiment=demo", "stage=eval", "demo=false", "concepts.0.num_images=16", f"hydra.run.dir={run}",
+    return run_cli("experiment=demo_quick", "stage=eval", "demo=false", "concepts.0.num_images=16", f"hydra.run.dir={run}",
                    "eval.backend=comfyui", f"eval.url={url}", f"eval.models_dir={models}", "eval.include_final=false",
                    f"eval.prompts={json.dumps(PROMPTS[:1])}", *extra)
 
@@ -35,7 +35,7 @@ def test_checkpoints_of_simpletuner_run_by_hand_are_evaluated(tmp_path):
 
 def test_a_moved_run_folder_is_evaluated_where_it_is_now(tmp_path):
     before, after, models = tmp_path / "disk1" / "run", tmp_path / "disk2" / "run", tmp_path / "comfy-models"
-    compiled = run_cli("experiment=demo", "stage=compile", "demo=false", "concepts.0.num_images=16",
+    compiled = run_cli("experiment=demo_quick", "stage=compile", "demo=false", "concepts.0.num_images=16",
                        f"hydra.run.dir={before}")
     assert compiled.returncode == 0, compiled.stderr[-1500:]
     fake_lora_run(before, steps=(2,))

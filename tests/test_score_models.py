@@ -62,7 +62,7 @@ def test_a_repo_id_resolves_to_the_hugging_face_cache_snapshot(tmp_path, monkeyp
 def test_eval_refuses_a_bad_clip_folder_before_rendering(tmp_path):
     run = tmp_path / "run"
     fake_lora_run(run)
-    out = run_cli("experiment=demo", "stage=eval", "demo=false", "concepts.0.num_images=16", f"hydra.run.dir={run}",
+    out = run_cli("experiment=demo_quick", "stage=eval", "demo=false", "concepts.0.num_images=16", f"hydra.run.dir={run}",
                   "eval.backend=comfyui", "eval.url=http://127.0.0.1:9", f"eval.scoring.clip={tmp_path / 'clip'}")
     assert out.returncode == 2 and "eval.scoring.clip=" in out.stderr and "Fix: point eval.scoring.clip" in out.stderr
     assert not (run / "eval").exists()

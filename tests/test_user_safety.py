@@ -28,7 +28,7 @@ def images(tmp_path) -> Path:
 
 
 def user_demo(images: Path, *overrides: str):
-    return run_cli("experiment=demo", "demo=false", f"concepts.0.path={images}", *overrides)
+    return run_cli("experiment=demo_quick", "demo=false", f"concepts.0.path={images}", *overrides)
 
 
 def test_folder_with_other_files_is_refused_and_kept(tmp_path, images):
@@ -63,7 +63,7 @@ def test_run_folder_overlapping_a_concept_folder_is_refused(tmp_path, images, wh
 
 def test_failed_validation_leaves_no_output_folders(tmp_path):
     outputs = tmp_path / "outputs"
-    out = run_cli("experiment=demo", "optimizer.lr=-1", f"paths.output_root={outputs}", "stage=compile")
+    out = run_cli("experiment=demo_quick", "optimizer.lr=-1", f"paths.output_root={outputs}", "stage=compile")
     assert out.returncode != 0 and "optimizer.lr=-1" in out.stderr
     assert not (outputs / "demo").exists()
 
@@ -95,7 +95,7 @@ def test_broken_images_are_refused_by_the_audit_naming_each_file(tmp_path, broke
 
 @pytest.mark.parametrize("path", ["/nonexistent-sd3exp/shapes", "../x-sd3exp", "'~'"])
 def test_demo_generates_nothing_at_a_mistyped_path(tmp_path, path):
-    out = run_cli("experiment=demo", f"concepts.0.path={path}", f"hydra.run.dir={tmp_path / 'run'}",
+    out = run_cli("experiment=demo_quick", f"concepts.0.path={path}", f"hydra.run.dir={tmp_path / 'run'}",
                   "stage=compile", cwd=tmp_path)
     assert out.returncode != 0 and "concepts[0].path" in out.stderr and "not found" in out.stderr
     assert "demo=false" in out.stderr and "Traceback" not in out.stderr
@@ -142,7 +142,7 @@ def test_full_disk_is_named_and_earlier_files_are_kept(tmp_path, images):
 ])
 def test_bad_values_are_named_before_anything_is_written(tmp_path, override, named, fix):
     outputs = tmp_path / "outputs"
-    out = run_cli("experiment=demo", override, f"paths.output_root={outputs}", "stage=compile")
+    out = run_cli("experiment=demo_quick", override, f"paths.output_root={outputs}", "stage=compile")
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert named in out.stderr and fix in out.stderr.split("Fix:")[-1]
     assert not (outputs / "demo").exists()
@@ -150,14 +150,14 @@ def test_bad_values_are_named_before_anything_is_written(tmp_path, override, nam
 
 def test_an_optimizer_typo_leaves_the_run_folder_to_the_corrected_run(tmp_path):
     run = tmp_path / "run"
-    assert run_cli("experiment=demo", "optimizer.name=torch-adamww", f"hydra.run.dir={run}",
+    assert run_cli("experiment=demo_quick", "optimizer.name=torch-adamww", f"hydra.run.dir={run}",
                    "stage=compile").returncode != 0
-    out = run_cli("experiment=demo", "optimizer.name=torch-adamw", f"hydra.run.dir={run}", "stage=compile")
+    out = run_cli("experiment=demo_quick", "optimizer.name=torch-adamw", f"hydra.run.dir={run}", "stage=compile")
     assert out.returncode == 0, out.stderr
 
 
 def test_plan_warns_of_no_checkpoints_and_of_one_folder_in_two_concepts():
-    out = run_cli("experiment=demo", "checkpointing.every_steps=100", "stage=plan")
+    out = run_cli("experiment=demo_quick", "checkpointing.every_steps=100", "stage=plan")
     assert out.returncode == 0, out.stderr
     assert "warning: checkpointing.every_steps=100 is longer than the run" in out.stdout
     out = run_cli("experiment=two_concepts", "concepts.1.path=data/fantasy_art", "stage=plan")
@@ -166,8 +166,10 @@ def test_plan_warns_of_no_checkpoints_and_of_one_folder_in_two_concepts():
 
 
 def test_materialized_plan_shows_the_repeats_simpletuner_gets():
-    out = run_cli("experiment=demo", "concepts.0.repeats=3", "concepts.0.captions.mode=materialized", "stage=plan")
+    out = run_cli("experiment=demo_quick", "concepts.0.repeats=3", "concepts.0.captions.mode=materialized", "stage=plan")
     assert out.returncode == 0, out.stderr
     header, row = [ln.split() for ln in out.stdout.splitlines() if ln.startswith(("concept ", "shapes "))]
     assert header[:5] == ["concept", "images", "passes", "ST", "repeats"]
-    assert row[:5] == ["shapes", "16", "(disk)", "3", "0"]
+    from sd3exp.demo import DEMO_COUNTS
+
+    assert row[:5] == ["shapes", str(sum(DEMO_COUNTS.values())), "(disk)", "3", "0"]
