@@ -74,7 +74,7 @@ def test_a_batch_job_runs_and_accounting_reports_it(tmp_path):
 
 
 def test_a_failing_trial_is_reported_and_the_other_still_runs(tmp_path):
-    out = sweep(tmp_path, "lora.rank=4,0", "stage=compile", timeout=300)
+    out = sweep(tmp_path, "model.type=lora", "lora.rank=4,0", "stage=compile", timeout=300)
     assert out.returncode != 0
     jobs = jobs_of(tmp_path)
     assert [j["status"] for j in jobs] == ["compiled", "failed"]
