@@ -80,7 +80,7 @@ def test_a_failing_trial_is_reported_and_the_other_still_runs(tmp_path):
     assert [j["status"] for j in jobs] == ["compiled", "failed"]
     assert "lora.rank" in jobs[1]["error"]
     assert len(list((tmp_path / ".submitit").glob("*_[01]"))) == 2  # two Slurm array tasks
-    assert queue() == ""
+    queue_drains()
 
 
 def test_other_resolutions_get_other_caches(tmp_path):
@@ -106,7 +106,7 @@ def two_trials(tmp_path_factory):
 @pytest.mark.trainer
 def test_a_two_trial_sweep_trains_and_evaluates_each_trial(two_trials):
     tmp_path, out = two_trials
-    assert queue() == ""
+    queue_drains()
     jobs = jobs_of(tmp_path)
     assert [j["values"] for j in jobs] == [{"lora.rank": "2"}, {"lora.rank": "4"}]
     for job in jobs:
@@ -116,6 +116,11 @@ def test_a_two_trial_sweep_trains_and_evaluates_each_trial(two_trials):
         assert sorted(checkpoint_dirs(run / "training")) == plan["checkpoint_steps"] == [2, 4]
         assert f"--lora_rank={job['values']['lora.rank']}" in (run / "config" / "config.env").read_text()
     assert "sweep summary:" in out.stdout
+
+
+def queue_drains(timeout: float = 60) -> None:
+    """squeue empties: a job whose result submitit has read may still be tearing down (RUNNING) a moment."""
+    wait_for(lambda: queue() == "", timeout, f"an empty queue (squeue: {queue()!r})")
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:
@@ -158,7 +163,7 @@ def test_a_preempted_trial_is_requeued_and_resumes_from_its_latest_checkpoint(tm
         if job:  # a failed test leaves nothing queued (a no-op once the job is done)
             subprocess.run(["scancel", job], check=False, capture_output=True)
     assert sweep_cmd.returncode == 0, output[-3000:]
-    assert queue() == ""
+    queue_drains()
     plan = json.loads((tmp_path / "0_demo" / "plan.json").read_text())
     assert sorted(checkpoint_dirs(training)) == plan["checkpoint_steps"] == [2, 4, 6, 8]
     for step, files in first.items():  # the checkpoints saved before the preemption are untouched
