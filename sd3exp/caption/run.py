@@ -9,13 +9,11 @@ is still missing (and whatever is new or changed).
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 from tqdm import tqdm
 
@@ -29,6 +27,7 @@ from sd3exp.caption.store import Record, Store, file_sha256, request_key
 from sd3exp.errors import ConfigError
 from sd3exp.images import list_images
 from sd3exp.schema import CaptionerConfig, ConceptConfig, ExperimentConfig
+from sd3exp.signals import sigterm_raises
 
 
 @dataclass
@@ -169,23 +168,6 @@ def caption_one(backend: Backend, task: Task, root: Path) -> Optional[int]:
     return answer.tokens
 
 
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM ends the stage like Ctrl-C (what is stored stays)."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def run_tasks(backend: Backend, tasks: List[Task], workers: int, summary: Summary, progress: bool) -> None:
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="caption")
     bar = tqdm(total=len(tasks), desc="caption", unit="image", disable=not progress or not tasks)
@@ -213,7 +195,7 @@ def caption(cfg: ExperimentConfig, again: str, progress: bool = True,
     summary = Summary(Path(cfg.captioner.out_dir))
     backend = backend_for(cfg.captioner)
     tasks = plan_tasks(cfg, backend, summary)
-    with sigterm_as_interrupt():
+    with sigterm_raises(lambda signum: KeyboardInterrupt()):
         try:
             run_tasks(backend, tasks, cfg.captioner.workers, summary, progress)
         except KeyboardInterrupt:

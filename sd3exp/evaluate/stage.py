@@ -3,14 +3,13 @@ evaluation), then the grid(s), cells.json and report.html."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import re
 import shutil
 import signal
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, FrozenSet, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence
 
 from sd3exp.errors import ConfigError, EvalError
 from sd3exp.evaluate import cells as cellio
@@ -25,6 +24,7 @@ from sd3exp.evaluate.score import best_label, check_scoring, choose_best, print_
 from sd3exp.io import write_json
 from sd3exp.runfolder import training_elsewhere
 from sd3exp.schema import EvalConfig, ExperimentConfig
+from sd3exp.signals import sigterm_raises
 
 
 STAGING = "eval.next"  # where an evaluation is built before it replaces eval/
@@ -267,23 +267,6 @@ def promote(staging: Path, eval_dir: Path) -> None:
     staging.rename(eval_dir)
 
 
-@contextlib.contextmanager
-def stop_on_sigterm() -> Iterator[None]:
-    """SIGTERM (a scheduler, `timeout`) stops the evaluation like Ctrl-C does."""
-    def stop(signum: int, frame: Any) -> None:
-        raise Stopped(signum)
-
-    try:
-        previous = signal.signal(signal.SIGTERM, stop)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def evaluate(cfg: ExperimentConfig, run_dir: Path, resume_command: Optional[str] = None) -> Path:
     """Render what is not reusable from earlier evaluations, then grid, cells.json, report.html;
     returns the report's path. Nothing in eval/ is touched until the new evaluation produced cells."""
@@ -305,7 +288,7 @@ def evaluate(cfg: ExperimentConfig, run_dir: Path, resume_command: Optional[str]
         return eval_dir / "report.html"
     staging, reused = staging_dir(run_dir), {}
     try:
-        with stop_on_sigterm():
+        with sigterm_raises(Stopped):
             reused = reuse_earlier(run_dir, record, ev.prompts, ev.seeds, staging / "images")
             job = render_job(checkpoints, ev.include_base, all_cells, reused, strengths, before, record)
             rendered = render(cfg, job, run_dir, staging)
