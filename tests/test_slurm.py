@@ -51,7 +51,8 @@ def sweep(sweep_dir: Path, *args: str, timeout: float = 900) -> subprocess.Compl
 
 
 def jobs_of(sweep_dir: Path) -> List[dict]:
-    return json.loads((sweep_dir / "sweep.json").read_text())["jobs"]
+    """The sweep's jobs in launch order (sweep.json lists them best first once they are scored)."""
+    return sorted(json.loads((sweep_dir / "sweep.json").read_text())["jobs"], key=lambda j: j["num"])
 
 
 def queue() -> str:
