@@ -210,6 +210,25 @@ def test_with_extra_model_paths_a_retrained_checkpoint_frees_comfyuis_cache_firs
     assert len(server.frees) == 1 and "POST /free" in second.stdout
 
 
+
+def test_with_extra_model_paths_nothing_is_freed_when_comfyui_cannot_load_the_checkpoints(tmp_path):
+    """POST /free unloads every user's models: a sweep that stops at the name check must not send it."""
+    run, models = tmp_path / "run", tmp_path / "comfy-models"
+    fake_lora_run(run, steps=(2,))
+    models.mkdir()
+    (models / "loras").symlink_to(run / "training")  # what extra_model_paths.yaml makes ComfyUI scan
+    evaluate = ["experiment=demo_quick", "stage=eval", "demo=false", "concepts.0.num_images=16", f"hydra.run.dir={run}",
+                "eval.backend=comfyui", "eval.link_mode=extra_paths", "eval.include_final=false",
+                f"eval.prompts={json.dumps(PROMPTS[:1])}"]
+    weights = run / "training" / "checkpoint-2" / "pytorch_lora_weights.safetensors"
+    with StandIn(tmp_path / "comfy-out", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"]) as server:
+        assert run_cli(*evaluate, f"eval.url={server.url}").returncode == 0
+        save_safetensors(weights, lora_tensors(102), simpletuner_metadata(4, 4))
+        (models / "loras").unlink()  # ComfyUI restarted without --extra-model-paths-config
+        second = run_cli(*evaluate, f"eval.url={server.url}")
+    assert second.returncode == 2 and "cannot load 1 model(s)" in second.stderr, second.stderr[-2000:]
+    assert server.frees == [] and "POST /free" not in second.stdout
+
 def comfy_eval(run: Path, models: Path, url: str, *extra: str):
     return run_cli("experiment=demo_quick", "stage=eval", "demo=false", "concepts.0.num_images=16", f"hydra.run.dir={run}",
                    "eval.backend=comfyui", f"eval.url={url}", f"eval.models_dir={models}", "eval.include_final=false",

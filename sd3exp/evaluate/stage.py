@@ -118,17 +118,17 @@ def render_comfyui(cfg: ExperimentConfig, job: RenderJob, run_dir: Path, images:
         links.write_extra_paths(run_dir / EXTRA_PATHS_FILE, snippet)
         print(f"ComfyUI: start it with --extra-model-paths-config {run_dir / EXTRA_PATHS_FILE}")
     client = comfyui.ComfyClient(ev.url)
+    names = {c.label: links.comfy_name(c, name, mode, training) for c in checkpoints}
     if mode == "extra_paths" and job.changed:
+        comfyui.resolve_names(client, checkpoints, names)  # unloadable names fail before the shared server is freed
         print(f"ComfyUI loads {', '.join(sorted(job.changed))} under an unchanged name but the file changed: "
               "freeing its models and node cache first (POST /free)")
         client.free()
     workflow = with_inputs(comfyui.load_workflow(ev.workflow), ev.workflow_inputs)
     strengths = {label: s.comfy_strength for label, s in job.strengths.items()}
     warn_strength_override(workflow, ev.workflow_inputs, strengths)
-    spec = comfyui.SweepSpec(workflow, checkpoints,
-                             {c.label: links.comfy_name(c, name, mode, training) for c in checkpoints},
-                             ev.prompts, ev.seeds, sampling_of(ev), dict(ev.nodes), include_base=job.include_base,
-                             skip=job.skip, strengths=strengths)
+    spec = comfyui.SweepSpec(workflow, checkpoints, names, ev.prompts, ev.seeds, sampling_of(ev), dict(ev.nodes),
+                             include_base=job.include_base, skip=job.skip, strengths=strengths)
     result = comfyui.run_sweep(client, spec, timeout_s=ev.timeout_s)
     return cellio.store_images(result, images)
 
