@@ -21,10 +21,10 @@ from sd3exp import __version__, captions, envfile
 from sd3exp.errors import ConfigError, UnsafeValueError
 from sd3exp.io import dumps_json
 from sd3exp.plan import Plan
+from sd3exp.project import TEMPLATES
 from sd3exp.schema import ConceptConfig, ExperimentConfig
 
 Scalar = Union[str, int, float, bool]
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 TEXT_EMBEDS_ID = "text-embeds"
 
 

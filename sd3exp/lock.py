@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 
 from sd3exp.compile import config_hash
 from sd3exp.io import write_text
+from sd3exp.project import ROOT
 from sd3exp.review import SETTINGS_FILES, compiled_files, compose_job
 
 PLACEHOLDER_ROOT = "/sd3exp-root"
@@ -98,8 +99,6 @@ def write_lock(root: Path) -> List[str]:
 
 
 def lock_main(argv: List[str]) -> int:
-    from sd3exp.cli import ROOT
-
     parser = argparse.ArgumentParser(
         prog="sd3exp lock", description=f"Snapshot what every conf/experiment/*.yaml compiles to into {LOCK_DIR}/.")
     parser.add_argument("--check", action="store_true",

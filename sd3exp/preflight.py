@@ -15,9 +15,10 @@ from typing import Dict, List, Sequence
 from sd3exp.compile import Arg
 from sd3exp.errors import TrainerError
 from sd3exp.io import read_json, write_json
+from sd3exp.project import WORKERS
 from sd3exp.trainer_env import TrainerEnv
 
-WORKER = Path(__file__).resolve().parent / "workers" / "check_config.py"
+WORKER = WORKERS / "check_config.py"
 MARKER = "SD3EXP-PREFLIGHT "
 CACHE = ".preflight.json"
 COMPILED = ("config.env", "multibackend.json", "config.json")

@@ -30,6 +30,7 @@ from sd3exp.compile import trainer_args, user_extra_args
 from sd3exp.errors import Sd3expError
 from sd3exp.pipeline import Job, absolute_paths, build, concept_sizes, files_of, load
 from sd3exp.plan import make_plan
+from sd3exp.project import CONF_DIR, register
 from sd3exp.runfolder import NOT_SETTINGS
 from sd3exp.schema import ConceptConfig, DatasetConfig, ExperimentConfig
 
@@ -57,7 +58,6 @@ class Difference:
 
 def compose_job(conf_dir: Path, overrides: Sequence[str], run_dir: Path) -> Job:
     """Compose, validate and locate a job as `python -m sd3exp OVERRIDES stage=compile` would."""
-    from sd3exp.cli import register
     from sd3exp.migrate import migrated_config_dir
 
     register()
@@ -253,8 +253,6 @@ def render_text(result: dict, a: str, b: str) -> str:
 
 
 def diff_main(argv: List[str]) -> int:
-    from sd3exp.cli import CONF_DIR
-
     parser = argparse.ArgumentParser(
         prog="sd3exp diff", description="Compare two run folders or experiment specs setting by setting. "
         "Exit status: 0 identical, 1 different, 2 error.")

@@ -21,7 +21,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from sd3exp.compile import TEMPLATES
+from sd3exp.project import TEMPLATES
 from sd3exp.io import dumps_json, read_json, write_json, write_text
 from sd3exp.runfolder import checkpoint_dirs
 

@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from sd3exp.cli import CONF_DIR, ROOT, register
+from sd3exp.project import CONF_DIR, ROOT, register
 from sd3exp.schema import ExperimentConfig
 from sd3exp.trainer_env import READY, managed_root
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from sd3exp.cli import ROOT
+from sd3exp.project import ROOT
 from tests.conftest import run_cli
 
 

@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from sd3exp.audit import AuditReport, ConceptAudit, estimate_clip_tokens
-from sd3exp.compile import TEMPLATES
+from sd3exp.project import TEMPLATES
 from sd3exp.evaluate.report import href
 from sd3exp.io import write_bytes, write_text
 from sd3exp.schema import ConceptConfig, ExperimentConfig

@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 import jinja2
 
-from sd3exp.compile import TEMPLATES
+from sd3exp.project import TEMPLATES
 from sd3exp.evaluate.cells import Cell, cell_image, column_title
 from sd3exp.io import read_json, write_text
 
