@@ -9,7 +9,6 @@ from typing import Callable, Dict, List, Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from sd3exp import migrate
@@ -24,18 +23,21 @@ def fail(err: Sd3expError) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> Optional[float]:
+    from sd3exp.job import Invocation, located
     from sd3exp.pipeline import run
 
+    invocation = Invocation.of(HydraConfig.get())
+    cfg = located(cfg, invocation)
     try:
         try:
-            return run(cfg)  # the objective, for sweepers
+            return run(cfg, invocation)  # the objective, for sweepers
         except OSError as err:
             if err.errno != errno.ENOSPC:
                 raise
             raise DiskFullError(f"{no_space_message(Path(err.filename or cfg.paths.run_dir))}; the files "
                                 "written before are kept (each is written whole or not at all)") from err
     except Sd3expError as err:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
+        if invocation.multirun:
             print(f"sd3exp: error in job {HydraConfig.get().job.num}: {err}", file=sys.stderr)
             raise  # Hydra marks this job failed, finishes the batch, then exits non-zero
         fail(err)

@@ -22,7 +22,8 @@ from omegaconf import OmegaConf
 from sd3exp.compile import config_hash
 from sd3exp.io import write_text
 from sd3exp.project import ROOT
-from sd3exp.review import SETTINGS_FILES, compiled_files, compose_job
+from sd3exp.job import compiled_files, compose_job
+from sd3exp.layout import RunLayout
 
 PLACEHOLDER_ROOT = "/sd3exp-root"
 LOCK_DIR = "compiled"
@@ -47,7 +48,7 @@ def snapshot(conf_dir: Path, experiment: str) -> Dict[str, str]:
         resolved = job.resolved_yaml.replace(root, PLACEHOLDER_ROOT)
         sha = config_hash(OmegaConf.to_container(OmegaConf.create(resolved)))
         files = compiled_files(replace(job, overrides="", config_hash=sha))  # the lock's own overrides are not settings
-        return {rel: files[rel].replace(root, PLACEHOLDER_ROOT) for rel in SETTINGS_FILES}
+        return {rel: files[rel].replace(root, PLACEHOLDER_ROOT) for rel in RunLayout.SETTINGS_FILES}
 
 
 def on_disk(folder: Path) -> Dict[str, str]:

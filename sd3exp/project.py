@@ -8,11 +8,9 @@ import re
 from pathlib import Path
 from typing import List, Optional
 
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from sd3exp import schema
+from sd3exp import schema, stage_table
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = ROOT / "conf"
@@ -37,15 +35,10 @@ def run_suffix(task: List[str]) -> str:
 
 
 def run_dir(*, _root_: DictConfig) -> str:
-    """Hydra's output folder for this job; outside a job (e.g. --cfg), the folder it would use."""
-    try:
-        out = HydraConfig.get().runtime.output_dir
-    except (ValueError, OmegaConfBaseException):
-        out = None
-    if out:
-        return str(out)
+    """Hydra's output folder for a job of this config; before one starts (e.g. --cfg), the folder it
+    would use. A job's own config is given it by sd3exp.job.located (the task has no hydra node)."""
     if "hydra" in _root_:
-        return str(_root_.hydra.run.dir)
+        return str(OmegaConf.select(_root_, "hydra.runtime.output_dir", default=None) or _root_.hydra.run.dir)
     return f"{_root_.paths.output_root}/{_root_.name}"
 
 
@@ -53,6 +46,7 @@ def register() -> None:
     """Schema and resolvers; safe to call more than once."""
     schema.register()
     for name, fn in {"sd3exp.root": project_root, "sd3exp.name": experiment_name,
-                     "sd3exp.run_suffix": run_suffix, "sd3exp.run_dir": run_dir}.items():
+                     "sd3exp.run_suffix": run_suffix, "sd3exp.run_dir": run_dir,
+                     "sd3exp.stages": stage_table.names}.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
