@@ -32,6 +32,7 @@ from typing import Dict, List, Optional, Tuple
 from PIL import Image
 
 from sd3exp import captions
+from sd3exp.captions import estimate_clip_tokens
 from sd3exp.buckets import BucketRule, target_size
 from sd3exp.images import IMAGE_EXTENSIONS, image_size, list_images, problem
 from sd3exp.io import dumps_json, write_if_changed
@@ -78,16 +79,6 @@ class AuditReport:
     concepts: List[ConceptAudit]
     errors: List[str]
     warnings: List[str]
-
-
-def estimate_clip_tokens(caption: str) -> int:
-    """Words plus punctuation marks: a lower bound of CLIP's BPE token count.
-
-    Common English words are one token and each punctuation mark is one; rare
-    words, names and numbers split into several, so a caption over CLIP_TOKENS
-    by this count is almost surely truncated by SD3's CLIP encoders (T5 reads on).
-    """
-    return len(re.findall(r"\w+|[^\w\s]", caption))
 
 
 def upscaled(size: Size, rule: BucketRule) -> bool:

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import List
 
 from sd3exp.errors import EvalError
-from sd3exp.evaluate.score import BEST_FILE
 from sd3exp.io import read_json
+from sd3exp.layout import EvalLayout, RunLayout
 
 
 def run_line(best: dict) -> str:
@@ -21,7 +21,7 @@ def run_line(best: dict) -> str:
 
 
 def show_run(run_dir: Path) -> int:
-    best = read_json(run_dir / "eval" / BEST_FILE)
+    best = read_json(RunLayout(run_dir).eval.best)
     print(f"best checkpoint of {run_dir}: {run_line(best)}")
     return 0 if best["best"] else 1
 
@@ -49,9 +49,9 @@ def best_main(argv: List[str]) -> int:
     parser = argparse.ArgumentParser(prog="sd3exp best", description=__doc__)
     parser.add_argument("path", type=Path, help="a run folder (with eval/best.json) or a multirun folder")
     path = parser.parse_args(argv).path.resolve()
-    if (path / "eval" / BEST_FILE).is_file():
+    if RunLayout(path).eval.best.is_file():
         return show_run(path)
     if (path / ".sweep").is_dir():
         return show_sweep(path)
-    raise EvalError(f"{path} is neither a scored run folder (no eval/{BEST_FILE}) nor a multirun folder (no .sweep/). "
+    raise EvalError(f"{path} is neither a scored run folder (no {RunLayout.EVAL}/{EvalLayout.BEST}) nor a multirun folder (no .sweep/). "
                     "Fix: evaluate the run first (python -m sd3exp ... stage=eval), or give the run or multirun folder")

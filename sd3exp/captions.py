@@ -112,3 +112,13 @@ def native_shuffle_block(concept: ConceptConfig, seed: int, where: Optional[str]
                           "leave it unset to use one variant per pass (repeats)")
     return {"enable": True, "count": count, "seed": shuffle_seed(concept, seed),
             "split_on": NATIVE_SPLIT_ON[sep], "position_start": cap.keep_tags, "include_original": False}
+
+
+def estimate_clip_tokens(caption: str) -> int:
+    """Words plus punctuation marks: a lower bound of CLIP's BPE token count.
+
+    Common English words are one token and each punctuation mark is one; rare
+    words, names and numbers split into several, so a caption over audit.CLIP_TOKENS
+    by this count is almost surely truncated by SD3's CLIP encoders (T5 reads on).
+    """
+    return len(re.findall(r"\w+|[^\w\s]", caption))

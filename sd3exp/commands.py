@@ -9,9 +9,8 @@ from typing import Callable, Dict, List
 from sd3exp import trainer_env
 from sd3exp.best import best_main
 from sd3exp.lock import lock_main
+from sd3exp.project import ROOT
 from sd3exp.review import diff_main
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def setup_trainer(argv: List[str]) -> int:

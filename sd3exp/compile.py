@@ -20,11 +20,13 @@ import jinja2
 from sd3exp import __version__, captions, envfile
 from sd3exp.errors import ConfigError, UnsafeValueError
 from sd3exp.io import dumps_json
+from sd3exp.layout import RunLayout
 from sd3exp.plan import Plan
+from sd3exp.project import TEMPLATES
+from sd3exp.runfolder import INVOCATION_KEYS
 from sd3exp.schema import ConceptConfig, ExperimentConfig
 
 Scalar = Union[str, int, float, bool]
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 TEXT_EMBEDS_ID = "text-embeds"
 
 
@@ -139,7 +141,7 @@ def _scale_args(cfg: ExperimentConfig) -> List[Arg]:
 def _misc_args(cfg: ExperimentConfig, run_dir: Path) -> List[Arg]:
     v = cfg.validation
     args = [Arg("output_dir", run_relative(cfg.paths.training_dir, run_dir), "paths.training_dir", "OUTPUT_DIR"),
-            Arg("data_backend_config", "config/multibackend.json", "concepts", "DATALOADER_CONFIG"),
+            Arg("data_backend_config", RunLayout.MULTIBACKEND, "concepts", "DATALOADER_CONFIG"),
             Arg("tracker_project_name", "sd3exp", "name", "TRACKER_PROJECT_NAME"),
             Arg("tracker_run_name", cfg.name, "name", "TRACKER_RUN_NAME"),
             Arg("report_to", cfg.trainer.report_to, "trainer.report_to")]
@@ -225,11 +227,6 @@ def check_extra_args(args: Sequence[Arg]) -> None:
                               f"set {first.field} in the experiment instead, and drop this extra argument")
 
 
-# Settings that say where and how to run, not what to train: left out of the config hash.
-INVOCATION_KEYS = ("paths", "stage", "eval", "captioner", "dataset.prepared_dir", "dataset.cache_dir", "trainer.simpletuner", "trainer.home", "trainer.new_run",
-                   "trainer.force", "trainer.cpu_shim")
-
-
 def relocatable(data: Any, folders: Dict[str, str]) -> Any:
     """`data` with every path inside one of `folders` (absolute folder -> placeholder) written relative to it."""
     if isinstance(data, dict):
@@ -280,11 +277,11 @@ def compile_experiment(cfg: ExperimentConfig, plan: Plan, run_dir: Path, config_
     env = _environment()
     config_json = {a.name: a.value for a in args}
     files = {
-        "config/config.env": env.get_template("config.env.j2").render(
+        RunLayout.CONFIG_ENV: env.get_template("config.env.j2").render(
             header=header, lines=[] if json_backend else env_lines(args)),
-        "config/multibackend.json": env.get_template("multibackend.json.j2").render(
+        RunLayout.MULTIBACKEND: env.get_template("multibackend.json.j2").render(
             backends=data_backends(cfg, plan, run_dir)),
-        "config/config.json": env.get_template("config.json.j2").render(config=config_json),
+        RunLayout.CONFIG_JSON: env.get_template("config.json.j2").render(config=config_json),
     }
     return Compiled(files)
 

@@ -46,10 +46,17 @@ class DiskFullError(Sd3expError):
     """A write failed because the disk is full (ENOSPC)."""
 
 
+def human_bytes(n: int) -> str:
+    size, unit = float(n), "B"
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            break
+        size /= 1024
+    return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
+
+
 def no_space_message(path: Path, need: Optional[int] = None, what: str = "the next write") -> str:
     """'no space left on <path>' with the disk's mount point, its free space and what is needed."""
-    from sd3exp.prepare import human_bytes
-
     mount = Path(os.path.abspath(path))
     while not mount.exists() or not os.path.ismount(mount):
         mount = mount.parent

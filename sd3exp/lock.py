@@ -21,7 +21,9 @@ from omegaconf import OmegaConf
 
 from sd3exp.compile import config_hash
 from sd3exp.io import write_text
-from sd3exp.review import SETTINGS_FILES, compiled_files, compose_job
+from sd3exp.project import ROOT
+from sd3exp.job import compiled_files, compose_job
+from sd3exp.layout import RunLayout
 
 PLACEHOLDER_ROOT = "/sd3exp-root"
 LOCK_DIR = "compiled"
@@ -46,7 +48,7 @@ def snapshot(conf_dir: Path, experiment: str) -> Dict[str, str]:
         resolved = job.resolved_yaml.replace(root, PLACEHOLDER_ROOT)
         sha = config_hash(OmegaConf.to_container(OmegaConf.create(resolved)))
         files = compiled_files(replace(job, overrides="", config_hash=sha))  # the lock's own overrides are not settings
-        return {rel: files[rel].replace(root, PLACEHOLDER_ROOT) for rel in SETTINGS_FILES}
+        return {rel: files[rel].replace(root, PLACEHOLDER_ROOT) for rel in RunLayout.SETTINGS_FILES}
 
 
 def on_disk(folder: Path) -> Dict[str, str]:
@@ -98,8 +100,6 @@ def write_lock(root: Path) -> List[str]:
 
 
 def lock_main(argv: List[str]) -> int:
-    from sd3exp.cli import ROOT
-
     parser = argparse.ArgumentParser(
         prog="sd3exp lock", description=f"Snapshot what every conf/experiment/*.yaml compiles to into {LOCK_DIR}/.")
     parser.add_argument("--check", action="store_true",

@@ -15,17 +15,17 @@ from typing import Dict, List, Sequence
 from sd3exp.compile import Arg
 from sd3exp.errors import TrainerError
 from sd3exp.io import read_json, write_json
+from sd3exp.layout import RunLayout
+from sd3exp.project import WORKERS
 from sd3exp.trainer_env import TrainerEnv
 
-WORKER = Path(__file__).resolve().parent / "workers" / "check_config.py"
+WORKER = WORKERS / "check_config.py"
 MARKER = "SD3EXP-PREFLIGHT "
-CACHE = ".preflight.json"
-COMPILED = ("config.env", "multibackend.json", "config.json")
 
 
 def backend_problems(run_dir: Path) -> List[str]:
     """Problems in config/multibackend.json that SimpleTuner would only hit mid-start."""
-    backends = read_json(run_dir / "config" / "multibackend.json")
+    backends = read_json(RunLayout(run_dir).multibackend)
     ids = [b["id"] for b in backends]
     problems = [f"dataset id '{i}' is used twice" for i in sorted(set(ids)) if ids.count(i) > 1]
     defaults = [b["id"] for b in backends if b.get("dataset_type") == "text_embeds" and b.get("default")]
@@ -82,8 +82,8 @@ def run_parser(env: TrainerEnv, run_dir: Path) -> dict:
 def cache_key(env: TrainerEnv, run_dir: Path) -> str:
     """What a successful parse depends on: the compiled files, the trainer and the machine."""
     h = hashlib.sha256(f"{env.python}\0{env.version}\0{platform.node()}".encode())
-    for name in COMPILED:
-        path = run_dir / "config" / name
+    for rel in RunLayout.COMPILED:
+        path = run_dir / rel
         h.update(path.read_bytes() if path.is_file() else b"")
     return h.hexdigest()
 
@@ -101,7 +101,7 @@ def preflight(env: TrainerEnv, run_dir: Path, args: Sequence[Arg]) -> dict:
     problems = backend_problems(run_dir)
     if problems:
         raise TrainerError("data backends (multibackend.json): " + "; ".join(problems))
-    key, cache = cache_key(env, run_dir), run_dir / CACHE
+    key, cache = cache_key(env, run_dir), RunLayout(run_dir).preflight
     if cache.is_file() and read_json(cache)["key"] == key:
         return read_json(cache)["result"]
     result = run_parser(env, run_dir)

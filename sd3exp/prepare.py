@@ -41,7 +41,7 @@ from typing import Callable, Dict, List, Optional, Union
 from tqdm import tqdm
 
 from sd3exp import captions
-from sd3exp.errors import ConfigError, DatasetError
+from sd3exp.errors import ConfigError, DatasetError, human_bytes
 from sd3exp.images import IMAGE_EXTENSIONS, list_images
 from sd3exp.io import read_json, write_json
 from sd3exp.schema import ConceptConfig, ExperimentConfig
@@ -95,15 +95,6 @@ class PrepareSummary:
         return (f"prepared {len(self.concepts)} concept(s) in {self.prepared_dir}: {t('images')} images{generated} -> "
                 f"{t('files')} image files; {work}; {human_bytes(t('bytes_written'))} written; "
                 f"images placed by: {how}; {self.seconds:.2f} s")
-
-
-def human_bytes(n: int) -> str:
-    size, unit = float(n), "B"
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            break
-        size /= 1024
-    return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
 
 
 # -- placing images ---------------------------------------------------------

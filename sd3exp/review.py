@@ -10,7 +10,6 @@ resolved YAML; header comments (overrides, config hash) are not settings.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import shlex
@@ -20,21 +19,22 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import yaml
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from sd3exp.compile import trainer_args, user_extra_args
 from sd3exp.errors import Sd3expError
-from sd3exp.pipeline import Job, absolute_paths, build, concept_sizes, files_of, load
+from sd3exp.job import absolute_paths, compiled_files, compose_job, concept_sizes
+from sd3exp.layout import RunLayout
 from sd3exp.plan import make_plan
+from sd3exp.project import CONF_DIR
 from sd3exp.runfolder import NOT_SETTINGS
 from sd3exp.schema import ConceptConfig, DatasetConfig, ExperimentConfig
 
-SETTINGS_FILES = ("config/config.env", "config/multibackend.json", "config/config.json", "plan.json")
-COMPARED = SETTINGS_FILES + ("resolved.yaml",)
+SETTINGS_FILES = RunLayout.SETTINGS_FILES
+COMPARED = SETTINGS_FILES + (RunLayout.RESOLVED,)
+# how the output names each compared file: its name without the folder
+ENV, BACKENDS, CONFIG, PLAN, RESOLVED = (Path(rel).name for rel in COMPARED)
 PLAN_SKIP = ("lr_curve",)  # derived point by point from the schedule keys, which are compared
 HASH_LINE = "# resolved config sha256:"
 RUN = "<run>"
@@ -54,35 +54,6 @@ class Difference:
 
 
 # --- compiling a spec in memory -------------------------------------------------------------------
-
-def compose_job(conf_dir: Path, overrides: Sequence[str], run_dir: Path) -> Job:
-    """Compose, validate and locate a job as `python -m sd3exp OVERRIDES stage=compile` would."""
-    from sd3exp.cli import register
-    from sd3exp.migrate import migrated_config_dir
-
-    register()
-    try:
-        with initialize_config_dir(config_dir=str(migrated_config_dir(conf_dir)), version_base="1.3"):
-            cfg = compose("config", overrides=[*overrides, "stage=compile"], return_hydra_config=True)
-    except (HydraException, OmegaConfBaseException) as err:
-        raise ReviewError(f"cannot compose {' '.join(overrides)}: {str(err).splitlines()[0]}") from err
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(run_dir)
-    previous = HydraConfig.instance().cfg
-    HydraConfig.instance().set_config(cfg)
-    try:
-        task = copy.deepcopy(cfg)
-        with open_dict(task):
-            del task["hydra"]
-        return load(task)
-    finally:
-        HydraConfig.instance().cfg = previous
-
-
-def compiled_files(job: Job) -> Dict[str, str]:
-    """Every file `stage=compile` writes for `job`, by path in the run folder (text files only)."""
-    return files_of(job, *build(job))
-
 
 def spec_files(spec: str, conf_dir: Path) -> Dict[str, str]:
     """Compile "experiment [overrides...]" into memory (its run folder is a temporary path)."""
@@ -162,14 +133,15 @@ def yaml_settings(text: str, ignored: Sequence[str]) -> Dict[str, str]:
 
 
 def settings(files: Dict[str, str], ignored: Sequence[str]) -> Dict[str, Dict[str, str]]:
-    plan = {k: v for k, v in json.loads(files["plan.json"]).items() if k not in PLAN_SKIP}
-    backends = json.loads(without_run_dir(files["config/multibackend.json"], files["resolved.yaml"]))
+    run = RunLayout
+    plan = {k: v for k, v in json.loads(files[run.PLAN]).items() if k not in PLAN_SKIP}
+    backends = json.loads(without_run_dir(files[run.MULTIBACKEND], files[run.RESOLVED]))
     return {
-        "config.env": env_settings(files["config/config.env"]),
-        "multibackend.json": dict(flatten({"dataset": backends})),
-        "config.json": dict(flatten(json.loads(files["config/config.json"]))),
-        "plan.json": dict(flatten(plan)),
-        "resolved.yaml": yaml_settings(files["resolved.yaml"], ignored),
+        ENV: env_settings(files[run.CONFIG_ENV]),
+        BACKENDS: dict(flatten({"dataset": backends})),
+        CONFIG: dict(flatten(json.loads(files[run.CONFIG_JSON]))),
+        PLAN: dict(flatten(plan)),
+        RESOLVED: yaml_settings(files[run.RESOLVED], ignored),
     }
 
 
@@ -188,7 +160,7 @@ def _backend_field(key: str) -> Optional[str]:
 
 def yaml_fields(files: Dict[str, str]) -> Dict[str, str]:
     """`<file>:<SimpleTuner key>` -> the YAML field it is compiled from ({} if it cannot be rebuilt)."""
-    data = yaml.safe_load(files["resolved.yaml"])
+    data = yaml.safe_load(files[RunLayout.RESOLVED])
     try:
         cfg: ExperimentConfig = absolute_paths(OmegaConf.to_object(
             OmegaConf.merge(OmegaConf.structured(ExperimentConfig), data)))
@@ -197,15 +169,15 @@ def yaml_fields(files: Dict[str, str]) -> Dict[str, str]:
         return {}
     out = {}
     for a in trainer_args(cfg, plan, Path(cfg.paths.run_dir)) + user_extra_args(cfg):
-        out[f"config.json:{a.name}"] = a.field
-        out[f"config.env:{a.env}" if a.env else f"config.env:TRAINER_EXTRA_ARGS --{a.name}"] = a.field
+        out[f"{CONFIG}:{a.name}"] = a.field
+        out[f"{ENV}:{a.env}" if a.env else f"{ENV}:TRAINER_EXTRA_ARGS --{a.name}"] = a.field
     return out
 
 
 def annotate(d: Difference, fields: Dict[str, str]) -> Difference:
-    if d.file == "multibackend.json":
+    if d.file == BACKENDS:
         return dataclasses.replace(d, yaml=_backend_field(d.key))
-    if d.file == "resolved.yaml":
+    if d.file == RESOLVED:
         return dataclasses.replace(d, yaml=d.key)
     return dataclasses.replace(d, yaml=fields.get(f"{d.file}:{d.key}"))
 
@@ -224,7 +196,7 @@ def compare(files_a: Dict[str, str], files_b: Dict[str, str]) -> dict:
     ignored = list(NOT_SETTINGS)
     fields = {**yaml_fields(files_b), **yaml_fields(files_a)}
     diffs = [annotate(d, fields) for d in differences(settings(files_a, ignored), settings(files_b, ignored))]
-    hashes = [config_hash(f["config/config.env"]) for f in (files_a, files_b)]
+    hashes = [config_hash(f[RunLayout.CONFIG_ENV]) for f in (files_a, files_b)]
     return {"identical": not diffs, "config_hash": {"a": hashes[0], "b": hashes[1], "differs": hashes[0] != hashes[1]},
             "ignored_yaml_keys": ignored, "differences": [dataclasses.asdict(d) for d in diffs]}
 
@@ -247,14 +219,12 @@ def render_text(result: dict, a: str, b: str) -> str:
     for file in dict.fromkeys(d["file"] for d in diffs):
         lines.append(f"  {file}")
         for d in (d for d in diffs if d["file"] == file):
-            origin = f"   [yaml: {d['yaml']}]" if d["yaml"] and file != "resolved.yaml" else ""
+            origin = f"   [yaml: {d['yaml']}]" if d["yaml"] and file != RESOLVED else ""
             lines.append(f"    {d['key']}: {_short(d['a'])} -> {_short(d['b'])}{origin}")
     return "\n".join(lines) + "\n"
 
 
 def diff_main(argv: List[str]) -> int:
-    from sd3exp.cli import CONF_DIR
-
     parser = argparse.ArgumentParser(
         prog="sd3exp diff", description="Compare two run folders or experiment specs setting by setting. "
         "Exit status: 0 identical, 1 different, 2 error.")

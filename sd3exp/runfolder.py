@@ -20,13 +20,14 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from sd3exp.compile import INVOCATION_KEYS
 from sd3exp.errors import DiskFullError, RunConflictError, no_space_message
 from sd3exp.io import read_json, write_bytes, write_if_changed, write_json
+from sd3exp.layout import RunLayout
+from sd3exp.stage_table import CONFIG_FOLDER, RUN_FOLDER, STAGES
 
-RECORD = "run.json"
-OWNER = ".sd3exp-run"
-UNFINISHED = "unfinished-checkpoints"
+# Settings that say where and how to run, not what to train: left out of the config hash.
+INVOCATION_KEYS = ("paths", "stage", "eval", "captioner", "dataset.prepared_dir", "dataset.cache_dir", "trainer.simpletuner", "trainer.home", "trainer.new_run",
+                   "trainer.force", "trainer.cpu_shim")
 # command-line keys that pick what to run, how or where, not what is trained
 NOT_SETTINGS = INVOCATION_KEYS + ("experiment", "hparams_search", "hydra")
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
@@ -52,11 +53,11 @@ def training_overrides(task: List[str]) -> str:
     return ",".join(sorted(o.input_line for o in parsed if is_setting(o.key_or_group)))
 
 
-# The locks: (folder locked, inside the run folder; what its holder is doing; the stages that take it).
+# The locks: folder locked, inside the run folder -> what its holder is doing (the stages that take
+# each: sd3exp/stage_table.py).
 # Evaluation locks config/, not the run folder, so a run can be evaluated while it trains; no lock
 # file is written either way.
-LOCKS = (("", "preparing or training", ("prepare", "audit", "train", "all")),
-         ("config", "evaluating", ("eval", "report", "all")))
+LOCKS = {RUN_FOLDER: "preparing or training", CONFIG_FOLDER: "evaluating"}
 
 
 def _try_lock(fd: int) -> bool:
@@ -73,12 +74,11 @@ def exclusive(run_dir: Path, stage: str) -> Iterator[None]:
     once, nor evaluate it at once; evaluating while another process trains is allowed."""
     fds = []
     try:
-        for folder, doing, stages in LOCKS:
-            if stage in stages:
-                fds.append(os.open(run_dir / folder, os.O_RDONLY))
-                if not _try_lock(fds[-1]):
-                    raise RunConflictError(f"another sd3exp process is {doing} {run_dir}. Fix: wait for it "
-                                           "to finish, or stop it first.")
+        for folder in STAGES[stage].locks:
+            fds.append(os.open(run_dir / folder, os.O_RDONLY))
+            if not _try_lock(fds[-1]):
+                raise RunConflictError(f"another sd3exp process is {LOCKS[folder]} {run_dir}. Fix: wait for it "
+                                       "to finish, or stop it first.")
         yield
     finally:
         for fd in fds:
@@ -126,7 +126,7 @@ def set_aside_unfinished(training_dir: Path, guard: Optional[str]) -> List[Tuple
     writes last) into `unfinished-checkpoints/`, where resuming cannot pick them. Nothing is deleted."""
     if not guard:
         return []
-    aside = training_dir / UNFINISHED
+    aside = RunLayout(training_dir, training_dir).unfinished
     moved = []
     for path in checkpoint_dirs(training_dir).values():
         if not (path / guard).exists():
@@ -142,7 +142,7 @@ def set_aside_unfinished(training_dir: Path, guard: Optional[str]) -> List[Tuple
 
 def read_record(run_dir: Path) -> Optional[RunRecord]:
     """The folder's sd3exp run record; None without one (a `run.json` sd3exp did not write included)."""
-    path = run_dir / RECORD
+    path = RunLayout(run_dir).record
     try:
         data = read_json(path) if path.is_file() else None
     except (ValueError, UnicodeDecodeError):
@@ -163,7 +163,7 @@ def check_not_foreign(run_dir: Path, training_dir: Optional[Path] = None) -> Non
     read_only = {training_dir.resolve()} if training_dir else set()
     if run_dir.is_dir() and read_record(run_dir) is None and any(p.resolve() not in read_only for p in run_dir.iterdir()):
         raise RunConflictError(
-            f"the run folder {run_dir} is not empty and is not an sd3exp run folder (no {RECORD}); it holds "
+            f"the run folder {run_dir} is not empty and is not an sd3exp run folder (no {RunLayout.RECORD}); it holds "
             f"{_listing(run_dir)}, which sd3exp would overwrite. Fix: point hydra.run.dir at a new or empty "
             "folder, or leave hydra.run.dir out to use the default under paths.output_root.")
 
@@ -190,7 +190,7 @@ def next_free(run_dir: Path) -> Path:
 
 def training_owner(training_dir: Path) -> Optional[str]:
     """The run folder that trained into `training_dir` (as recorded then), or None when sd3exp did not."""
-    owner = training_dir / OWNER
+    owner = RunLayout(training_dir, training_dir).owner
     return owner.read_text().strip() if owner.is_file() else None
 
 
@@ -200,7 +200,7 @@ def note_training_owner(training_dir: Path, run_dir: Path) -> None:
     if not checkpoint_dirs(training_dir) or claimed == str(run_dir.resolve()):
         return
     whose = f"of the run folder {claimed} (moved or copied since)" if claimed else "sd3exp did not train (no " \
-        f"{OWNER} file: SimpleTuner run by hand?)"
+        f"{RunLayout.OWNER} file: SimpleTuner run by hand?)"
     print(f"evaluating checkpoints in {training_dir} {whose}; they are only read")
 
 
@@ -219,7 +219,7 @@ def check_training_owner(training_dir: Path, run_dir: Path) -> None:
 
 def claim_training_dir(training_dir: Path, run_dir: Path) -> None:
     training_dir.mkdir(parents=True, exist_ok=True)
-    owner = training_dir / OWNER
+    owner = RunLayout(training_dir, training_dir).owner
     if not owner.exists():
         write_bytes(owner, f"{run_dir.resolve()}\n".encode())
 
@@ -235,7 +235,7 @@ def resolve_run_dir(run_dir: Path, record: RunRecord, training_dir: Path, force:
     if new_run and previous is not None:
         return next_free(run_dir)
     started = bool(checkpoint_dirs(training_dir))
-    trained = started or (run_dir / "training_summary.json").is_file()
+    trained = started or RunLayout(run_dir).training_summary.is_file()
     if previous is None or (previous.config_hash == record.config_hash
                             and not (plan_change and trained and not reading)):
         (note_training_owner if reading else check_training_owner)(training_dir, run_dir)
@@ -259,8 +259,8 @@ def resolve_run_dir(run_dir: Path, record: RunRecord, training_dir: Path, force:
 
 def archive(run_dir: Path, previous: RunRecord) -> None:
     """Copy the earlier compiled files under history/<config>/, each whole or not at all."""
-    dest = run_dir / "history" / previous.config_hash[:12]
-    for name in ("config", "plan.json", "resolved.yaml", RECORD):
+    dest = RunLayout(run_dir).history(previous.config_hash)
+    for name in RunLayout.ARCHIVED:
         src, tmp = run_dir / name, dest / f".{name}.tmp"
         if src.exists() and not (dest / name).exists():
             dest.mkdir(parents=True, exist_ok=True)
@@ -276,7 +276,7 @@ def archive(run_dir: Path, previous: RunRecord) -> None:
 
 
 def write_record(run_dir: Path, record: RunRecord) -> None:
-    path = run_dir / RECORD
+    path = RunLayout(run_dir).record
     if not path.is_file() or read_record(run_dir) != record:
         write_json(path, asdict(record))
 

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable
 
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-
-from sd3exp import cache, trainer_env
+from sd3exp import cache
 from sd3exp.compile import trainer_args, user_extra_args
 from sd3exp.errors import ConfigError, DatasetError, EvalError
-from sd3exp.pipeline import Job
+from sd3exp.job import Job
 from sd3exp.runfolder import checkpoint_dirs, claim_training_dir, set_aside_unfinished
 from sd3exp.plan import Plan
 from sd3exp.schema import ExperimentConfig
+from sd3exp.stage_table import STAGES
+from sd3exp.trainer_env import trainer_for
 
 
 ONE_OFF = ("stage=", "trainer.new_run=", "trainer.force=")
@@ -23,14 +22,13 @@ ONE_OFF = ("stage=", "trainer.new_run=", "trainer.force=")
 
 def command_for(job: Job, stage: str) -> str:
     """This command line again for another stage, aimed at the same run folder."""
-    try:
-        hydra = HydraConfig.get()
-        task = [o for o in hydra.overrides.task if not o.startswith(ONE_OFF)]
-        if hydra.mode == RunMode.MULTIRUN or any(o.startswith("hydra.run.dir=") for o in hydra.overrides.hydra) \
-                or Path(hydra.runtime.output_dir).resolve() != job.run_dir:
-            task.append(f"hydra.run.dir={job.run_dir}")
-    except ValueError:  # not run by Hydra
+    run = job.invocation
+    if run is None:  # not run by Hydra
         task = [f"experiment={job.cfg.name}"] if job.cfg.name != "default" else []
+    else:
+        task = [o for o in run.task if not o.startswith(ONE_OFF)]
+        if run.multirun or run.run_dir_given or run.output_dir is None or run.output_dir.resolve() != job.run_dir:
+            task.append(f"hydra.run.dir={job.run_dir}")
     return shlex.join(["python", "-m", "sd3exp", *task] + ([f"stage={stage}"] if stage != "all" else []))
 
 
@@ -38,11 +36,11 @@ def stage_audit(job: Job, plan: Plan) -> None:
     from sd3exp import audit
 
     report = audit.audit(job.cfg)
-    print(audit.write_audit(report, job.run_dir / "audit.json"))
+    print(audit.write_audit(report, job.layout.audit))
     errors = audit.audit_errors(report, job.cfg)
     if errors:
         raise DatasetError("the caption audit found problems that would spoil training:\n  - "
-                           + "\n  - ".join(errors) + f"\nDetails: {job.run_dir / 'audit.json'}")
+                           + "\n  - ".join(errors) + f"\nDetails: {job.layout.audit}")
 
 
 def stage_caption(job: Job, plan: Plan) -> None:
@@ -61,7 +59,7 @@ def stage_review(job: Job, plan: Plan) -> None:
 
     generated = {c.id: generated_captions(c, job.cfg.captioner) for c in job.cfg.concepts}
     report = audit.audit(job.cfg, generated)
-    print(audit.write_audit(report, job.run_dir / "audit.json"))
+    print(audit.write_audit(report, job.layout.audit))
     print(f"review: {write_review(job.cfg, report, generated, job.run_dir)}")
 
 
@@ -71,13 +69,6 @@ def stage_prepare(job: Job, plan: Plan) -> None:
     stage_audit(job, plan)
     summary = prepare.prepare(job.cfg)
     print(summary.line())
-
-
-def trainer_for(cfg: ExperimentConfig) -> trainer_env.TrainerEnv:
-    t = cfg.trainer
-    env = trainer_env.locate(t.simpletuner, t.version, t.home)
-    print(f"trainer: SimpleTuner {env.version} ({env.kind}) at {env.root}")
-    return env
 
 
 def cpu_shim(cfg: ExperimentConfig, cuda: bool) -> bool:
@@ -128,47 +119,42 @@ def stage_report(job: Job, plan: Plan) -> None:
     """Rebuild the grid(s) and report.html from eval/cells.json (e.g. after changing a template)."""
     from sd3exp.evaluate import cells, grid, report, score
 
-    eval_dir = job.run_dir / "eval"
-    if not (eval_dir / "cells.json").is_file():
+    evaluation = job.layout.eval
+    eval_dir = evaluation.folder
+    if not evaluation.cells.is_file():
         raise EvalError(f"no evaluation in {eval_dir}; run stage=eval first")
-    found = cells.read_cells_json(eval_dir / "cells.json")
+    found = cells.read_cells_json(evaluation.cells)
     best = (score.read_best(eval_dir) or {}).get("best")
     grids = grid.write_grids(found, eval_dir, job.cfg.eval.max_grid_pixels, best=best["label"] if best else None)
     print(f"report: {report.write_report(job.run_dir, found, grids, title=job.cfg.name)}")
 
 
-STAGES: Dict[str, Callable[[Job, Plan], None]] = {
-    "caption": stage_caption,
-    "review": stage_review,
-    "audit": stage_audit,
-    "prepare": stage_prepare,
-    "train": stage_train,
-    "eval": stage_eval,
-    "report": stage_report,
-}
-
-
 def summary(job: Job) -> str:
     """What a full run produced, and where."""
-    run = job.run_dir
-    steps = list(checkpoint_dirs(Path(job.cfg.paths.training_dir)))
-    rows = [("run folder", run), ("compiled", run / "config"), ("plan", run / "plan.json"),
+    run = job.layout
+    steps = list(checkpoint_dirs(run.training_dir))
+    rows = [("run folder", run.run_dir), ("compiled", run.config_dir), ("plan", run.plan),
             ("checkpoints", f"{len(steps)} (steps {', '.join(map(str, steps))})" if steps else "none"),
-            ("train log", run / "train.log")]
-    rows += [(name, path) for name, path in (("grid", run / "eval" / "grid.png"),
-                                             ("report", run / "eval" / "report.html"),
-                                             ("best", run / "eval" / "best.json")) if path.exists()]
+            ("train log", run.train_log)]
+    rows += [(name, path) for name, path in (("grid", run.eval.grid),
+                                             ("report", run.eval.report),
+                                             ("best", run.eval.best)) if path.exists()]
     lines = [f"\n{job.cfg.name}: done"] + [f"  {k:<12} {v}" for k, v in rows]
-    if (run / "eval" / "best.json").exists():
+    if run.eval.best.exists():
         from sd3exp.best import run_line
         from sd3exp.io import read_json
 
-        lines.append(f"best checkpoint: {run_line(read_json(run / 'eval' / 'best.json'))}")
+        lines.append(f"best checkpoint: {run_line(read_json(run.eval.best))}")
     return "\n".join(lines)
 
 
+def step(name: str) -> Callable[[Job, Plan], None]:
+    """The function that runs the step `name` of a stage (sd3exp/stage_table.py)."""
+    return globals()[f"stage_{name}"]
+
+
 def run_stage(stage: str, job: Job, plan: Plan) -> None:
-    for name in ("train", "eval") if stage == "all" else (stage,):
-        STAGES[name](job, plan)
-    if stage == "all":
+    for name in STAGES[stage].steps:
+        step(name)(job, plan)
+    if STAGES[stage].summary:
         print(summary(job))

@@ -21,13 +21,14 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from sd3exp.compile import TEMPLATES
+from sd3exp.project import TEMPLATES
 from sd3exp.io import dumps_json, read_json, write_json, write_text
+from sd3exp.layout import EvalLayout, RunLayout
 from sd3exp.runfolder import checkpoint_dirs
 
 RECORDS = ".sweep"
 EXITED = "the job's process exited before the job ended (see its output)"
-EVAL_LINKS = {"grid": "eval/grid.png", "report": "eval/report.html"}
+EVAL_LINKS = {"grid": f"{RunLayout.EVAL}/{EvalLayout.GRID}", "report": f"{RunLayout.EVAL}/{EvalLayout.REPORT}"}
 
 
 def is_multirun(config: DictConfig) -> bool:
@@ -77,11 +78,11 @@ def disk_status(run_dir: Path, training_dir: Optional[str]) -> str:
         return "evaluated"
     if training_dir and checkpoint_dirs(Path(training_dir)):
         return "trained"
-    return "compiled" if (run_dir / "config" / "config.env").is_file() else "planned"
+    return "compiled" if RunLayout(run_dir).config_env.is_file() else "planned"
 
 
 def plan_figures(run_dir: Path) -> Optional[Dict[str, int]]:
-    path = run_dir / "plan.json"
+    path = RunLayout(run_dir).plan
     if not path.is_file():
         return None
     plan = read_json(path)
@@ -91,7 +92,8 @@ def plan_figures(run_dir: Path) -> Optional[Dict[str, int]]:
 
 def best_thumbnail(eval_dir: Path, label: str) -> Optional[Path]:
     """The chosen checkpoint's first rendered image."""
-    cells = read_json(eval_dir / "cells.json") if (eval_dir / "cells.json").is_file() else []
+    cells_json = EvalLayout(eval_dir).cells
+    cells = read_json(cells_json) if cells_json.is_file() else []
     for cell in cells:
         if cell["label"] == label and cell["status"] == "ok" and cell["paths"]:
             path = eval_dir / cell["paths"][0]
@@ -101,12 +103,12 @@ def best_thumbnail(eval_dir: Path, label: str) -> Optional[Path]:
 
 def job_best(run_dir: Path, sweep_dir: Path) -> Optional[Dict[str, Any]]:
     """The job's best checkpoint, its score and a thumbnail, from eval/best.json; None when not scored."""
-    path = run_dir / "eval" / "best.json"
+    path = RunLayout(run_dir).eval.best
     if not path.is_file():
         return None
     best = read_json(path)
     rule, chosen = best["rule"], best["best"]
-    thumb = best_thumbnail(run_dir / "eval", chosen["label"]) if chosen else None
+    thumb = best_thumbnail(RunLayout(run_dir).eval.folder, chosen["label"]) if chosen else None
     return {"label": chosen["label"] if chosen else None, "step": chosen["step"] if chosen else None,
             "checkpoint": chosen["checkpoint"] if chosen else None, "objective": rule["objective"],
             "direction": rule["direction"], "score": chosen["scores"][rule["objective"]] if chosen else None,

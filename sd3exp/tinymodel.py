@@ -9,8 +9,9 @@ from pathlib import Path
 
 from .demo_data import shape_pixels
 from .errors import TrainerError
+from .project import WORKERS
 
-WORKER = Path(__file__).parent / "workers" / "build_tiny_sd3.py"
+WORKER = WORKERS / "build_tiny_sd3.py"
 MARKER = "tiny_sd3.json"  # the worker's record of how a folder was built
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from sd3exp.errors import DiskFullError, RunConflictError, TrainerError, no_space_message
 from sd3exp.io import read_json, write_json
+from sd3exp.layout import RunLayout
 from sd3exp.runfolder import checkpoint_dirs
 
 SHIM_DIR = Path(__file__).resolve().parent / "cpu_shim"
@@ -67,7 +68,7 @@ def is_complete(run_dir: Path, training_dir: Path, model_type: str, max_steps: i
     retrain the last step and overwrite them."""
     if not final_weights(training_dir, model_type).exists():
         return False
-    summary = run_dir / "training_summary.json"
+    summary = RunLayout(run_dir).training_summary
     last = read_json(summary)["progress"]["step"] if summary.is_file() else 0
     return max([last, *checkpoint_dirs(training_dir)]) >= max_steps
 
@@ -242,7 +243,7 @@ def launch(cmd: List[str], run_dir: Path, training_dir: Path, env: Dict[str, str
            start_step: int, on_first_step: Callable[[], None]) -> TrainResult:
     """Start the trainer in the run folder and follow it until it exits; Ctrl-C or SIGTERM stop it
     (exit status 128 + the signal), as does a full disk for train.log."""
-    log_path = run_dir / "train.log"
+    log_path = RunLayout(run_dir).train_log
     progress, started = Progress(step=start_step), time.monotonic()
     stopped_by = killed_by = None
     with sigterm_as_stop(), open(log_path, "ab") as log:
@@ -359,7 +360,7 @@ def run_training(cmd: List[str], run_dir: Path, training_dir: Path, env: Dict[st
             f"a second one would train the same run. Fix: wait for it to end, or stop it: kill -INT {left[0]}")
     result = launch(cmd, run_dir, training_dir, env, total, start, on_first_step)
     try:
-        write_json(run_dir / "training_summary.json", result.to_dict())
+        write_json(RunLayout(run_dir).training_summary, result.to_dict())
     except DiskFullError as err:
         print(f"warning: {err}")
     short = result.exit_code == 0 and not is_complete(run_dir, training_dir, model_type, total)

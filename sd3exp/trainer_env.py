@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from sd3exp.errors import TrainerError
+from sd3exp.schema import ExperimentConfig
 
 DEFAULT_VERSION = "4.10.1"
 READY = ".sd3exp-ready.json"
@@ -138,3 +139,10 @@ def locate(simpletuner: Optional[str], version: str, home: Optional[str]) -> Tra
         raise TrainerError(f"SimpleTuner {version} is not installed at {root}. Fix: run `make trainer` "
                            "(or `sd3exp setup-trainer`), or set trainer.simpletuner=/path/to/your/SimpleTuner.")
     return TrainerEnv("managed", root, root / "bin" / "python", version)
+
+
+def trainer_for(cfg: ExperimentConfig) -> TrainerEnv:
+    t = cfg.trainer
+    env = locate(t.simpletuner, t.version, t.home)
+    print(f"trainer: SimpleTuner {env.version} ({env.kind}) at {env.root}")
+    return env

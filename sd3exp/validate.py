@@ -12,8 +12,8 @@ from sd3exp.errors import ConfigError
 from sd3exp.plan import bucket_rule
 from sd3exp.schedule import SCHEDULES
 from sd3exp.schema import ExperimentConfig
+from sd3exp.stage_table import STAGES
 
-STAGES = ("plan", "compile", "caption", "review", "prepare", "audit", "train", "eval", "report", "all")
 MAX_REPEATS = 10_000  # passes per epoch; more is a typo, not a dataset
 # SimpleTuner 4.10.1's optimizer names (helpers/training/optimizer_param.py, optimizer_choices, with the
 # ones that need optional packages such as bitsandbytes): any other name is refused by its parser.
@@ -106,7 +106,7 @@ def check_model(cfg: ExperimentConfig) -> None:
         _positive("lora.alpha", cfg.lora.alpha, "e.g. lora.alpha equal to the rank")
     check_resolution(cfg)
     _choice("trainer.config_backend", cfg.trainer.config_backend, ("env", "json"))
-    _choice("stage", cfg.stage, STAGES)
+    _choice("stage", cfg.stage, tuple(STAGES))
 
 
 def _size(field: str, value: Any, resolution_type: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -13,7 +15,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from sd3exp.cli import CONF_DIR, ROOT, register
+from sd3exp.cli import main
+from sd3exp.project import CONF_DIR, ROOT, register
 from sd3exp.schema import ExperimentConfig
 from sd3exp.trainer_env import READY, managed_root
 
@@ -36,6 +39,22 @@ def run_cli(*args: str, cwd: Path = ROOT, env: Optional[dict] = None, timeout: f
                           env={**os.environ, **(env or {})}, timeout=timeout)
 
 
+def run_main(*args: str) -> subprocess.CompletedProcess:
+    """`sd3exp ARGS` for a subcommand (diff, lock) run in this process: what run_cli returns, without
+    starting a Python for it."""
+    out, err, argv = io.StringIO(), io.StringIO(), sys.argv
+    sys.argv = ["sd3exp", *args]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv = argv
+    return subprocess.CompletedProcess(["sd3exp", *args], code, out.getvalue(), err.getvalue())
+
+
 def trainer_python() -> Optional[Path]:
     if os.environ.get("SD3EXP_TRAINER_PYTHON"):
         return Path(os.environ["SD3EXP_TRAINER_PYTHON"])
@@ -43,5 +62,14 @@ def trainer_python() -> Optional[Path]:
     return root / "bin" / "python" if (root / READY).is_file() else None
 
 
-needs_trainer = pytest.mark.skipif(trainer_python() is None and os.environ.get("CI") != "true",
-                                   reason="the SimpleTuner trainer venv is not installed (make trainer)")
+# A test that needs the trainer venv: it is marked `trainer` (so `-m "not trainer"` leaves it out) and
+# skipped where the venv is not installed (pytest_itemcollected below).
+needs_trainer = pytest.mark.needs_trainer
+NO_TRAINER = trainer_python() is None and os.environ.get("CI") != "true"
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    if item.get_closest_marker("needs_trainer"):
+        item.add_marker(pytest.mark.trainer)
+        if NO_TRAINER:
+            item.add_marker(pytest.mark.skip(reason="the SimpleTuner trainer venv is not installed (make trainer)"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from sd3exp.audit import estimate_clip_tokens
+from sd3exp.captions import estimate_clip_tokens
 from sd3exp.caption.client import ImageFailed, answer_of
 from sd3exp.caption.post import PostSettings, postprocess, starts_with_trigger, strip_boilerplate
 from sd3exp.caption.prompts import PRESETS, compile_prompt, render

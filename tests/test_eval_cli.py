@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sd3exp.cli import ROOT
+from sd3exp.project import ROOT
 from sd3exp.evaluate.checkpoints import Checkpoint
 from sd3exp.errors import EvalError
 from sd3exp.evaluate.comfyui import ComfyClient, SweepSpec, find_nodes, load_workflow, run_sweep

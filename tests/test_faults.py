@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional
 
 import pytest
 
-from sd3exp.cli import ROOT
+from sd3exp.project import ROOT
 from sd3exp.demo import DEMO_COUNTS
 from sd3exp.demo_data import make_demo_dataset
 from sd3exp.runfolder import checkpoint_dirs, training_elsewhere

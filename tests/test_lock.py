@@ -5,15 +5,15 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from sd3exp.cli import ROOT
-from tests.conftest import run_cli
+from sd3exp.project import ROOT
+from tests.conftest import run_cli, run_main
 
 
 def project_copy(tmp_path: Path) -> Path:
     root = tmp_path / "project"
     shutil.copytree(ROOT / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
     (root / "conf" / "local").mkdir()
-    out = run_cli("lock", "--root", str(root))
+    out = run_main("lock", "--root", str(root))
     assert out.returncode == 0, out.stderr
     return root
 
@@ -36,7 +36,7 @@ def test_editing_an_experiment_fails_the_check_naming_it(tmp_path):
     root = project_copy(tmp_path)
     yaml = root / "conf" / "experiment" / "cinema_photo.yaml"
     yaml.write_text(yaml.read_text().replace("batch_size: 4", "batch_size: 2"))
-    out = run_cli("lock", "--check", "--root", str(root))
+    out = run_main("lock", "--check", "--root", str(root))
     assert out.returncode == 1
     assert "cinema_photo: config/config.env differs" in out.stdout
     assert "-TRAIN_BATCH_SIZE=4" in out.stdout and "+TRAIN_BATCH_SIZE=2" in out.stdout
@@ -47,9 +47,9 @@ def test_missing_and_stale_snapshots_fail(tmp_path):
     root = project_copy(tmp_path)
     shutil.copy(root / "conf" / "experiment" / "fantasy_art.yaml", root / "conf" / "experiment" / "new_one.yaml")
     shutil.copytree(root / "compiled" / "cinema_photo", root / "compiled" / "removed_one")
-    out = run_cli("lock", "--check", "--root", str(root))
+    out = run_main("lock", "--check", "--root", str(root))
     assert out.returncode == 1
     assert "new_one: no snapshot" in out.stdout and "removed_one: compiled/removed_one is stale" in out.stdout
-    assert run_cli("lock", "--root", str(root)).returncode == 0
-    assert run_cli("lock", "--check", "--root", str(root)).returncode == 0
+    assert run_main("lock", "--root", str(root)).returncode == 0
+    assert run_main("lock", "--check", "--root", str(root)).returncode == 0
     assert not (root / "compiled" / "removed_one").exists()

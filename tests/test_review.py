@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_main
 
 
 def diff_json(a: str, b: str):
-    out = run_cli("diff", a, b, "--format", "json", timeout=120)
+    out = run_main("diff", a, b, "--format", "json")
     return out.returncode, json.loads(out.stdout) if out.stdout else None, out
 
 
@@ -36,7 +36,7 @@ def test_a_run_folder_equals_the_spec_it_was_compiled_from(tmp_path):
     assert out.returncode == 0, out.stderr
     rc, result, _ = diff_json(str(run), "fantasy_art_lora optimizer.lr=2e-4")
     assert rc == 0 and result["identical"] and not result["config_hash"]["differs"]
-    text = run_cli("diff", str(run), "fantasy_art_lora")
+    text = run_main("diff", str(run), "fantasy_art_lora")
     assert text.returncode == 1
     assert "LEARNING_RATE: 0.0002 -> 0.0001   [yaml: optimizer.lr]" in text.stdout
     assert "config hash differs" in text.stdout
@@ -50,7 +50,7 @@ def test_header_only_differences_are_not_setting_differences(tmp_path):
     env_b = b / "config" / "config.env"
     env_b.write_text(env_b.read_text().replace("# overrides: (none)", "# overrides: seed=42")
                      .replace("sha256: ", "sha256: 0"))
-    out = run_cli("diff", str(a), str(b))
+    out = run_main("diff", str(a), str(b))
     assert out.returncode == 0, out.stdout + out.stderr
     assert "config hash differs" in out.stdout and "identical settings" in out.stdout
 

@@ -15,7 +15,7 @@ from typing import List, Optional
 
 import pytest
 
-from sd3exp.cli import ROOT
+from sd3exp.project import ROOT
 from sd3exp.runfolder import checkpoint_dirs
 from tests.conftest import needs_trainer, run_cli
 

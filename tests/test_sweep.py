@@ -78,6 +78,7 @@ def test_summary_links_eval_outputs_and_escapes_html(tmp_path):
 
 @pytest.mark.slow
 def test_submitit_local_runs_four_jobs_two_at_a_time(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the slurm extra is not installed")
     out = sweep(tmp_path, "hydra/launcher=submitit_local", "hydra.sweeper.max_batch_size=2",
                 "experiment=fantasy_art_lora", "optimizer.lr=1e-4,2e-4", "lora.rank=16,32")
     assert out.returncode == 0, out.stderr

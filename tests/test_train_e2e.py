@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageChops, ImageStat
 
-from sd3exp.cli import ROOT
+from sd3exp.project import ROOT
 from sd3exp.runfolder import checkpoint_dirs
 from tests import browser
 from tests.conftest import compose_experiment, needs_trainer, run_cli

@@ -7,13 +7,16 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from sd3exp.runfolder import UNFINISHED, checkpoint_dirs, set_aside_unfinished
+from sd3exp.layout import RunLayout
+from sd3exp.runfolder import checkpoint_dirs, set_aside_unfinished
 from sd3exp.train import Progress, TrainResult, follow, report, status_text
 
 # Lines as SimpleTuner 4.10.1 prints them (tqdm, \r-separated, wrapped in colour resets).
 FIRST = "\x1b[0mEpoch 1/1 Steps:   0%|          | 0/4 [00:00<?, ?it/s]"
 LATER = "Epoch 1/1, Steps:  50%|█████     | 2/4 [00:04<00:03,  1.84s/it, lr=0.0001, step_loss=4.12]\x1b[0m"
 RESUMED = "Epoch 1/1, Steps:  80%|████████  | 4/5 [00:00<?, ?it/s]"
+
+UNFINISHED = RunLayout.UNFINISHED
 
 
 def test_tqdm_lines_move_the_step_counter_and_carry_loss_and_lr():

@@ -13,7 +13,7 @@ import pytest
 
 from sd3exp.demo import DEMO_COUNTS
 from sd3exp.demo_data import make_demo_dataset
-from sd3exp.cli import ROOT
+from sd3exp.project import ROOT
 from tests.conftest import run_cli
 
 

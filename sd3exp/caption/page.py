@@ -18,8 +18,10 @@ import jinja2
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from sd3exp.audit import AuditReport, ConceptAudit, estimate_clip_tokens
-from sd3exp.compile import TEMPLATES
+from sd3exp.audit import AuditReport, ConceptAudit
+from sd3exp.captions import estimate_clip_tokens
+from sd3exp.layout import RunLayout
+from sd3exp.project import TEMPLATES
 from sd3exp.evaluate.report import href
 from sd3exp.io import write_bytes, write_text
 from sd3exp.schema import ConceptConfig, ExperimentConfig
@@ -115,7 +117,7 @@ def review_context(cfg: ExperimentConfig, report: AuditReport, generated: Dict[s
                       "tags": list(a.tag_counts.items())[:TAG_ROWS],
                       "more_tags": max(0, len(a.tag_counts) - TAG_ROWS)} for a in report.concepts],
         "errors": report.errors, "warnings": report.warnings,
-        "audit_json": href(run_dir / "audit.json", run_dir),
+        "audit_json": href(RunLayout(run_dir).audit, run_dir),
     }
 
 
@@ -128,6 +130,6 @@ def render_review(context: Dict[str, Any]) -> str:
 def write_review(cfg: ExperimentConfig, report: AuditReport, generated: Dict[str, Dict[str, str]],
                  run_dir: Path) -> Path:
     """Write `<run>/review.html` atomically; its path."""
-    out = run_dir / "review.html"
+    out = RunLayout(run_dir).review
     write_text(out, render_review(review_context(cfg, report, generated, run_dir)))
     return out

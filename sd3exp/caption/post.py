@@ -17,8 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import List, Optional
 
-from sd3exp.audit import estimate_clip_tokens
-from sd3exp.captions import join_tags, split_tags
+from sd3exp.captions import estimate_clip_tokens, join_tags, split_tags
 
 _SUBJECT = r"(?:this|the|in\s+this|in\s+the)\s+(?:image|picture|photo(?:graph)?|illustration|artwork|drawing|painting|scene)"
 BOILERPLATE = [

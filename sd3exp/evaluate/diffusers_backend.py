@@ -26,9 +26,10 @@ from sd3exp.evaluate.cells import BASE_LABEL, IMAGE_NAME, Cell
 from sd3exp.evaluate.checkpoints import Checkpoint
 from sd3exp.evaluate.comfyui import Sampling, SweepInterrupted
 from sd3exp.io import write_json
+from sd3exp.project import WORKERS
 from sd3exp.tinymodel import OFFLINE_ENV
 
-WORKER = Path(__file__).resolve().parent.parent / "workers" / "render_diffusers.py"
+WORKER = WORKERS / "render_diffusers.py"
 WAKE_S = 0.2  # longest the main thread waits for a progress line before it looks at signals
 PIPE_ARGS = {"steps": "num_inference_steps", "cfg": "guidance_scale"}  # Sampling field -> pipeline argument
 log = logging.getLogger(__name__)

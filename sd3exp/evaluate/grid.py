@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 from sd3exp.errors import EvalError
 from sd3exp.evaluate.cells import Cell, cell_image, column_title
 from sd3exp.io import write_bytes
+from sd3exp.layout import EvalLayout
 
 DEFAULT_MAX_PIXELS = 64_000_000
 MIN_TILE = 128  # smaller renders (tiny demo models) are scaled up so labels and error text fit
@@ -315,7 +316,7 @@ def _chunks(stem: str, columns: Sequence[Column], rows: Sequence[Row], layout: L
 def split(columns: Sequence[Column], rows: Sequence[Row], layout: Layout, max_pixels: int) -> list[Piece]:
     """(file name, columns, rows) per grid: one `grid.png` when it fits, else per seed, then chunks."""
     if layout.pixels(len(columns), len(rows)) <= max_pixels:
-        return [("grid.png", list(columns), list(rows))]
+        return [(EvalLayout.GRID, list(columns), list(rows))]
     seeds = _unique([r.seed for r in rows])
     if len(seeds) == 1:
         return _chunks("grid", columns, rows, layout, max_pixels)

@@ -17,9 +17,10 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 from sd3exp.errors import ConfigError
 from sd3exp.io import read_json, write_json
+from sd3exp.project import WORKERS
 from sd3exp.tinymodel import OFFLINE_ENV
 
-WORKER = Path(__file__).resolve().parent.parent / "workers" / "score_clip.py"
+WORKER = WORKERS / "score_clip.py"
 KINDS: Dict[str, tuple] = {  # key -> (config.json model_type values accepted, what is needed)
     "clip": (("clip",), "a CLIP model with image and text towers (CLIPModel, e.g. openai/clip-vit-large-patch14)"),
     "dino": (("dinov2", "dinov2_with_registers", "vit"), "a DINO image model (e.g. facebook/dinov2-base)"),

@@ -13,12 +13,12 @@ from urllib.parse import quote
 
 import jinja2
 
-from sd3exp.compile import TEMPLATES
+from sd3exp.project import TEMPLATES
 from sd3exp.evaluate.cells import Cell, cell_image, column_title
 from sd3exp.io import read_json, write_text
+from sd3exp.layout import EvalLayout, RunLayout
 
 TEMPLATE = "report.html.j2"
-CONFIG_FILES = ("config/config.env", "config/multibackend.json", "config/config.json")
 
 
 def href(target: Path, page_dir: Path) -> str:
@@ -50,7 +50,7 @@ def cell_row(cell: Cell, page_dir: Path) -> dict[str, Any]:
 
 def read_plan(run_dir: Path) -> Optional[dict[str, Any]]:
     """The experiment's plan.json, or None when the run folder has none."""
-    path = run_dir / "plan.json"
+    path = RunLayout(run_dir).plan
     return read_json(path) if path.is_file() else None
 
 
@@ -58,7 +58,7 @@ def report_context(run_dir: Path, cells: Sequence[Cell], grids: Sequence[Path], 
                    title: Optional[str] = None) -> dict[str, Any]:
     """Everything the template shows, links relative to `page_dir`."""
     plan = read_plan(run_dir)
-    lr_curve = run_dir / "lr_curve.png"
+    lr_curve = RunLayout(run_dir).lr_curve
     return {
         "title": title or (plan or {}).get("experiment") or run_dir.name,
         "grids": [_link(g, page_dir) for g in grids],
@@ -68,16 +68,17 @@ def report_context(run_dir: Path, cells: Sequence[Cell], grids: Sequence[Path], 
         "total_seconds": f"{sum(c.seconds for c in cells):.1f}",
         "plan": plan,
         "lr_curve": _link(lr_curve, page_dir) if lr_curve.is_file() else None,
-        **scoring_context(run_dir / "eval", page_dir),
-        "configs": [_link(run_dir / name, page_dir) | {"name": name} for name in CONFIG_FILES],
+        **scoring_context(RunLayout(run_dir).eval.folder, page_dir),
+        "configs": [_link(run_dir / name, page_dir) | {"name": name} for name in RunLayout.COMPILED],
     }
 
 
 def scoring_context(eval_dir: Path, page_dir: Path) -> dict[str, Any]:
     """The chosen checkpoint (eval/best.json) and the score plot, when the evaluation was scored."""
-    from sd3exp.evaluate.score import PLOT_FILE, TRAINING_PLOT, read_best
+    from sd3exp.evaluate.score import read_best
 
-    plots = {key: eval_dir / name for key, name in (("score_plot", PLOT_FILE), ("training_plot", TRAINING_PLOT))}
+    folder = EvalLayout(eval_dir)
+    plots = {"score_plot": folder.scores_plot, "training_plot": folder.training_plot}
     return {"best": read_best(eval_dir), **{k: _link(p, page_dir) if p.is_file() else None for k, p in plots.items()}}
 
 
@@ -95,6 +96,6 @@ def write_report(run_dir: Path | str, cells: Sequence[Cell], grids: Sequence[Pat
                  title: Optional[str] = None) -> Path:
     """Write `<run>/eval/report.html` (or `out`) atomically; return its path."""
     run_dir = Path(run_dir)
-    out = Path(out) if out else run_dir / "eval" / "report.html"
+    out = Path(out) if out else RunLayout(run_dir).eval.report
     write_text(out, render_report(report_context(run_dir, cells, grids, out.parent, title)))
     return out

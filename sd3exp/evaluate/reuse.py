@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from sd3exp.evaluate.cells import BASE_LABEL, Cell, image_name, read_cells_json
 from sd3exp.evaluate.checkpoints import Checkpoint
 from sd3exp.io import read_json
+from sd3exp.layout import EvalLayout
 
 CellKey = Tuple[str, int, int]  # label, prompt index, seed
 
@@ -56,9 +57,10 @@ def reusable(previous: Sequence[Cell], before: Mapping[str, Any], now: Mapping[s
 
 def load_previous(eval_dir: Optional[Path]) -> Tuple[List[Cell], Dict[str, Any]]:
     """An earlier evaluation's cells and request record; empty when there is none to reuse."""
-    if eval_dir is None or not (eval_dir / "cells.json").is_file() or not (eval_dir / "request.json").is_file():
+    folder = EvalLayout(eval_dir) if eval_dir is not None else None
+    if folder is None or not folder.cells.is_file() or not folder.request.is_file():
         return [], {}
-    return read_cells_json(eval_dir / "cells.json"), read_json(eval_dir / "request.json")
+    return read_cells_json(folder.cells), read_json(folder.request)
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

@@ -33,11 +33,9 @@ from sd3exp.evaluate.cells import BASE_LABEL, Cell, cell_image, column_title
 from sd3exp.evaluate.select import MEASURES, Candidate, Choice, Rule, choose, make_rule, mean_scores
 from sd3exp.images import list_images
 from sd3exp.io import read_json, write_bytes, write_json
+from sd3exp.layout import EvalLayout, RunLayout
 from sd3exp.schema import ExperimentConfig
 
-BEST_FILE = "best.json"
-PLOT_FILE = "scores.png"
-TRAINING_PLOT = "training.png"
 METRICS_FILE = "training_metrics.jsonl"  # SimpleTuner's own, in its output_dir, with trainer.report_to=simpletuner
 
 
@@ -141,7 +139,7 @@ def score_cells(cfg: ExperimentConfig, cells: Sequence[Cell], work_dir: Optional
         out[i] = replace(cell, scores=scores, memorised=memorised, scored_with=key)
     if folders:
         out = model_scores(cfg, out, [i for i in todo if out[i].scored_with], sets, folders,
-                           work_dir or Path(cfg.paths.run_dir) / "eval")
+                           work_dir or RunLayout(Path(cfg.paths.run_dir)).eval.folder)
     return out, len(todo), sum(c.status == "ok" for c in cells) - len(todo)
 
 
@@ -149,7 +147,7 @@ def model_scores(cfg: ExperimentConfig, cells: List[Cell], todo: Sequence[int], 
                  folders: Mapping[str, Path], work: Path) -> List[Cell]:
     """CLIP-T / CLIP-I / DINO-I added to the cells at `todo` (by the trainer venv's worker); when the worker
     fails the cells keep their weight-free scores and are scored again next time."""
-    from sd3exp.stages import trainer_for
+    from sd3exp.trainer_env import trainer_for
 
     if not todo:
         return cells
@@ -240,7 +238,7 @@ def best_label(choice: Optional[Choice]) -> Optional[str]:
 
 def read_best(eval_dir: Path) -> Optional[dict]:
     """eval/best.json, or None when the evaluation chose nothing (scoring off)."""
-    path = eval_dir / BEST_FILE
+    path = EvalLayout(eval_dir).best
     return read_json(path) if path.is_file() else None
 
 
@@ -263,7 +261,7 @@ def training_metrics(training_dir: Path) -> List[dict]:
 def objective(run_dir: Path) -> Optional[float]:
     """The run's objective: its best checkpoint's score under the rule; NaN when the rule chose none;
     None when the run was not scored."""
-    best = read_best(Path(run_dir) / "eval")
+    best = read_best(RunLayout(Path(run_dir)).eval.folder)
     if best is None:
         return None
     chosen = best["best"]
@@ -279,17 +277,17 @@ def choose_best(cfg: ExperimentConfig, run_dir: Path, cells: Sequence[Cell], rec
     from sd3exp import plots
 
     rule = rule_of(cfg)
-    eval_dir = out_dir or run_dir / "eval"
+    eval_dir = out_dir or RunLayout(run_dir).eval.folder
     cells, fresh, kept = score_cells(cfg, cells, eval_dir)
     candidates = mean_scores([_cell_view(c) for c in cells])
     choice = choose(candidates, rule)
     failed = sum(c.failed for c in candidates)
     print(f"scored {fresh} new cell(s), {kept} kept from the last evaluation"
           + (f"; {failed} failed cell(s) left out of the scores" if failed else ""))
-    write_json(eval_dir / BEST_FILE, best_record(choice, candidates, record))
-    write_bytes(eval_dir / PLOT_FILE, plots.score_plot(candidates, choice.best.label if choice.best else None,
+    write_json(EvalLayout(eval_dir).best, best_record(choice, candidates, record))
+    write_bytes(EvalLayout(eval_dir).scores_plot, plots.score_plot(candidates, choice.best.label if choice.best else None,
                                                       rule.objective))
     metrics = training_metrics(Path(cfg.paths.training_dir))
     if metrics:
-        write_bytes(eval_dir / TRAINING_PLOT, plots.training_plot(metrics, choice.best.step if choice.best else None))
+        write_bytes(EvalLayout(eval_dir).training_plot, plots.training_plot(metrics, choice.best.step if choice.best else None))
     return cells, choice

@@ -22,13 +22,12 @@ from sd3exp.evaluate.lora_scale import Strength
 from sd3exp.evaluate.report import write_report
 from sd3exp.evaluate.score import best_label, check_scoring, choose_best, print_best, scoring_request, summary_line
 from sd3exp.io import write_json
+from sd3exp.layout import EvalLayout, RunLayout
 from sd3exp.runfolder import training_elsewhere
 from sd3exp.schema import EvalConfig, ExperimentConfig
 from sd3exp.signals import sigterm_raises
 
 
-STAGING = "eval.next"  # where an evaluation is built before it replaces eval/
-EXTRA_PATHS_FILE = "comfyui_extra_model_paths.yaml"
 SHIPPED_WORKFLOWS = {"full": "sd3_api.json", "lora": "sd3_lora_api.json"}  # model.type -> conf/workflows/
 
 
@@ -84,7 +83,7 @@ def run_name(cfg: ExperimentConfig, run_dir: Path) -> str:
 
 def render_diffusers(cfg: ExperimentConfig, job: RenderJob, run_dir: Path, images: Path) -> List[Cell]:
     from sd3exp.evaluate.diffusers_backend import render
-    from sd3exp.stages import trainer_for
+    from sd3exp.trainer_env import trainer_for
 
     env = trainer_for(cfg)
     ev = cfg.eval
@@ -115,8 +114,8 @@ def render_comfyui(cfg: ExperimentConfig, job: RenderJob, run_dir: Path, images:
             print(f"warning: {p}")
     elif mode == "extra_paths":
         snippet = links.extra_paths_yaml(name, training, sorted({c.kind for c in checkpoints}))
-        links.write_extra_paths(run_dir / EXTRA_PATHS_FILE, snippet)
-        print(f"ComfyUI: start it with --extra-model-paths-config {run_dir / EXTRA_PATHS_FILE}")
+        links.write_extra_paths(RunLayout(run_dir).extra_paths, snippet)
+        print(f"ComfyUI: start it with --extra-model-paths-config {RunLayout(run_dir).extra_paths}")
     client = comfyui.ComfyClient(ev.url)
     names = {c.label: links.comfy_name(c, name, mode, training) for c in checkpoints}
     if mode == "extra_paths" and job.changed:
@@ -193,9 +192,9 @@ def archive_previous(eval_dir: Path) -> Optional[Path]:
     if not (eval_dir.exists() and any(eval_dir.iterdir())):
         return None
     n = 1
-    while eval_dir.with_name(f"eval.previous-{n}").exists():
+    while RunLayout(eval_dir.parent).previous_eval(n).exists():
         n += 1
-    kept = eval_dir.rename(eval_dir.with_name(f"eval.previous-{n}"))
+    kept = eval_dir.rename(RunLayout(eval_dir.parent).previous_eval(n))
     print(f"the earlier evaluation was kept as {kept}")
     return kept
 
@@ -231,8 +230,8 @@ def complete(cells: Sequence[Cell], all_cells: Sequence[reuse.CellKey]) -> bool:
 
 def earlier_evaluations(run_dir: Path) -> List[Path]:
     """Evaluations cells may be reused from, newest first: eval/, then eval.previous-N, highest N first."""
-    numbered = [p for p in run_dir.glob("eval.previous-*") if p.name.rsplit("-", 1)[1].isdigit()]
-    return [run_dir / "eval"] + sorted(numbered, key=lambda p: -int(p.name.rsplit("-", 1)[1]))
+    numbered = [p for p in run_dir.glob(f"{RunLayout.EVAL_PREVIOUS}*") if p.name.rsplit("-", 1)[1].isdigit()]
+    return [RunLayout(run_dir).eval.folder] + sorted(numbered, key=lambda p: -int(p.name.rsplit("-", 1)[1]))
 
 
 def reuse_earlier(run_dir: Path, record: dict, prompts: Sequence[str], seeds: Sequence[int],
@@ -254,10 +253,10 @@ def reuse_earlier(run_dir: Path, record: dict, prompts: Sequence[str], seeds: Se
 def staging_dir(run_dir: Path) -> Path:
     """A fresh folder the new evaluation is built in; eval/ is replaced only once it has produced
     something. One left by a killed evaluation holds nothing reusable (no cells.json) and goes."""
-    staging = run_dir / STAGING
+    staging = RunLayout(run_dir).eval_staging.folder
     if staging.exists():
         shutil.rmtree(staging)
-    (staging / "images").mkdir(parents=True)
+    EvalLayout(staging).images.mkdir(parents=True)
     return staging
 
 
@@ -275,7 +274,7 @@ def evaluate(cfg: ExperimentConfig, run_dir: Path, resume_command: Optional[str]
         print("eval.backend=none: evaluation skipped")
         return run_dir
     check_settings(cfg)
-    eval_dir = run_dir / "eval"
+    eval_dir = RunLayout(run_dir).eval.folder
     check_scoring(cfg)
     checkpoints = checkpoints_to_render(cfg, run_dir)
     strengths = lora_strengths(cfg, checkpoints)
@@ -283,13 +282,13 @@ def evaluate(cfg: ExperimentConfig, run_dir: Path, resume_command: Optional[str]
     all_cells = reuse.wanted(list(record["checkpoints"]), ev.prompts, ev.seeds)
     current, before = reuse.load_previous(eval_dir)
     if before == record and complete(current, all_cells):
-        print(f"already evaluated with these settings: {eval_dir / 'report.html'}")
+        print(f"already evaluated with these settings: {EvalLayout(eval_dir).report}")
         print_best(eval_dir)
-        return eval_dir / "report.html"
+        return EvalLayout(eval_dir).report
     staging, reused = staging_dir(run_dir), {}
     try:
         with sigterm_raises(Stopped):
-            reused = reuse_earlier(run_dir, record, ev.prompts, ev.seeds, staging / "images")
+            reused = reuse_earlier(run_dir, record, ev.prompts, ev.seeds, EvalLayout(staging).images)
             job = render_job(checkpoints, ev.include_base, all_cells, reused, strengths, before, record)
             rendered = render(cfg, job, run_dir, staging)
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Stopped), before or during the sweep
@@ -308,7 +307,7 @@ def render(cfg: ExperimentConfig, job: RenderJob, run_dir: Path, staging: Path) 
     if not (job.checkpoints or job.include_base):
         return []
     backend = render_comfyui if cfg.eval.backend == "comfyui" else render_diffusers
-    return with_scales(backend(cfg, job, run_dir, staging / "images"), job.strengths)
+    return with_scales(backend(cfg, job, run_dir, EvalLayout(staging).images), job.strengths)
 
 
 def with_scales(cells: Sequence[Cell], strengths: Mapping[str, Strength]) -> List[Cell]:
@@ -321,18 +320,18 @@ def keep_partial(run_dir: Path, staging: Path, all_cells: Sequence[reuse.CellKey
                  resume_command: Optional[str]) -> None:
     """Ctrl-C or SIGTERM: record the finished cells (cells.json partial, in grid order) and say how to
     continue."""
-    done = {(c.label, c.prompt_index, c.seed): c for c in cellio.store_images(stop.cells, staging / "images")
+    done = {(c.label, c.prompt_index, c.seed): c for c in cellio.store_images(stop.cells, EvalLayout(staging).images)
             if c.status == "ok"}
     by_key = {**reused, **done}
     cells = [by_key[key] for key in all_cells if key in by_key]
     if done:
-        cellio.write_cells_json(cells, staging / "cells.json")
-        write_json(staging / "request.json", record)
-        promote(staging, run_dir / "eval")
-        kept = f"kept {len(done)} newly rendered cell(s) ({len(cells)} in all) in {run_dir / 'eval' / 'cells.json'}"
+        cellio.write_cells_json(cells, EvalLayout(staging).cells)
+        write_json(EvalLayout(staging).request, record)
+        promote(staging, RunLayout(run_dir).eval.folder)
+        kept = f"kept {len(done)} newly rendered cell(s) ({len(cells)} in all) in {RunLayout(run_dir).eval.cells}"
     else:
         shutil.rmtree(staging, ignore_errors=True)
-        kept = f"no new cell was finished; {run_dir / 'eval'} is unchanged"
+        kept = f"no new cell was finished; {RunLayout(run_dir).eval.folder} is unchanged"
     again = resume_command or "the same command"
     raise EvalInterrupted(f"evaluation stopped by {signal.Signals(stop.signum).name}: {kept}. "
                           f"Continue with: {again}", 128 + stop.signum) from stop
@@ -340,14 +339,14 @@ def keep_partial(run_dir: Path, staging: Path, all_cells: Sequence[reuse.CellKey
 
 def finish(cfg: ExperimentConfig, run_dir: Path, cells: List[Cell], record: dict, staging: Path) -> Path:
     """Grid(s), cells.json, report.html and request.json written in staging, which then becomes eval/."""
-    eval_dir = run_dir / "eval"
+    eval_dir = RunLayout(run_dir).eval.folder
     cells, choice = choose_best(cfg, run_dir, cells, record, out_dir=staging)
     grids = write_grids(cells, staging, cfg.eval.max_grid_pixels, best=best_label(choice))
-    cellio.write_cells_json(cells, staging / "cells.json")
-    write_report(run_dir, cells, grids, out=staging / "report.html", title=cfg.name)
-    write_json(staging / "request.json", record)
+    cellio.write_cells_json(cells, EvalLayout(staging).cells)
+    write_report(run_dir, cells, grids, out=EvalLayout(staging).report, title=cfg.name)
+    write_json(EvalLayout(staging).request, record)
     promote(staging, eval_dir)
-    report = eval_dir / "report.html"
+    report = EvalLayout(eval_dir).report
     failed = [c for c in cells if c.status != "ok"]
     print(f"evaluated {len(cells)} cell(s) ({len(cells) - len(failed)} ok): "
           f"{', '.join(str(eval_dir / g.name) for g in grids)}")
