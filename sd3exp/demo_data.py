@@ -86,6 +86,23 @@ def _read_manifest(folder: Path) -> Any:
         return None
 
 
+def outdated(folder: Path, counts: dict[tuple[int, int], int]) -> bool:
+    """`folder` is a demo dataset (it has the manifest) of another recipe: other image counts or format.
+    Its seed and trigger do not count (the jobs of a seed sweep share one dataset)."""
+    found = _read_manifest(folder)
+    if not (isinstance(found, dict) and {"trigger", "seed"} <= found.keys()):
+        return False
+    return found != _manifest(found["trigger"], counts, found["seed"])
+
+
+def set_aside(folder: Path) -> Path:
+    """Rename `folder` to the first free <name>.previous-N beside it (nothing is deleted)."""
+    n = 1
+    while folder.with_name(f"{folder.name}.previous-{n}").exists():
+        n += 1
+    return folder.rename(folder.with_name(f"{folder.name}.previous-{n}"))
+
+
 def make_demo_dataset(folder: Path, trigger: str, counts: dict[tuple[int, int], int], seed: int) -> Path:
     """Write counts[(width, height)] PNGs with .txt captions to folder, atomically.
 

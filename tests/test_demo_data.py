@@ -7,8 +7,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from sd3exp.demo import DEMO_COUNTS, ensure_demo_assets
 from sd3exp.demo_data import MANIFEST, make_demo_dataset
 from sd3exp.errors import ConfigError, RunConflictError
+from sd3exp.job import absolute_paths
+from tests.conftest import compose_experiment
 
 COUNTS = {(64, 64): 3, (96, 64): 2, (64, 96): 2}
 
@@ -85,3 +88,30 @@ def test_refuses_a_foreign_folder(tmp_path: Path) -> None:
 def test_rejects_bad_arguments(tmp_path: Path, trigger: str, counts: dict) -> None:
     with pytest.raises(ConfigError):
         make_demo_dataset(tmp_path / "d", trigger, counts, seed=0)
+
+
+OLD_DEMO = {(64, 64): 8, (64, 128): 4, (128, 64): 4}  # the 16 images of the demo before the learning demo
+
+
+def demo_in(root: Path, *overrides: str):
+    cfg = compose_experiment("demo", [f"paths.root_dir={root}", *overrides], run_dir=str(root / "outputs" / "run"))
+    return absolute_paths(cfg)
+
+
+def test_an_older_demos_dataset_is_set_aside_and_generated_anew(tmp_path: Path) -> None:
+    """An upgrade: the project's data/demo/shapes holds the old demo's 16 images; the demo must not train on them."""
+    old = make_demo_dataset(tmp_path / "data" / "demo" / "shapes", "k4s4", OLD_DEMO, seed=42)
+    before = snapshot(old)
+    ensure_demo_assets(demo_in(tmp_path), with_model=False)
+    assert snapshot(tmp_path / "data" / "demo" / "shapes.previous-1") == before
+    assert len(list(old.glob("*.png"))) == sum(DEMO_COUNTS.values())
+    again = snapshot(old)
+    ensure_demo_assets(demo_in(tmp_path, "seed=7"), with_model=False)  # a seed sweep shares the dataset
+    assert snapshot(old) == again and not (tmp_path / "data" / "demo" / "shapes.previous-2").exists()
+
+
+def test_an_older_demo_dataset_outside_the_projects_demo_folder_is_left_alone(tmp_path: Path) -> None:
+    mine = make_demo_dataset(tmp_path / "mine", "k4s4", OLD_DEMO, seed=42)
+    before = snapshot(mine)
+    ensure_demo_assets(demo_in(tmp_path / "project", f"concepts.0.path={mine}"), with_model=False)
+    assert snapshot(mine) == before and sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
