@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from sd3exp import migrate, schema
-from sd3exp.errors import DiskFullError, Sd3expError, no_space_message
+from sd3exp.errors import DiskFullError, Interrupted, Sd3expError, no_space_message
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = ROOT / "conf"
@@ -78,7 +78,7 @@ def _hydra_main(cfg: DictConfig) -> Optional[float]:
             raise DiskFullError(f"{no_space_message(Path(err.filename or cfg.paths.run_dir))}; the files "
                                 "written before are kept (each is written whole or not at all)") from err
     except Sd3expError as err:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
+        if HydraConfig.get().mode == RunMode.MULTIRUN and not isinstance(err, Interrupted):
             print(f"sd3exp: error in job {HydraConfig.get().job.num}: {err}", file=sys.stderr)
             raise  # Hydra marks this job failed, finishes the batch, then exits non-zero
         fail(err)

@@ -15,11 +15,12 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from sd3exp import __version__, cache, lrplot, runfolder
-from sd3exp.errors import ConfigError
+from sd3exp.errors import ConfigError, Interrupted
 from sd3exp.compile import Compiled, compile_experiment, config_hash
 from sd3exp.io import dumps_json, read_json, write_if_changed
 from sd3exp.plan import Plan, make_plan, render_table
 from sd3exp.schema import ExperimentConfig
+from sd3exp.signals import Stopped, described, signum_of, sigterm_raises
 from sd3exp.validate import validate
 
 DATA_STAGES = ("prepare", "audit", "train", "all")
@@ -176,20 +177,34 @@ def discard_empty(run_dir: Path, output_root: Path) -> None:
         folder = folder.parent
 
 
+def stopped(exc: KeyboardInterrupt, doing: str, kept: str, again: str) -> Interrupted:
+    """Ctrl-C or SIGTERM: what was kept and the command that continues, exit 128 + the signal."""
+    signum = signum_of(exc)
+    return Interrupted(f"{doing} stopped by {described(signum)}: {kept}. Continue with: {again}", signum)
+
+
 def run(cfg: DictConfig) -> Optional[float]:
     """Run the stages asked for; returns the run's objective (the best checkpoint's score, NaN
-    when nothing was chosen) after an evaluation, so Hydra sweepers can optimise it."""
+    when nothing was chosen) after an evaluation, so Hydra sweepers can optimise it. SIGTERM
+    stops every stage the way Ctrl-C does."""
     run_dir = Path(cfg.paths.run_dir)
-    try:
-        job = load(cfg)
-        if job.cfg.stage == "plan":
-            plan, _ = build(job)
-            print(render_table(plan))
-            return None
-        job, plan = stage_compile(job, cfg)
-    finally:
-        discard_empty(run_dir, Path(cfg.paths.output_root))
-    run_later_stages(job, plan)
+    with sigterm_raises(Stopped, unless_handled=True):
+        try:
+            job = load(cfg)
+            if job.cfg.stage == "plan":
+                plan, _ = build(job)
+                print(render_table(plan))
+                return None
+            job, plan = stage_compile(job, cfg)
+        except KeyboardInterrupt as exc:
+            from sd3exp.stages import command_line
+
+            again = command_line(run_dir.resolve(), str(cfg.name), str(cfg.stage))
+            raise stopped(exc, "planning and compiling", "each file written to the run folder is whole (written "
+                          "whole or not at all); nothing was prepared or trained", again) from None
+        finally:
+            discard_empty(run_dir, Path(cfg.paths.output_root))
+        run_later_stages(job, plan)
     if job.cfg.stage not in ("eval", "all"):
         return None
     from sd3exp.evaluate.score import objective
@@ -204,4 +219,8 @@ def run_later_stages(job: Job, plan: Plan) -> None:
     from sd3exp import stages
 
     with runfolder.exclusive(job.run_dir, stage):
-        stages.run_stage(stage, job, plan)
+        try:
+            stages.run_stage(stage, job, plan)
+        except KeyboardInterrupt as exc:  # where no stage said more: compile's files and checkpoints are whole
+            raise stopped(exc, f"stage={stage}", "the files written so far are whole (each is written whole or "
+                          "not at all); no checkpoint was changed", stages.command_for(job, stage)) from None

@@ -8,12 +8,34 @@ import signal
 from typing import Any, Callable, Iterator
 
 
+class Stopped(KeyboardInterrupt):
+    """A signal other than Ctrl-C (SIGTERM) that stops a stage the way Ctrl-C does."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def signum_of(exc: KeyboardInterrupt) -> int:
+    """The signal behind a Ctrl-C or a Stopped."""
+    return getattr(exc, "signum", signal.SIGINT)
+
+
+def described(signum: int) -> str:
+    """'Ctrl-C' for SIGINT, the signal's name otherwise."""
+    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+
+
 @contextlib.contextmanager
-def sigterm_raises(make: Callable[[int], BaseException]) -> Iterator[None]:
-    """Within: SIGTERM raises `make(signum)`; outside the main thread signals are left alone."""
+def sigterm_raises(make: Callable[[int], BaseException], unless_handled: bool = False) -> Iterator[None]:
+    """Within: SIGTERM raises `make(signum)`; outside the main thread signals are left alone, and with
+    `unless_handled` so is a handler someone else installed (submitit's, under Slurm)."""
     def handler(signum: int, frame: Any) -> None:
         raise make(signum)
 
+    if unless_handled and signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
+        yield
+        return
     try:
         previous = signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread

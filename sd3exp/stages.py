@@ -12,7 +12,7 @@ from hydra.types import RunMode
 from sd3exp import cache, trainer_env
 from sd3exp.compile import trainer_args, user_extra_args
 from sd3exp.errors import ConfigError, DatasetError, EvalError
-from sd3exp.pipeline import Job
+from sd3exp.pipeline import Job, stopped
 from sd3exp.runfolder import checkpoint_dirs, claim_training_dir, set_aside_unfinished
 from sd3exp.plan import Plan
 from sd3exp.schema import ExperimentConfig
@@ -23,21 +23,30 @@ ONE_OFF = ("stage=", "trainer.new_run=", "trainer.force=")
 
 def command_for(job: Job, stage: str) -> str:
     """This command line again for another stage, aimed at the same run folder."""
+    return command_line(job.run_dir, job.cfg.name, stage)
+
+
+def command_line(run_dir: Path, name: str, stage: str) -> str:
+    """This command line again for `stage`, aimed at `run_dir` (experiment `name`)."""
     try:
         hydra = HydraConfig.get()
         task = [o for o in hydra.overrides.task if not o.startswith(ONE_OFF)]
         if hydra.mode == RunMode.MULTIRUN or any(o.startswith("hydra.run.dir=") for o in hydra.overrides.hydra) \
-                or Path(hydra.runtime.output_dir).resolve() != job.run_dir:
-            task.append(f"hydra.run.dir={job.run_dir}")
+                or Path(hydra.runtime.output_dir).resolve() != run_dir:
+            task.append(f"hydra.run.dir={run_dir}")
     except ValueError:  # not run by Hydra
-        task = [f"experiment={job.cfg.name}"] if job.cfg.name != "default" else []
+        task = [f"experiment={name}"] if name != "default" else []
     return shlex.join(["python", "-m", "sd3exp", *task] + ([f"stage={stage}"] if stage != "all" else []))
 
 
 def stage_audit(job: Job, plan: Plan) -> None:
     from sd3exp import audit
 
-    report = audit.audit(job.cfg)
+    try:
+        report = audit.audit(job.cfg)
+    except KeyboardInterrupt as exc:
+        raise stopped(exc, "the caption audit", "it only reads your images and captions; audit.json is "
+                      "written when it finishes", command_for(job, job.cfg.stage)) from None
     print(audit.write_audit(report, job.run_dir / "audit.json"))
     errors = audit.audit_errors(report, job.cfg)
     if errors:
@@ -69,7 +78,12 @@ def stage_prepare(job: Job, plan: Plan) -> None:
     from sd3exp import prepare
 
     stage_audit(job, plan)
-    summary = prepare.prepare(job.cfg)
+    try:
+        summary = prepare.prepare(job.cfg)
+    except KeyboardInterrupt as exc:
+        raise stopped(exc, "preparing the dataset", f"each concept's folder in {job.cfg.dataset.prepared_dir} "
+                      "is complete or as it was (a half-built one is removed; the next run builds only what "
+                      "differs); your images are untouched", command_for(job, job.cfg.stage)) from None
     print(summary.line())
 
 

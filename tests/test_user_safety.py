@@ -4,8 +4,13 @@ bad input gets a named error (issue 9). Through the CLI, without the trainer."""
 from __future__ import annotations
 
 import contextlib
+import re
+import shlex
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -173,3 +178,34 @@ def test_materialized_plan_shows_the_repeats_simpletuner_gets():
     from sd3exp.demo import DEMO_COUNTS
 
     assert row[:5] == ["shapes", str(sum(DEMO_COUNTS.values())), "(disk)", "3", "0"]
+
+
+@pytest.mark.parametrize("signum, code, said", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C")])
+def test_a_signal_during_prepare_keeps_what_is_done_and_says_how_to_continue(tmp_path, images, signum, code, said):
+    """Issue 9: SIGTERM outside training exited 143 without a word. Materialized copies make prepare
+    last long enough to be stopped inside it (its half-built folder is there)."""
+    run, before = tmp_path / "run", tree(images)
+    args = ["experiment=demo_quick", "demo=false", f"concepts.0.path={images}", "concepts.0.repeats=500",
+            "concepts.0.captions.mode=materialized", "checkpointing.every_steps=1000", "stage=prepare",
+            f"hydra.run.dir={run}"]
+    building = run / "dataset" / ".shapes.building"
+    proc = subprocess.Popen([sys.executable, "-m", "sd3exp", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline and len(list_or_none(building)) < 50:
+        time.sleep(0.01)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, out[-2000:] + err[-2000:]
+    assert f"preparing the dataset stopped by {said}" in err and "Traceback" not in err, err[-2000:]
+    assert not building.exists() and not (run / "dataset" / "shapes").exists()
+    again = shlex.split(re.search(r"Continue with: (.+)", err).group(1))
+    assert again[:3] == ["python", "-m", "sd3exp"] and sorted(again[3:]) == sorted(args)
+    done = subprocess.run([sys.executable, *again[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(list((run / "dataset" / "shapes").glob("*.png"))) == 500 * len(list(images.glob("*.png")))
+    assert tree(images) == before
+
+
+def list_or_none(folder: Path) -> list:
+    return list(folder.iterdir()) if folder.is_dir() else []
