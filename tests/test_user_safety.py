@@ -19,6 +19,7 @@ import pytest
 from sd3exp.demo import DEMO_COUNTS
 from sd3exp.demo_data import make_demo_dataset
 from sd3exp.cli import ROOT
+from sd3exp.runfolder import exclusive
 from tests.conftest import run_cli
 
 
@@ -180,25 +181,41 @@ def test_materialized_plan_shows_the_repeats_simpletuner_gets():
     assert row[:5] == ["shapes", str(sum(DEMO_COUNTS.values())), "(disk)", "3", "0"]
 
 
-@pytest.mark.parametrize("signum, code, said", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C")])
-def test_a_signal_during_prepare_keeps_what_is_done_and_says_how_to_continue(tmp_path, images, signum, code, said):
-    """Issue 9: SIGTERM outside training exited 143 without a word. Materialized copies make prepare
-    last long enough to be stopped inside it (its half-built folder is there)."""
-    run, before = tmp_path / "run", tree(images)
-    args = ["experiment=demo_quick", "demo=false", f"concepts.0.path={images}", "concepts.0.repeats=500",
+def prepare_args(images: Path, run: Path) -> list:
+    """A prepare of 500 materialized copies per image: long enough to be stopped inside it."""
+    return ["experiment=demo_quick", "demo=false", f"concepts.0.path={images}", "concepts.0.repeats=500",
             "concepts.0.captions.mode=materialized", "checkpointing.every_steps=1000", "stage=prepare",
             f"hydra.run.dir={run}"]
+
+
+def signal_inside_prepare(args: list, run: Path, signum: int) -> subprocess.CompletedProcess:
+    """Run sd3exp and send `signum` once prepare has begun filling its half-built folder."""
     building = run / "dataset" / ".shapes.building"
     proc = subprocess.Popen([sys.executable, "-m", "sd3exp", *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline and len(list_or_none(building)) < 50:
         time.sleep(0.01)
+    assert proc.poll() is None, "prepare ended before the signal"
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == code, out[-2000:] + err[-2000:]
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def list_or_none(folder: Path) -> list:
+    return list(folder.iterdir()) if folder.is_dir() else []
+
+
+@pytest.mark.parametrize("signum, code, said", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C")])
+def test_a_signal_during_prepare_keeps_what_is_done_and_says_how_to_continue(tmp_path, images, signum, code, said):
+    """Issue 9: SIGTERM outside training exited 143 without a word."""
+    run, before = tmp_path / "run", tree(images)
+    args = prepare_args(images, run)
+    stopped = signal_inside_prepare(args, run, signum)
+    out, err = stopped.stdout, stopped.stderr
+    assert stopped.returncode == code, out[-2000:] + err[-2000:]
     assert f"preparing the dataset stopped by {said}" in err and "Traceback" not in err, err[-2000:]
-    assert not building.exists() and not (run / "dataset" / "shapes").exists()
+    assert not (run / "dataset" / ".shapes.building").exists() and not (run / "dataset" / "shapes").exists()
     again = shlex.split(re.search(r"Continue with: (.+)", err).group(1))
     assert again[:3] == ["python", "-m", "sd3exp"] and sorted(again[3:]) == sorted(args)
     done = subprocess.run([sys.executable, *again[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -207,5 +224,17 @@ def test_a_signal_during_prepare_keeps_what_is_done_and_says_how_to_continue(tmp
     assert tree(images) == before
 
 
-def list_or_none(folder: Path) -> list:
-    return list(folder.iterdir()) if folder.is_dir() else []
+def test_sigkill_inside_prepare_then_the_same_command_prepares_as_an_uninterrupted_run(tmp_path, images):
+    """A kill -9 inside prepare leaves its half-built folder; the re-run gives what an uninterrupted
+    prepare gives, and leaves no lock."""
+    run, other, before = tmp_path / "run", tmp_path / "other", tree(images)
+    assert signal_inside_prepare(prepare_args(images, run), run, signal.SIGKILL).returncode == -signal.SIGKILL
+    assert (run / "dataset" / ".shapes.building").is_dir()
+    done = run_cli(*prepare_args(images, run))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert run_cli(*prepare_args(images, other)).returncode == 0
+    assert sorted(p.name for p in (run / "dataset").iterdir()) == sorted(p.name for p in (other / "dataset").iterdir())
+    assert tree(run / "dataset" / "shapes") == tree(other / "dataset" / "shapes")
+    assert tree(images) == before
+    with exclusive(run, "prepare"):  # no stale lock
+        pass
