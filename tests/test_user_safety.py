@@ -189,7 +189,7 @@ def prepare_args(images: Path, run: Path) -> list:
 
 
 def signal_inside_prepare(args: list, run: Path, signum: int) -> subprocess.CompletedProcess:
-    """Run sd3exp and send `signum` once prepare has begun filling its half-built folder."""
+    """Run sd3exp and send `signum` once prepare has begun filling its half-built folder in `run`."""
     building = run / "dataset" / ".shapes.building"
     proc = subprocess.Popen([sys.executable, "-m", "sd3exp", *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -238,3 +238,13 @@ def test_sigkill_inside_prepare_then_the_same_command_prepares_as_an_uninterrupt
     assert tree(images) == before
     with exclusive(run, "prepare"):  # no stale lock
         pass
+
+
+def test_sigterm_stops_a_multirun_sweep_instead_of_starting_its_next_job(tmp_path, images):
+    """A stopped job is not a failed job: the batch ends there with the job's message and 143."""
+    single = [a for a in prepare_args(images, tmp_path) if not a.startswith(("concepts.0.repeats=", "hydra."))]
+    args = ["-m", *single, "concepts.0.repeats=500,501", f"hydra.sweep.dir={tmp_path}"]
+    stopped = signal_inside_prepare(args, tmp_path / "0_demo_quick", signal.SIGTERM)
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    assert "preparing the dataset stopped by SIGTERM" in stopped.stderr and "Traceback" not in stopped.stderr
+    assert not (tmp_path / "1_demo_quick").exists()
