@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from sd3exp import __version__, cache, lrplot, runfolder
 from sd3exp.errors import ConfigError, Interrupted
 from sd3exp.compile import Compiled, compile_experiment, config_hash
-from sd3exp.io import dumps_json, read_json, write_if_changed
+from sd3exp.io import dumps_json, read_json, remove_stale_temporaries, write_if_changed
 from sd3exp.plan import Plan, make_plan, render_table
 from sd3exp.schema import ExperimentConfig
 from sd3exp.signals import Stopped, described, signum_of, sigterm_raises
@@ -147,6 +147,7 @@ def files_of(job: Job, plan: Plan, compiled: Compiled) -> Dict[str, str]:
 def write_run(job: Job, plan: Plan, compiled: Compiled) -> List[str]:
     job.run_dir.mkdir(parents=True, exist_ok=True)
     runfolder.write_record(job.run_dir, record_of(job))  # first: the folder is sd3exp's before anything else is
+    remove_stale_temporaries(job.run_dir)  # writes of an earlier sd3exp cut short by a kill
     changed = runfolder.written(job.run_dir, files_of(job, plan, compiled))
     write_if_changed(job.run_dir / "lr_curve.png", lrplot.render_plan(plan))
     return changed
