@@ -176,7 +176,8 @@ def run_and_kill(chain: Chain, kill: Kill, tmp: Path) -> None:
     code = proc.wait(timeout=300)
     text = log.read_text()
     chain.outputs.append(text)
-    chain.hit.append(kill.name + (f" (at step {latest(chain.run)})" if kill.in_training else f" ({landed(chain.run)})"))
+    chain.hit.append(kill.name + (f" (last finished checkpoint: {latest(chain.run)})" if kill.in_training
+                                  else f" ({landed(chain.run)})"))
     if kill.exit_code is not None:
         assert code == kill.exit_code, text[-3000:]
         assert kill.message in text and "Traceback" not in text, text[-3000:]
