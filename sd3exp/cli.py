@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from sd3exp import migrate
-from sd3exp.errors import DiskFullError, Sd3expError, no_space_message
+from sd3exp.errors import DiskFullError, Interrupted, Sd3expError, no_space_message
 from sd3exp.project import CONF_DIR, register
 
 
@@ -37,7 +37,7 @@ def _hydra_main(cfg: DictConfig) -> Optional[float]:
             raise DiskFullError(f"{no_space_message(Path(err.filename or cfg.paths.run_dir))}; the files "
                                 "written before are kept (each is written whole or not at all)") from err
     except Sd3expError as err:
-        if invocation.multirun:
+        if invocation.multirun and not isinstance(err, Interrupted):
             print(f"sd3exp: error in job {HydraConfig.get().job.num}: {err}", file=sys.stderr)
             raise  # Hydra marks this job failed, finishes the batch, then exits non-zero
         fail(err)

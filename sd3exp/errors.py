@@ -42,6 +42,15 @@ class EvalError(Sd3expError):
     """The checkpoint evaluation could not run."""
 
 
+class Interrupted(Sd3expError):
+    """Ctrl-C or SIGTERM stopped a stage: the message says what was kept and the command that
+    continues; exit status 128 + the signal's number."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
 class DiskFullError(Sd3expError):
     """A write failed because the disk is full (ENOSPC)."""
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, List, Union
 
 from sd3exp.errors import DiskFullError, no_space_message
+
+_TEMPORARY = re.compile(r"\..+\.(\d+)\.[^.]+\.tmp")  # write_bytes' temporary file: .<name>.<pid>.<random>.tmp
 
 
 def _umask() -> int:
@@ -21,7 +24,7 @@ def _umask() -> int:
 def write_bytes(path: Path, data: bytes) -> None:
     """Write via a temporary file in the same folder and rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
@@ -38,6 +41,28 @@ def write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: Path) -> List[Path]:
+    """Remove the temporary files that writes in `folder` left when their process was killed
+    (`.<name>.<pid>.<random>.tmp` of a pid that is gone); returns them."""
+    stale = []
+    for tmp in folder.glob(".*.tmp") if folder.is_dir() else []:
+        m = _TEMPORARY.fullmatch(tmp.name)
+        if m and not _alive(int(m.group(1))):
+            tmp.unlink(missing_ok=True)
+            stale.append(tmp)
+    return stale
 
 
 def write_if_changed(path: Path, content: Union[str, bytes]) -> bool:

@@ -14,10 +14,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from sd3exp import __version__, lrplot, runfolder
 from sd3exp.compile import Compiled
-from sd3exp.io import dumps_json, read_json, write_if_changed
+from sd3exp.io import dumps_json, read_json, remove_stale_temporaries, write_if_changed
 from sd3exp.job import Invocation, Job, build, files_of, load
 from sd3exp.layout import RunLayout
 from sd3exp.plan import Plan, render_table
+from sd3exp.signals import Stopped, sigterm_raises, stopped
 from sd3exp.stage_table import STAGES
 
 def record_of(job: Job) -> runfolder.RunRecord:
@@ -57,6 +58,7 @@ def claim(job: Job, cfg: DictConfig, plan: Plan) -> Job:
 def write_run(job: Job, plan: Plan, compiled: Compiled) -> List[str]:
     job.run_dir.mkdir(parents=True, exist_ok=True)
     runfolder.write_record(job.run_dir, record_of(job))  # first: the folder is sd3exp's before anything else is
+    remove_stale_temporaries(job.run_dir)  # writes of an earlier sd3exp cut short by a kill
     changed = runfolder.written(job.run_dir, files_of(job, plan, compiled))
     write_if_changed(job.layout.lr_curve, lrplot.render_plan(plan))
     return changed
@@ -89,18 +91,26 @@ def discard_empty(run_dir: Path, output_root: Path) -> None:
 
 def run(cfg: DictConfig, invocation: Optional[Invocation] = None) -> Optional[float]:
     """Run the stages asked for; returns the run's objective (the best checkpoint's score, NaN
-    when nothing was chosen) after an evaluation, so Hydra sweepers can optimise it."""
+    when nothing was chosen) after an evaluation, so Hydra sweepers can optimise it. SIGTERM
+    stops every stage the way Ctrl-C does."""
     run_dir = Path(cfg.paths.run_dir)
-    try:
-        job = load(cfg, invocation)
-        if not STAGES[job.cfg.stage].compiles:
-            plan, _ = build(job)
-            print(render_table(plan))
-            return None
-        job, plan = stage_compile(job, cfg)
-    finally:
-        discard_empty(run_dir, Path(cfg.paths.output_root))
-    run_later_stages(job, plan)
+    with sigterm_raises(Stopped, unless_handled=True):
+        try:
+            job = load(cfg, invocation)
+            if not STAGES[job.cfg.stage].compiles:
+                plan, _ = build(job)
+                print(render_table(plan))
+                return None
+            job, plan = stage_compile(job, cfg)
+        except KeyboardInterrupt as exc:
+            from sd3exp.stages import command_line
+
+            again = command_line(run_dir.resolve(), str(cfg.name), str(cfg.stage), invocation)
+            raise stopped(exc, "planning and compiling", "each file written to the run folder is whole (written "
+                          "whole or not at all); nothing was prepared or trained", again) from None
+        finally:
+            discard_empty(run_dir, Path(cfg.paths.output_root))
+        run_later_stages(job, plan)
     if not STAGES[job.cfg.stage].evaluates:
         return None
     from sd3exp.evaluate.score import objective
@@ -115,4 +125,8 @@ def run_later_stages(job: Job, plan: Plan) -> None:
     from sd3exp import stages
 
     with runfolder.exclusive(job.run_dir, stage):
-        stages.run_stage(stage, job, plan)
+        try:
+            stages.run_stage(stage, job, plan)
+        except KeyboardInterrupt as exc:  # where no stage said more: compile's files and checkpoints are whole
+            raise stopped(exc, f"stage={stage}", "the files written so far are whole (each is written whole or "
+                          "not at all); no checkpoint was changed", stages.command_for(job, stage)) from None

@@ -43,7 +43,7 @@ from tqdm import tqdm
 from sd3exp import captions
 from sd3exp.errors import ConfigError, DatasetError, human_bytes
 from sd3exp.images import IMAGE_EXTENSIONS, list_images
-from sd3exp.io import read_json, write_json
+from sd3exp.io import read_json, remove_stale_temporaries, write_json
 from sd3exp.schema import ConceptConfig, ExperimentConfig
 
 try:
@@ -380,6 +380,7 @@ def prepare(cfg: ExperimentConfig, progress: bool = True) -> PrepareSummary:
         plans.append((c, lay.files, summary))
         records[c.id] = _record(c, cfg.seed, summary)
     manifest = {"format": FORMAT, "seed": cfg.seed, "concepts": dict(sorted(records.items()))}
+    remove_stale_temporaries(root)  # a manifest write cut short by a kill
     if manifest != old:
         write_json(root / MANIFEST, manifest)
     for c, files, summary in plans:

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from sd3exp import cache
 from sd3exp.compile import trainer_args, user_extra_args
 from sd3exp.errors import ConfigError, DatasetError, EvalError
-from sd3exp.job import Job
+from sd3exp.job import Invocation, Job
 from sd3exp.runfolder import checkpoint_dirs, claim_training_dir, set_aside_unfinished
 from sd3exp.plan import Plan
 from sd3exp.schema import ExperimentConfig
+from sd3exp.signals import stopped
 from sd3exp.stage_table import STAGES
 from sd3exp.trainer_env import trainer_for
 
@@ -22,20 +23,28 @@ ONE_OFF = ("stage=", "trainer.new_run=", "trainer.force=")
 
 def command_for(job: Job, stage: str) -> str:
     """This command line again for another stage, aimed at the same run folder."""
-    run = job.invocation
+    return command_line(job.run_dir, job.cfg.name, stage, job.invocation)
+
+
+def command_line(run_dir: Path, name: str, stage: str, run: Optional[Invocation]) -> str:
+    """This command line again for `stage`, aimed at `run_dir` (experiment `name`)."""
     if run is None:  # not run by Hydra
-        task = [f"experiment={job.cfg.name}"] if job.cfg.name != "default" else []
+        task = [f"experiment={name}"] if name != "default" else []
     else:
         task = [o for o in run.task if not o.startswith(ONE_OFF)]
-        if run.multirun or run.run_dir_given or run.output_dir is None or run.output_dir.resolve() != job.run_dir:
-            task.append(f"hydra.run.dir={job.run_dir}")
+        if run.multirun or run.run_dir_given or run.output_dir is None or run.output_dir.resolve() != run_dir:
+            task.append(f"hydra.run.dir={run_dir}")
     return shlex.join(["python", "-m", "sd3exp", *task] + ([f"stage={stage}"] if stage != "all" else []))
 
 
 def stage_audit(job: Job, plan: Plan) -> None:
     from sd3exp import audit
 
-    report = audit.audit(job.cfg)
+    try:
+        report = audit.audit(job.cfg)
+    except KeyboardInterrupt as exc:
+        raise stopped(exc, "the caption audit", "it only reads your images and captions; audit.json is "
+                      "written when it finishes", command_for(job, job.cfg.stage)) from None
     print(audit.write_audit(report, job.layout.audit))
     errors = audit.audit_errors(report, job.cfg)
     if errors:
@@ -67,7 +76,12 @@ def stage_prepare(job: Job, plan: Plan) -> None:
     from sd3exp import prepare
 
     stage_audit(job, plan)
-    summary = prepare.prepare(job.cfg)
+    try:
+        summary = prepare.prepare(job.cfg)
+    except KeyboardInterrupt as exc:
+        raise stopped(exc, "preparing the dataset", f"each concept's folder in {job.cfg.dataset.prepared_dir} "
+                      "is complete or as it was (a half-built one is removed; the next run builds only what "
+                      "differs); your images are untouched", command_for(job, job.cfg.stage)) from None
     print(summary.line())
 
 

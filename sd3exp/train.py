@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from tqdm import tqdm
 
@@ -21,12 +21,17 @@ from sd3exp.errors import DiskFullError, RunConflictError, TrainerError, no_spac
 from sd3exp.io import read_json, write_json
 from sd3exp.layout import RunLayout
 from sd3exp.runfolder import checkpoint_dirs
+from sd3exp.signals import Stopped, described, signum_of, sigterm_raises
 
 SHIM_DIR = Path(__file__).resolve().parent / "cpu_shim"
 _TQDM = re.compile(r"Steps:\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)\s*\[([^\]]*)\]")
 STATUS_EVERY_S = 0.5  # start-up log lines shown on the bar at most this often
 _LOG_PREFIX = re.compile(r"^(\[RANK \d+\] \S+ \S+ \[\w+\] |[IWE]\d{4} [\d:.]+ \d+ \S+\] )")
 _KV = re.compile(r"(\w+)=([-+0-9.eE]+|nan|inf)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_TORCH_INFO = re.compile(r"^(\[RANK \d+\] )?[IV]\d{4} [\d:.]+ \d+ \S+\] ")  # glog INFO lines (TorchDynamo, Inductor)
+_BAR = re.compile(r"\d+%\|")
+TAIL_SHOWN = 12
 
 
 @dataclass
@@ -41,7 +46,7 @@ class Progress:
 
     def feed(self, line: str) -> bool:
         """Take one output line; True when the step counter moved."""
-        self.tail = (self.tail + [line])[-40:]
+        self.tail = (self.tail + [line])[-200:]
         m = _TQDM.search(line)
         if not m:
             return False
@@ -51,6 +56,14 @@ class Progress:
         self.loss = float(values["step_loss"]) if "step_loss" in values else self.loss
         self.lr = float(values["lr"]) if "lr" in values else self.lr
         return moved
+
+
+def meaningful(lines: List[str], keep: int = TAIL_SHOWN) -> List[str]:
+    """The trainer's last lines worth showing: without colour codes, blank lines, torch's INFO log
+    lines (TorchDynamo/Inductor registering templates) and every progress bar but the last."""
+    clean = [t for t in (_ANSI.sub("", line).strip() for line in lines) if t and not _TORCH_INFO.match(t)]
+    last_bar = max((i for i, t in enumerate(clean) if _BAR.search(t)), default=-1)
+    return [t for i, t in enumerate(clean) if i == last_bar or not _BAR.search(t)][-keep:]
 
 
 def status_text(line: str, width: int = 48) -> str:
@@ -204,24 +217,6 @@ def follow(stream, log, bar: tqdm, progress: Progress, on_first_step: Callable[[
             shown = time.monotonic()
 
 
-class Terminated(Exception):
-    """SIGTERM arrived (a scheduler, `timeout`, a closed terminal)."""
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated()
-
-
-@contextlib.contextmanager
-def sigterm_as_stop() -> Iterator[None]:
-    """Within: SIGTERM raises Terminated, so training stops the way Ctrl-C stops it."""
-    previous = signal.signal(signal.SIGTERM, _terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def stop_quietly(proc: subprocess.Popen, run_dir: Path) -> None:
     """stop() with further SIGINT/SIGTERM ignored until the trainer's groups are gone."""
     handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -246,7 +241,7 @@ def launch(cmd: List[str], run_dir: Path, training_dir: Path, env: Dict[str, str
     log_path = RunLayout(run_dir).train_log
     progress, started = Progress(step=start_step), time.monotonic()
     stopped_by = killed_by = None
-    with sigterm_as_stop(), open(log_path, "ab") as log:
+    with sigterm_raises(Stopped), open(log_path, "ab") as log:
         log.write(f"\n===== sd3exp: {' '.join(cmd)} (cwd {run_dir}) =====\n".encode())
         proc = subprocess.Popen(cmd, cwd=run_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -256,10 +251,9 @@ def launch(cmd: List[str], run_dir: Path, training_dir: Path, env: Dict[str, str
             follow(proc.stdout, log, bar, progress, on_first_step)
             code = proc.wait()
             watcher.join()
-        except (KeyboardInterrupt, Terminated) as err:
+        except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (Stopped)
             stop_quietly(proc, run_dir)
-            sig = signal.SIGINT if isinstance(err, KeyboardInterrupt) else signal.SIGTERM
-            code, stopped_by = 128 + sig, "Ctrl-C" if sig == signal.SIGINT else "SIGTERM"
+            code, stopped_by = 128 + signum_of(err), described(signum_of(err))
         except SystemExit:  # Slurm preemption/time limit: submitit requeued the job and exits this process
             stop_quietly(proc, run_dir)
             raise
@@ -329,7 +323,7 @@ def failure_message(result: TrainResult, resume_command: str, training_dir: Path
     full = disk_full(result, training_dir)
     if full:
         return f"training failed: {full}; {kept(result)}. Full log: {result.log}. Then: {resume_hint(result, resume_command)}"
-    tail = "\n".join("  " + ln for ln in result.progress.tail[-20:])
+    tail = "\n".join("  " + ln for ln in meaningful(result.progress.tail))
     if result.killed_by:
         return (f"SimpleTuner was killed by {result.killed_by} at step {step} (by another process, or by the "
                 f"kernel when memory ran out); {kept(result)}. Last lines:\n{tail}\nFull log: {result.log}\n"

@@ -1,13 +1,17 @@
 """Fault injection: SIGKILL and SIGTERM to sd3exp and to the trainer at several points of a demo run
-(the prepare stage, training, a checkpoint save), each followed by the re-run a user would type.
+(after the audit, training, inside a checkpoint save, the evaluation), each followed by the re-run a
+user would type.
 
 After the last re-run the run has the checkpoint steps of an uninterrupted run (plan.json; the e2e
 test checks those against a real uninterrupted run), every checkpoint finished before a kill is
-byte-identical, no lock or trainer process is left, and the user's dataset is byte-identical.
+byte-identical, no lock or trainer process is left, and the user's dataset is byte-identical; the
+evaluation has every cell, those rendered before a kill byte-identical. (A kill inside prepare itself,
+which takes milliseconds on the demo's images, is in test_user_safety, on a larger materialized set.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -22,12 +26,14 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import pytest
+import yaml
 
 from sd3exp.project import ROOT
 from sd3exp.demo import DEMO_COUNTS
 from sd3exp.demo_data import make_demo_dataset
-from sd3exp.runfolder import checkpoint_dirs, training_elsewhere
+from sd3exp.runfolder import checkpoint_dirs, exclusive, training_elsewhere
 from sd3exp.train import run_processes
+from tests.comfy_standin import StandIn
 from tests.conftest import needs_trainer, run_cli
 from tests.test_user_safety import small_disk
 
@@ -68,6 +74,7 @@ class Kill:
     exit_code: Optional[int]  # what sd3exp must exit with (None: it is the one killed)
     message: Optional[str] = None  # what it must say
     in_training: bool = True  # wait for the trainer to run before looking at `ready`
+    poll_s: float = 0.05
 
 
 @dataclass
@@ -92,6 +99,34 @@ def saving(run: Path) -> bool:
                for p in training.iterdir() if p.is_dir())
 
 
+def _signal_trainer(run: Path, sig: int) -> None:
+    for pid in run_processes(run):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def frozen_in_save(run: Path, start: int) -> bool:
+    """True with every trainer process stopped (SIGSTOP) while a `-tmp` checkpoint folder is there:
+    the kill that follows lands inside a save, verified. SimpleTuner 4.10.1 saves into
+    checkpoint-N-tmp (checkpointing_use_tempdir) and renames it when its guard file is written; a
+    save seen too late (renamed meanwhile) lets the trainer go on to the next one."""
+    if not saving(run):
+        return False
+    _signal_trainer(run, signal.SIGSTOP)
+    if saving(run):
+        return True
+    _signal_trainer(run, signal.SIGCONT)
+    return False
+
+
+def landed(run: Path) -> str:
+    """Where a kill before training landed, from what it left in the prepared folder."""
+    dataset = run / "dataset"
+    if list(dataset.glob(".*.tmp")) + list(dataset.glob(".*.building")) + list(dataset.glob(".*.old")):
+        return "inside prepare"
+    return "after prepare: the trainer's preflight" if (dataset / "shapes").is_dir() else "before prepare"
+
+
 def latest(run: Path) -> int:
     return max(checkpoint_dirs(run / "training"), default=0)
 
@@ -102,12 +137,12 @@ def new_checkpoint(run: Path, start: int) -> bool:
 
 def kill_points() -> List[Kill]:
     return [
-        Kill("SIGKILL sd3exp after the audit (prepare, trainer preflight)", "sd3exp", signal.SIGKILL,
+        Kill("SIGKILL sd3exp after the audit", "sd3exp", signal.SIGKILL,
              lambda run, start: (run / "audit.json").is_file(), None, in_training=False),
         Kill("SIGTERM sd3exp during training", "sd3exp", signal.SIGTERM, new_checkpoint, 143,
              "training stopped by SIGTERM"),
-        Kill("SIGKILL the trainer during a checkpoint save", "trainer", signal.SIGKILL,
-             lambda run, start: saving(run) or latest(run) > start + 2, 137, "SimpleTuner was killed by SIGKILL"),
+        Kill("SIGKILL the trainer inside a checkpoint save", "trainer", signal.SIGKILL, frozen_in_save, 137,
+             "SimpleTuner was killed by SIGKILL", poll_s=0.002),
         Kill("SIGKILL sd3exp during training", "sd3exp", signal.SIGKILL, new_checkpoint, None),
         Kill("SIGTERM the trainer during training", "trainer", signal.SIGTERM, new_checkpoint, 143,
              "SimpleTuner was killed by SIGTERM"),
@@ -124,7 +159,7 @@ def run_and_kill(chain: Chain, kill: Kill, tmp: Path) -> None:
         pgid = pgid or trainer_pid(proc.pid)
         if (pgid or not kill.in_training) and kill.ready(chain.run, start):
             break
-        time.sleep(0.05)
+        time.sleep(kill.poll_s)
     assert proc.poll() is None, f"the run ended before '{kill.name}':\n{log.read_text()[-2000:]}"
     pgid = pgid or trainer_pid(proc.pid)
     chain.kept.update({p.name: digest(p) for p in checkpoint_dirs(chain.run / "training").values()
@@ -134,10 +169,15 @@ def run_and_kill(chain: Chain, kill: Kill, tmp: Path) -> None:
     else:
         assert pgid, f"no trainer process to kill for '{kill.name}'"
         os.killpg(pgid, kill.sig)
+        if kill.ready is frozen_in_save:  # the training process too (a session of its own), still in its save
+            assert saving(chain.run), "the save kill did not land inside a save"
+            _signal_trainer(chain.run, kill.sig)
+            _signal_trainer(chain.run, signal.SIGCONT)
     code = proc.wait(timeout=300)
     text = log.read_text()
     chain.outputs.append(text)
-    chain.hit.append(kill.name + (" (in the save)" if "save" in kill.name and saving(chain.run) else ""))
+    chain.hit.append(kill.name + (f" (last finished checkpoint: {latest(chain.run)})" if kill.in_training
+                                  else f" ({landed(chain.run)})"))
     if kill.exit_code is not None:
         assert code == kill.exit_code, text[-3000:]
         assert kill.message in text and "Traceback" not in text, text[-3000:]
@@ -191,6 +231,82 @@ def test_no_stale_lock_or_process_and_the_dataset_is_untouched(chain):
     assert digest(chain.dataset) == chain.dataset_before
     done = run_cli(*chain.command)
     assert done.returncode == 0 and "training already complete" in done.stdout, done.stderr[-2000:]
+
+
+EVAL_KILLS = ((signal.SIGKILL, 3), (signal.SIGTERM, 5))  # (signal, after how many more cells)
+
+
+@dataclass
+class EvalChain:
+    command: List[str]
+    kept: Dict[tuple, str]  # cell key -> sha256 of its image, in eval/ when SIGTERM stopped the evaluation
+    hit: List[str]
+    final: subprocess.CompletedProcess
+
+
+def cell_images(eval_dir: Path) -> Dict[tuple, str]:
+    """sha256 of each cell's image in eval/cells.json, by (label, prompt index, seed)."""
+    cells = json.loads((eval_dir / "cells.json").read_text())
+    return {(c["label"], c["prompt_index"], c["seed"]): hashlib.sha256((eval_dir / c["paths"][0]).read_bytes())
+            .hexdigest() for c in cells if c["status"] == "ok"}
+
+
+def stop_evaluation(command: List[str], server: StandIn, sig: signal.Signals, cells: int, log: Path) -> int:
+    """Start stage=eval, send `sig` to sd3exp once its progress bar counts `cells` finished cells (the
+    server first finishes what a killed sd3exp left in its queue, as ComfyUI does)."""
+    deadline = time.monotonic() + WAIT_S
+    while server.queue_state() != {"queue_running": [], "queue_pending": []} and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "sd3exp", *command], cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT)
+    while proc.poll() is None and time.monotonic() < deadline and max(
+            map(int, re.findall(r"comfyui:\s+\d+%\|[^|]*\|\s*(\d+)/", log.read_text())), default=0) < cells:
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the evaluation ended before {sig.name}:\n{log.read_text()[-2000:]}"
+    proc.send_signal(sig)
+    return proc.wait(timeout=120)
+
+
+@pytest.fixture(scope="module")
+def evaluated(chain, tmp_path_factory) -> EvalChain:
+    """The trained chain evaluated through the stand-in ComfyUI: SIGKILL, then SIGTERM to sd3exp while
+    cells render, then the command it printed."""
+    tmp = tmp_path_factory.mktemp("faults-eval")
+    models = tmp / "comfy-models"
+    with StandIn(tmp / "comfy-out", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"],
+                 delay_s=0.05) as server:
+        command = [a for a in chain.command if a != "stage=train"] + [
+            "stage=eval", "eval.backend=comfyui", f"eval.url={server.url}", f"eval.models_dir={models}"]
+        hit, texts = [], []
+        for n, (sig, cells) in enumerate(EVAL_KILLS):
+            code = stop_evaluation(command, server, sig, cells, tmp / f"eval-{n}.txt")
+            texts.append((tmp / f"eval-{n}.txt").read_text())
+            hit.append(f"{sig.name} sd3exp during evaluation, after {cells} of its cells")
+            assert code == (143 if sig == signal.SIGTERM else -sig), texts[-1][-3000:]
+        assert "evaluation stopped by SIGTERM: kept" in texts[-1] and "Traceback" not in texts[-1], texts[-1][-3000:]
+        again = shlex.split(re.search(r"Continue with: (.+)", texts[-1]).group(1))
+        assert again[:3] == ["python", "-m", "sd3exp"] and sorted(again[3:]) == sorted(command), again
+        kept = cell_images(chain.run / "eval")
+        final = subprocess.run([sys.executable, *again[1:]], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return EvalChain(command, kept, hit, final)
+
+
+def test_a_killed_evaluation_resumes_to_the_same_cells(chain, evaluated):
+    print(f"{len(evaluated.hit)} evaluation kill points: " + "; ".join(evaluated.hit))
+    assert evaluated.final.returncode == 0, evaluated.final.stdout[-2000:] + evaluated.final.stderr[-2000:]
+    eval_dir = chain.run / "eval"
+    done = cell_images(eval_dir)
+    labels = [f"checkpoint-{s}" for s in chain.plan["checkpoint_steps"]] + ["final"]
+    ev = yaml.safe_load((chain.run / "resolved.yaml").read_text())["eval"]
+    wanted = {(label, i, seed) for label in labels for i in range(len(ev["prompts"])) for seed in ev["seeds"]}
+    cells = json.loads((eval_dir / "cells.json").read_text())
+    assert set(done) == wanted and len(cells) == len(wanted) and all(c["status"] == "ok" for c in cells)
+    assert 0 < len(evaluated.kept) < len(done)
+    assert {key: done[key] for key in evaluated.kept} == evaluated.kept
+    assert not (chain.run / "eval.next").exists() and not list(chain.run.rglob(".*.tmp"))
+    with exclusive(chain.run, "eval"):  # no stale lock: it is free
+        pass
 
 
 def test_images_added_after_training_started_are_a_changed_run(chain):

@@ -236,6 +236,40 @@ def test_killed_process_then_rerun_equals_an_uninterrupted_run(big, tmp_path):
     assert source_state(src) == before
 
 
+KILL_IN_MANIFEST_SCRIPT = """
+import os, sys, time
+from pathlib import Path
+from sd3exp import io, prepare as prep
+from tests.test_prepare import experiment
+def stuck(fd):
+    Path(sys.argv[3]).write_text("writing the manifest")
+    time.sleep(60)
+io.os.fsync = stuck
+prep.prepare(experiment(Path(sys.argv[1]), Path(sys.argv[2]), repeats=2), progress=False)
+"""
+
+
+def test_a_kill_inside_the_manifest_write_leaves_no_temporary_file_after_the_rerun(tmp_path):
+    """Issue 9 (found by test_faults): kill -9 between an atomic write's temporary file and its rename
+    left `.sd3exp-prepare.json.*.tmp` for good; the next prepare removes what a dead writer left."""
+    src, prepared, flag = write_dataset(tmp_path / "src", 3), tmp_path / "prepared", tmp_path / "flag"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_IN_MANIFEST_SCRIPT, str(src), str(prepared), str(flag)],
+                            cwd=ROOT)
+    deadline = time.monotonic() + 30
+    while not flag.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert flag.exists() and len(list(prepared.glob(".*.tmp"))) == 1
+    live = prepared / f".{prep.MANIFEST}.{os.getpid()}.abcd1234.tmp"  # a write under way in a live process
+    live.write_text("{}")
+    prep.prepare(experiment(src, prepared, repeats=2), progress=False)
+    assert list(prepared.glob(".*.tmp")) == [live]
+    prep.prepare(experiment(src, tmp_path / "reference", repeats=2), progress=False)
+    live.unlink()
+    assert tree_hash(prepared) == tree_hash(tmp_path / "reference")
+
+
 def test_native_mode_links_each_image_once_with_its_caption(tmp_path):
     src = write_dataset(tmp_path / "src", 12)
     cfg = experiment(src, tmp_path / "prepared", repeats=10, mode="native")

@@ -85,3 +85,34 @@ def test_the_bar_follows_the_trainer_and_shows_only_known_values():
         follow(stream, log, bar, Progress())
         assert (bar.n, bar.postfix) == (2, "loss=4.12, lr=0.0001")
     assert "None" not in out.getvalue() and log.getvalue().endswith(LATER.encode())
+
+
+HEURISTIC = ("\x1b[0mI1201 12:00:59.781000 18873 helpers/logging.py:425] Registered template heuristic: "
+             "MTIAMMTemplateConfigHeuristic for template_name=triton::mm, device_type=mtia, op_name=None\n")
+
+
+def test_a_killed_trainer_shows_its_last_meaningful_lines(tmp_path):
+    """Issue 9: the tail of a killed trainer was torch's INFO lines (as SimpleTuner 4.10.1 prints them on
+    a CPU), colour codes and repeated progress bars."""
+    import io
+
+    from sd3exp.train import TrainResult, _lines, failure_message
+
+    raw = ("\x1b[0mWARNING: cpu offload is slow\n" + HEURISTIC * 30
+           + "\x1b[0m\rEpoch 8/12, Steps:  64%|██▎ | 61/96 [00:24<14:33, 24.97s/it]\x1b[0m\r"
+           "Epoch 8/12, Steps:  65%|██▍ | 62/96 [00:25<06:07, 10.80s/it, lr=0.0001, step_loss=4.17]\x1b[0m\n"
+           "\x1b[0m\n\x1b[0mModel weights saved in training/checkpoint-62-tmp/pytorch_lora_weights.safetensors\n"
+           "\x1b[0m\n\x1b[0m\rLoading captions:   0%|     | 0/16 [00:00<?, ?it/s]\x1b[0m\x1b[A\x1b[0m\x1b[0m\n"
+           "\x1b[0m\r          \x1b[0m\x1b[A\x1b[0m\rEpoch 8/12, Steps:  65%|██▍ | 62/96 [00:26<06:07, 10.80s/it, "
+           "lr=0.0001, step_loss=4.12]\x1b[0m\n" + HEURISTIC * 30).encode()
+    progress = Progress()
+    for line in _lines(io.BytesIO(raw), io.BytesIO()):
+        progress.feed(line)
+    result = TrainResult(137, 1.0, 0, progress, {62: str(tmp_path / "checkpoint-62")}, str(tmp_path / "train.log"),
+                         killed_by="SIGKILL")
+    message = failure_message(result, "python -m sd3exp stage=train", tmp_path)
+    shown = message.split("Last lines:\n", 1)[1].split("\nFull log:", 1)[0].splitlines()
+    assert shown == ["  WARNING: cpu offload is slow",
+                     "  Model weights saved in training/checkpoint-62-tmp/pytorch_lora_weights.safetensors",
+                     "  Epoch 8/12, Steps:  65%|██▍ | 62/96 [00:26<06:07, 10.80s/it, lr=0.0001, step_loss=4.12]"]
+    assert "Resume from checkpoint-62: python -m sd3exp stage=train" in message

@@ -4,8 +4,13 @@ bad input gets a named error (issue 9). Through the CLI, without the trainer."""
 from __future__ import annotations
 
 import contextlib
+import re
+import shlex
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -14,6 +19,7 @@ import pytest
 from sd3exp.demo import DEMO_COUNTS
 from sd3exp.demo_data import make_demo_dataset
 from sd3exp.project import ROOT
+from sd3exp.runfolder import exclusive
 from tests.conftest import run_cli
 
 
@@ -173,3 +179,72 @@ def test_materialized_plan_shows_the_repeats_simpletuner_gets():
     from sd3exp.demo import DEMO_COUNTS
 
     assert row[:5] == ["shapes", str(sum(DEMO_COUNTS.values())), "(disk)", "3", "0"]
+
+
+def prepare_args(images: Path, run: Path) -> list:
+    """A prepare of 500 materialized copies per image: long enough to be stopped inside it."""
+    return ["experiment=demo_quick", "demo=false", f"concepts.0.path={images}", "concepts.0.repeats=500",
+            "concepts.0.captions.mode=materialized", "checkpointing.every_steps=1000", "stage=prepare",
+            f"hydra.run.dir={run}"]
+
+
+def signal_inside_prepare(args: list, run: Path, signum: int) -> subprocess.CompletedProcess:
+    """Run sd3exp and send `signum` once prepare has begun filling its half-built folder in `run`."""
+    building = run / "dataset" / ".shapes.building"
+    proc = subprocess.Popen([sys.executable, "-m", "sd3exp", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline and len(list_or_none(building)) < 50:
+        time.sleep(0.01)
+    assert proc.poll() is None, "prepare ended before the signal"
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def list_or_none(folder: Path) -> list:
+    return list(folder.iterdir()) if folder.is_dir() else []
+
+
+@pytest.mark.parametrize("signum, code, said", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C")])
+def test_a_signal_during_prepare_keeps_what_is_done_and_says_how_to_continue(tmp_path, images, signum, code, said):
+    """Issue 9: SIGTERM outside training exited 143 without a word."""
+    run, before = tmp_path / "run", tree(images)
+    args = prepare_args(images, run)
+    stopped = signal_inside_prepare(args, run, signum)
+    out, err = stopped.stdout, stopped.stderr
+    assert stopped.returncode == code, out[-2000:] + err[-2000:]
+    assert f"preparing the dataset stopped by {said}" in err and "Traceback" not in err, err[-2000:]
+    assert not (run / "dataset" / ".shapes.building").exists() and not (run / "dataset" / "shapes").exists()
+    again = shlex.split(re.search(r"Continue with: (.+)", err).group(1))
+    assert again[:3] == ["python", "-m", "sd3exp"] and sorted(again[3:]) == sorted(args)
+    done = subprocess.run([sys.executable, *again[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(list((run / "dataset" / "shapes").glob("*.png"))) == 500 * len(list(images.glob("*.png")))
+    assert tree(images) == before
+
+
+def test_sigkill_inside_prepare_then_the_same_command_prepares_as_an_uninterrupted_run(tmp_path, images):
+    """A kill -9 inside prepare leaves its half-built folder; the re-run gives what an uninterrupted
+    prepare gives, and leaves no lock."""
+    run, other, before = tmp_path / "run", tmp_path / "other", tree(images)
+    assert signal_inside_prepare(prepare_args(images, run), run, signal.SIGKILL).returncode == -signal.SIGKILL
+    assert (run / "dataset" / ".shapes.building").is_dir()
+    done = run_cli(*prepare_args(images, run))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert run_cli(*prepare_args(images, other)).returncode == 0
+    assert sorted(p.name for p in (run / "dataset").iterdir()) == sorted(p.name for p in (other / "dataset").iterdir())
+    assert tree(run / "dataset" / "shapes") == tree(other / "dataset" / "shapes")
+    assert tree(images) == before
+    with exclusive(run, "prepare"):  # no stale lock
+        pass
+
+
+def test_sigterm_stops_a_multirun_sweep_instead_of_starting_its_next_job(tmp_path, images):
+    """A stopped job is not a failed job: the batch ends there with the job's message and 143."""
+    single = [a for a in prepare_args(images, tmp_path) if not a.startswith(("concepts.0.repeats=", "hydra."))]
+    args = ["-m", *single, "concepts.0.repeats=500,501", f"hydra.sweep.dir={tmp_path}"]
+    stopped = signal_inside_prepare(args, tmp_path / "0_demo_quick", signal.SIGTERM)
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    assert "preparing the dataset stopped by SIGTERM" in stopped.stderr and "Traceback" not in stopped.stderr
+    assert not (tmp_path / "1_demo_quick").exists()

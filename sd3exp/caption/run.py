@@ -24,10 +24,10 @@ from sd3exp.caption.post import PostSettings, postprocess
 from sd3exp.caption.prompts import compile_prompt, render
 from sd3exp.caption.sources import post_settings
 from sd3exp.caption.store import Record, Store, file_sha256, request_key
-from sd3exp.errors import ConfigError
+from sd3exp.errors import ConfigError, Interrupted
 from sd3exp.images import list_images
 from sd3exp.schema import CaptionerConfig, ConceptConfig, ExperimentConfig
-from sd3exp.signals import sigterm_raises
+from sd3exp.signals import Stopped, described, signum_of, sigterm_raises
 
 
 @dataclass
@@ -195,13 +195,14 @@ def caption(cfg: ExperimentConfig, again: str, progress: bool = True,
     summary = Summary(Path(cfg.captioner.out_dir))
     backend = backend_for(cfg.captioner)
     tasks = plan_tasks(cfg, backend, summary)
-    with sigterm_raises(lambda signum: KeyboardInterrupt()):
+    with sigterm_raises(Stopped):
         try:
             run_tasks(backend, tasks, cfg.captioner.workers, summary, progress)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             echo(summary.line())
-            raise CaptionError(f"interrupted: the {summary.captioned} caption(s) received are stored in "
-                               f"{summary.out_dir}. Fix: run `{again}` to caption the rest") from None
+            raise Interrupted(f"captioning stopped by {described(signum_of(exc))}: the {summary.captioned} "
+                              f"caption(s) received are stored in {summary.out_dir}. Continue with: {again}",
+                              signum_of(exc)) from None
     for failure in sorted(summary.failures, key=lambda f: (f.concept, f.image.name)):
         echo(f"  FAILED {failure.line()}")
     echo(summary.line())
