@@ -3,8 +3,9 @@
 The project venv has no torch: this side writes a JSON job, runs
 `sd3exp/workers/render_diffusers.py` with the trainer python (offline), turns
 its JSON-lines progress stream into a tqdm bar, and returns one `Cell` per
-checkpoint x prompt x seed. Cells the worker never reported (it crashed or
-timed out) come back as error cells, never dropped.
+checkpoint x prompt x seed: `render` is the entry every backend offers, `render_cells` takes the
+parts. Cells the worker never reported (it crashed or timed out) come back as error cells, never
+dropped.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from typing import Any, Collection, Iterator, Mapping, Optional, Sequence
 from tqdm import tqdm
 
 from sd3exp.errors import EvalError
-from sd3exp.evaluate.cells import BASE_LABEL, IMAGE_NAME, Cell
+from sd3exp.evaluate.cells import BASE_LABEL, IMAGE_NAME, Cell, RenderJob, Sampling, SweepInterrupted
 from sd3exp.evaluate.checkpoints import Checkpoint
-from sd3exp.evaluate.comfyui import Sampling, SweepInterrupted
 from sd3exp.io import write_json
+from sd3exp.schema import ExperimentConfig
 from sd3exp.tinymodel import OFFLINE_ENV
 
 WORKER = Path(__file__).resolve().parent.parent / "workers" / "render_diffusers.py"
@@ -150,7 +151,7 @@ def run_worker(job: dict[str, Any], python: Path, job_path: Path, log_path: Path
     return [done.get((c.label, c.prompt_index, c.seed), c) for c in cells]
 
 
-def render(base: Path | str, checkpoints: Sequence[Checkpoint], prompts: Sequence[str], seeds: Sequence[int],
+def render_cells(base: Path | str, checkpoints: Sequence[Checkpoint], prompts: Sequence[str], seeds: Sequence[int],
            out_dir: Path | str, python: Path | str, sampling: Sampling = Sampling(), include_base: bool = False,
            timeout_s: float = 3600.0, progress: bool = True, skip: Collection[tuple[str, int, int]] = (),
            scales: Optional[Mapping[str, float]] = None) -> list[Cell]:
@@ -163,3 +164,13 @@ def render(base: Path | str, checkpoints: Sequence[Checkpoint], prompts: Sequenc
     job = make_job(Path(base), checkpoints, prompts, seeds, out_dir, sampling, include_base, skip, scales)
     return run_worker(job, Path(python), out_dir.parent / "render-job.json", out_dir.parent / "render.log",
                       timeout_s, progress)
+
+
+def render(cfg: ExperimentConfig, job: RenderJob, run_dir: Path, images: Path) -> list[Cell]:
+    """The job's cells rendered by diffusers in the trainer venv, from the base model cfg.model.path."""
+    from sd3exp.stages import trainer_for
+
+    ev = cfg.eval
+    scales = {label: s.trained for label, s in job.strengths.items()}
+    return render_cells(cfg.model.path, job.checkpoints, ev.prompts, ev.seeds, images, trainer_for(cfg).python,
+                        Sampling.of(ev), job.include_base, ev.timeout_s, skip=job.skip, scales=scales)
