@@ -38,9 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Union
 
-from tqdm import tqdm
 
-from sd3exp import captions
+from sd3exp import captions, console
 from sd3exp.errors import ConfigError, DatasetError
 from sd3exp.images import IMAGE_EXTENSIONS, list_images
 from sd3exp.io import read_json, write_json
@@ -284,7 +283,7 @@ def _build(target: Path, files: Dict[str, Want], reusable: set, summary: Concept
     build = _side(target, "building")
     build.mkdir(parents=True)
     linker = Linker()
-    bar = tqdm(files.items(), desc=f"prepare {summary.id}", unit="file", leave=False,
+    bar = console.progress(files.items(), desc=f"prepare {summary.id}", unit="file", leave=False,
                disable=not progress or len(files) < PROGRESS_MIN_FILES)
     try:
         for name, want in bar:

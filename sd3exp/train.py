@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
-from tqdm import tqdm
 
+from sd3exp import console
 from sd3exp.errors import DiskFullError, RunConflictError, TrainerError, no_space_message
 from sd3exp.io import read_json, write_json
 from sd3exp.runfolder import checkpoint_dirs
@@ -183,7 +183,7 @@ class TrainResult:
         return d
 
 
-def follow(stream, log, bar: tqdm, progress: Progress, on_first_step: Callable[[], None] = lambda: None) -> None:
+def follow(stream, log, bar: console.Bar, progress: Progress, on_first_step: Callable[[], None] = lambda: None) -> None:
     """Copy the trainer's output to the log and move the bar; before the first step the bar
     shows what SimpleTuner is doing (loading models, filling caches). `on_first_step` is called
     at every line from SimpleTuner's first step bar on (its caches are complete by then)."""
@@ -249,7 +249,7 @@ def launch(cmd: List[str], run_dir: Path, training_dir: Path, env: Dict[str, str
         log.write(f"\n===== sd3exp: {' '.join(cmd)} (cwd {run_dir}) =====\n".encode())
         proc = subprocess.Popen(cmd, cwd=run_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-        bar = tqdm(total=total, initial=start_step, unit="step", desc="train", dynamic_ncols=True)
+        bar = console.progress(total=total, initial=start_step, unit="step", desc="train", dynamic_ncols=True)
         watcher = reap_when_killed(proc, run_dir)
         try:
             follow(proc.stdout, log, bar, progress, on_first_step)

@@ -20,8 +20,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Collection, Iterator, Mapping, Optional, Sequence
 
-from tqdm import tqdm
-
+from sd3exp import console
 from sd3exp.errors import EvalError
 from sd3exp.evaluate.cells import BASE_LABEL, IMAGE_NAME, Cell, RenderJob, Sampling, SweepInterrupted
 from sd3exp.evaluate.checkpoints import Checkpoint
@@ -107,7 +106,8 @@ def _lines(stream: Any) -> Iterator[str]:
         yield line
 
 
-def _collect(proc: subprocess.Popen, job: dict[str, Any], bar: tqdm, done: dict[tuple[str, int, int], Cell]) -> None:
+def _collect(proc: subprocess.Popen, job: dict[str, Any], bar: console.Bar,
+             done: dict[tuple[str, int, int], Cell]) -> None:
     """Cells into `done` by (label, prompt index, seed) as the worker reports them."""
     for line in _lines(proc.stdout):
         cell = parse_line(line, job)
@@ -126,7 +126,7 @@ def run_worker(job: dict[str, Any], python: Path, job_path: Path, log_path: Path
     write_json(job_path, job)
     cells = planned_cells(job)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w", encoding="utf-8") as log_file, tqdm(
+    with open(log_path, "w", encoding="utf-8") as log_file, console.progress(
         total=len(cells), unit="cell", desc="diffusers", disable=not progress
     ) as bar:
         proc = subprocess.Popen([str(python), str(WORKER), str(job_path)], stdin=subprocess.DEVNULL,

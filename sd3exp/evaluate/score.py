@@ -26,8 +26,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
+from sd3exp import console
 from sd3exp.evaluate import models
 from sd3exp.evaluate.cells import BASE_LABEL, Cell, cell_image, column_title
 from sd3exp.evaluate.select import MEASURES, Candidate, Choice, Rule, choose, make_rule, mean_scores
@@ -120,7 +120,7 @@ def score_cells(cfg: ExperimentConfig, cells: Sequence[Cell], work_dir: Optional
     base = {(c.prompt_index, c.seed): c for c in cells if c.label == BASE_LABEL}
     todo = [i for i, c in enumerate(cells) if c.status == "ok" and c.scored_with != key]
     out, pools = list(cells), {}
-    for i in tqdm(todo, desc="scoring", unit="cell", disable=not todo):
+    for i in console.progress(todo, desc="scoring", unit="cell", disable=not todo):
         cell = cells[i]
         image = _image(cell, sc.thumbnail)
         if image is None:

@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Collection, Mapping, Optional, Sequence
 
-from tqdm import tqdm
-
+from sd3exp import console
 from sd3exp.errors import EvalError
 from sd3exp.evaluate.cells import Cell, CellSpec, Sampling, SweepInterrupted, plan_cells
 from sd3exp.evaluate.checkpoints import BASE_LABEL, Checkpoint
@@ -63,7 +62,7 @@ def resolve_names(
 class _Sweep:
     """State of one running sweep: queued prompts, finished cells, progress."""
 
-    bar: tqdm  # set by run_sweep once the names are known to be loadable
+    bar: console.Bar  # set by run_sweep once the names are known to be loadable
 
     def __init__(self, client: ComfyClient, spec: SweepSpec, save_dir: Optional[Path]) -> None:
         self.client, self.spec, self.save_dir = client, spec, save_dir
@@ -201,7 +200,7 @@ def run_sweep(
     names = resolve_names(client, spec.checkpoints, spec.model_names) | sweep.base_name()
     if save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=len(sweep.cells), unit="cell", desc="comfyui", disable=not progress) as sweep.bar:
+    with console.progress(total=len(sweep.cells), unit="cell", desc="comfyui", disable=not progress) as sweep.bar:
         watcher = Watcher(client, poll_s)
         try:
             sweep.queue_all(names)
