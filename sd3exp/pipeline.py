@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Tuple
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from sd3exp import __version__, cache, lrplot, runfolder
+from sd3exp import __version__, cache, console, lrplot, runfolder
 from sd3exp.errors import ConfigError
 from sd3exp.compile import Compiled, compile_experiment, config_hash
 from sd3exp.io import dumps_json, read_json, write_if_changed
@@ -92,8 +92,8 @@ def concept_sizes(cfg: ExperimentConfig) -> Dict[str, Optional[List[Tuple[int, i
             raise ConfigError(f"concepts[{i}].path", c.path, f"no images there ({', '.join(IMAGE_EXTENSIONS)})",
                               "point it at the folder of images with .txt captions")
         for name, why in unreadable.items():
-            print(f"warning: concepts[{i}].path: {Path(c.path) / name}: {why}; left out of the plan "
-                  f"(the audit refuses it before training). Fix: {FIX}")
+            console.warn(f"concepts[{i}].path: {Path(c.path) / name}: {why}; left out of the plan "
+                         f"(the audit refuses it before training). Fix: {FIX}")
     return sizes
 
 
@@ -132,7 +132,7 @@ def claim(job: Job, cfg: DictConfig, plan: Plan) -> Job:
     runfolder.check_apart(run_dir, folders)
     if run_dir == job.run_dir:
         return job
-    print(f"trainer.new_run: starting a new run folder {run_dir}")
+    console.info(f"trainer.new_run: starting a new run folder {run_dir}")
     return load(OmegaConf.merge(cfg, {"paths": {"run_dir": str(run_dir)}}))
 
 
@@ -156,9 +156,9 @@ def stage_compile(job: Job, cfg: DictConfig) -> Tuple[Job, Plan]:
     plan, compiled = build(job)
     job = claim(job, cfg, plan)
     changed = write_run(job, plan, compiled)
-    print(render_table(plan))
+    console.info(render_table(plan))
     state = f"{len(changed)} file(s) written" if changed else "unchanged"
-    print(f"\ncompiled {job.cfg.name} -> {job.run_dir}/config ({state})")
+    console.info(f"\ncompiled {job.cfg.name} -> {job.run_dir}/config ({state})")
     return job, plan
 
 
@@ -184,7 +184,7 @@ def run(cfg: DictConfig) -> Optional[float]:
         job = load(cfg)
         if job.cfg.stage == "plan":
             plan, _ = build(job)
-            print(render_table(plan))
+            console.info(render_table(plan))
             return None
         job, plan = stage_compile(job, cfg)
     finally:

@@ -10,6 +10,8 @@ from pathlib import Path
 from .demo_data import shape_pixels
 from .errors import TrainerError
 
+from sd3exp import console
+
 WORKER = Path(__file__).parent / "workers" / "build_tiny_sd3.py"
 MARKER = "tiny_sd3.json"  # the worker's record of how a folder was built
 OFFLINE_ENV = {
@@ -36,7 +38,7 @@ def build_tiny_model(out: Path, python: Path, seed: int, vae_steps: int = VAE_ST
         images.write_bytes(shape_pixels(VAE_IMAGES, VAE_IMAGE_SIZE, seed))
         vae = ["--vae-steps", str(vae_steps), "--vae-images", str(images), "--vae-image-size", str(VAE_IMAGE_SIZE)]
         proc = _run_worker([str(python), str(WORKER), str(out), "--seed", str(seed), *vae], out)
-    print(proc.stdout.strip())
+    console.info(proc.stdout.strip())
     return out
 
 

@@ -351,7 +351,7 @@ def run_training(cmd: List[str], run_dir: Path, training_dir: Path, env: Dict[st
                  model_type: str, on_first_step: Callable[[], None]) -> TrainResult:
     start = max(checkpoint_dirs(training_dir), default=0)
     if start:
-        print(f"resuming from checkpoint-{start} (SimpleTuner resume_from_checkpoint=latest)")
+        console.info(f"resuming from checkpoint-{start} (SimpleTuner resume_from_checkpoint=latest)")
     left = run_processes(run_dir)
     if left:
         raise RunConflictError(
@@ -361,9 +361,9 @@ def run_training(cmd: List[str], run_dir: Path, training_dir: Path, env: Dict[st
     try:
         write_json(run_dir / "training_summary.json", result.to_dict())
     except DiskFullError as err:
-        print(f"warning: {err}")
+        console.warn(err)
     short = result.exit_code == 0 and not is_complete(run_dir, training_dir, model_type, total)
-    print(report(result, planned, total, None if short else next_command))
+    console.info(report(result, planned, total, None if short else next_command))
     if result.exit_code != 0 or short:
         err = TrainerError(short_of_plan(result, total) if short else
                            failure_message(result, resume_command, training_dir))

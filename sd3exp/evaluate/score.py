@@ -161,8 +161,8 @@ def model_scores(cfg: ExperimentConfig, cells: List[Cell], todo: Sequence[int], 
     try:
         found = models.run_worker(job, trainer_for(cfg).python, work, cfg.eval.timeout_s)
     except (OSError, subprocess.SubprocessError, KeyError, ValueError) as err:
-        print(f"warning: CLIP/DINO scoring failed ({err}); scored without them. {work / 'score.log'}:\n  "
-              + "\n  ".join(models.tail(work / "score.log")))
+        console.warn(f"CLIP/DINO scoring failed ({err}); scored without them. {work / 'score.log'}:\n  "
+                     + "\n  ".join(models.tail(work / "score.log")))
         return [replace(c, scored_with="") if i in set(todo) else c for i, c in enumerate(cells)]
     out = list(cells)
     for i in todo:
@@ -231,7 +231,7 @@ def print_best(eval_dir: Path) -> None:
 
     best = read_best(eval_dir)
     if best is not None:
-        print(f"best checkpoint: {run_line(best)}")
+        console.info(f"best checkpoint: {run_line(best)}")
 
 
 def best_label(choice: Optional[Choice]) -> Optional[str]:
@@ -284,8 +284,8 @@ def choose_best(cfg: ExperimentConfig, run_dir: Path, cells: Sequence[Cell], rec
     candidates = mean_scores([_cell_view(c) for c in cells])
     choice = choose(candidates, rule)
     failed = sum(c.failed for c in candidates)
-    print(f"scored {fresh} new cell(s), {kept} kept from the last evaluation"
-          + (f"; {failed} failed cell(s) left out of the scores" if failed else ""))
+    console.info(f"scored {fresh} new cell(s), {kept} kept from the last evaluation"
+                 + (f"; {failed} failed cell(s) left out of the scores" if failed else ""))
     write_json(eval_dir / BEST_FILE, best_record(choice, candidates, record))
     write_bytes(eval_dir / PLOT_FILE, plots.score_plot(candidates, choice.best.label if choice.best else None,
                                                       rule.objective))

@@ -11,6 +11,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+from sd3exp import console
 from sd3exp.errors import ConfigError, EvalError
 from sd3exp.evaluate import cells as cellio
 from sd3exp.evaluate import reuse
@@ -77,10 +78,11 @@ def lora_strengths(cfg: ExperimentConfig, checkpoints: Sequence[Checkpoint]) -> 
                         "them at the trained scale only if diffusers ignores those tensors, which sd3exp has not "
                         "checked; prefer eval.backend=comfyui for them, or lora.format=diffusers")
     for warning in warnings:
-        print(f"warning: {warning}")
+        console.warn(warning)
     if found:
         shown = sorted({(round(s.trained, 6), s.source) for s in found.values()})
-        print("LoRA strength: " + "; ".join(f"alpha/rank = {scale:g} (from {source})" for scale, source in shown))
+        console.info("LoRA strength: "
+                     + "; ".join(f"alpha/rank = {scale:g} (from {source})" for scale, source in shown))
     return found
 
 
@@ -88,12 +90,12 @@ def checkpoints_to_render(cfg: ExperimentConfig, run_dir: Path) -> List[Checkpoi
     ev = cfg.eval
     final = ev.include_final
     if cfg.stage == "eval" and training_elsewhere(run_dir):
-        print("training is still running in another process: evaluating the checkpoints finished so far, without "
-              "the final model; evaluate again when it ends (only new cells are rendered)")
+        console.info("training is still running in another process: evaluating the checkpoints finished so far, "
+                     "without the final model; evaluate again when it ends (only new cells are rendered)")
         final = False
     found = discover(cfg.paths.training_dir, ev.every_k, ev.min_step, ev.max_step, final)
     for problem in found.problems:
-        print(f"warning: {problem}")
+        console.warn(problem)
     if not found.checkpoints:
         raise EvalError(f"no complete checkpoints in {cfg.paths.training_dir}; train first (stage=train)")
     return found.checkpoints
@@ -123,7 +125,7 @@ def archive_previous(eval_dir: Path) -> Optional[Path]:
     while eval_dir.with_name(f"eval.previous-{n}").exists():
         n += 1
     kept = eval_dir.rename(eval_dir.with_name(f"eval.previous-{n}"))
-    print(f"the earlier evaluation was kept as {kept}")
+    console.info(f"the earlier evaluation was kept as {kept}")
     return kept
 
 
@@ -163,7 +165,7 @@ def reuse_earlier(run_dir: Path, record: dict, prompts: Sequence[str], seeds: Se
         found.update(new)
         sources += [f"{len(new)} from {folder.name}"] if new else []
     if found:
-        print(f"reused {len(found)} unchanged cell(s) ({', '.join(sources)})")
+        console.info(f"reused {len(found)} unchanged cell(s) ({', '.join(sources)})")
     return reuse.adopt(found, images_dir)
 
 
@@ -188,7 +190,7 @@ def evaluate(cfg: ExperimentConfig, run_dir: Path, resume_command: Optional[str]
     returns the report's path. Nothing in eval/ is touched until the new evaluation produced cells."""
     ev = cfg.eval
     if ev.backend == "none":
-        print("eval.backend=none: evaluation skipped")
+        console.info("eval.backend=none: evaluation skipped")
         return run_dir
     check_settings(cfg)
     eval_dir = run_dir / "eval"
@@ -199,7 +201,7 @@ def evaluate(cfg: ExperimentConfig, run_dir: Path, resume_command: Optional[str]
     all_cells = reuse.wanted(list(record["checkpoints"]), ev.prompts, ev.seeds)
     current, before = reuse.load_previous(eval_dir)
     if before == record and complete(current, all_cells):
-        print(f"already evaluated with these settings: {eval_dir / 'report.html'}")
+        console.info(f"already evaluated with these settings: {eval_dir / 'report.html'}")
         print_best(eval_dir)
         return eval_dir / "report.html"
     staging, reused = staging_dir(run_dir), {}
@@ -266,11 +268,11 @@ def finish(cfg: ExperimentConfig, run_dir: Path, cells: List[Cell], record: dict
     promote(staging, eval_dir)
     report = eval_dir / "report.html"
     failed = [c for c in cells if c.status != "ok"]
-    print(f"evaluated {len(cells)} cell(s) ({len(cells) - len(failed)} ok): "
-          f"{', '.join(str(eval_dir / g.name) for g in grids)}")
-    print(f"report: {report}")
+    console.info(f"evaluated {len(cells)} cell(s) ({len(cells) - len(failed)} ok): "
+                 f"{', '.join(str(eval_dir / g.name) for g in grids)}")
+    console.info(f"report: {report}")
     if choice:
-        print(summary_line(choice))
+        console.info(summary_line(choice))
     if failed:
         first = failed[0]
         raise CellsFailed(f"{len(failed)} of {len(cells)} cells failed, e.g. {first.label} prompt "

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import Any, List, Mapping
 
+from sd3exp import console
 from sd3exp.evaluate import cells as cellio
 from sd3exp.evaluate import links
 from sd3exp.evaluate.cells import Cell, RenderJob, Sampling
@@ -35,15 +36,15 @@ def render(cfg: ExperimentConfig, job: RenderJob, run_dir: Path, images: Path) -
     if mode == "symlink" and ev.models_dir:
         problems = [a.message for a in links.link_checkpoints(checkpoints, ev.models_dir, name) if a.problem]
         for p in problems:
-            print(f"warning: {p}")
+            console.warn(p)
     elif mode == "extra_paths":
         snippet = links.extra_paths_yaml(name, training, sorted({c.kind for c in checkpoints}))
         links.write_extra_paths(run_dir / EXTRA_PATHS_FILE, snippet)
-        print(f"ComfyUI: start it with --extra-model-paths-config {run_dir / EXTRA_PATHS_FILE}")
+        console.info(f"ComfyUI: start it with --extra-model-paths-config {run_dir / EXTRA_PATHS_FILE}")
     client = ComfyClient(ev.url)
     if mode == "extra_paths" and job.changed:
-        print(f"ComfyUI loads {', '.join(sorted(job.changed))} under an unchanged name but the file changed: "
-              "freeing its models and node cache first (POST /free)")
+        console.info(f"ComfyUI loads {', '.join(sorted(job.changed))} under an unchanged name but the file changed: "
+                     "freeing its models and node cache first (POST /free)")
         client.free()
     workflow = with_inputs(load_workflow(ev.workflow), ev.workflow_inputs)
     strengths = {label: s.comfy_strength for label, s in job.strengths.items()}
@@ -59,5 +60,5 @@ def warn_strength_override(workflow: Graph, inputs: Mapping[str, Any], strengths
     """A strength_model the user set in eval.workflow_inputs is replaced per checkpoint: say so."""
     for node_id, values in inputs.items():
         if "strength_model" in values and strengths and workflow[node_id]["class_type"] == "LoraLoaderModelOnly":
-            print(f"warning: eval.workflow_inputs.{node_id}.strength_model={values['strength_model']!r} is replaced "
-                  "by each checkpoint's trained scale (alpha/rank), so the grid shows what was trained")
+            console.warn(f"eval.workflow_inputs.{node_id}.strength_model={values['strength_model']!r} is replaced "
+                         "by each checkpoint's trained scale (alpha/rank), so the grid shows what was trained")
