@@ -19,16 +19,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.comfy_standin is not part of the package
 
+from sd3exp.evaluate.cells import Cell, plan_cells  # noqa: E402
 from sd3exp.evaluate.checkpoints import Checkpoint  # noqa: E402
 from sd3exp.evaluate.comfyui import (  # noqa: E402
-    Cell,
     ComfyClient,
     SweepSpec,
     find_nodes,
     load_workflow,
     new_sweep_id,
     patch_graph,
-    plan_cells,
     run_sweep,
 )
 from sd3exp.evaluate.grid import write_grids  # noqa: E402

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import List
 
+from sd3exp import console
 from sd3exp.errors import EvalError
 from sd3exp.io import read_json
 from sd3exp.layout import EvalLayout, RunLayout
@@ -22,7 +23,7 @@ def run_line(best: dict) -> str:
 
 def show_run(run_dir: Path) -> int:
     best = read_json(RunLayout(run_dir).eval.best)
-    print(f"best checkpoint of {run_dir}: {run_line(best)}")
+    console.info(f"best checkpoint of {run_dir}: {run_line(best)}")
     return 0 if best["best"] else 1
 
 
@@ -35,13 +36,13 @@ def show_sweep(sweep_dir: Path) -> int:
         b = job["best"]
         score = f"{b['objective']} {b['score']:.6g} at {b['label']}" if b and b["score"] is not None else job["status"]
         values = " ".join(f"{k}={v}" for k, v in job["values"].items())
-        print(f"  {job['rank'] or '-':>3}  job {job['num']}  {values}  {score}")
+        console.info(f"  {job['rank'] or '-':>3}  job {job['num']}  {values}  {score}")
     if not ranked:
-        print(f"no job of {sweep_dir} has a scored evaluation yet")
+        console.info(f"no job of {sweep_dir} has a scored evaluation yet")
         return 1
     win = ranked[0]
-    print(f"winner: job {win['num']} ({sweep_dir / win['run_dir']}), {win['best']['label']}: "
-          f"{win['best']['objective']} {win['best']['score']:.6g}; {win['best']['checkpoint']}")
+    console.info(f"winner: job {win['num']} ({sweep_dir / win['run_dir']}), {win['best']['label']}: "
+                 f"{win['best']['objective']} {win['best']['score']:.6g}; {win['best']['checkpoint']}")
     return 0
 
 

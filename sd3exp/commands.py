@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Callable, Dict, List
 
-from sd3exp import trainer_env
+from sd3exp import console, trainer_env
 from sd3exp.best import best_main
 from sd3exp.lock import lock_main
 from sd3exp.project import ROOT
@@ -20,7 +20,7 @@ def setup_trainer(argv: List[str]) -> int:
     parser.add_argument("--version", default=trainer_env.DEFAULT_VERSION)
     args = parser.parse_args(argv)
     env = trainer_env.ensure(args.version, args.home)
-    print(f"trainer ready: SimpleTuner {env.version} at {env.root} (python: {env.python})")
+    console.info(f"trainer ready: SimpleTuner {env.version} at {env.root} (python: {env.python})")
     return 0
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sd3exp import trainer_env
+from sd3exp import console, trainer_env
 from sd3exp.demo_data import make_demo_dataset, outdated, set_aside
 from sd3exp.runfolder import waiting_lock
 from sd3exp.errors import ConfigError
@@ -47,9 +47,9 @@ def ensure_demo_assets(cfg: ExperimentConfig, with_model: bool) -> None:
             folder = demo_path(f"concepts[{i}].path", Path(c.path), root, DEMO_DATA)
             with waiting_lock(folder.parent, "is generating the demo dataset in"):
                 if older_demo_dataset(folder, root):
-                    print(f"demo: {folder} holds an older demo's dataset; kept as {set_aside(folder)}")
+                    console.info(f"demo: {folder} holds an older demo's dataset; kept as {set_aside(folder)}")
                 if not folder.exists():
-                    print(f"demo: generating the demo dataset at {folder}")
+                    console.info(f"demo: generating the demo dataset at {folder}")
                     make_demo_dataset(folder, c.trigger, DEMO_COUNTS, cfg.seed)
     model = Path(cfg.model.path)
     ours = (model / MARKER).is_file()  # a tiny SD3 of an older recipe is rebuilt; other folders are left alone
@@ -60,5 +60,5 @@ def ensure_demo_assets(cfg: ExperimentConfig, with_model: bool) -> None:
             t = cfg.trainer
             env = trainer_env.locate(t.simpletuner, t.version, t.home)
             if not (model / MARKER).is_file():
-                print(f"demo: building the tiny SD3 at {model} (its VAE trains for about 2 minutes, once)")
+                console.info(f"demo: building the tiny SD3 at {model} (its VAE trains for about 2 minutes, once)")
             build_tiny_model(model, env.python, seed=0)

@@ -18,7 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from sd3exp import cache, runfolder
+from sd3exp import cache, console, runfolder
 from sd3exp.compile import Compiled, compile_experiment, config_hash
 from sd3exp.errors import ConfigError, Sd3expError
 from sd3exp.io import dumps_json
@@ -126,8 +126,8 @@ def concept_sizes(cfg: ExperimentConfig) -> Dict[str, Optional[List[Tuple[int, i
             raise ConfigError(f"concepts[{i}].path", c.path, f"no images there ({', '.join(IMAGE_EXTENSIONS)})",
                               "point it at the folder of images with .txt captions")
         for name, why in unreadable.items():
-            print(f"warning: concepts[{i}].path: {Path(c.path) / name}: {why}; left out of the plan "
-                  f"(the audit refuses it before training). Fix: {FIX}")
+            console.warn(f"concepts[{i}].path: {Path(c.path) / name}: {why}; left out of the plan "
+                         f"(the audit refuses it before training). Fix: {FIX}")
     return sizes
 
 

@@ -31,6 +31,8 @@ class EvalLayout:
     SCORES_PLOT: ClassVar[str] = "scores.png"
     TRAINING_PLOT: ClassVar[str] = "training.png"
     GRID: ClassVar[str] = "grid.png"
+    RENDER_JOB: ClassVar[str] = "render-job.json"  # the diffusers worker's job and log
+    RENDER_LOG: ClassVar[str] = "render.log"
 
     @property
     def cells(self) -> Path:
@@ -63,6 +65,14 @@ class EvalLayout:
     @property
     def grid(self) -> Path:
         return self.folder / self.GRID
+
+    @property
+    def render_job(self) -> Path:
+        return self.folder / self.RENDER_JOB
+
+    @property
+    def render_log(self) -> Path:
+        return self.folder / self.RENDER_LOG
 
 
 @dataclass(frozen=True)

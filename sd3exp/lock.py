@@ -19,6 +19,7 @@ from typing import Dict, List
 
 from omegaconf import OmegaConf
 
+from sd3exp import console
 from sd3exp.compile import config_hash
 from sd3exp.io import write_text
 from sd3exp.project import ROOT
@@ -109,13 +110,14 @@ def lock_main(argv: List[str]) -> int:
     root = args.root.resolve()
     if not args.check:
         names = write_lock(root)
-        print(f"locked {len(names)} experiment(s) into {root / LOCK_DIR}: {', '.join(names)}")
+        console.info(f"locked {len(names)} experiment(s) into {root / LOCK_DIR}: {', '.join(names)}")
         return 0
     found = problems(root)
     for problem in found:
-        print(problem)
+        console.info(problem)
     if found:
-        print(f"\n{LOCK_DIR}/ is out of date: review the changes, then run `sd3exp lock` and commit {LOCK_DIR}/.")
+        console.info(f"\n{LOCK_DIR}/ is out of date: review the changes, then run `sd3exp lock` and commit "
+                     f"{LOCK_DIR}/.")
         return 1
-    print(f"{LOCK_DIR}/ matches all {len(experiments(root / 'conf'))} experiment(s)")
+    console.info(f"{LOCK_DIR}/ matches all {len(experiments(root / 'conf'))} experiment(s)")
     return 0

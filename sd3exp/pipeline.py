@@ -12,7 +12,7 @@ from typing import List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from sd3exp import __version__, lrplot, runfolder
+from sd3exp import __version__, console, lrplot, runfolder
 from sd3exp.compile import Compiled
 from sd3exp.io import dumps_json, read_json, remove_stale_temporaries, write_if_changed
 from sd3exp.job import Invocation, Job, build, files_of, load
@@ -51,7 +51,7 @@ def claim(job: Job, cfg: DictConfig, plan: Plan) -> Job:
     runfolder.check_apart(run_dir, folders)
     if run_dir == job.run_dir:
         return job
-    print(f"trainer.new_run: starting a new run folder {run_dir}")
+    console.info(f"trainer.new_run: starting a new run folder {run_dir}")
     return load(OmegaConf.merge(cfg, {"paths": {"run_dir": str(run_dir)}}), job.invocation)
 
 
@@ -69,9 +69,9 @@ def stage_compile(job: Job, cfg: DictConfig) -> Tuple[Job, Plan]:
     plan, compiled = build(job)
     job = claim(job, cfg, plan)
     changed = write_run(job, plan, compiled)
-    print(render_table(plan))
+    console.info(render_table(plan))
     state = f"{len(changed)} file(s) written" if changed else "unchanged"
-    print(f"\ncompiled {job.cfg.name} -> {job.run_dir}/config ({state})")
+    console.info(f"\ncompiled {job.cfg.name} -> {job.run_dir}/config ({state})")
     return job, plan
 
 
@@ -99,7 +99,7 @@ def run(cfg: DictConfig, invocation: Optional[Invocation] = None) -> Optional[fl
             job = load(cfg, invocation)
             if not STAGES[job.cfg.stage].compiles:
                 plan, _ = build(job)
-                print(render_table(plan))
+                console.info(render_table(plan))
                 return None
             job, plan = stage_compile(job, cfg)
         except KeyboardInterrupt as exc:

@@ -38,9 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Union
 
-from tqdm import tqdm
 
-from sd3exp import captions
+from sd3exp import captions, console
 from sd3exp.errors import ConfigError, DatasetError, human_bytes
 from sd3exp.images import IMAGE_EXTENSIONS, list_images
 from sd3exp.io import read_json, remove_stale_temporaries, write_json
@@ -275,7 +274,7 @@ def _build(target: Path, files: Dict[str, Want], reusable: set, summary: Concept
     build = _side(target, "building")
     build.mkdir(parents=True)
     linker = Linker()
-    bar = tqdm(files.items(), desc=f"prepare {summary.id}", unit="file", leave=False,
+    bar = console.progress(files.items(), desc=f"prepare {summary.id}", unit="file", leave=False,
                disable=not progress or len(files) < PROGRESS_MIN_FILES)
     try:
         for name, want in bar:

@@ -20,6 +20,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
+from sd3exp import console
 from sd3exp.errors import DiskFullError, RunConflictError, no_space_message
 from sd3exp.io import read_json, write_bytes, write_if_changed, write_json
 from sd3exp.layout import RunLayout
@@ -93,7 +94,7 @@ def waiting_lock(folder: Path, doing: str) -> Iterator[None]:
     fd = os.open(folder, os.O_RDONLY)
     try:
         if not _try_lock(fd):
-            print(f"waiting for another sd3exp job {doing} {folder}", flush=True)
+            console.info(f"waiting for another sd3exp job {doing} {folder}")
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
@@ -201,7 +202,7 @@ def note_training_owner(training_dir: Path, run_dir: Path) -> None:
         return
     whose = f"of the run folder {claimed} (moved or copied since)" if claimed else "sd3exp did not train (no " \
         f"{RunLayout.OWNER} file: SimpleTuner run by hand?)"
-    print(f"evaluating checkpoints in {training_dir} {whose}; they are only read")
+    console.info(f"evaluating checkpoints in {training_dir} {whose}; they are only read")
 
 
 def check_training_owner(training_dir: Path, run_dir: Path) -> None:

@@ -6,7 +6,7 @@ import shlex
 from pathlib import Path
 from typing import Callable, Optional
 
-from sd3exp import cache
+from sd3exp import cache, console
 from sd3exp.compile import trainer_args, user_extra_args
 from sd3exp.errors import ConfigError, DatasetError, EvalError
 from sd3exp.job import Invocation, Job
@@ -45,7 +45,7 @@ def stage_audit(job: Job, plan: Plan) -> None:
     except KeyboardInterrupt as exc:
         raise stopped(exc, "the caption audit", "it only reads your images and captions; audit.json is "
                       "written when it finishes", command_for(job, job.cfg.stage)) from None
-    print(audit.write_audit(report, job.layout.audit))
+    console.info(audit.write_audit(report, job.layout.audit))
     errors = audit.audit_errors(report, job.cfg)
     if errors:
         raise DatasetError("the caption audit found problems that would spoil training:\n  - "
@@ -57,7 +57,7 @@ def stage_caption(job: Job, plan: Plan) -> None:
     from sd3exp.caption.run import caption
 
     caption(job.cfg, again=command_for(job, "caption"))
-    print(f"next: review the captions with `{command_for(job, 'review')}`")
+    console.info(f"next: review the captions with `{command_for(job, 'review')}`")
 
 
 def stage_review(job: Job, plan: Plan) -> None:
@@ -68,8 +68,8 @@ def stage_review(job: Job, plan: Plan) -> None:
 
     generated = {c.id: generated_captions(c, job.cfg.captioner) for c in job.cfg.concepts}
     report = audit.audit(job.cfg, generated)
-    print(audit.write_audit(report, job.layout.audit))
-    print(f"review: {write_review(job.cfg, report, generated, job.run_dir)}")
+    console.info(audit.write_audit(report, job.layout.audit))
+    console.info(f"review: {write_review(job.cfg, report, generated, job.run_dir)}")
 
 
 def stage_prepare(job: Job, plan: Plan) -> None:
@@ -82,19 +82,18 @@ def stage_prepare(job: Job, plan: Plan) -> None:
         raise stopped(exc, "preparing the dataset", f"each concept's folder in {job.cfg.dataset.prepared_dir} "
                       "is complete or as it was (a half-built one is removed; the next run builds only what "
                       "differs); your images are untouched", command_for(job, job.cfg.stage)) from None
-    print(summary.line())
+    console.info(summary.line())
 
 
-def cpu_shim(cfg: ExperimentConfig, cuda: bool) -> bool:
-    """Whether the training process gets the pin_memory shim (never with CUDA)."""
+def cpu_shim(cfg: ExperimentConfig, cuda: bool) -> Optional[str]:
+    """The notice that the training process gets the pin_memory shim; None when it does not (never with CUDA)."""
     if not cuda and cfg.training.num_processes > 1:
         raise ConfigError("training.num_processes", cfg.training.num_processes,
                           "there is no CUDA device: accelerate would run one process, not the number planned",
                           "use training.num_processes=1 on a CPU")
-    shim = not cuda and cfg.trainer.cpu_shim == "auto"
-    if shim:
-        print("no CUDA device: applying sd3exp's pin_memory CPU shim to the training process")
-    return shim
+    if not cuda and cfg.trainer.cpu_shim == "auto":
+        return "no CUDA device: applying sd3exp's pin_memory CPU shim to the training process"
+    return None
 
 
 def stage_train(job: Job, plan: Plan) -> None:
@@ -103,20 +102,23 @@ def stage_train(job: Job, plan: Plan) -> None:
     cfg, run_dir = job.cfg, job.run_dir
     training_dir = Path(cfg.paths.training_dir)
     if train.is_complete(run_dir, training_dir, cfg.model.type, plan.max_train_steps):
-        print(f"training already complete ({training_dir}); nothing to do")
+        console.info(f"training already complete ({training_dir}); nothing to do")
         return
     stage_prepare(job, plan)
     env = trainer_for(cfg)
     args = trainer_args(cfg, plan, run_dir) + user_extra_args(cfg)
     checked = preflight.preflight(env, run_dir, args)
     shim = cpu_shim(cfg, checked["cuda"])
+    if shim:
+        console.info(shim)
     claim_training_dir(training_dir, run_dir)
     for path, target in set_aside_unfinished(training_dir, checked.get("checkpoint_guard")):
-        print(f"{path.name} was never finished (its save was interrupted): moved to {target}; "
-              "resuming from the last finished checkpoint")
-    process_env = train.trainer_environment(env.bin, run_dir, cpu=shim, offline=Path(cfg.model.path).is_dir())
+        console.info(f"{path.name} was never finished (its save was interrupted): moved to {target}; "
+                     "resuming from the last finished checkpoint")
+    process_env = train.trainer_environment(env.bin, run_dir, cpu=shim is not None,
+                                            offline=Path(cfg.model.path).is_dir())
     next_command = command_for(job, "eval") if cfg.stage == "train" else None
-    print(f"cache: {plan.cache_dir} (shared by the runs on the same data; sd3exp/cache.py)")
+    console.info(f"cache: {plan.cache_dir} (shared by the runs on the same data; sd3exp/cache.py)")
     with cache.filling(Path(plan.cache_dir)) as caches_complete:
         train.run_training(env.train_command(), run_dir, training_dir, process_env, plan.max_train_steps,
                            plan.checkpoint_steps, next_command, resume_command=command_for(job, cfg.stage),
@@ -140,7 +142,7 @@ def stage_report(job: Job, plan: Plan) -> None:
     found = cells.read_cells_json(evaluation.cells)
     best = (score.read_best(eval_dir) or {}).get("best")
     grids = grid.write_grids(found, eval_dir, job.cfg.eval.max_grid_pixels, best=best["label"] if best else None)
-    print(f"report: {report.write_report(job.run_dir, found, grids, title=job.cfg.name)}")
+    console.info(f"report: {report.write_report(job.run_dir, found, grids, title=job.cfg.name)}")
 
 
 def summary(job: Job) -> str:
@@ -171,4 +173,4 @@ def run_stage(stage: str, job: Job, plan: Plan) -> None:
     for name in STAGES[stage].steps:
         step(name)(job, plan)
     if STAGES[stage].summary:
-        print(summary(job))
+        console.info(summary(job))

@@ -21,6 +21,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from sd3exp import console
 from sd3exp.project import TEMPLATES
 from sd3exp.io import dumps_json, read_json, write_json, write_text
 from sd3exp.layout import EvalLayout, RunLayout
@@ -190,7 +191,7 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         if (sweep_dir / RECORDS).is_dir():
             data = write_summary(sweep_dir)
-            print(f"sweep summary: {sweep_dir / 'sweep.html'} ({len(data['jobs'])} job(s))")
+            console.info(f"sweep summary: {sweep_dir / 'sweep.html'} ({len(data['jobs'])} job(s))")
 
     def _exited(self) -> None:
         for path, record in self._running.items():

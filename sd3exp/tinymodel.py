@@ -7,6 +7,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from . import console
 from .demo_data import shape_pixels
 from .errors import TrainerError
 from .project import WORKERS
@@ -37,7 +38,7 @@ def build_tiny_model(out: Path, python: Path, seed: int, vae_steps: int = VAE_ST
         images.write_bytes(shape_pixels(VAE_IMAGES, VAE_IMAGE_SIZE, seed))
         vae = ["--vae-steps", str(vae_steps), "--vae-images", str(images), "--vae-image-size", str(VAE_IMAGE_SIZE)]
         proc = _run_worker([str(python), str(WORKER), str(out), "--seed", str(seed), *vae], out)
-    print(proc.stdout.strip())
+    console.info(proc.stdout.strip())
     return out
 
 

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
-from tqdm import tqdm
 
+from sd3exp import console
 from sd3exp.errors import DiskFullError, RunConflictError, TrainerError, no_space_message
 from sd3exp.io import read_json, write_json
 from sd3exp.layout import RunLayout
@@ -197,7 +197,7 @@ class TrainResult:
         return d
 
 
-def follow(stream, log, bar: tqdm, progress: Progress, on_first_step: Callable[[], None] = lambda: None) -> None:
+def follow(stream, log, bar: console.Bar, progress: Progress, on_first_step: Callable[[], None] = lambda: None) -> None:
     """Copy the trainer's output to the log and move the bar; before the first step the bar
     shows what SimpleTuner is doing (loading models, filling caches). `on_first_step` is called
     at every line from SimpleTuner's first step bar on (its caches are complete by then)."""
@@ -245,7 +245,7 @@ def launch(cmd: List[str], run_dir: Path, training_dir: Path, env: Dict[str, str
         log.write(f"\n===== sd3exp: {' '.join(cmd)} (cwd {run_dir}) =====\n".encode())
         proc = subprocess.Popen(cmd, cwd=run_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-        bar = tqdm(total=total, initial=start_step, unit="step", desc="train", dynamic_ncols=True)
+        bar = console.progress(total=total, initial=start_step, unit="step", desc="train", dynamic_ncols=True)
         watcher = reap_when_killed(proc, run_dir)
         try:
             follow(proc.stdout, log, bar, progress, on_first_step)
@@ -346,7 +346,7 @@ def run_training(cmd: List[str], run_dir: Path, training_dir: Path, env: Dict[st
                  model_type: str, on_first_step: Callable[[], None]) -> TrainResult:
     start = max(checkpoint_dirs(training_dir), default=0)
     if start:
-        print(f"resuming from checkpoint-{start} (SimpleTuner resume_from_checkpoint=latest)")
+        console.info(f"resuming from checkpoint-{start} (SimpleTuner resume_from_checkpoint=latest)")
     left = run_processes(run_dir)
     if left:
         raise RunConflictError(
@@ -356,9 +356,9 @@ def run_training(cmd: List[str], run_dir: Path, training_dir: Path, env: Dict[st
     try:
         write_json(RunLayout(run_dir).training_summary, result.to_dict())
     except DiskFullError as err:
-        print(f"warning: {err}")
+        console.warn(err)
     short = result.exit_code == 0 and not is_complete(run_dir, training_dir, model_type, total)
-    print(report(result, planned, total, None if short else next_command))
+    console.info(report(result, planned, total, None if short else next_command))
     if result.exit_code != 0 or short:
         err = TrainerError(short_of_plan(result, total) if short else
                            failure_message(result, resume_command, training_dir))

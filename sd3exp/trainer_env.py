@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
+from sd3exp import console
 from sd3exp.errors import TrainerError
 from sd3exp.schema import ExperimentConfig
 
@@ -73,7 +74,7 @@ def find_python312() -> str:
 
 def _pip(python: Path, packages: List[str]) -> None:
     cmd = [str(python), "-m", "pip", "install", "--progress-bar", "on", *packages]
-    print("+ " + " ".join(cmd), flush=True)
+    console.info("+ " + " ".join(cmd))
     if subprocess.run(cmd, stdout=sys.stdout, stderr=sys.stderr).returncode != 0:
         raise TrainerError(f"pip failed installing {' '.join(packages)} into {python.parent.parent}. "
                            "Fix: check the network/registry and disk space (about 8 GB), then run "
@@ -86,7 +87,7 @@ def _install(root: Path, version: str) -> None:
                            "Fix: use that version or point trainer.simpletuner at your own installation.")
     if root.exists():
         shutil.rmtree(root)
-    print(f"installing SimpleTuner {version} into {root} (once per machine; about 8 GB, a few minutes)")
+    console.info(f"installing SimpleTuner {version} into {root} (once per machine; about 8 GB, a few minutes)")
     subprocess.run([find_python312(), "-m", "venv", str(root)], check=True)
     python = root / "bin" / "python"
     _pip(python, ["--upgrade", "pip"])
@@ -144,5 +145,5 @@ def locate(simpletuner: Optional[str], version: str, home: Optional[str]) -> Tra
 def trainer_for(cfg: ExperimentConfig) -> TrainerEnv:
     t = cfg.trainer
     env = locate(t.simpletuner, t.version, t.home)
-    print(f"trainer: SimpleTuner {env.version} ({env.kind}) at {env.root}")
+    console.info(f"trainer: SimpleTuner {env.version} ({env.kind}) at {env.root}")
     return env

@@ -15,12 +15,11 @@ import websocket
 from PIL import Image
 
 from sd3exp.errors import EvalError
+from sd3exp.evaluate.cells import Cell, Sampling, plan_cells
 from sd3exp.evaluate.checkpoints import Checkpoint
 from sd3exp.evaluate.comfyui import (
     SAFETY_POLL_S,
-    Cell,
     ComfyClient,
-    Sampling,
     SweepSpec,
     check_api_format,
     find_nodes,
@@ -28,7 +27,6 @@ from sd3exp.evaluate.comfyui import (
     load_workflow,
     match_names,
     parse_history,
-    plan_cells,
     prompt_rejection,
     render_seconds,
     run_sweep,

@@ -15,9 +15,8 @@ from PIL import Image, ImageChops
 
 from sd3exp.errors import EvalError
 from sd3exp.evaluate import diffusers_backend as backend
-from sd3exp.evaluate.cells import BASE_LABEL, write_cells_json
+from sd3exp.evaluate.cells import BASE_LABEL, Sampling, SweepInterrupted, write_cells_json
 from sd3exp.evaluate.checkpoints import Checkpoint, discover
-from sd3exp.evaluate.comfyui import Sampling, SweepInterrupted
 from sd3exp.evaluate.grid import write_grids
 from sd3exp.evaluate.report import write_report
 from sd3exp.tinymodel import OFFLINE_ENV, build_tiny_model
@@ -100,8 +99,8 @@ def test_worker_crash_keeps_every_cell(tmp_path):
     line = {"label": "a", "step": None, "prompt_index": 0, "seed": 0, "status": "ok", "path": "/i/a.png",
             "error": "", "seconds": 1.0}
     python = fake_python(tmp_path, f"echo '{json.dumps(line)}'\necho 'Segmentation fault' >&2\nexit 139\n")
-    cells = backend.render(tmp_path / "base", [checkpoint("a"), checkpoint("b")], PROMPTS, [0],
-                           tmp_path / "eval" / "images", python, progress=False)
+    cells = backend.render_cells(tmp_path / "base", [checkpoint("a"), checkpoint("b")], PROMPTS, [0],
+                                 tmp_path / "eval" / "images", python, progress=False)
     assert [c.status for c in cells] == ["ok", "error", "error", "error"]
     assert "exited with code 139" in cells[1].error and "Segmentation fault" in cells[1].error
     assert json.loads((tmp_path / "eval" / "render-job.json").read_text())["prompts"] == PROMPTS
@@ -109,14 +108,14 @@ def test_worker_crash_keeps_every_cell(tmp_path):
 
 def test_worker_timeout(tmp_path):
     python = fake_python(tmp_path, "exec sleep 30\n")
-    cells = backend.render(tmp_path, [checkpoint("a")], ["p"], [0], tmp_path / "images", python, timeout_s=0.5,
-                           progress=False)
+    cells = backend.render_cells(tmp_path, [checkpoint("a")], ["p"], [0], tmp_path / "images", python, timeout_s=0.5,
+                                 progress=False)
     assert len(cells) == 1 and "timeout" in cells[0].error
 
 
 def test_missing_trainer_python(tmp_path):
     with pytest.raises(EvalError, match="trainer python"):
-        backend.render(tmp_path, [checkpoint("a")], ["p"], [0], tmp_path / "images", tmp_path / "nope")
+        backend.render_cells(tmp_path, [checkpoint("a")], ["p"], [0], tmp_path / "images", tmp_path / "nope")
 
 
 @pytest.fixture(scope="module")
@@ -141,8 +140,8 @@ def test_end_to_end_on_the_tiny_model(tiny_run):
     found = discover(tiny_run / "training", include_final=False).checkpoints
     lora = Checkpoint(None, "lora", "lora", tiny_run / "lora" / "pytorch_lora_weights.safetensors")
     run = tiny_run / "run"
-    cells = backend.render(tiny_run / "tiny", found + [lora], PROMPTS, [7], run / "eval" / "images",
-                           trainer_python(), SAMPLING, include_base=True, timeout_s=600, progress=False)
+    cells = backend.render_cells(tiny_run / "tiny", found + [lora], PROMPTS, [7], run / "eval" / "images",
+                                 trainer_python(), SAMPLING, include_base=True, timeout_s=600, progress=False)
 
     assert [(c.label, c.prompt_index) for c in cells] == [
         (label, i) for label in ("base", "checkpoint-100", "checkpoint-200", "checkpoint-300", "lora") for i in (0, 1)
@@ -173,8 +172,8 @@ def test_skipped_cells_are_left_out(tiny_run):
     found = discover(tiny_run / "training", include_final=False).checkpoints[:2]
     images = tiny_run / "skip" / "images"
     skip = {("base", 0, 7), ("base", 1, 7), ("checkpoint-100", 1, 7)}
-    cells = backend.render(tiny_run / "tiny", found, PROMPTS, [7], images, trainer_python(), SAMPLING,
-                           include_base=True, timeout_s=600, progress=False, skip=skip)
+    cells = backend.render_cells(tiny_run / "tiny", found, PROMPTS, [7], images, trainer_python(), SAMPLING,
+                                 include_base=True, timeout_s=600, progress=False, skip=skip)
     assert [(c.label, c.prompt_index, c.status) for c in cells] == [
         ("checkpoint-100", 0, "ok"), ("checkpoint-200", 0, "ok"), ("checkpoint-200", 1, "ok")]
     assert sorted(p.name for p in images.iterdir()) == ["checkpoint-100_p0_s7.png", "checkpoint-200_p0_s7.png",
@@ -195,10 +194,10 @@ def test_lora_checkpoint_and_final_render_alike_at_the_trained_scale(tiny_run):
     found, _ = strengths(loras, rank=4, alpha=8)
     scales = {label: s.trained for label, s in found.items()}
     assert scales == {"checkpoint-2": 2.0, "final": 2.0}
-    cells = backend.render(tiny_run / "tiny", loras, PROMPTS[:1], [7], folder / "eval" / "images", trainer_python(),
-                           SAMPLING, timeout_s=600, progress=False, scales=scales)
-    at_one = backend.render(tiny_run / "tiny", loras[1:], PROMPTS[:1], [7], folder / "one" / "images",
-                            trainer_python(), SAMPLING, timeout_s=600, progress=False, scales={"final": 1.0})
+    cells = backend.render_cells(tiny_run / "tiny", loras, PROMPTS[:1], [7], folder / "eval" / "images",
+                                 trainer_python(), SAMPLING, timeout_s=600, progress=False, scales=scales)
+    at_one = backend.render_cells(tiny_run / "tiny", loras[1:], PROMPTS[:1], [7], folder / "one" / "images",
+                                  trainer_python(), SAMPLING, timeout_s=600, progress=False, scales={"final": 1.0})
     assert [c.status for c in cells + at_one] == ["ok"] * 3, [c.error for c in cells + at_one]
     assert same(cells[0].paths[0], cells[1].paths[0])
     assert not same(cells[1].paths[0], at_one[0].paths[0])
@@ -214,7 +213,7 @@ def test_ctrl_c_stops_the_worker_and_keeps_the_cells_it_reported(tmp_path):
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         with pytest.raises(SweepInterrupted) as stop:
-            backend.render(tmp_path, [checkpoint("a")], PROMPTS, [0], tmp_path / "images", python, progress=False)
+            backend.render_cells(tmp_path, [checkpoint("a")], PROMPTS, [0], tmp_path / "images", python, progress=False)
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     assert [(c.label, c.prompt_index, c.status) for c in stop.value.cells] == [("a", 0, "ok")]

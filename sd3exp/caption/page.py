@@ -16,8 +16,8 @@ from typing import Any, Dict, List, Optional
 
 import jinja2
 from PIL import Image, ImageOps
-from tqdm import tqdm
 
+from sd3exp import console
 from sd3exp.audit import AuditReport, ConceptAudit
 from sd3exp.captions import estimate_clip_tokens
 from sd3exp.layout import RunLayout
@@ -89,7 +89,8 @@ def _caption_of(user_file: Path, generated: Dict[str, str], image: str) -> tuple
 def concept_cards(c: ConceptConfig, a: ConceptAudit, generated: Dict[str, str], run_dir: Path,
                   prefer: str) -> List[Dict[str, Any]]:
     cards, folder = [], Path(c.path)
-    for name in tqdm(a.images, desc=f"review {c.id}", unit="image", leave=False, disable=len(a.images) < PROGRESS_MIN):
+    for name in console.progress(a.images, desc=f"review {c.id}", unit="image", leave=False,
+                                 disable=len(a.images) < PROGRESS_MIN):
         image, user_file = folder / name, (folder / name).with_suffix(".txt")
         source, text = _caption_of(user_file, generated, name)
         thumb = thumbnail(image, run_dir / "review" / "thumbs" / c.id / f"{name}.jpg")

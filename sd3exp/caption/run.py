@@ -15,9 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
-from tqdm import tqdm
 
-from sd3exp import captions
+from sd3exp import captions, console
 from sd3exp.caption.client import Answer, CaptionError, ChatClient, ImageFailed
 from sd3exp.caption.command import command_words, run_command
 from sd3exp.caption.post import PostSettings, postprocess
@@ -170,7 +169,7 @@ def caption_one(backend: Backend, task: Task, root: Path) -> Optional[int]:
 
 def run_tasks(backend: Backend, tasks: List[Task], workers: int, summary: Summary, progress: bool) -> None:
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="caption")
-    bar = tqdm(total=len(tasks), desc="caption", unit="image", disable=not progress or not tasks)
+    bar = console.progress(total=len(tasks), desc="caption", unit="image", disable=not progress or not tasks)
     try:
         futures = {pool.submit(caption_one, backend, t, summary.out_dir): t for t in tasks}
         for future in as_completed(futures):

@@ -1,22 +1,115 @@
-"""Helpers around `Cell`, the one result type every render backend returns.
+"""The backend-neutral render types: what to render (`CellSpec`, `Sampling`, `RenderJob`), what came
+back (`Cell`), how a stopped sweep hands over its cells (`SweepInterrupted`), and cells.json.
 
-`Cell` itself is defined with the ComfyUI client (sd3exp.evaluate.comfyui) and
-re-exported here. A cell is never dropped: a failed render is a cell with
-status "error" and its error text, so grids and reports show it.
+Every render backend (sd3exp.evaluate.comfyui, sd3exp.evaluate.diffusers_backend) offers
+`render(cfg, job, run_dir, images) -> list[Cell]`. A cell is never dropped: a failed render is a
+cell with status "error" and its error text, so grids and reports show it.
 """
 
 from __future__ import annotations
 
-from dataclasses import fields, replace
+import signal
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import TYPE_CHECKING, FrozenSet, Literal, Mapping, Optional, Sequence, Tuple, Union
 
-from sd3exp.evaluate.checkpoints import BASE_LABEL
-from sd3exp.evaluate.comfyui import Cell
+from sd3exp.evaluate.checkpoints import BASE_LABEL, Checkpoint
+from sd3exp.evaluate.lora_scale import Strength
 from sd3exp.io import read_json, write_bytes, write_json
 
-__all__ = ["BASE_LABEL", "Cell", "IMAGE_NAME", "cell_image", "column_title", "image_name", "read_cells_json",
+if TYPE_CHECKING:
+    from sd3exp.schema import EvalConfig
+
+__all__ = ["BASE_LABEL", "Cell", "CellKey", "CellSpec", "IMAGE_NAME", "RenderJob", "Sampling", "Stopped",
+           "SweepInterrupted", "cell_image", "column_title", "image_name", "plan_cells", "read_cells_json",
            "store_images", "write_cells_json"]
+
+CellKey = Tuple[str, int, int]  # label, prompt index, seed
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Values set on every cell; None keeps the workflow's own."""
+
+    negative_prompt: Optional[str] = None
+    steps: Optional[int] = None
+    cfg: Optional[float] = None
+    width: Optional[int] = None
+    height: Optional[int] = None
+
+    @classmethod
+    def of(cls, ev: "EvalConfig") -> "Sampling":
+        """The eval config's sampling values (an empty negative prompt keeps the workflow's)."""
+        return cls(ev.negative_prompt or None, ev.steps, ev.cfg, ev.width, ev.height)
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    """One render: a checkpoint, a prompt, a seed."""
+
+    checkpoint: Checkpoint
+    prompt_index: int
+    prompt: str
+    seed: int
+
+
+def plan_cells(checkpoints: Sequence[Checkpoint], prompts: Sequence[str], seeds: Sequence[int]) -> list[CellSpec]:
+    """All cells, checkpoint-major, then prompt, then seed."""
+    return [CellSpec(c, i, p, s) for c in checkpoints for i, p in enumerate(prompts) for s in seeds]
+
+
+@dataclass
+class Cell:
+    """The result of one render."""
+
+    label: str
+    step: Optional[int]
+    prompt_index: int
+    prompt: str
+    seed: int
+    status: Literal["ok", "error"] = "error"
+    images: list[bytes] = field(default_factory=list)  # when not saved to disk
+    paths: list[Path] = field(default_factory=list)  # when saved to save_dir
+    files: list[str] = field(default_factory=list)  # server-side names, subfolder/filename
+    error: str = ""
+    seconds: float = 0.0
+    prompt_id: Optional[str] = None
+    lora_scale: Optional[float] = None  # a LoRA checkpoint's alpha/rank it was rendered at
+    scores: dict[str, float] = field(default_factory=dict)  # measure -> value (sd3exp/evaluate/score.py)
+    memorised: Optional[bool] = None  # a near-copy of one training image; None: not scored
+    scored_with: str = ""  # digest of what the scores depend on besides the image; "" = not scored
+
+
+class Stopped(KeyboardInterrupt):
+    """A signal other than Ctrl-C (SIGTERM) that stops a sweep the way Ctrl-C does."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during a sweep: the cells finished so far, our queued prompts cancelled."""
+
+    def __init__(self, cells: Sequence["Cell"], signum: int) -> None:
+        super().__init__(f"{len(cells)} cell(s) finished")
+        self.cells, self.signum = list(cells), signum
+
+    @classmethod
+    def during(cls, exc: KeyboardInterrupt, cells: Sequence["Cell"]) -> "SweepInterrupted":
+        return cls(cells, getattr(exc, "signum", signal.SIGINT))
+
+
+@dataclass(frozen=True)
+class RenderJob:
+    """The cells still to render: these checkpoints (and the base model) x prompts x seeds, less `skip`."""
+
+    checkpoints: list[Checkpoint]
+    include_base: bool
+    skip: FrozenSet[CellKey]
+    strengths: Mapping[str, Strength] = field(default_factory=dict)  # LoRA label -> scale to render at
+    changed: FrozenSet[str] = frozenset()  # labels whose file changed since the last evaluation
+
 
 IMAGE_NAME = "{label}_p{prompt_index}_s{seed}{suffix}.png"  # also handed to the diffusers worker
 

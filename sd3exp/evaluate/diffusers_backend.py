@@ -3,8 +3,9 @@
 The project venv has no torch: this side writes a JSON job, runs
 `sd3exp/workers/render_diffusers.py` with the trainer python (offline), turns
 its JSON-lines progress stream into a tqdm bar, and returns one `Cell` per
-checkpoint x prompt x seed. Cells the worker never reported (it crashed or
-timed out) come back as error cells, never dropped.
+checkpoint x prompt x seed: `render` is the entry every backend offers, `render_cells` takes the
+parts. Cells the worker never reported (it crashed or timed out) come back as error cells, never
+dropped.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Collection, Iterator, Mapping, Optional, Sequence
 
-from tqdm import tqdm
-
+from sd3exp import console
 from sd3exp.errors import EvalError
-from sd3exp.evaluate.cells import BASE_LABEL, IMAGE_NAME, Cell
+from sd3exp.evaluate.cells import BASE_LABEL, IMAGE_NAME, Cell, RenderJob, Sampling, SweepInterrupted
 from sd3exp.evaluate.checkpoints import Checkpoint
-from sd3exp.evaluate.comfyui import Sampling, SweepInterrupted
 from sd3exp.io import write_json
+from sd3exp.layout import EvalLayout
 from sd3exp.project import WORKERS
+from sd3exp.schema import ExperimentConfig
 from sd3exp.tinymodel import OFFLINE_ENV
 
 WORKER = WORKERS / "render_diffusers.py"
@@ -107,7 +108,8 @@ def _lines(stream: Any) -> Iterator[str]:
         yield line
 
 
-def _collect(proc: subprocess.Popen, job: dict[str, Any], bar: tqdm, done: dict[tuple[str, int, int], Cell]) -> None:
+def _collect(proc: subprocess.Popen, job: dict[str, Any], bar: console.Bar,
+             done: dict[tuple[str, int, int], Cell]) -> None:
     """Cells into `done` by (label, prompt index, seed) as the worker reports them."""
     for line in _lines(proc.stdout):
         cell = parse_line(line, job)
@@ -126,7 +128,7 @@ def run_worker(job: dict[str, Any], python: Path, job_path: Path, log_path: Path
     write_json(job_path, job)
     cells = planned_cells(job)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w", encoding="utf-8") as log_file, tqdm(
+    with open(log_path, "w", encoding="utf-8") as log_file, console.progress(
         total=len(cells), unit="cell", desc="diffusers", disable=not progress
     ) as bar:
         proc = subprocess.Popen([str(python), str(WORKER), str(job_path)], stdin=subprocess.DEVNULL,
@@ -151,7 +153,7 @@ def run_worker(job: dict[str, Any], python: Path, job_path: Path, log_path: Path
     return [done.get((c.label, c.prompt_index, c.seed), c) for c in cells]
 
 
-def render(base: Path | str, checkpoints: Sequence[Checkpoint], prompts: Sequence[str], seeds: Sequence[int],
+def render_cells(base: Path | str, checkpoints: Sequence[Checkpoint], prompts: Sequence[str], seeds: Sequence[int],
            out_dir: Path | str, python: Path | str, sampling: Sampling = Sampling(), include_base: bool = False,
            timeout_s: float = 3600.0, progress: bool = True, skip: Collection[tuple[str, int, int]] = (),
            scales: Optional[Mapping[str, float]] = None) -> list[Cell]:
@@ -162,5 +164,15 @@ def render(base: Path | str, checkpoints: Sequence[Checkpoint], prompts: Sequenc
     """
     out_dir = Path(out_dir)
     job = make_job(Path(base), checkpoints, prompts, seeds, out_dir, sampling, include_base, skip, scales)
-    return run_worker(job, Path(python), out_dir.parent / "render-job.json", out_dir.parent / "render.log",
-                      timeout_s, progress)
+    folder = EvalLayout(out_dir.parent)
+    return run_worker(job, Path(python), folder.render_job, folder.render_log, timeout_s, progress)
+
+
+def render(cfg: ExperimentConfig, job: RenderJob, run_dir: Path, images: Path) -> list[Cell]:
+    """The job's cells rendered by diffusers in the trainer venv, from the base model cfg.model.path."""
+    from sd3exp.trainer_env import trainer_for
+
+    ev = cfg.eval
+    scales = {label: s.trained for label, s in job.strengths.items()}
+    return render_cells(cfg.model.path, job.checkpoints, ev.prompts, ev.seeds, images, trainer_for(cfg).python,
+                        Sampling.of(ev), job.include_base, ev.timeout_s, skip=job.skip, scales=scales)

@@ -15,12 +15,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from sd3exp.evaluate.cells import BASE_LABEL, Cell, image_name, read_cells_json
+from sd3exp.evaluate.cells import BASE_LABEL, Cell, CellKey, image_name, read_cells_json
 from sd3exp.evaluate.checkpoints import Checkpoint
 from sd3exp.io import read_json
 from sd3exp.layout import EvalLayout
-
-CellKey = Tuple[str, int, int]  # label, prompt index, seed
 
 
 def fingerprints(checkpoints: Sequence[Checkpoint], include_base: bool,

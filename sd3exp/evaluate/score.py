@@ -26,8 +26,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
+from sd3exp import console
 from sd3exp.evaluate import models
 from sd3exp.evaluate.cells import BASE_LABEL, Cell, cell_image, column_title
 from sd3exp.evaluate.select import MEASURES, Candidate, Choice, Rule, choose, make_rule, mean_scores
@@ -118,7 +118,7 @@ def score_cells(cfg: ExperimentConfig, cells: Sequence[Cell], work_dir: Optional
     base = {(c.prompt_index, c.seed): c for c in cells if c.label == BASE_LABEL}
     todo = [i for i, c in enumerate(cells) if c.status == "ok" and c.scored_with != key]
     out, pools = list(cells), {}
-    for i in tqdm(todo, desc="scoring", unit="cell", disable=not todo):
+    for i in console.progress(todo, desc="scoring", unit="cell", disable=not todo):
         cell = cells[i]
         image = _image(cell, sc.thumbnail)
         if image is None:
@@ -159,8 +159,8 @@ def model_scores(cfg: ExperimentConfig, cells: List[Cell], todo: Sequence[int], 
     try:
         found = models.run_worker(job, trainer_for(cfg).python, work, cfg.eval.timeout_s)
     except (OSError, subprocess.SubprocessError, KeyError, ValueError) as err:
-        print(f"warning: CLIP/DINO scoring failed ({err}); scored without them. {work / 'score.log'}:\n  "
-              + "\n  ".join(models.tail(work / "score.log")))
+        console.warn(f"CLIP/DINO scoring failed ({err}); scored without them. {work / 'score.log'}:\n  "
+                     + "\n  ".join(models.tail(work / "score.log")))
         return [replace(c, scored_with="") if i in set(todo) else c for i, c in enumerate(cells)]
     out = list(cells)
     for i in todo:
@@ -229,7 +229,7 @@ def print_best(eval_dir: Path) -> None:
 
     best = read_best(eval_dir)
     if best is not None:
-        print(f"best checkpoint: {run_line(best)}")
+        console.info(f"best checkpoint: {run_line(best)}")
 
 
 def best_label(choice: Optional[Choice]) -> Optional[str]:
@@ -282,7 +282,7 @@ def choose_best(cfg: ExperimentConfig, run_dir: Path, cells: Sequence[Cell], rec
     candidates = mean_scores([_cell_view(c) for c in cells])
     choice = choose(candidates, rule)
     failed = sum(c.failed for c in candidates)
-    print(f"scored {fresh} new cell(s), {kept} kept from the last evaluation"
+    console.info(f"scored {fresh} new cell(s), {kept} kept from the last evaluation"
           + (f"; {failed} failed cell(s) left out of the scores" if failed else ""))
     write_json(EvalLayout(eval_dir).best, best_record(choice, candidates, record))
     write_bytes(EvalLayout(eval_dir).scores_plot, plots.score_plot(candidates, choice.best.label if choice.best else None,

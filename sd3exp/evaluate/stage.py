@@ -4,18 +4,19 @@ evaluation), then the grid(s), cells.json and report.html."""
 from __future__ import annotations
 
 import hashlib
-import re
+import importlib
 import shutil
 import signal
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+from sd3exp import console
 from sd3exp.errors import ConfigError, EvalError
 from sd3exp.evaluate import cells as cellio
 from sd3exp.evaluate import reuse
 from sd3exp.evaluate.checkpoints import BASE_LABEL, Checkpoint, discover
-from sd3exp.evaluate.comfyui import Cell, Sampling, Stopped, SweepInterrupted
+from sd3exp.evaluate.cells import Cell, RenderJob, Sampling, Stopped, SweepInterrupted
 from sd3exp.evaluate.grid import write_grids
 from sd3exp.evaluate import lora_scale
 from sd3exp.evaluate.lora_scale import Strength
@@ -24,7 +25,7 @@ from sd3exp.evaluate.score import best_label, check_scoring, choose_best, print_
 from sd3exp.io import write_json
 from sd3exp.layout import EvalLayout, RunLayout
 from sd3exp.runfolder import training_elsewhere
-from sd3exp.schema import EvalConfig, ExperimentConfig
+from sd3exp.schema import ExperimentConfig
 from sd3exp.signals import sigterm_raises
 
 
@@ -45,14 +46,10 @@ class EvalInterrupted(EvalError):
         self.exit_code = exit_code
 
 
-def sampling_of(ev: EvalConfig) -> Sampling:
-    return Sampling(ev.negative_prompt or None, ev.steps, ev.cfg, ev.width, ev.height)
-
-
 def render_settings(cfg: ExperimentConfig) -> dict:
     """Everything a cell's pixels depend on besides its checkpoint, prompt and seed."""
     ev = cfg.eval
-    data: dict = {"backend": ev.backend, "sampling": asdict(sampling_of(ev))}
+    data: dict = {"backend": ev.backend, "sampling": asdict(Sampling.of(ev))}
     if ev.backend == "comfyui":
         workflow = Path(ev.workflow)
         data["workflow"] = [hashlib.sha256(workflow.read_bytes()).hexdigest() if workflow.is_file() else ev.workflow,
@@ -72,74 +69,6 @@ def request_record(cfg: ExperimentConfig, checkpoints: Sequence[Checkpoint],
             "scoring": scoring_request(cfg)}
 
 
-def run_name(cfg: ExperimentConfig, run_dir: Path) -> str:
-    """The run's folder name inside ComfyUI's models folders."""
-    try:
-        rel = run_dir.relative_to(Path(cfg.paths.output_root).resolve()).as_posix()
-    except ValueError:
-        rel = run_dir.name
-    return re.sub(r"[^A-Za-z0-9_.=,+-]", "_", rel)
-
-
-def render_diffusers(cfg: ExperimentConfig, job: RenderJob, run_dir: Path, images: Path) -> List[Cell]:
-    from sd3exp.evaluate.diffusers_backend import render
-    from sd3exp.trainer_env import trainer_for
-
-    env = trainer_for(cfg)
-    ev = cfg.eval
-    scales = {label: s.trained for label, s in job.strengths.items()}
-    return render(cfg.model.path, job.checkpoints, ev.prompts, ev.seeds, images, env.python,
-                  sampling_of(ev), job.include_base, ev.timeout_s, skip=job.skip, scales=scales)
-
-
-def with_inputs(graph: dict, inputs: Mapping[str, Any]) -> dict:
-    """eval.workflow_inputs applied: your text-encoder, VAE and base-model names without editing the JSON."""
-    for node_id, values in inputs.items():
-        if node_id not in graph:
-            raise EvalError(f"eval.workflow_inputs.{node_id}: the workflow has no node {node_id!r}. "
-                            f"Fix: use one of its node ids: {', '.join(sorted(graph))}")
-        graph[node_id]["inputs"].update(values)
-    return graph
-
-
-def render_comfyui(cfg: ExperimentConfig, job: RenderJob, run_dir: Path, images: Path) -> List[Cell]:
-    from sd3exp.evaluate import comfyui, links
-
-    ev, checkpoints = cfg.eval, job.checkpoints
-    name, training = run_name(cfg, run_dir), Path(cfg.paths.training_dir)
-    mode = ev.link_mode
-    if mode == "symlink" and ev.models_dir:
-        problems = [a.message for a in links.link_checkpoints(checkpoints, ev.models_dir, name) if a.problem]
-        for p in problems:
-            print(f"warning: {p}")
-    elif mode == "extra_paths":
-        snippet = links.extra_paths_yaml(name, training, sorted({c.kind for c in checkpoints}))
-        links.write_extra_paths(RunLayout(run_dir).extra_paths, snippet)
-        print(f"ComfyUI: start it with --extra-model-paths-config {RunLayout(run_dir).extra_paths}")
-    client = comfyui.ComfyClient(ev.url)
-    names = {c.label: links.comfy_name(c, name, mode, training) for c in checkpoints}
-    if mode == "extra_paths" and job.changed:
-        comfyui.resolve_names(client, checkpoints, names)  # unloadable names fail before the shared server is freed
-        print(f"ComfyUI loads {', '.join(sorted(job.changed))} under an unchanged name but the file changed: "
-              "freeing its models and node cache first (POST /free)")
-        client.free()
-    workflow = with_inputs(comfyui.load_workflow(ev.workflow), ev.workflow_inputs)
-    strengths = {label: s.comfy_strength for label, s in job.strengths.items()}
-    warn_strength_override(workflow, ev.workflow_inputs, strengths)
-    spec = comfyui.SweepSpec(workflow, checkpoints, names, ev.prompts, ev.seeds, sampling_of(ev), dict(ev.nodes),
-                             include_base=job.include_base, skip=job.skip, strengths=strengths)
-    result = comfyui.run_sweep(client, spec, timeout_s=ev.timeout_s)
-    return cellio.store_images(result, images)
-
-
-def warn_strength_override(workflow: dict, inputs: Mapping[str, Any], strengths: Mapping[str, float]) -> None:
-    """A strength_model the user set in eval.workflow_inputs is replaced per checkpoint: say so."""
-    for node_id, values in inputs.items():
-        if "strength_model" in values and strengths and workflow[node_id]["class_type"] == "LoraLoaderModelOnly":
-            print(f"warning: eval.workflow_inputs.{node_id}.strength_model={values['strength_model']!r} is replaced "
-                  "by each checkpoint's trained scale (alpha/rank), so the grid shows what was trained")
-
-
 def lora_strengths(cfg: ExperimentConfig, checkpoints: Sequence[Checkpoint]) -> Dict[str, Strength]:
     """The trained scale of every LoRA checkpoint; warnings (wrong-strength combinations) printed now,
     before anything is rendered."""
@@ -149,10 +78,11 @@ def lora_strengths(cfg: ExperimentConfig, checkpoints: Sequence[Checkpoint]) -> 
                         "them at the trained scale only if diffusers ignores those tensors, which sd3exp has not "
                         "checked; prefer eval.backend=comfyui for them, or lora.format=diffusers")
     for warning in warnings:
-        print(f"warning: {warning}")
+        console.warn(warning)
     if found:
         shown = sorted({(round(s.trained, 6), s.source) for s in found.values()})
-        print("LoRA strength: " + "; ".join(f"alpha/rank = {scale:g} (from {source})" for scale, source in shown))
+        console.info("LoRA strength: "
+                     + "; ".join(f"alpha/rank = {scale:g} (from {source})" for scale, source in shown))
     return found
 
 
@@ -160,12 +90,12 @@ def checkpoints_to_render(cfg: ExperimentConfig, run_dir: Path) -> List[Checkpoi
     ev = cfg.eval
     final = ev.include_final
     if cfg.stage == "eval" and training_elsewhere(run_dir):
-        print("training is still running in another process: evaluating the checkpoints finished so far, without "
-              "the final model; evaluate again when it ends (only new cells are rendered)")
+        console.info("training is still running in another process: evaluating the checkpoints finished so far, "
+                     "without the final model; evaluate again when it ends (only new cells are rendered)")
         final = False
     found = discover(cfg.paths.training_dir, ev.every_k, ev.min_step, ev.max_step, final)
     for problem in found.problems:
-        print(f"warning: {problem}")
+        console.warn(problem)
     if not found.checkpoints:
         raise EvalError(f"no complete checkpoints in {cfg.paths.training_dir}; train first (stage=train)")
     return found.checkpoints
@@ -195,19 +125,8 @@ def archive_previous(eval_dir: Path) -> Optional[Path]:
     while RunLayout(eval_dir.parent).previous_eval(n).exists():
         n += 1
     kept = eval_dir.rename(RunLayout(eval_dir.parent).previous_eval(n))
-    print(f"the earlier evaluation was kept as {kept}")
+    console.info(f"the earlier evaluation was kept as {kept}")
     return kept
-
-
-@dataclass(frozen=True)
-class RenderJob:
-    """The cells still to render: these checkpoints (and the base model) x prompts x seeds, less `skip`."""
-
-    checkpoints: List[Checkpoint]
-    include_base: bool
-    skip: FrozenSet[reuse.CellKey]
-    strengths: Mapping[str, Strength] = field(default_factory=dict)  # LoRA label -> scale to render at
-    changed: FrozenSet[str] = frozenset()  # labels whose file changed since the last evaluation
 
 
 def render_job(checkpoints: List[Checkpoint], include_base: bool, all_cells: List[reuse.CellKey],
@@ -246,7 +165,7 @@ def reuse_earlier(run_dir: Path, record: dict, prompts: Sequence[str], seeds: Se
         found.update(new)
         sources += [f"{len(new)} from {folder.name}"] if new else []
     if found:
-        print(f"reused {len(found)} unchanged cell(s) ({', '.join(sources)})")
+        console.info(f"reused {len(found)} unchanged cell(s) ({', '.join(sources)})")
     return reuse.adopt(found, images_dir)
 
 
@@ -271,7 +190,7 @@ def evaluate(cfg: ExperimentConfig, run_dir: Path, resume_command: Optional[str]
     returns the report's path. Nothing in eval/ is touched until the new evaluation produced cells."""
     ev = cfg.eval
     if ev.backend == "none":
-        print("eval.backend=none: evaluation skipped")
+        console.info("eval.backend=none: evaluation skipped")
         return run_dir
     check_settings(cfg)
     eval_dir = RunLayout(run_dir).eval.folder
@@ -282,7 +201,7 @@ def evaluate(cfg: ExperimentConfig, run_dir: Path, resume_command: Optional[str]
     all_cells = reuse.wanted(list(record["checkpoints"]), ev.prompts, ev.seeds)
     current, before = reuse.load_previous(eval_dir)
     if before == record and complete(current, all_cells):
-        print(f"already evaluated with these settings: {EvalLayout(eval_dir).report}")
+        console.info(f"already evaluated with these settings: {EvalLayout(eval_dir).report}")
         print_best(eval_dir)
         return EvalLayout(eval_dir).report
     staging, reused = staging_dir(run_dir), {}
@@ -306,8 +225,9 @@ def render(cfg: ExperimentConfig, job: RenderJob, run_dir: Path, staging: Path) 
     """The job's cells, rendered into staging/images (none when everything was reused)."""
     if not (job.checkpoints or job.include_base):
         return []
-    backend = render_comfyui if cfg.eval.backend == "comfyui" else render_diffusers
-    return with_scales(backend(cfg, job, run_dir, EvalLayout(staging).images), job.strengths)
+    name = "comfyui" if cfg.eval.backend == "comfyui" else "diffusers_backend"  # each offers render()
+    backend = importlib.import_module(f"sd3exp.evaluate.{name}")
+    return with_scales(backend.render(cfg, job, run_dir, EvalLayout(staging).images), job.strengths)
 
 
 def with_scales(cells: Sequence[Cell], strengths: Mapping[str, Strength]) -> List[Cell]:
@@ -348,11 +268,11 @@ def finish(cfg: ExperimentConfig, run_dir: Path, cells: List[Cell], record: dict
     promote(staging, eval_dir)
     report = EvalLayout(eval_dir).report
     failed = [c for c in cells if c.status != "ok"]
-    print(f"evaluated {len(cells)} cell(s) ({len(cells) - len(failed)} ok): "
-          f"{', '.join(str(eval_dir / g.name) for g in grids)}")
-    print(f"report: {report}")
+    console.info(f"evaluated {len(cells)} cell(s) ({len(cells) - len(failed)} ok): "
+                 f"{', '.join(str(eval_dir / g.name) for g in grids)}")
+    console.info(f"report: {report}")
     if choice:
-        print(summary_line(choice))
+        console.info(summary_line(choice))
     if failed:
         first = failed[0]
         raise CellsFailed(f"{len(failed)} of {len(cells)} cells failed, e.g. {first.label} prompt "

@@ -1,0 +1,98 @@
+"""What the user sees: messages on the "sd3exp" logger (`info`, `warn`) and progress bars (`progress`).
+
+Messages print as plain lines on stdout, through a handler of the "sd3exp" logger that writes to
+whatever sys.stdout is at the time (so pytest's capsys sees them; caplog does too). A bar on a
+terminal is tqdm as it is; on a file or a pipe (`make demo > log`) it prints one plain line at most
+every `PLAIN_EVERY_S` seconds and the last state when it ends, instead of carriage-return updates
+that pile up on one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, Iterable, Optional, TextIO
+
+from tqdm import tqdm
+
+Bar = tqdm  # what `progress` returns
+log = logging.getLogger("sd3exp")
+PLAIN_EVERY_S = 10.0  # a bar on a file or pipe prints at most one line this often
+PLAIN_COLUMNS = 100  # and no line wider than this
+
+
+class _Stdout(logging.StreamHandler):
+    """Plain messages on the current sys.stdout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value: Any) -> None:  # logging.StreamHandler sets it; the current stdout is used instead
+        pass
+
+
+if not any(isinstance(h, _Stdout) for h in log.handlers):
+    log.addHandler(_Stdout())
+log.setLevel(logging.INFO)
+log.propagate = False  # Hydra's stdout handler on the root logger would print each message twice
+
+
+def info(message: str) -> None:
+    """A fact for the user, as a plain line on stdout."""
+    log.info(message)
+
+
+def warn(message: str) -> None:
+    """A warning for the user: "warning: <message>" on stdout."""
+    log.warning(f"warning: {message}")
+
+
+class _LogLines:
+    """A file for a bar in plain mode: what tqdm writes to end or clear its line is dropped."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        if text.strip("\r\n"):
+            self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+class PlainBar(tqdm):
+    """A bar for a log file: a plain line at most every `mininterval` seconds, and the last state."""
+
+    def __init__(self, *args: Any, file: TextIO, **kwargs: Any) -> None:
+        self._printed_at: Optional[float] = None
+        kwargs.pop("dynamic_ncols", None)
+        kwargs.setdefault("mininterval", PLAIN_EVERY_S)
+        super().__init__(*args, file=_LogLines(file), ncols=PLAIN_COLUMNS, **kwargs)
+
+    def display(self, msg: Optional[str] = None, pos: Optional[int] = None) -> bool:
+        """Print the bar as a line, unless one was printed less than `mininterval` ago (tqdm's close()
+        disables the bar before its last display: that one is always printed)."""
+        if msg == "":
+            return True  # clearing a line: nothing to take back in a log
+        now = self._time()
+        if not self.disable and self._printed_at is not None and now - self._printed_at < self.mininterval:
+            return True
+        self._printed_at = now
+        self.fp.write(f"{self if msg is None else msg}\n")
+        self.fp.flush()
+        return True
+
+
+def progress(iterable: Optional[Iterable] = None, **kwargs: Any) -> tqdm:
+    """The project's progress bar: tqdm(iterable, **kwargs) on a terminal, a PlainBar on anything else."""
+    file = kwargs.pop("file", None) or sys.stderr
+    if getattr(file, "isatty", lambda: False)():
+        return tqdm(iterable, file=file, **kwargs)
+    return PlainBar(iterable, file=file, **kwargs)

@@ -1,0 +1,215 @@
+"""The sweep: every checkpoint x prompt x seed queued on one ComfyUI server, watched until settled.
+
+Images come back through /view, named exactly as /history lists them; a unique filename_prefix per
+sweep keeps ComfyUI's cache from returning old files.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Collection, Mapping, Optional, Sequence
+
+from sd3exp import console
+from sd3exp.errors import EvalError
+from sd3exp.evaluate.cells import Cell, CellSpec, Sampling, SweepInterrupted, plan_cells
+from sd3exp.evaluate.checkpoints import BASE_LABEL, Checkpoint
+from sd3exp.evaluate.comfyui.client import ComfyClient, Watcher
+from sd3exp.evaluate.comfyui.names import closest, match_names, norm_name
+from sd3exp.evaluate.comfyui.protocol import ImageRef, Outcome, parse_history
+from sd3exp.evaluate.comfyui.workflow import (LOADERS, Graph, base_workflow, filename_prefix, find_nodes,
+                                              new_sweep_id, patch_graph)
+
+log = logging.getLogger(__name__)
+
+
+def _cell(spec: CellSpec, **fields: Any) -> Cell:
+    c = spec.checkpoint
+    return Cell(c.label, c.step, spec.prompt_index, spec.prompt, spec.seed, **fields)
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """What to render: checkpoints x prompts x seeds through one workflow."""
+
+    workflow: Graph
+    checkpoints: Sequence[Checkpoint]
+    model_names: Mapping[str, str]  # checkpoint label -> name ComfyUI lists (links.comfy_name)
+    prompts: Sequence[str]
+    seeds: Sequence[int] = (0,)
+    sampling: Sampling = Sampling()
+    nodes: Mapping[str, str] = field(default_factory=dict)  # eval.nodes overrides
+    sweep_id: str = field(default_factory=new_sweep_id)
+    include_base: bool = False  # a first column from the workflow's own model (LoRA loader bypassed)
+    skip: Collection[tuple[str, int, int]] = ()  # (label, prompt index, seed) of cells not to render
+    strengths: Mapping[str, float] = field(default_factory=dict)  # LoRA label -> strength_model (lora_scale)
+
+
+def resolve_names(
+    client: ComfyClient, checkpoints: Sequence[Checkpoint], expected: Mapping[str, str]
+) -> dict[str, str]:
+    """label -> server spelling, per loader kind; EvalError before anything is queued."""
+    resolved: dict[str, str] = {}
+    for kind in sorted({c.kind for c in checkpoints}):
+        wanted = {c.label: expected[c.label] for c in checkpoints if c.kind == kind}
+        resolved |= match_names(wanted, client.model_names(kind), LOADERS[kind][0])
+    return resolved
+
+
+class _Sweep:
+    """State of one running sweep: queued prompts, finished cells, progress."""
+
+    bar: console.Bar  # set by run_sweep once the names are known to be loadable
+
+    def __init__(self, client: ComfyClient, spec: SweepSpec, save_dir: Optional[Path]) -> None:
+        self.client, self.spec, self.save_dir = client, spec, save_dir
+        self.nodes = {k: find_nodes(spec.workflow, k, spec.nodes) for k in {c.kind for c in spec.checkpoints}}
+        self.graphs = {k: spec.workflow for k in self.nodes}
+        checkpoints = list(spec.checkpoints)
+        if spec.include_base:
+            self.graphs["base"] = base_workflow(spec.workflow, spec.nodes)
+            self.nodes["base"] = find_nodes(self.graphs["base"], "base", spec.nodes)
+            checkpoints.insert(0, Checkpoint(None, BASE_LABEL, "base", Path()))
+        skip = set(spec.skip)
+        self.cells = [c for c in plan_cells(checkpoints, spec.prompts, spec.seeds)
+                      if (c.checkpoint.label, c.prompt_index, c.seed) not in skip]
+        self.results: dict[int, Cell] = {}
+        self.queued: dict[str, int] = {}  # prompt_id -> cell index, until settled
+        self.last_done = time.monotonic()
+
+    def graph(self, index: int, names: Mapping[str, str]) -> Graph:
+        cell = self.cells[index]
+        kind = cell.checkpoint.kind
+        prefix = filename_prefix(self.spec.sweep_id, cell)
+        return patch_graph(self.graphs[kind], self.nodes[kind], cell, names[cell.checkpoint.label], prefix,
+                           self.spec.sampling, self.spec.strengths.get(cell.checkpoint.label))
+
+    def base_name(self) -> dict[str, str]:
+        """{"base": the server's spelling of the workflow's own unet_name}, when the base is rendered."""
+        if "base" not in self.nodes:
+            return {}
+        loader = self.nodes["base"].loader
+        name = str(self.graphs["base"][loader]["inputs"].get("unet_name"))
+        available = self.client.model_names("base")
+        by_norm = {norm_name(n): n for n in available}
+        if norm_name(name) in by_norm:
+            return {BASE_LABEL: by_norm[norm_name(name)]}
+        near = closest(name, available)
+        fix = f"add {shlex.quote(f'++eval.workflow_inputs.{loader}.unet_name={near[0]}')} (or another of those), " \
+            if near else ""
+        raise EvalError(
+            f"eval.include_base: the workflow's base model {name!r} (node {loader} unet_name) is not one of "
+            f"ComfyUI's {len(available)} diffusion models; closest: {near[:5]}. Fix: {fix}or add "
+            "eval.include_base=false")
+
+    def queue_all(self, names: Mapping[str, str]) -> None:
+        graphs = [self.graph(i, names) for i in range(len(self.cells))]  # all patch errors before queueing
+        for index, graph in enumerate(graphs):
+            prompt_id, problem = self.client.queue_prompt(graph)
+            if problem is None:
+                self.queued[prompt_id] = index
+                continue
+            if prompt_id:  # 200 with node_errors: part of it was queued anyway
+                self.client.cancel([prompt_id])
+            self.record(index, _cell(self.cells[index], error=problem, prompt_id=prompt_id))
+
+    def record(self, index: int, cell: Cell) -> None:
+        self.results[index] = cell
+        self.bar.update(1)
+        self.bar.set_postfix_str(f"{cell.label} {cell.status}")
+
+    def finish(self, prompt_id: str) -> None:
+        index = self.queued.pop(prompt_id)
+        spec = self.cells[index]
+        entry = self.client.history(prompt_id)
+        outcome = (
+            parse_history(entry, self.nodes[spec.checkpoint.kind].save)
+            if entry is not None
+            else Outcome(False, error="ComfyUI lost the prompt: in neither /queue nor /history (restarted?)")
+        )
+        now = time.monotonic()
+        seconds = outcome.seconds if outcome.seconds is not None else now - self.last_done
+        cell = _cell(spec, prompt_id=prompt_id, seconds=seconds, error=outcome.error)
+        self.last_done = now
+        if outcome.ok:
+            self.download(cell, outcome.images)
+        self.record(index, cell)
+
+    def download(self, cell: Cell, images: Sequence[ImageRef]) -> None:
+        try:
+            for image in images:
+                self.keep(cell, image, self.client.view(image))
+        except EvalError as exc:
+            cell.error = str(exc)
+            return
+        cell.status = "ok"
+
+    def keep(self, cell: Cell, image: ImageRef, data: bytes) -> None:
+        cell.files.append(f"{image.subfolder}/{image.filename}".lstrip("/"))
+        if self.save_dir is None:
+            cell.images.append(data)
+            return
+        path = self.save_dir / Path(image.filename).name
+        path.write_bytes(data)
+        cell.paths.append(path)
+
+    def expire(self, timeout_s: float) -> None:
+        """Cancel what is still queued and mark it timed out."""
+        self.client.cancel(list(self.queued))
+        for prompt_id, index in sorted(self.queued.items(), key=lambda kv: kv[1]):
+            self.record(index, _cell(self.cells[index], prompt_id=prompt_id, error=f"timed out after {timeout_s:g} s"))
+        self.queued.clear()
+
+
+def _wait(sweep: _Sweep, watcher: Watcher, deadline: float) -> None:
+    while sweep.queued:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        for prompt_id in watcher.settled(list(sweep.queued), min(left, 1.0)):
+            sweep.finish(prompt_id)
+
+
+def _cancel_quietly(client: ComfyClient, prompt_ids: Sequence[str]) -> None:
+    """Best-effort cleanup on Ctrl-C: a failure is logged, the interrupt still propagates."""
+    try:
+        client.cancel(prompt_ids)
+    except EvalError as exc:
+        log.warning("could not cancel queued ComfyUI prompts %s: %s", list(prompt_ids), exc)
+
+
+def run_sweep(
+    client: ComfyClient,
+    spec: SweepSpec,
+    save_dir: Optional[Path] = None,
+    timeout_s: float = 3600.0,
+    poll_s: float = 0.5,
+    progress: bool = True,
+) -> list[Cell]:
+    """Render the cells; one Cell per checkpoint x prompt x seed not in spec.skip, checkpoint-major.
+
+    Model names are checked against /object_info before anything is queued.
+    Ctrl-C (or Stopped) deletes our queued prompts and interrupts ours running, then raises
+    SweepInterrupted with the cells finished so far.
+    """
+    deadline = time.monotonic() + timeout_s
+    sweep = _Sweep(client, spec, save_dir)  # workflow problems surface before any request
+    names = resolve_names(client, spec.checkpoints, spec.model_names) | sweep.base_name()
+    if save_dir is not None:
+        save_dir.mkdir(parents=True, exist_ok=True)
+    with console.progress(total=len(sweep.cells), unit="cell", desc="comfyui", disable=not progress) as sweep.bar:
+        watcher = Watcher(client, poll_s)
+        try:
+            sweep.queue_all(names)
+            _wait(sweep, watcher, deadline)
+        except KeyboardInterrupt as exc:
+            _cancel_quietly(client, list(sweep.queued))
+            raise SweepInterrupted.during(exc, [sweep.results[i] for i in sorted(sweep.results)]) from exc
+        finally:
+            watcher.close()
+        if sweep.queued:
+            sweep.expire(timeout_s)
+    return [sweep.results[i] for i in range(len(sweep.cells))]
