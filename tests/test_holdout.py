@@ -16,12 +16,14 @@ from sd3exp import holdout, pipeline
 from sd3exp.cli import ROOT
 from sd3exp import prepare as prep
 from sd3exp.compile import data_backends, trainer_args
+from sd3exp.demo import DEMO_COUNTS
 from sd3exp.plan import make_plan
 from sd3exp.schema import ConceptConfig
 from tests.conftest import compose_experiment, run_cli
 from tests.test_prepare import source_state, write_dataset
 
 HELD = ["concepts.0.holdout=3", "trainer.report_to=simpletuner"]
+N = sum(DEMO_COUNTS.values())  # the demo dataset's images
 
 
 def concept(n: int) -> ConceptConfig:
@@ -133,8 +135,8 @@ def test_a_folder_of_the_user_where_the_held_out_ones_go_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, needles", [
-    (["concepts.0.holdout=16", "trainer.report_to=simpletuner"],
-     ["concepts[0].holdout", "16", "leaving 0 to train on", "concepts[0].holdout to at most 15"]),
+    ([f"concepts.0.holdout={N}", "trainer.report_to=simpletuner"],
+     ["concepts[0].holdout", f"={N}:", "leaving 0 to train on", f"concepts[0].holdout to at most {N - 1}"]),
     (["concepts.0.holdout=-1", "trainer.report_to=simpletuner"], ["concepts[0].holdout", "-1", "must be >= 0"]),
     (["concepts.0.holdout=2"], ["trainer.report_to", "none", "trainer.report_to=simpletuner"]),
     (["concepts.0.holdout=2", "trainer.report_to=simpletuner", "validation.loss_every_steps=0"],
@@ -148,7 +150,7 @@ def test_a_holdout_that_cannot_work_is_refused_naming_field_value_and_fix(tmp_pa
 
 
 def test_the_printed_fix_works(tmp_path):
-    out = run_cli("experiment=demo_quick", "concepts.0.holdout=15", "trainer.report_to=simpletuner", "stage=plan",
+    out = run_cli("experiment=demo_quick", f"concepts.0.holdout={N - 1}", "trainer.report_to=simpletuner", "stage=plan",
                   "training.batch_size=1", f"hydra.run.dir={tmp_path / 'run'}")  # one image: a batch of one
     assert out.returncode == 0, out.stderr
-    assert "1 (disk, +15 held out)" in out.stdout
+    assert f"1 (disk, +{N - 1} held out)" in out.stdout
