@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Tuple
 
 from PIL import Image
 
-from sd3exp import captions
+from sd3exp import captions, holdout
 from sd3exp.captions import estimate_clip_tokens
 from sd3exp.buckets import BucketRule, target_size
 from sd3exp.images import IMAGE_EXTENSIONS, image_size, list_images, problem
@@ -72,6 +72,7 @@ class ConceptAudit:
     ignored_files: List[str] = field(default_factory=list)
     tag_counts: Dict[str, int] = field(default_factory=dict)
     generated_captions: List[str] = field(default_factory=list)  # images audited on their generated caption
+    held_out: List[str] = field(default_factory=list)  # audited too, but not trained on (concepts[].holdout)
 
 
 @dataclass
@@ -254,6 +255,8 @@ def audit(cfg: ExperimentConfig, generated: Optional[Dict[str, Dict[str, str]]] 
     if generated is None:
         generated = {c.id: generated_captions(c, cfg.captioner) for c in cfg.concepts}
     report = AuditReport([audit_concept(c, rule, generated[c.id]) for c in cfg.concepts], [], [])
+    for c, a in zip(cfg.concepts, report.concepts):
+        a.held_out = holdout.held_out(c, a.images, cfg.seed)
     report.errors, report.warnings = audit_errors(report, cfg), audit_warnings(report, cfg)
     return report
 
@@ -261,8 +264,10 @@ def audit(cfg: ExperimentConfig, generated: Optional[Dict[str, Dict[str, str]]] 
 def write_audit(report: AuditReport, path: Path) -> str:
     """Write audit.json atomically (untouched when unchanged); return a short human summary."""
     write_if_changed(Path(path), dumps_json(asdict(report)))
-    images = sum(len(a.images) for a in report.concepts)
-    lines = [f"audit: {len(report.concepts)} concept(s), {images} images, {len(report.errors)} error(s), "
+    images = sum(len(a.images) - len(a.held_out) for a in report.concepts)
+    held = sum(len(a.held_out) for a in report.concepts)
+    held_note = f" (+{held} held out for the validation loss)" if held else ""
+    lines = [f"audit: {len(report.concepts)} concept(s), {images} images{held_note}, {len(report.errors)} error(s), "
              f"{len(report.warnings)} warning(s) -> {path}"]
     lines += [f"  ERROR {m}" for m in report.errors] + [f"  warning {m}" for m in report.warnings]
     for a in report.concepts:

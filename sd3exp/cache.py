@@ -38,12 +38,13 @@ def file_sha256(path: Path) -> str:
 
 
 def concept_digest(c: ConceptConfig, seed: int) -> Optional[str]:
-    """sha256 of what the concept's prepared folder holds (names, image bytes, captions);
-    None while its source folder is missing or unreadable (prepare reports why)."""
+    """sha256 of what the concept's prepared folders hold (names, image bytes, captions; held-out
+    images under holdout/); None while its source folder is missing or unreadable (prepare reports why)."""
     try:
-        files = prepare.layout(c, seed).files
+        lay = prepare.layout(c, seed)
     except DatasetError:
         return None
+    files = {**lay.files, **{f"holdout/{name}": want for name, want in lay.held_out.items()}}
     h = hashlib.sha256()
     for name, want in sorted(files.items()):
         digest = hashlib.sha256(want).hexdigest() if isinstance(want, bytes) else file_sha256(want)

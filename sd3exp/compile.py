@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import jinja2
 
-from sd3exp import __version__, captions, envfile
+from sd3exp import __version__, captions, envfile, holdout
 from sd3exp.errors import ConfigError, UnsafeValueError
 from sd3exp.io import dumps_json
 from sd3exp.layout import RunLayout
@@ -148,15 +148,36 @@ def _misc_args(cfg: ExperimentConfig, run_dir: Path) -> List[Arg]:
     if v.enabled:
         args += [Arg("validation_prompt", v.prompt, "validation.prompt", "VALIDATION_PROMPT"),
                  Arg("validation_step_interval", v.every_steps, "validation.every_steps", "VALIDATION_STEPS")]
-    else:
+    elif not held_out_count(cfg):
         args.append(Arg("validation_disable", True, "validation.enabled"))
+    else:  # --validation_disable would stop the held-out loss too (trainer.py init_validations): no images instead
+        args += [Arg("validation_disable_unconditional", True, "validation.enabled"),
+                 Arg("disable_benchmark", True, "validation.enabled", "DISABLE_BENCHMARK")]
     return args
+
+
+def held_out_count(cfg: ExperimentConfig) -> int:
+    return sum(c.holdout for c in cfg.concepts)
+
+
+def _held_out_args(cfg: ExperimentConfig, plan: Plan) -> List[Arg]:
+    """SimpleTuner's validation loss on the eval datasets of held-out images (loss/val/<id>.holdout in its
+    metrics), by default at every checkpoint; num_eval_images (a batch count, batch 1) covers them all."""
+    count = held_out_count(cfg)
+    if not count:
+        return []
+    every = cfg.validation.loss_every_steps
+    field = "validation.loss_every_steps"
+    if every is None:
+        every = plan.checkpoint_interval_steps or (plan.checkpoint_interval_epochs or 1) * plan.steps_per_epoch
+        field = "checkpointing"
+    return [Arg("eval_steps_interval", every, field), Arg("num_eval_images", count, "concepts[].holdout")]
 
 
 def trainer_args(cfg: ExperimentConfig, plan: Plan, run_dir: Path) -> List[Arg]:
     """Every SimpleTuner argument of the experiment, in a stable order."""
     return (_model_args(cfg) + _schedule_args(cfg, plan) + _length_args(cfg, plan) + _batch_args(cfg)
-            + _scale_args(cfg) + _misc_args(cfg, run_dir))
+            + _scale_args(cfg) + _misc_args(cfg, run_dir) + _held_out_args(cfg, plan))
 
 
 def dataset_entry(c: ConceptConfig, cfg: ExperimentConfig, cache: Path, run_dir: Path) -> dict:
@@ -180,11 +201,25 @@ def dataset_entry(c: ConceptConfig, cfg: ExperimentConfig, cache: Path, run_dir:
     return entry
 
 
+def held_out_entry(c: ConceptConfig, cfg: ExperimentConfig, cache: Path, run_dir: Path) -> dict:
+    """The concept's held-out images (prepared into <id>.holdout/) as an eval dataset: each image once,
+    its caption as is, latents in a VAE cache folder of their own."""
+    entry = dataset_entry(c, cfg, cache, run_dir)
+    name = holdout.folder_name(c.id)
+    for key in ("caption_shuffle", "probability"):
+        entry.pop(key, None)
+    entry.update({"id": name, "dataset_type": "eval", "repeats": 0,
+                  "instance_data_dir": (Path(cfg.dataset.prepared_dir) / name).resolve().as_posix(),
+                  "cache_dir_vae": run_relative(cache / "vae" / name, run_dir)})
+    return entry
+
+
 def data_backends(cfg: ExperimentConfig, plan: Plan, run_dir: Path) -> List[dict]:
     """The multibackend.json list: one image dataset per concept + the text-embed cache, both
     in the dataset's shared cache folder (plan.cache_dir, sd3exp/cache.py)."""
     cache = Path(plan.cache_dir)
     entries = [dataset_entry(c, cfg, cache, run_dir) for c in cfg.concepts]
+    entries += [held_out_entry(c, cfg, cache, run_dir) for c in cfg.concepts if c.holdout]
     entries.append({"id": TEXT_EMBEDS_ID, "type": "local", "dataset_type": "text_embeds", "default": True,
                     "cache_dir": run_relative(cache / "text", run_dir)})
     return entries

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Collection, Dict, List, Tuple
 
 from PIL import Image
 
@@ -45,10 +45,13 @@ def image_size(path: Path) -> Tuple[int, int]:
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
-def readable_sizes(folder: Path) -> Tuple[List[Tuple[int, int]], Dict[str, str]]:
-    """The sizes of the images whose header reads, and the others' problems by file name."""
+def readable_sizes(folder: Path, skip: Collection[str] = ()) -> Tuple[List[Tuple[int, int]], Dict[str, str]]:
+    """The sizes of the images whose header reads, and the others' problems by file name
+    (images named in `skip` left out)."""
     sizes, unreadable = [], {}
     for p in list_images(folder):
+        if p.name in skip:
+            continue
         try:
             sizes.append(image_size(p))
         except DatasetError as err:

@@ -18,7 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from sd3exp import cache, console, runfolder
+from sd3exp import cache, console, holdout, runfolder
 from sd3exp.compile import Compiled, compile_experiment, config_hash
 from sd3exp.errors import ConfigError, Sd3expError
 from sd3exp.io import dumps_json
@@ -108,11 +108,27 @@ def load(cfg: DictConfig, invocation: Optional[Invocation] = None) -> Job:
     return Job(exp, Path(exp.paths.run_dir).resolve(), overrides, resolved_yaml, sha, invocation)
 
 
+def held_out_images(cfg: ExperimentConfig) -> Dict[str, List[str]]:
+    """The images each concept holds out of training (concepts[].holdout), where its folder exists;
+    ConfigError when that leaves no image to train on."""
+    from sd3exp.images import list_images
+
+    out = {}
+    for i, c in enumerate(cfg.concepts):
+        if c.holdout and Path(c.path).is_dir():
+            names = [p.name for p in list_images(Path(c.path))]
+            holdout.check_count(c, i, len(names))
+            out[c.id] = holdout.held_out(c, names, cfg.seed)
+    return out
+
+
 def concept_sizes(cfg: ExperimentConfig) -> Dict[str, Optional[List[Tuple[int, int]]]]:
-    """Image sizes per concept read from disk where the folder exists (files whose header cannot
-    be read are left out with a warning: the audit refuses them before training)."""
+    """Sizes of the images each concept trains on, read from disk where the folder exists (held-out
+    images and files whose header cannot be read are left out, the latter with a warning: the audit
+    refuses them before training)."""
     from sd3exp.images import FIX, IMAGE_EXTENSIONS, readable_sizes
 
+    held = held_out_images(cfg)
     sizes: Dict[str, Optional[List[Tuple[int, int]]]] = {}
     for i, c in enumerate(cfg.concepts):
         if not Path(c.path).is_dir():
@@ -121,7 +137,7 @@ def concept_sizes(cfg: ExperimentConfig) -> Dict[str, Optional[List[Tuple[int, i
                                   "create the folder, or declare concepts[].num_images to plan without it")
             sizes[c.id] = None
             continue
-        sizes[c.id], unreadable = readable_sizes(Path(c.path))
+        sizes[c.id], unreadable = readable_sizes(Path(c.path), held.get(c.id, ()))
         if not sizes[c.id] and not unreadable:
             raise ConfigError(f"concepts[{i}].path", c.path, f"no images there ({', '.join(IMAGE_EXTENSIONS)})",
                               "point it at the folder of images with .txt captions")
@@ -132,7 +148,8 @@ def concept_sizes(cfg: ExperimentConfig) -> Dict[str, Optional[List[Tuple[int, i
 
 
 def build(job: Job) -> Tuple[Plan, Compiled]:
-    plan = replace(make_plan(job.cfg, concept_sizes(job.cfg)), cache_dir=str(cache.cache_dir(job.cfg)))
+    plan = replace(make_plan(job.cfg, concept_sizes(job.cfg), held_out_images(job.cfg)),
+                   cache_dir=str(cache.cache_dir(job.cfg)))
     return plan, compile_experiment(job.cfg, plan, job.run_dir, job.config_hash, job.overrides)
 
 

@@ -37,6 +37,7 @@ class ConceptPlan:
     skipped_images: int
     samples_per_epoch: int
     batches_per_epoch: int
+    held_out: List[str] = field(default_factory=list)  # images not trained on: the eval dataset's (holdout)
 
 
 @dataclass
@@ -65,7 +66,12 @@ class Plan:
     cache_dir: Optional[str] = None  # the shared text-embed/VAE cache (sd3exp/cache.py)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The plan as plan.json records it (a concept's held_out only when it holds images out)."""
+        data = asdict(self)
+        for c in data["concepts"]:
+            if not c["held_out"]:
+                del c["held_out"]
+        return data
 
 
 def bucket_rule(cfg: ExperimentConfig) -> BucketRule:
@@ -81,11 +87,12 @@ def bucket_counts(sizes: Sequence[Size], rule: BucketRule) -> Tuple[Counter, int
 
 
 def plan_concept(c: ConceptConfig, sizes: Optional[Sequence[Size]], rule: BucketRule,
-                 batch: int, processes: int) -> ConceptPlan:
+                 batch: int, processes: int, held_out: Sequence[str] = ()) -> ConceptPlan:
     """Per bucket, as SimpleTuner's main process counts it: its share of the bucket's images
-    (ceil(n / processes)) x passes, pruned below one batch, else ceil(samples / batch) batches."""
+    (ceil(n / processes)) x passes, pruned below one batch, else ceil(samples / batch) batches.
+    `sizes` are the trained images' (held-out ones excluded); a declared count loses c.holdout."""
     if sizes is None:
-        counts, skipped, source = Counter({"1.00": c.num_images or 0}), 0, "declared"
+        counts, skipped, source = Counter({"1.00": (c.num_images or 0) - c.holdout}), 0, "declared"
     else:
         (counts, skipped), source = bucket_counts(sizes, rule), "disk"
     kept, pruned, batches = {}, {}, 0
@@ -98,7 +105,7 @@ def plan_concept(c: ConceptConfig, sizes: Optional[Sequence[Size]], rule: Bucket
         batches += math.ceil(samples / batch)
     images = sum(counts.values()) + skipped
     return ConceptPlan(c.id, images, source, c.repeats, captions.simpletuner_repeats(c), kept, pruned, skipped,
-                       sum(kept.values()) * c.repeats, batches)
+                       sum(kept.values()) * c.repeats, batches, list(held_out))
 
 
 def _checkpoints(cfg: ExperimentConfig, steps_per_epoch: int, epochs: int) -> Tuple[Optional[int], Optional[int]]:
@@ -171,11 +178,15 @@ def limits_check(cfg: ExperimentConfig, concepts: List[ConceptPlan], ckpts: List
                               f"(more than {MAX_COPIES})", f"use concepts[{i}].captions.mode=native, or fewer repeats")
 
 
-def make_plan(cfg: ExperimentConfig, sizes: Mapping[str, Optional[Sequence[Size]]]) -> Plan:
-    """The step plan; `sizes` maps concept id to image sizes on disk (None: use num_images)."""
+def make_plan(cfg: ExperimentConfig, sizes: Mapping[str, Optional[Sequence[Size]]],
+              held_out: Optional[Mapping[str, Sequence[str]]] = None) -> Plan:
+    """The step plan; `sizes` maps concept id to the trained images' sizes on disk (None: use
+    num_images); `held_out` to the names of the images held out for the validation loss."""
     t = cfg.training
     rule = bucket_rule(cfg)
-    concepts = [plan_concept(c, sizes.get(c.id), rule, t.batch_size, t.num_processes) for c in cfg.concepts]
+    held_out = held_out or {}
+    concepts = [plan_concept(c, sizes.get(c.id), rule, t.batch_size, t.num_processes, held_out.get(c.id, ()))
+                for c in cfg.concepts]
     zero_batch_check(cfg, concepts)
     spe = max(1, math.ceil(sum(c.batches_per_epoch for c in concepts) / t.gradient_accumulation))
     every_steps, every_epochs = _checkpoints(cfg, spe, t.epochs)
@@ -235,10 +246,14 @@ def _shared_folder_warnings(cfg: ExperimentConfig) -> List[str]:
     return out
 
 
+def held_out_note(c: ConceptPlan) -> str:
+    return f", +{len(c.held_out)} held out" if c.held_out else ""
+
+
 def render_table(plan: Plan) -> str:
     """The plan as a short fixed-width table for the terminal."""
     rows = [("concept", "images", "passes", "ST repeats", "buckets", "batches/epoch")]
-    rows += [(c.id, f"{c.images} ({c.image_source})", str(c.passes), str(c.simpletuner_repeats),
+    rows += [(c.id, f"{c.images} ({c.image_source}{held_out_note(c)})", str(c.passes), str(c.simpletuner_repeats),
               ", ".join(f"{k}:{n}" for k, n in c.buckets.items()) or "-", str(c.batches_per_epoch))
              for c in plan.concepts]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Union
 
 
-from sd3exp import captions, console
+from sd3exp import captions, console, holdout
 from sd3exp.errors import ConfigError, DatasetError, human_bytes
 from sd3exp.images import IMAGE_EXTENSIONS, list_images
 from sd3exp.io import read_json, remove_stale_temporaries, write_json
@@ -70,6 +70,7 @@ class ConceptSummary:
     link_modes: Dict[str, int] = field(default_factory=dict)
     captions_from_trigger: List[str] = field(default_factory=list)
     captions_generated: int = 0  # images trained on a caption of the caption store (stage=caption)
+    held_out: List[str] = field(default_factory=list)  # images in <id>.holdout/, for the validation loss
 
 
 @dataclass
@@ -91,6 +92,8 @@ class PrepareSummary:
                 if t("created") or t("removed") else "unchanged")
         how = ", ".join(f"{m} {n}" for m, n in links.items()) or "none needed"
         generated = f" ({t('captions_generated')} with generated captions)" if t("captions_generated") else ""
+        held = sum(len(c.held_out) for c in self.concepts)
+        generated += f" (+{held} held out for the validation loss)" if held else ""
         return (f"prepared {len(self.concepts)} concept(s) in {self.prepared_dir}: {t('images')} images{generated} -> "
                 f"{t('files')} image files; {work}; {human_bytes(t('bytes_written'))} written; "
                 f"images placed by: {how}; {self.seconds:.2f} s")
@@ -193,6 +196,7 @@ class Layout:
     files: Dict[str, Want]
     images: int
     captions_from_trigger: List[str]
+    held_out: Dict[str, Want] = field(default_factory=dict)  # the eval folder: held-out images, captions as is
 
 
 def _copies(concept: ConceptConfig, image: Path, text: str, seed: int) -> Dict[str, Want]:
@@ -207,18 +211,23 @@ def _copies(concept: ConceptConfig, image: Path, text: str, seed: int) -> Dict[s
 
 def layout(concept: ConceptConfig, seed: int, generated: Optional[Dict[str, str]] = None) -> Layout:
     """The prepared folder of `concept`; DatasetError for images without a caption (unless allowed).
-    `generated`: {image name: caption} of the images that train on a generated caption."""
-    seed = captions.shuffle_seed(concept, seed)
+    `generated`: {image name: caption} of the images that train on a generated caption. Held-out images
+    (concept.holdout, chosen with the experiment's `seed`) go to `held_out`, once each, caption unshuffled."""
     images = source_images(concept)
+    held = set(holdout.held_out(concept, [p.name for p in images], seed))
+    seed = captions.shuffle_seed(concept, seed)
     generated = generated or {}
     files: Dict[str, Want] = {}
+    held_files: Dict[str, Want] = {}
     missing, from_trigger = [], []
     for image in images:
         data = generated[image.name].encode("utf-8") if image.name in generated else _caption_bytes(image)
         if data is None:
             (from_trigger if concept.captions.allow_missing else missing).append(image.name)
             data = concept.trigger.encode("utf-8")
-        if captions.materialized(concept):
+        if image.name in held:
+            held_files[image.name], held_files[image.stem + ".txt"] = image, data
+        elif captions.materialized(concept):
             files.update(_copies(concept, image, _decode(concept, image, data), seed))
         else:
             files[image.name], files[image.stem + ".txt"] = image, data
@@ -226,7 +235,7 @@ def layout(concept: ConceptConfig, seed: int, generated: Optional[Dict[str, str]
         raise DatasetError(f"concept '{concept.id}': {len(missing)} image(s) without a caption file: "
                            f"{_names(missing)}. Add <name>.txt files, or set captions.allow_missing=true "
                            "(they are then captioned with the trigger word)")
-    return Layout(files, len(images), from_trigger)
+    return Layout(files, len(images) - len(held), from_trigger, held_files)
 
 
 def _names(names: List[str], limit: int = 10) -> str:
@@ -292,7 +301,7 @@ def _build(target: Path, files: Dict[str, Want], reusable: set, summary: Concept
         shutil.rmtree(build, ignore_errors=True)
         raise
     summary.bytes_written += linker.bytes
-    summary.link_modes = dict(linker.used)
+    summary.link_modes = dict(Counter(summary.link_modes) + linker.used)
 
 
 def _relink(existing: Path, dst: Path) -> bool:
@@ -316,11 +325,21 @@ def _prepare_concept(target: Path, summary: ConceptSummary, files: Dict[str, Wan
     _recover(target)
     existing = _existing(target)
     reusable = {n for n in existing if n in files and _matches(files[n], target / n)}
-    summary.removed = len(set(existing) - set(files))
+    summary.removed += len(set(existing) - set(files))
     if len(reusable) == len(files) and not summary.removed:
         return
     _build(target, files, reusable, summary, progress)
     _swap(target)
+
+
+def _prepare_held_out(target: Path, summary: ConceptSummary, files: Dict[str, Want], ours: bool,
+                      progress: bool) -> None:
+    """The eval folder of the held-out images; when none are held out any more, the one an earlier
+    prepare made (`ours`: the manifest recorded it) is removed."""
+    if files:
+        _prepare_concept(target, summary, files, progress)
+    elif ours and target.is_dir():
+        shutil.rmtree(target)
 
 
 # -- the manifest and the guards -----------------------------------------
@@ -334,7 +353,8 @@ def _record(concept: ConceptConfig, seed: int, summary: ConceptSummary) -> dict:
             "seed": captions.shuffle_seed(concept, seed),
             "caption_shuffle": captions.native_shuffle_block(concept, seed),
             "images": summary.images, "files": summary.files,
-            "captions_from_trigger": summary.captions_from_trigger}
+            "captions_from_trigger": summary.captions_from_trigger,
+            **({"held_out": summary.held_out, "held_out_seed": seed} if summary.held_out else {})}
 
 
 def _read_manifest(path: Path) -> dict:
@@ -350,14 +370,16 @@ def _read_manifest(path: Path) -> dict:
 def _check_paths(cfg: ExperimentConfig, root: Path, owned: dict) -> None:
     """Never write into a source folder, nor replace a folder sd3exp did not make."""
     for c in cfg.concepts:
-        src, target = Path(c.path).resolve(), (root / c.id).resolve()
-        if src == root or src in root.parents or src == target or target in src.parents:
-            raise ConfigError("dataset.prepared_dir", cfg.dataset.prepared_dir,
-                              f"overlaps the source folder of concept '{c.id}' ({src}), which must stay untouched",
-                              "prepare into a folder outside the source folders (default: <run>/dataset)")
-        if c.id not in owned and target.is_dir() and any(target.iterdir()):
-            raise DatasetError(f"{target} exists but was not made by sd3exp prepare (no entry in "
-                               f"{root / MANIFEST}); move it away or choose another dataset.prepared_dir")
+        src = Path(c.path).resolve()
+        for target, mine in ((root / c.id).resolve(), c.id in owned), \
+                ((root / holdout.folder_name(c.id)).resolve(), "held_out" in owned.get(c.id, {})):
+            if src == root or src in root.parents or src == target or target in src.parents:
+                raise ConfigError("dataset.prepared_dir", cfg.dataset.prepared_dir,
+                                  f"overlaps the source folder of concept '{c.id}' ({src}), which must stay untouched",
+                                  "prepare into a folder outside the source folders (default: <run>/dataset)")
+            if not mine and target.is_dir() and any(target.iterdir()):
+                raise DatasetError(f"{target} exists but was not made by sd3exp prepare (no entry in "
+                                   f"{root / MANIFEST}); move it away or choose another dataset.prepared_dir")
 
 
 def prepare(cfg: ExperimentConfig, progress: bool = True) -> PrepareSummary:
@@ -375,13 +397,16 @@ def prepare(cfg: ExperimentConfig, progress: bool = True) -> PrepareSummary:
         mode = "materialized" if captions.materialized(c) else "native"
         files = sum(not isinstance(w, bytes) for w in lay.files.values())
         summary = ConceptSummary(c.id, mode, lay.images, files, captions_from_trigger=lay.captions_from_trigger,
-                                 captions_generated=len(generated))
-        plans.append((c, lay.files, summary))
+                                 captions_generated=len(generated),
+                                 held_out=sorted(n for n, w in lay.held_out.items() if not isinstance(w, bytes)))
+        plans.append((c, lay, summary))
         records[c.id] = _record(c, cfg.seed, summary)
     manifest = {"format": FORMAT, "seed": cfg.seed, "concepts": dict(sorted(records.items()))}
     remove_stale_temporaries(root)  # a manifest write cut short by a kill
     if manifest != old:
         write_json(root / MANIFEST, manifest)
-    for c, files, summary in plans:
-        _prepare_concept(root / c.id, summary, files, progress)
+    for c, lay, summary in plans:
+        _prepare_concept(root / c.id, summary, lay.files, progress)
+        ours = "held_out" in old.get("concepts", {}).get(c.id, {})
+        _prepare_held_out(root / holdout.folder_name(c.id), summary, lay.held_out, ours, progress)
     return PrepareSummary(str(root), [s for _, _, s in plans], time.perf_counter() - start)

@@ -40,6 +40,7 @@ class ConceptConfig:
     num_images: Optional[int] = None  # declared count, used when the folder is absent
     caption_strategy: str = "textfile"
     probability: float = 1.0
+    holdout: int = 0  # images held out of training for SimpleTuner's validation loss (seeded choice)
     captions: CaptionsConfig = field(default_factory=CaptionsConfig)
 
 
@@ -123,6 +124,7 @@ class ValidationConfig:
     enabled: bool = False
     prompt: str = ""
     every_steps: int = 0
+    loss_every_steps: Optional[int] = None  # held-out loss interval (concepts[].holdout); default: checkpoints'
 
 
 @dataclass

@@ -6,7 +6,7 @@ import difflib
 from pathlib import Path
 from typing import Any, Callable, List
 
-from sd3exp import captions
+from sd3exp import captions, holdout
 from sd3exp.buckets import MAX_MINIMUM_MEGAPIXELS, minimum_megapixels
 from sd3exp.errors import ConfigError
 from sd3exp.plan import bucket_rule
@@ -158,11 +158,27 @@ def check_concepts(cfg: ExperimentConfig) -> None:
         check_trigger(c, i)
         if c.num_images is not None and c.num_images < 1:
             raise ConfigError(f"concepts[{i}].num_images", c.num_images, "must be >= 1", "declare the folder's image count")
+        check_holdout(cfg, c, i)
         cap = c.captions
         _choice(f"concepts[{i}].captions.mode", cap.mode, ("native", "materialized"))
         _positive(f"concepts[{i}].captions.keep_tags", cap.keep_tags, "use 0 to shuffle every tag", strict=False)
         captions.tag_separator(c, where=f"concepts[{i}]")
         captions.native_shuffle_block(c, cfg.seed, where=f"concepts[{i}]")
+
+
+def check_holdout(cfg: ExperimentConfig, c: Any, i: int) -> None:
+    """concepts[].holdout: a count; the held-out loss needs SimpleTuner's local metrics to be read."""
+    _positive(f"concepts[{i}].holdout", c.holdout, "use 0 to train on every image", strict=False)
+    if c.num_images is not None and not Path(c.path).is_dir():
+        holdout.check_count(c, i, c.num_images)
+    if c.holdout and cfg.trainer.report_to == "none":
+        raise ConfigError("trainer.report_to", cfg.trainer.report_to,
+                          f"concepts[{i}].holdout={c.holdout} asks for a held-out loss, which SimpleTuner logs only "
+                          "to a reporter (training/training_metrics.jsonl with simpletuner)",
+                          "set trainer.report_to=simpletuner")
+    every = cfg.validation.loss_every_steps
+    if c.holdout and every is not None:
+        _positive("validation.loss_every_steps", every, "e.g. the checkpoint interval, or null for that default")
 
 
 def check_captioner(cfg: ExperimentConfig) -> None:

@@ -50,6 +50,7 @@ def test_eval_scores_cells_writes_best_json_and_rescoring_scores_only_new_cells(
     with StandIn(tmp_path / "comfy-out", unet_names=["sd3_medium_transformer.safetensors"],
                  models_dir=tmp_path / "models", error_if=fail) as server:
         first = run_cli(*common, f"eval.url={server.url}", f"eval.prompts={json.dumps(PROMPTS)}")
+        first_html = (run / "eval" / "report.html").read_text()  # a first evaluation's report shows its scores
         server.error_if = lambda g: None
         second = run_cli(*common, f"eval.url={server.url}", f"eval.prompts={json.dumps(['k4s4, a dot', *PROMPTS])}")
     assert first.returncode == 3, first.stdout[-2000:] + first.stderr[-2000:]
@@ -69,9 +70,9 @@ def test_eval_scores_cells_writes_best_json_and_rescoring_scores_only_new_cells(
     assert all(c["scores"]["drift"] == 0.0 for c in cells if c["label"] == "base")  # the base model's own render
     assert all(c["scores"]["drift"] > 0 for c in cells if c["label"] != "base" and c["status"] == "ok")
     assert {c["label"] for c in cells if c["memorised"]} == {"checkpoint-2"}  # a copy of training image a
-    html = (run / "eval" / "report.html").read_text()
-    assert 'id="best"' in html and "scores.png" in html and (run / "eval" / "scores.png").is_file()
-    assert "training.png" in html and Image.open(run / "eval" / "training.png").format == "PNG"
+    for html in (first_html, (run / "eval" / "report.html").read_text()):
+        assert 'id="best"' in html and 'src="scores.png"' in html and 'src="training.png"' in html
+    assert (run / "eval" / "scores.png").is_file() and Image.open(run / "eval" / "training.png").format == "PNG"
     grid = np.asarray(Image.open(run / "eval" / "grid.png").convert("RGB"))
     assert (grid == BEST_GREEN).all(axis=-1).sum() > 100  # the chosen column's frame
     (run / "eval" / "grid.png").unlink()

@@ -68,7 +68,7 @@ def report_context(run_dir: Path, cells: Sequence[Cell], grids: Sequence[Path], 
         "total_seconds": f"{sum(c.seconds for c in cells):.1f}",
         "plan": plan,
         "lr_curve": _link(lr_curve, page_dir) if lr_curve.is_file() else None,
-        **scoring_context(RunLayout(run_dir).eval.folder, page_dir),
+        **scoring_context(page_dir, page_dir),  # the evaluation the page is written into (eval.next/ or eval/)
         "configs": [_link(run_dir / name, page_dir) | {"name": name} for name in RunLayout.COMPILED],
     }
 
