@@ -215,8 +215,14 @@ def check_dataset_paths(cfg: ExperimentConfig) -> None:
                               "point it at a folder of images with .txt captions")
 
 
+def check_eval(cfg: ExperimentConfig) -> None:
+    """The backend's name (a typo would otherwise render with diffusers) and the link mode."""
+    _choice("eval.backend", cfg.eval.backend, ("diffusers", "comfyui", "none"))
+    _choice("eval.link_mode", cfg.eval.link_mode, ("symlink", "extra_paths"))
+
+
 CHECKS: List[Callable[[ExperimentConfig], None]] = [
-    check_model, check_training, check_schedule, check_checkpointing, check_concepts, check_captioner,
+    check_model, check_training, check_schedule, check_checkpointing, check_concepts, check_captioner, check_eval,
 ]
 
 
