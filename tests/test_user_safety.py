@@ -145,7 +145,7 @@ def test_full_disk_is_named_and_earlier_files_are_kept(tmp_path, images):
     ("concepts.0.trigger='k4s4, x'", "concepts[0].trigger='k4s4, x'", "concepts[0].captions.keep_tags=2"),
     ("trainer.extra_args=['--lora_rank=8']", "trainer.extra_args[0]='--lora_rank=8'", "set lora.rank"),
     ("concepts.0.path=/", "concepts[0].path='/': no images there", "point it at"),
-    ("eval.backend=comfy", "eval.backend='comfy'", "use diffusers, comfyui, none"),
+    ("eval.backend=comfy", "eval.backend='comfy'", "use one of diffusers, comfyui, none"),
 ])
 def test_bad_values_are_named_before_anything_is_written(tmp_path, override, named, fix):
     outputs = tmp_path / "outputs"
