@@ -3,13 +3,14 @@
 Messages print as plain lines on stdout, through a handler of the "sd3exp" logger that writes to
 whatever sys.stdout is at the time (so pytest's capsys sees them; caplog does too). A bar on a
 terminal is tqdm as it is; on a file or a pipe (`make demo > log`) it prints one plain line at most
-every `PLAIN_EVERY_S` seconds and the last state when it ends, instead of carriage-return updates
+every `PLAIN_EVERY_S` seconds (tqdm's own TQDM_MININTERVAL when set) and the last state when it ends, instead of carriage-return updates
 that pile up on one line.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any, Iterable, Optional, TextIO
 
@@ -67,13 +68,21 @@ class _LogLines:
         self.stream.flush()
 
 
+def plain_every_s() -> float:
+    """How often a bar on a file prints a line: TQDM_MININTERVAL (tqdm's variable) if set, else PLAIN_EVERY_S."""
+    try:
+        return max(0.0, float(os.environ["TQDM_MININTERVAL"]))
+    except (KeyError, ValueError):
+        return PLAIN_EVERY_S
+
+
 class PlainBar(tqdm):
     """A bar for a log file: a plain line at most every `mininterval` seconds, and the last state."""
 
     def __init__(self, *args: Any, file: TextIO, **kwargs: Any) -> None:
         self._printed_at: Optional[float] = None
         kwargs.pop("dynamic_ncols", None)
-        kwargs.setdefault("mininterval", PLAIN_EVERY_S)
+        kwargs.setdefault("mininterval", plain_every_s())
         super().__init__(*args, file=_LogLines(file), ncols=PLAIN_COLUMNS, **kwargs)
 
     def display(self, msg: Optional[str] = None, pos: Optional[int] = None) -> bool:

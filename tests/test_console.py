@@ -67,6 +67,17 @@ def test_a_bar_on_a_file_prints_a_plain_line_every_interval_and_the_last_state(m
     assert lines[-1].startswith("work: 100%") and "1000/1000" in lines[-1]
 
 
+def test_tqdms_own_mininterval_variable_sets_how_often_a_bar_on_a_file_prints(monkeypatch):
+    out = io.StringIO()
+    monkeypatch.setattr("tqdm.std.time", Clock(0.1))
+    monkeypatch.setenv("TQDM_MININTERVAL", "0")
+    bar = console.progress(total=50, desc="work", file=out)
+    for _ in range(50):
+        bar.update(1)
+    bar.close()
+    assert len(out.getvalue().splitlines()) >= 50
+
+
 def test_a_bar_on_a_terminal_is_tqdm_as_it_is():
     class Terminal(io.StringIO):
         def isatty(self) -> bool:

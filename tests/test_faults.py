@@ -252,17 +252,17 @@ def cell_images(eval_dir: Path) -> Dict[tuple, str]:
 
 
 def stop_evaluation(command: List[str], server: StandIn, sig: signal.Signals, cells: int, log: Path) -> int:
-    """Start stage=eval, send `sig` to sd3exp once the server has finished `cells` of its prompts (the
-    server first finishes what a killed sd3exp left in its queue, as ComfyUI does). The server's count,
-    not sd3exp's progress bar: on a file the bar prints a line only every few seconds."""
+    """Start stage=eval, send `sig` to sd3exp once its progress bar counts `cells` finished cells (the
+    server first finishes what a killed sd3exp left in its queue, as ComfyUI does). TQDM_MININTERVAL=0:
+    on a file the bar otherwise prints a line only every 10 s."""
     deadline = time.monotonic() + WAIT_S
     while server.queue_state() != {"queue_running": [], "queue_pending": []} and time.monotonic() < deadline:
         time.sleep(0.05)
-    start = server.finished
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "sd3exp", *command], cwd=ROOT, stdout=out,
-                                stderr=subprocess.STDOUT)
-    while proc.poll() is None and time.monotonic() < deadline and server.finished - start < cells:
+                                stderr=subprocess.STDOUT, env={**os.environ, "TQDM_MININTERVAL": "0"})
+    while proc.poll() is None and time.monotonic() < deadline and max(
+            map(int, re.findall(r"comfyui:\s+\d+%\|[^|]*\|\s*(\d+)/", log.read_text())), default=0) < cells:
         time.sleep(0.02)
     assert proc.poll() is None, f"the evaluation ended before {sig.name}:\n{log.read_text()[-2000:]}"
     proc.send_signal(sig)
