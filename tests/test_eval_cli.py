@@ -186,8 +186,9 @@ def test_a_retrained_checkpoint_is_not_served_from_comfyuis_cache(tmp_path):
     assert colour(images / "checkpoint-2_p0_s0.png") == colour(fresh.paths[0]) != old
 
 
-def test_with_extra_model_paths_a_retrained_checkpoint_frees_comfyuis_cache_first(tmp_path):
-    """eval.link_mode=extra_paths: ComfyUI names the file by its own path, which a retrain keeps."""
+def extra_paths_run(tmp_path: Path) -> tuple:
+    """A one-checkpoint LoRA run that ComfyUI scans itself (eval.link_mode=extra_paths): the run folder, the
+    models folder, the eval command line and the checkpoint's weights file."""
     run, models = tmp_path / "run", tmp_path / "comfy-models"
     fake_lora_run(run, steps=(2,))
     models.mkdir()
@@ -195,7 +196,12 @@ def test_with_extra_model_paths_a_retrained_checkpoint_frees_comfyuis_cache_firs
     evaluate = ["experiment=demo_quick", "stage=eval", "demo=false", "concepts.0.num_images=16", f"hydra.run.dir={run}",
                 "eval.backend=comfyui", "eval.link_mode=extra_paths", "eval.include_final=false",
                 f"eval.prompts={json.dumps(PROMPTS[:1])}"]
-    weights = run / "training" / "checkpoint-2" / "pytorch_lora_weights.safetensors"
+    return run, models, evaluate, run / "training" / "checkpoint-2" / "pytorch_lora_weights.safetensors"
+
+
+def test_with_extra_model_paths_a_retrained_checkpoint_frees_comfyuis_cache_first(tmp_path):
+    """eval.link_mode=extra_paths: ComfyUI names the file by its own path, which a retrain keeps."""
+    run, models, evaluate, weights = extra_paths_run(tmp_path)
     with StandIn(tmp_path / "comfy-out", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"]) as server:
         assert run_cli(*evaluate, f"eval.url={server.url}").returncode == 0
         old = colour(run / "eval" / "images" / "checkpoint-2_p0_s0.png")
@@ -210,17 +216,9 @@ def test_with_extra_model_paths_a_retrained_checkpoint_frees_comfyuis_cache_firs
     assert len(server.frees) == 1 and "POST /free" in second.stdout
 
 
-
 def test_with_extra_model_paths_nothing_is_freed_when_comfyui_cannot_load_the_checkpoints(tmp_path):
     """POST /free unloads every user's models: a sweep that stops at the name check must not send it."""
-    run, models = tmp_path / "run", tmp_path / "comfy-models"
-    fake_lora_run(run, steps=(2,))
-    models.mkdir()
-    (models / "loras").symlink_to(run / "training")  # what extra_model_paths.yaml makes ComfyUI scan
-    evaluate = ["experiment=demo_quick", "stage=eval", "demo=false", "concepts.0.num_images=16", f"hydra.run.dir={run}",
-                "eval.backend=comfyui", "eval.link_mode=extra_paths", "eval.include_final=false",
-                f"eval.prompts={json.dumps(PROMPTS[:1])}"]
-    weights = run / "training" / "checkpoint-2" / "pytorch_lora_weights.safetensors"
+    run, models, evaluate, weights = extra_paths_run(tmp_path)
     with StandIn(tmp_path / "comfy-out", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"]) as server:
         assert run_cli(*evaluate, f"eval.url={server.url}").returncode == 0
         save_safetensors(weights, lora_tensors(102), simpletuner_metadata(4, 4))
