@@ -20,7 +20,7 @@ from sd3exp.io import read_json, write_bytes, write_json
 if TYPE_CHECKING:
     from sd3exp.schema import EvalConfig
 
-__all__ = ["BASE_LABEL", "Cell", "CellKey", "CellSpec", "IMAGE_NAME", "RenderJob", "Sampling", "Stopped",
+__all__ = ["BASE_LABEL", "Cell", "CellKey", "CellSpec", "IMAGE_NAME", "RenderJob", "Sampling",
            "SweepInterrupted", "cell_image", "column_title", "image_name", "plan_cells", "read_cells_json",
            "store_images", "write_cells_json"]
 
@@ -78,14 +78,6 @@ class Cell:
     scores: dict[str, float] = field(default_factory=dict)  # measure -> value (sd3exp/evaluate/score.py)
     memorised: Optional[bool] = None  # a near-copy of one training image; None: not scored
     scored_with: str = ""  # digest of what the scores depend on besides the image; "" = not scored
-
-
-class Stopped(KeyboardInterrupt):
-    """A signal other than Ctrl-C (SIGTERM) that stops a sweep the way Ctrl-C does."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
 
 
 class SweepInterrupted(KeyboardInterrupt):

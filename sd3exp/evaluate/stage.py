@@ -16,7 +16,7 @@ from sd3exp.errors import ConfigError, EvalError
 from sd3exp.evaluate import cells as cellio
 from sd3exp.evaluate import reuse
 from sd3exp.evaluate.checkpoints import BASE_LABEL, Checkpoint, discover
-from sd3exp.evaluate.cells import Cell, RenderJob, Sampling, Stopped, SweepInterrupted
+from sd3exp.evaluate.cells import Cell, RenderJob, Sampling, SweepInterrupted
 from sd3exp.evaluate.grid import write_grids
 from sd3exp.evaluate import lora_scale
 from sd3exp.evaluate.lora_scale import Strength
@@ -26,7 +26,7 @@ from sd3exp.io import write_json
 from sd3exp.layout import EvalLayout, RunLayout
 from sd3exp.runfolder import training_elsewhere
 from sd3exp.schema import ExperimentConfig
-from sd3exp.signals import sigterm_raises
+from sd3exp.signals import Stopped, sigterm_raises
 
 
 SHIPPED_WORKFLOWS = {"full": "sd3_api.json", "lora": "sd3_lora_api.json"}  # model.type -> conf/workflows/
