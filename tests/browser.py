@@ -16,7 +16,10 @@ import websocket
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--remote-debugging-port=0", "--allow-file-access-from-files"]
+         "--remote-debugging-port=0", "--allow-file-access-from-files",
+         # Chromium >= 111 rejects a DevTools websocket whose Origin it was not told about
+         # ("Rejected an incoming WebSocket connection ... --remote-allow-origins").
+         "--remote-allow-origins=*"]
 IMAGES_JS = "JSON.stringify(Array.from(document.images).map(i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0]))"
 
 
@@ -36,7 +39,7 @@ def _devtools_port(profile: Path, proc: subprocess.Popen, timeout: float = 30) -
 
 class Page:
     def __init__(self, ws_url: str) -> None:
-        self.ws = websocket.create_connection(ws_url, timeout=30)
+        self.ws = websocket.create_connection(ws_url, timeout=30, suppress_origin=True)
         self.next_id, self.events = 0, []
 
     def call(self, method: str, **params) -> dict:
