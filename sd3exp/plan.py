@@ -163,13 +163,21 @@ MAX_CHECKPOINTS = 10_000  # planned checkpoint folders
 MAX_COPIES = 1_000_000  # image files a materialized concept may place
 
 
-def limits_check(cfg: ExperimentConfig, concepts: List[ConceptPlan], ckpts: List[int]) -> None:
-    """Refuse plans no disk holds: too many checkpoints or materialized copies."""
-    if len(ckpts) > MAX_CHECKPOINTS:
+def checkpoint_count(max_steps: int, every_steps: Optional[int], every_epochs: Optional[int],
+                     steps_per_epoch: int) -> int:
+    """How many checkpoints checkpoint_steps() lists, without listing them."""
+    stride = every_steps if every_steps else (every_epochs or 0) * steps_per_epoch
+    return max_steps // stride if stride > 0 else 0
+
+
+def limits_check(cfg: ExperimentConfig, concepts: List[ConceptPlan], count: int) -> None:
+    """Refuse plans no disk holds: too many checkpoints (`count`) or materialized copies; run before
+    any list of steps is built, so a typo in training.epochs is refused rather than exhausting memory."""
+    if count > MAX_CHECKPOINTS:
         ck = cfg.checkpointing
         key = next(k for k in ("every_steps", "every_epochs", "round_to") if getattr(ck, k))
         raise ConfigError(f"checkpointing.{key}", getattr(ck, key),
-                          f"plans {len(ckpts)} checkpoints (more than {MAX_CHECKPOINTS})",
+                          f"plans {count} checkpoints (more than {MAX_CHECKPOINTS})",
                           "save less often, or check training.epochs / max_steps and concepts[].repeats")
     for i, (c, cp) in enumerate(zip(cfg.concepts, concepts)):
         if captions.materialized(c) and cp.images * c.repeats > MAX_COPIES:
@@ -192,8 +200,8 @@ def make_plan(cfg: ExperimentConfig, sizes: Mapping[str, Optional[Sequence[Size]
     every_steps, every_epochs = _checkpoints(cfg, spe, t.epochs)
     max_steps, stop_rule = _max_steps(cfg, spe, every_steps)
     epochs = math.ceil(max_steps / spe)
+    limits_check(cfg, concepts, checkpoint_count(max_steps, every_steps, every_epochs, spe))
     ckpts = checkpoint_steps(max_steps, every_steps, every_epochs, spe)
-    limits_check(cfg, concepts, ckpts)
     naive = sum(c.images * c.passes for c in concepts) / t.batch_size
     sched = lr_schedule.to_trainer(cfg.schedule, cfg.optimizer.lr, max_steps)
     warnings = _warnings(cfg, concepts, ckpts)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import math
 from pathlib import Path
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Tuple
 
 from sd3exp import captions, holdout
 from sd3exp.buckets import MAX_MINIMUM_MEGAPIXELS, minimum_megapixels
@@ -28,6 +30,27 @@ OPTIMIZERS = (
     "soap", "torch-adadelta", "torch-adafactor", "torch-adagrad", "torch-adam", "torch-adamax", "torch-adamw",
     "torch-asgd", "torch-nadam", "torch-radam", "torch-rmsprop", "torch-sgd", "torch-sparseadam",
 )
+
+
+def non_finite(value: Any, field: str = "") -> List[Tuple[str, float]]:
+    """(dotted key, value) of every inf or nan float in `value` (a config dataclass, list or mapping)."""
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [(field, value)]
+    if dataclasses.is_dataclass(value):
+        items = [(f.name, getattr(value, f.name)) for f in dataclasses.fields(value)]
+    elif isinstance(value, dict):
+        items = [(str(k), v) for k, v in value.items()]
+    elif isinstance(value, (list, tuple)):
+        return [found for i, v in enumerate(value) for found in non_finite(v, f"{field}[{i}]")]
+    else:
+        return []
+    return [found for name, v in items for found in non_finite(v, f"{field}.{name}" if field else name)]
+
+
+def check_finite(cfg: ExperimentConfig) -> None:
+    """Every float is a number: inf and nan (`1e999` reads as inf) are refused naming their key."""
+    for key, value in non_finite(cfg):
+        raise ConfigError(key, value, "not a finite number", f"set {key} to a number (e.g. {key}=0.5), not inf or nan")
 
 
 def _positive(field: str, value: float, fix: str, strict: bool = True) -> None:
@@ -222,7 +245,7 @@ def check_eval(cfg: ExperimentConfig) -> None:
 
 
 CHECKS: List[Callable[[ExperimentConfig], None]] = [
-    check_model, check_training, check_schedule, check_checkpointing, check_concepts, check_captioner, check_eval,
+    check_finite, check_model, check_training, check_schedule, check_checkpointing, check_concepts, check_captioner, check_eval,
 ]
 
 

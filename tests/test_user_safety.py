@@ -150,6 +150,11 @@ def test_full_disk_is_named_and_earlier_files_are_kept(tmp_path, images):
     ("trainer.extra_args=['--lora_rank=8']", "trainer.extra_args[0]='--lora_rank=8'", "set lora.rank"),
     ("concepts.0.path=/", "concepts[0].path='/': no images there", "point it at"),
     ("eval.backend=comfy", "eval.backend='comfy'", "use one of diffusers, comfyui, none"),
+    ("optimizer.lr=inf", "optimizer.lr=inf: not a finite number", "not inf or nan"),
+    ("optimizer.lr=1e999", "optimizer.lr=inf: not a finite number", "not inf or nan"),
+    ("optimizer.lr=nan", "optimizer.lr=nan: not a finite number", "not inf or nan"),
+    ("eval.cfg=-inf", "eval.cfg=-inf: not a finite number", "not inf or nan"),
+    ("optimizer.max_grad_norm=nan", "optimizer.max_grad_norm=nan", "not inf or nan"),
 ])
 def test_bad_values_are_named_before_anything_is_written(tmp_path, override, named, fix):
     outputs = tmp_path / "outputs"
@@ -253,3 +258,12 @@ def test_sigterm_stops_a_multirun_sweep_instead_of_starting_its_next_job(tmp_pat
     assert stopped.returncode == 143, stopped.stderr[-2000:]
     assert "preparing the dataset stopped by SIGTERM" in stopped.stderr and "Traceback" not in stopped.stderr
     assert not (tmp_path / "1_demo_quick").exists()
+
+
+def test_a_huge_epoch_count_is_refused_before_any_step_list_is_built(tmp_path):
+    outputs = tmp_path / "outputs"
+    out = run_cli("experiment=demo_quick", "training.epochs=99999999999", f"paths.output_root={outputs}",
+                  "stage=plan", timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "checkpointing.every_steps=2: plans 299999999997 checkpoints" in out.stderr
+    assert "MemoryError" not in out.stderr and "Traceback" not in out.stderr
