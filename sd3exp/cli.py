@@ -12,6 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from sd3exp import migrate
+from sd3exp.added_keys import check_added
 from sd3exp.errors import DiskFullError, Interrupted, Sd3expError, no_space_message
 from sd3exp.project import CONF_DIR, register
 
@@ -59,6 +60,7 @@ def main() -> None:
             except Sd3expError as err:
                 fail(err)
     try:
+        check_added(sys.argv[1:], CONF_DIR)
         sys.argv = migrate.prepare_argv(sys.argv, CONF_DIR)
     except Sd3expError as err:
         fail(err)

@@ -267,3 +267,26 @@ def test_a_huge_epoch_count_is_refused_before_any_step_list_is_built(tmp_path):
     assert out.returncode == 2, out.stderr[-2000:]
     assert "checkpointing.every_steps=2: plans 299999999997 checkpoints" in out.stderr
     assert "MemoryError" not in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("override, fix", [
+    ("+training.epoch=3", "write training.epochs=3 (no +)"),
+    ("+optimizer.learning_rate=1", "write optimizer.lr=1 (no +)"),
+    ("+concepts.0.trigerr=x", "write concepts.0.trigger=x (no +)"),
+])
+def test_an_added_key_nothing_reads_is_refused_naming_the_real_one(tmp_path, override, fix):
+    outputs = tmp_path / "outputs"
+    out = run_cli("experiment=demo_quick", override, f"paths.output_root={outputs}", "stage=compile")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"{override.split('=')[0]}=" in out.stderr and "adds a key that no stage reads" in out.stderr
+    assert out.stderr.rstrip().endswith(f"Fix: {fix}")
+    assert not outputs.exists()
+
+
+def test_keys_are_still_added_where_the_schema_takes_them(tmp_path):
+    out = run_cli("experiment=demo_quick", "+eval.select.at_least.pixel_fidelity=60",
+                  "++eval.workflow_inputs.7.vae_name=sd3_vae.safetensors", f"hydra.run.dir={tmp_path / 'run'}",
+                  "stage=compile")
+    assert out.returncode == 0, out.stderr
+    resolved = (tmp_path / "run" / "resolved.yaml").read_text()
+    assert "pixel_fidelity: 60" in resolved and "vae_name: sd3_vae.safetensors" in resolved
