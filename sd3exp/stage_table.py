@@ -36,7 +36,7 @@ TABLE: Tuple[Stage, ...] = (
     Stage("compile"),
     Stage("caption", ("caption",), needs_data=True),
     Stage("review", ("review",), needs_data=True),
-    Stage("audit", ("audit",), needs_data=True, needs_model=True, locks=(RUN_FOLDER,)),
+    Stage("audit", ("audit",), needs_data=True, locks=(RUN_FOLDER,)),  # reads images and captions only
     Stage("prepare", ("prepare",), needs_data=True, needs_model=True, locks=(RUN_FOLDER,)),
     Stage("train", ("train",), needs_data=True, needs_model=True, locks=(RUN_FOLDER,)),
     Stage("eval", ("eval",), needs_model=True, reads_checkpoints=True, locks=(CONFIG_FOLDER,)),

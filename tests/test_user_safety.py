@@ -290,3 +290,10 @@ def test_keys_are_still_added_where_the_schema_takes_them(tmp_path):
     assert out.returncode == 0, out.stderr
     resolved = (tmp_path / "run" / "resolved.yaml").read_text()
     assert "pixel_fidelity: 60" in resolved and "vae_name: sd3_vae.safetensors" in resolved
+
+
+def test_the_audit_of_a_demo_does_not_build_the_tiny_model(tmp_path):
+    out = run_cli("experiment=demo_quick", f"paths.root_dir={tmp_path}", "stage=audit", timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "building the tiny SD3" not in out.stdout + out.stderr
+    assert (tmp_path / "data" / "demo" / "shapes").is_dir() and not (tmp_path / "models").exists()
