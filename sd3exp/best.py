@@ -50,6 +50,9 @@ def best_main(argv: List[str]) -> int:
     parser = argparse.ArgumentParser(prog="sd3exp best", description=__doc__)
     parser.add_argument("path", type=Path, help="a run folder (with eval/best.json) or a multirun folder")
     path = parser.parse_args(argv).path.resolve()
+    if not path.is_dir():
+        raise EvalError(f"{path}: {'not a folder' if path.exists() else 'no such folder'}. Fix: give a run folder "
+                        "(outputs/<experiment>...) or a multirun folder (multirun/<date>/<time>)")
     if RunLayout(path).eval.best.is_file():
         return show_run(path)
     if (path / ".sweep").is_dir():

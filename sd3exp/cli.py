@@ -11,7 +11,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from sd3exp import migrate
+from sd3exp import argv, migrate
 from sd3exp.added_keys import check_added
 from sd3exp.errors import DiskFullError, Interrupted, Sd3expError, no_space_message
 from sd3exp.project import CONF_DIR, register
@@ -52,13 +52,20 @@ def _subcommands() -> Dict[str, Callable[[List[str]], int]]:
 
 def main() -> None:
     register()
-    if len(sys.argv) > 1 and not sys.argv[1].startswith("-") and "=" not in sys.argv[1]:
+    if len(sys.argv) == 1:  # a bare `sd3exp`: the help, which lists the experiments
+        sys.argv.append("--help")
+    if "--version" in sys.argv[1:]:
+        print(argv.versions())
+        raise SystemExit(0)
+    if not sys.argv[1].startswith(("-", "+", "~")) and "=" not in sys.argv[1]:
         subcommands = _subcommands()
-        if sys.argv[1] in subcommands:
-            try:
-                raise SystemExit(subcommands[sys.argv[1]](sys.argv[2:]))
-            except Sd3expError as err:
-                fail(err)
+        try:
+            if sys.argv[1] not in subcommands:
+                raise argv.unknown_word(sys.argv[1], sys.argv[2:], subcommands, CONF_DIR)
+            raise SystemExit(subcommands[sys.argv[1]](sys.argv[2:]))
+        except Sd3expError as err:
+            fail(err)
+    sys.argv = argv.expand_home(sys.argv)
     try:
         check_added(sys.argv[1:], CONF_DIR)
         sys.argv = migrate.prepare_argv(sys.argv, CONF_DIR)

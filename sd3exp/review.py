@@ -73,8 +73,15 @@ def folder_files(run_dir: Path) -> Dict[str, str]:
 
 
 def operand_files(operand: str, conf_dir: Path) -> Dict[str, str]:
+    """A run folder's files, or an experiment spec's compiled ones; a first word with a `/` is a folder."""
     path = Path(operand)
-    return folder_files(path) if path.is_dir() else spec_files(operand, conf_dir)
+    if path.is_dir():
+        return folder_files(path)
+    if "/" in (operand.split() or [""])[0]:
+        raise Sd3expError(f"{operand}: {'not a folder' if path.exists() else 'no such run folder'}. Fix: "
+                               "give a run folder (outputs/<experiment>...) or an experiment spec such as "
+                               "\"fantasy_art lora.rank=32\"")
+    return spec_files(operand, conf_dir)
 
 
 # --- flattening each file into key -> value -------------------------------------------------------

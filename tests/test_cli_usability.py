@@ -1,0 +1,53 @@
+"""The command line for a user who has not read the docs: help, versions, typos and missing folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.conftest import run_cli, run_main
+
+
+def test_bare_sd3exp_shows_the_help_and_the_experiments():
+    out = run_cli()
+    assert out.returncode == 0, out.stderr
+    assert "experiment: " in out.stdout and "demo_quick" in out.stdout and "Subcommands:" in out.stdout
+    assert "training.epochs" not in out.stderr
+
+
+def test_version_names_sd3exp_simpletuner_and_hydra():
+    from hydra import __version__ as hydra_version
+
+    from sd3exp import __version__
+
+    out = run_main("--version")
+    assert out.returncode == 0
+    lines = out.stdout.splitlines()
+    assert lines[0] == f"sd3exp {__version__}" and lines[1].startswith("SimpleTuner 4.10.1 (")
+    assert lines[2] == f"Hydra {hydra_version}"
+
+
+def test_a_mistyped_subcommand_is_named_with_the_one_meant(tmp_path):
+    out = run_main("bset", str(tmp_path))
+    assert out.returncode == 2 and "'bset' is not a subcommand" in out.stderr
+    assert out.stderr.rstrip().endswith(f"Fix: sd3exp best {tmp_path}")
+    out = run_main("demo_quick")
+    assert out.returncode == 2 and out.stderr.rstrip().endswith("Fix: sd3exp experiment=demo_quick")
+
+
+def test_diff_and_best_name_a_missing_folder(tmp_path):
+    missing = tmp_path / "nonexistent"
+    out = run_main("diff", str(missing), "demo_quick")
+    assert out.returncode == 2 and f"{missing}: no such run folder" in out.stderr
+    out = run_main("best", str(missing))
+    assert out.returncode == 2 and f"{missing}: no such folder" in out.stderr
+
+
+def test_a_run_folder_under_home_written_with_a_quoted_tilde_is_expanded(tmp_path):
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    out = run_cli("experiment=demo_quick", "hydra.run.dir=~/runs/x", "stage=compile", cwd=cwd,
+                  env={"HOME": str(home)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (home / "runs" / "x" / "run.json").is_file()
+    assert list(cwd.iterdir()) == [] and not Path(cwd / "~").exists()
