@@ -297,3 +297,30 @@ def test_the_audit_of_a_demo_does_not_build_the_tiny_model(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "building the tiny SD3" not in out.stdout + out.stderr
     assert (tmp_path / "data" / "demo" / "shapes").is_dir() and not (tmp_path / "models").exists()
+
+
+def listing(folder: Path) -> dict:
+    """Every path under `folder` (and itself) with its mtime: what a refused command must not change."""
+    return {p.relative_to(folder).as_posix(): p.stat().st_mtime_ns for p in [folder, *sorted(folder.rglob("*"))]}
+
+
+@pytest.mark.parametrize("run", ["sub/deeper", "runx"])
+def test_a_run_folder_refused_inside_the_dataset_leaves_the_dataset_untouched(images, run):
+    before = listing(images)
+    time.sleep(0.01)
+    out = user_demo(images, f"hydra.run.dir={images / run}", "stage=compile")
+    assert out.returncode == 2 and "concepts[0].path" in out.stderr and "Traceback" not in out.stderr
+    assert listing(images) == before
+
+
+def test_plan_makes_no_run_folder(tmp_path):
+    out = run_cli("experiment=demo_quick", f"hydra.run.dir={tmp_path / 'new' / 'x'}", "stage=plan")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_refused_value_makes_no_run_folder(tmp_path):
+    out = run_cli("experiment=demo_quick", "optimizer.lr=-1", f"hydra.run.dir={tmp_path / 'new' / 'x'}",
+                  "stage=compile")
+    assert out.returncode == 2 and "optimizer.lr=-1" in out.stderr
+    assert list(tmp_path.iterdir()) == []
