@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from sd3exp import argv, migrate
 from sd3exp.added_keys import check_added
-from sd3exp.errors import DiskFullError, Interrupted, Sd3expError, no_space_message
+from sd3exp.errors import DiskFullError, Interrupted, RunConflictError, Sd3expError, no_space_message
 from sd3exp.project import CONF_DIR, register
 
 
@@ -33,6 +33,10 @@ def _hydra_main(cfg: DictConfig) -> Optional[float]:
         try:
             return run(cfg, invocation)  # the objective, for sweepers
         except OSError as err:
+            if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise RunConflictError(f"cannot write {err.filename}: {err.strerror} (nothing was written there). "
+                                       "Fix: point hydra.run.dir (or paths.output_root) at a folder you can write, "
+                                       "e.g. hydra.run.dir=$HOME/sd3exp-runs/NAME") from err
             if err.errno != errno.ENOSPC:
                 raise
             raise DiskFullError(f"{no_space_message(Path(err.filename or cfg.paths.run_dir))}; the files "

@@ -324,3 +324,9 @@ def test_a_refused_value_makes_no_run_folder(tmp_path):
                   "stage=compile")
     assert out.returncode == 2 and "optimizer.lr=-1" in out.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_folder_that_cannot_be_made_is_named():
+    out = run_cli("experiment=demo_quick", "hydra.run.dir=/sys/sd3exp-unwritable/run", "stage=compile")
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "OSError" not in out.stderr
+    assert "cannot write /sys/sd3exp-unwritable" in out.stderr and "Fix: point hydra.run.dir" in out.stderr
