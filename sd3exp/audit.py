@@ -156,7 +156,7 @@ def _check_captions(a: ConceptAudit, c: ConceptConfig, images: List[Path], gener
             if p.stem in by_stem:  # captioner.prefer=model: the generated caption is used
                 continue
             try:
-                text = p.read_bytes().decode("utf-8")
+                text = p.read_bytes().decode("utf-8-sig")  # a BOM is not caption text: prepare drops it
             except UnicodeDecodeError:
                 a.undecodable_captions.append(p.name)
                 continue

@@ -28,6 +28,7 @@ The seed and settings are recorded in ``<prepared_dir>/sd3exp-prepare.json``.
 
 from __future__ import annotations
 
+import codecs
 import errno
 import os
 import random
@@ -178,8 +179,9 @@ def shared_stems(images: List[Path]) -> List[str]:
 
 
 def _caption_bytes(image: Path) -> bytes | None:
+    """The image's caption file without a UTF-8 byte-order mark (an editor's, not caption text)."""
     path = image.with_suffix(".txt")
-    return path.read_bytes() if path.is_file() else None
+    return path.read_bytes().removeprefix(codecs.BOM_UTF8) if path.is_file() else None
 
 
 def _decode(concept: ConceptConfig, image: Path, data: bytes) -> str:

@@ -143,3 +143,18 @@ def test_upscaled_compares_with_simpletuners_target_size(kind, resolution, size,
 def test_token_estimate_counts_words_and_punctuation():
     assert aud.estimate_clip_tokens("k4s4, a red-haired woman.") == 8
     assert aud.estimate_clip_tokens("") == 0
+
+
+@pytest.mark.parametrize("mode", ["native", "materialized"])
+def test_a_caption_with_a_byte_order_mark_starts_with_its_trigger_and_is_prepared_without_it(tmp_path, mode):
+    from sd3exp import prepare as prep
+
+    src = write_dataset(tmp_path / "src", 3)
+    caption = src / "img0001.txt"
+    caption.write_bytes(b"\xef\xbb\xbf" + caption.read_bytes())
+    cfg = experiment(src, tmp_path / "p", repeats=2, mode=mode)
+    report = aud.audit(cfg)
+    assert report.concepts[0].lacking_trigger == [] and report.concepts[0].trigger_not_first == []
+    files = prep.layout(cfg.concepts[0], cfg.seed).files
+    texts = [data for name, data in files.items() if name.startswith("img0001") and name.endswith(".txt")]
+    assert texts and all(data.startswith(b"k4s4") for data in texts)
