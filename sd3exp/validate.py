@@ -242,6 +242,10 @@ def check_eval(cfg: ExperimentConfig) -> None:
     """The backend's name (a typo would otherwise render with diffusers) and the link mode."""
     _choice("eval.backend", cfg.eval.backend, ("diffusers", "comfyui", "none"))
     _choice("eval.link_mode", cfg.eval.link_mode, ("symlink", "extra_paths"))
+    if STAGES[cfg.stage].evaluates and cfg.eval.backend != "none":  # refused before compile rewrites the run folder
+        from sd3exp.evaluate.stage import check_settings
+
+        check_settings(cfg)
 
 
 CHECKS: List[Callable[[ExperimentConfig], None]] = [

@@ -330,3 +330,13 @@ def test_a_run_folder_that_cannot_be_made_is_named():
     out = run_cli("experiment=demo_quick", "hydra.run.dir=/sys/sd3exp-unwritable/run", "stage=compile")
     assert out.returncode == 2 and "Traceback" not in out.stderr and "OSError" not in out.stderr
     assert "cannot write /sys/sd3exp-unwritable" in out.stderr and "Fix: point hydra.run.dir" in out.stderr
+
+
+def test_a_refused_evaluation_leaves_the_compiled_run_as_it_was(tmp_path, images):
+    run = tmp_path / "run"
+    assert user_demo(images, f"hydra.run.dir={run}", "stage=compile").returncode == 0
+    before = listing(run)
+    time.sleep(0.01)
+    out = user_demo(images, f"hydra.run.dir={run}", "eval.seeds=[]", "stage=eval")
+    assert out.returncode == 2 and "eval.seeds=[]: is empty" in out.stderr and "Traceback" not in out.stderr
+    assert listing(run) == before
