@@ -70,6 +70,8 @@ class ConceptAudit:
     multiline: List[str] = field(default_factory=list)
     keep_separator: List[str] = field(default_factory=list)
     ignored_files: List[str] = field(default_factory=list)
+    other_formats: List[str] = field(default_factory=list)  # images Pillow opens in a format sd3exp does not prepare
+    image_subfolders: List[str] = field(default_factory=list)  # subfolders holding images
     tag_counts: Dict[str, int] = field(default_factory=dict)
     generated_captions: List[str] = field(default_factory=list)  # images audited on their generated caption
     held_out: List[str] = field(default_factory=list)  # audited too, but not trained on (concepts[].holdout)
@@ -140,20 +142,34 @@ def _check_caption(a: ConceptAudit, c: ConceptConfig, name: str, text: str, tags
         a.keep_separator.append(name)
 
 
+def other_image_format(p: Path) -> bool:
+    """An image Pillow opens (so SimpleTuner would read it, e.g. a GIF) that sd3exp does not prepare."""
+    fmt = Image.registered_extensions().get(p.suffix.lower())
+    return fmt in Image.OPEN and p.suffix.lower() not in IMAGE_EXTENSIONS
+
+
+def holds_images(folder: Path) -> bool:
+    return any(f.suffix.lower() in IMAGE_EXTENSIONS or other_image_format(f) for f in folder.rglob("*"))
+
+
 def _check_captions(a: ConceptAudit, c: ConceptConfig, images: List[Path], generated: Dict[str, str]) -> None:
     """The captions training reads: the user's <stem>.txt, or the generated one for the images in
     `generated` (named <stem>.txt too, and listed in a.generated_captions)."""
     by_stem = {p.stem: p.name for p in images if p.name in generated}
+    folder = sorted(Path(c.path).iterdir())
+    a.other_formats = [p.name for p in folder if p.is_file() and other_image_format(p)]
+    a.image_subfolders = [p.name + "/" for p in folder if p.is_dir() and not p.name.startswith(".") and holds_images(p)]
     stems = {p.stem for p in images}
+    other_stems = {Path(name).stem for name in a.other_formats}
     tags: Counter = Counter()
-    for p in sorted(Path(c.path).iterdir()):
-        if p.name.startswith("."):
+    for p in folder:
+        if p.name.startswith(".") or p.name in a.other_formats or p.name + "/" in a.image_subfolders:
             continue
         if p.suffix == ".txt" and p.is_file():  # SimpleTuner reads <stem>.txt, lower case
-            if p.stem not in stems:
+            if p.stem not in stems | other_stems:
                 a.orphan_captions.append(p.name)
                 continue
-            if p.stem in by_stem:  # captioner.prefer=model: the generated caption is used
+            if p.stem in by_stem or p.stem not in stems:  # a generated caption is used; another format's is not
                 continue
             try:
                 text = p.read_bytes().decode("utf-8-sig")  # a BOM is not caption text: prepare drops it
@@ -220,6 +236,11 @@ def _rules(a: ConceptAudit, c: ConceptConfig, ds: DatasetConfig) -> List[Tuple[b
         (False, a.keep_separator, f"caption(s) with kohya's '{KEEP_SEPARATOR}' (not supported)",
          "remove it and use captions.keep_tags"),
         (False, a.ignored_files, "file(s) that are neither images nor captions (ignored)", "none needed"),
+        (False, a.other_formats, f"image(s) in a format sd3exp does not train on (only {', '.join(IMAGE_EXTENSIONS)})",
+         "convert them to PNG, or leave them out on purpose"),
+        (True, a.image_subfolders, "subfolder(s) with images: SimpleTuner 4.10.1 reads subfolders, but sd3exp "
+         "prepares a concept's top level only, so they would not be trained",
+         "move their images up into the concept folder, or give each subfolder its own concept"),
     ]
 
 

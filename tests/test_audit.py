@@ -158,3 +158,17 @@ def test_a_caption_with_a_byte_order_mark_starts_with_its_trigger_and_is_prepare
     files = prep.layout(cfg.concepts[0], cfg.seed).files
     texts = [data for name, data in files.items() if name.startswith("img0001") and name.endswith(".txt")]
     assert texts and all(data.startswith(b"k4s4") for data in texts)
+
+
+def test_a_gif_is_named_as_a_format_not_trained_and_a_subfolder_of_images_is_refused(tmp_path):
+    src = write_dataset(tmp_path / "src", 3)
+    Image.new("RGB", (16, 16)).save(src / "moving.gif")
+    (src / "moving.txt").write_text("k4s4, moving")
+    write_dataset(src / "more", 2)
+    report = aud.audit(experiment(src, tmp_path / "p"))
+    a = report.concepts[0]
+    assert a.orphan_captions == [] and a.ignored_files == []
+    assert a.other_formats == ["moving.gif"] and a.image_subfolders == ["more/"]
+    assert any("1 subfolder(s) with images: SimpleTuner 4.10.1 reads subfolders" in e and "more/" in e
+               for e in report.errors)
+    assert any("image(s) in a format sd3exp does not train on" in w and "moving.gif" in w for w in report.warnings)
