@@ -108,6 +108,8 @@ class RunLayout:
     COMPILED: ClassVar[Tuple[str, ...]] = (CONFIG_ENV, MULTIBACKEND, CONFIG_JSON)
     SETTINGS_FILES: ClassVar[Tuple[str, ...]] = COMPILED + (PLAN,)  # what `sd3exp lock` snapshots
     ARCHIVED: ClassVar[Tuple[str, ...]] = (CONFIG, PLAN, RESOLVED, RECORD)  # kept under history/ on a forced recompile
+    TRAINED: ClassVar[Tuple[str, ...]] = (TRAIN_LOG, TRAINING_SUMMARY, EVAL)  # moved there with the weights when
+    # a forced recompile changes the config (sd3exp/runfolder.py set_aside_training)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "run_dir", Path(self.run_dir))

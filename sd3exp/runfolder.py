@@ -243,6 +243,8 @@ def resolve_run_dir(run_dir: Path, record: RunRecord, training_dir: Path, force:
         return run_dir
     if force:
         archive(run_dir, previous)
+        if trained and previous.config_hash != record.config_hash:
+            set_aside_training(run_dir, training_dir, previous)
         return run_dir
     if previous.config_hash == record.config_hash:
         raise RunConflictError(
@@ -254,8 +256,36 @@ def resolve_run_dir(run_dir: Path, record: RunRecord, training_dir: Path, force:
         f"{run_dir} belongs to a different configuration of '{previous.experiment}' "
         f"(config {previous.config_hash[:12]}, now {record.config_hash[:12]})"
         f"{' and already has checkpoints' if started else ''}. Fix: add trainer.new_run=true to start a new "
-        "run folder beside it, or trainer.force=true to use this folder with the new config "
-        "(its compiled files are archived under history/ first; checkpoints are kept).")
+        "run folder beside it, or trainer.force=true to train the new config afresh in this folder "
+        "(its compiled files and trained weights are moved under history/ first, never deleted).")
+
+
+def free_name(path: Path) -> Path:
+    """`path`, or `path.2`, `path.3`, ... : the first that does not exist."""
+    return next(p for p in [path, *(path.with_name(f"{path.name}.{n}") for n in range(2, 10_000))] if not p.exists())
+
+
+def set_aside_training(run_dir: Path, training_dir: Path, previous: RunRecord) -> List[Path]:
+    """Move what was trained for `previous` (the training folder with SimpleTuner's own config, its
+    log and summary, its evaluation) beside that config's archived files, never deleting any, so a
+    forced run of a new config trains afresh and nothing in the run folder describes weights it did
+    not train. Returns where each went."""
+    history = RunLayout(run_dir).history(previous.config_hash)
+    inside = run_dir.resolve() in training_dir.resolve().parents
+    moves = [(run_dir / name, history / name) for name in RunLayout.TRAINED if (run_dir / name).exists()]
+    if training_dir.is_dir():  # paths.training_dir outside the run folder: set aside where it is
+        moves.append((training_dir, history / RunLayout.TRAINING if inside
+                      else training_dir.with_name(f"{training_dir.name}.{previous.config_hash[:12]}")))
+    moved = []
+    for src, dest in moves:
+        dest = free_name(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(src, dest)
+        moved.append(dest)
+    if moved:
+        console.info(f"trainer.force: what config {previous.config_hash[:12]} trained was moved aside "
+                     f"({', '.join(map(str, moved))}); this run trains afresh")
+    return moved
 
 
 def archive(run_dir: Path, previous: RunRecord) -> None:

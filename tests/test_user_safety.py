@@ -340,3 +340,28 @@ def test_a_refused_evaluation_leaves_the_compiled_run_as_it_was(tmp_path, images
     out = user_demo(images, f"hydra.run.dir={run}", "eval.seeds=[]", "stage=eval")
     assert out.returncode == 2 and "eval.seeds=[]: is empty" in out.stderr and "Traceback" not in out.stderr
     assert listing(run) == before
+
+
+def test_forcing_a_changed_config_moves_the_old_weights_aside_and_never_relabels_them(tmp_path, images):
+    """trainer.force=true with another config: what the old config trained (weights, SimpleTuner's own
+    config, log, summary, evaluation) moves under history/<old config>/, whole; the run trains afresh."""
+    import json
+
+    run = tmp_path / "run"
+    assert user_demo(images, f"hydra.run.dir={run}", "optimizer.lr=2e-4", "stage=compile").returncode == 0
+    old_hash = json.loads((run / "run.json").read_text())["config_hash"]
+    trained = {"training/checkpoint-2/pytorch_lora_weights.safetensors": b"weights at lr 2e-4",
+               "training/simpletuner_config.json": b'{"learning_rate": 0.0002}',
+               "train.log": b"log", "training_summary.json": b"{}", "eval/best.json": b'{"best": 2}'}
+    for rel, data in trained.items():
+        (run / rel).parent.mkdir(parents=True, exist_ok=True)
+        (run / rel).write_bytes(data)
+    refused = user_demo(images, f"hydra.run.dir={run}", "optimizer.lr=7e-4", "stage=compile")
+    assert refused.returncode == 2 and "trainer.force=true to train the new config afresh" in refused.stderr
+    out = user_demo(images, f"hydra.run.dir={run}", "optimizer.lr=7e-4", "trainer.force=true", "stage=compile")
+    assert out.returncode == 0, out.stderr[-2000:]
+    history = run / "history" / old_hash[:12]
+    assert {rel: (history / rel).read_bytes() for rel in trained} == trained
+    assert not any((run / rel).exists() for rel in trained)
+    assert "lr: 0.0007" in (run / "resolved.yaml").read_text() and "lr: 0.0002" in (history / "resolved.yaml").read_text()
+    assert "moved aside" in out.stdout
