@@ -91,3 +91,40 @@ def bucket_of(size: Tuple[int, int], rule: BucketRule) -> Optional[float]:
     if rule.crop and rule.crop_aspect == "square":
         return 1.0
     return aspect(target_size(size, rule))
+
+
+@dataclass(frozen=True)
+class BucketTrainer:
+    """What decides a bucket's fate in SimpleTuner 4.10.1 besides its size (helpers/metadata/backends/base.py)."""
+
+    batch_size: int
+    processes: int = 1
+    gradient_accumulation: int = 1
+    pruning: bool = False  # minimum_image_size is set: _enforce_min_bucket_size prunes below one batch
+    oversubscription: bool = False  # --allow_dataset_oversubscription
+
+    @property
+    def effective_batch(self) -> int:
+        return self.batch_size * self.processes * self.gradient_accumulation
+
+
+def bucket_fate(images: int, repeats: int, trainer: BucketTrainer) -> Tuple[str, int]:
+    """("kept" | "padded" | "pruned" | "aborts", the main process's samples per epoch) for a bucket of
+    `images` files with SimpleTuner `repeats` (passes - 1). Pruned silently only with minimum_image_size
+    (images x (repeats+1) < batch); then split_buckets_between_processes aborts ("zero usable batches") on
+    any bucket below one effective batch, unless oversubscription is on and repeats is 0, which pads it."""
+    samples = images * (repeats + 1)
+    if trainer.pruning and samples < trainer.batch_size:
+        return "pruned", 0
+    eff = trainer.effective_batch
+    if samples >= eff:
+        return "kept", -(-images // trainer.processes) * (repeats + 1)
+    if not (trainer.oversubscription and repeats == 0):
+        return "aborts", 0
+    logical = images * -(-eff // images)
+    return "padded", -(-logical // eff) * eff // trainer.processes
+
+
+def repeats_needed(images: int, trainer: BucketTrainer) -> int:
+    """The fewest passes (kohya's repeats) that give a bucket of `images` one effective batch."""
+    return -(-trainer.effective_batch // images)

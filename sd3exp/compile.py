@@ -13,7 +13,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import jinja2
 
@@ -91,7 +91,8 @@ def _schedule_args(cfg: ExperimentConfig, plan: Plan) -> List[Arg]:
     if s["scheduler"] == "polynomial":
         args.append(Arg("lr_power", s["power"], "schedule.power"))
     return args + [Arg("optimizer", cfg.optimizer.name, "optimizer.name", "OPTIMIZER"),
-                   Arg("max_grad_norm", cfg.optimizer.max_grad_norm, "optimizer.max_grad_norm")]
+                   Arg("max_grad_norm", cfg.optimizer.max_grad_norm, "optimizer.max_grad_norm"),
+                   Arg("grad_clip_method", cfg.optimizer.clip, "optimizer.clip")]
 
 
 def _length_args(cfg: ExperimentConfig, plan: Plan) -> List[Arg]:
@@ -125,6 +126,8 @@ def _batch_args(cfg: ExperimentConfig) -> List[Arg]:
     if ds.minimum_image_size is not None:
         args.append(Arg("minimum_image_size", whole(ds.minimum_image_size), "dataset.minimum_image_size",
                         "MINIMUM_RESOLUTION"))
+    if ds.allow_oversubscription:
+        args.append(Arg("allow_dataset_oversubscription", True, "dataset.allow_oversubscription"))
     return args
 
 
@@ -225,6 +228,19 @@ def data_backends(cfg: ExperimentConfig, plan: Plan, run_dir: Path) -> List[dict
     return entries
 
 
+# What `simpletuner train` itself reads from config.env (cli/train.py: the accelerate launch) whatever the backend
+LAUNCHER_ENV = ("MIXED_PRECISION", "TRAINING_NUM_PROCESSES", "TRAINING_NUM_MACHINES", "ACCELERATE_CONFIG_PATH")
+
+
+def json_backend_lines(args: Sequence[Arg]) -> Tuple[List[tuple], bool]:
+    """config.env lines beside config.json: every argument when config.env can carry them all (True),
+    else only the launcher's variables (False); SimpleTuner's json backend ignores the rest."""
+    try:
+        return env_lines(args), True
+    except UnsafeValueError:
+        return [(a.env, envfile.encode(a.field, a.value)) for a in args if a.env in LAUNCHER_ENV], False
+
+
 def env_lines(args: Sequence[Arg]) -> List[tuple]:
     """(KEY, encoded value) lines; unmapped arguments go into TRAINER_EXTRA_ARGS."""
     lines = [(a.env, envfile.encode(a.field, a.value, flag=isinstance(a.value, bool))) for a in args if a.env]
@@ -309,11 +325,11 @@ def compile_experiment(cfg: ExperimentConfig, plan: Plan, run_dir: Path, config_
               "config_hash": config_sha, "backend": cfg.trainer.config_backend}
     if header["overrides"] != " ".join(header["overrides"].split()) or "\n" in overrides:
         raise UnsafeValueError("overrides", overrides, "cannot be recorded in a config.env comment", "simplify them")
+    lines, header["mirror"] = json_backend_lines(args) if json_backend else (env_lines(args), True)
     env = _environment()
     config_json = {a.name: a.value for a in args}
     files = {
-        RunLayout.CONFIG_ENV: env.get_template("config.env.j2").render(
-            header=header, lines=[] if json_backend else env_lines(args)),
+        RunLayout.CONFIG_ENV: env.get_template("config.env.j2").render(header=header, lines=lines),
         RunLayout.MULTIBACKEND: env.get_template("multibackend.json.j2").render(
             backends=data_backends(cfg, plan, run_dir)),
         RunLayout.CONFIG_JSON: env.get_template("config.json.j2").render(config=config_json),

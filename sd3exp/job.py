@@ -147,8 +147,22 @@ def concept_sizes(cfg: ExperimentConfig) -> Dict[str, Optional[List[Tuple[int, i
     return sizes
 
 
+def concept_names(cfg: ExperimentConfig, sizes: Dict[str, Optional[List[Tuple[int, int]]]]) -> Dict[str, List[str]]:
+    """The trained images' file names in the order of `sizes` (a concept with unreadable files left out)."""
+    from sd3exp.images import list_images
+
+    held, out = held_out_images(cfg), {}
+    for c in cfg.concepts:
+        if sizes.get(c.id) is not None:
+            names = [p.name for p in list_images(Path(c.path)) if p.name not in held.get(c.id, ())]
+            if len(names) == len(sizes[c.id]):
+                out[c.id] = names
+    return out
+
+
 def build(job: Job) -> Tuple[Plan, Compiled]:
-    plan = replace(make_plan(job.cfg, concept_sizes(job.cfg), held_out_images(job.cfg)),
+    sizes = concept_sizes(job.cfg)
+    plan = replace(make_plan(job.cfg, sizes, held_out_images(job.cfg), concept_names(job.cfg, sizes)),
                    cache_dir=str(cache.cache_dir(job.cfg)))
     return plan, compile_experiment(job.cfg, plan, job.run_dir, job.config_hash, job.overrides)
 

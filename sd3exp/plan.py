@@ -1,11 +1,15 @@
 """Step planner: what SimpleTuner 4.10.1 will actually run, and the naive figure.
 
-Per concept and aspect bucket: samples = images x passes; a bucket with fewer
-samples than the batch is pruned; each other bucket gives ceil(samples / batch)
-batches (short batches are filled). With P processes each bucket's images are
-split across ranks first and the main rank's share (ceil(n / P)) counts. Batches
-of all concepts add up; steps per epoch = ceil(batches / gradient_accumulation). `repeats` in an experiment is the
-number of passes per epoch (kohya's meaning): SimpleTuner's repeats = passes - 1.
+Per concept and aspect bucket: samples = images x passes. A bucket short of one
+effective batch (batch x gradient accumulation x processes) makes SimpleTuner abort,
+so the plan refuses it, unless dataset.allow_oversubscription pads it (SimpleTuner
+repeats 0 only); it is pruned silently instead only when below one batch with
+dataset.minimum_image_size set (sd3exp/buckets.py, bucket_fate). Each other bucket
+gives ceil(samples / batch) batches (short batches are filled). With P processes each
+bucket's images are split across ranks first and the main rank's share (ceil(n / P))
+counts. Batches of all concepts add up; steps per epoch = ceil(batches / gradient_accumulation).
+`repeats` in an experiment is the number of passes per epoch (kohya's meaning):
+SimpleTuner's repeats = passes - 1.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from sd3exp import captions
 from sd3exp import schedule as lr_schedule
-from sd3exp.buckets import BucketRule, bucket_of
+from sd3exp.buckets import BucketRule, BucketTrainer, bucket_fate, bucket_of, repeats_needed
 from sd3exp.errors import ConfigError
 from sd3exp.schema import ConceptConfig, ExperimentConfig
 
@@ -38,6 +42,8 @@ class ConceptPlan:
     samples_per_epoch: int
     batches_per_epoch: int
     held_out: List[str] = field(default_factory=list)  # images not trained on: the eval dataset's (holdout)
+    short_buckets: Dict[str, int] = field(default_factory=dict)  # below one effective batch: SimpleTuner aborts
+    padded_buckets: Dict[str, int] = field(default_factory=dict)  # the same, padded by allow_oversubscription
 
 
 @dataclass
@@ -66,11 +72,12 @@ class Plan:
     cache_dir: Optional[str] = None  # the shared text-embed/VAE cache (sd3exp/cache.py)
 
     def to_dict(self) -> dict:
-        """The plan as plan.json records it (a concept's held_out only when it holds images out)."""
+        """The plan as plan.json records it (a concept's held_out and bucket notes only when not empty)."""
         data = asdict(self)
         for c in data["concepts"]:
-            if not c["held_out"]:
-                del c["held_out"]
+            for key in ("held_out", "short_buckets", "padded_buckets"):
+                if not c[key]:
+                    del c[key]
         return data
 
 
@@ -86,26 +93,34 @@ def bucket_counts(sizes: Sequence[Size], rule: BucketRule) -> Tuple[Counter, int
     return counts, sum(k is None for k in keys)
 
 
+def bucket_trainer(cfg: ExperimentConfig) -> BucketTrainer:
+    t = cfg.training
+    return BucketTrainer(t.batch_size, t.num_processes, t.gradient_accumulation,
+                         cfg.dataset.minimum_image_size is not None, cfg.dataset.allow_oversubscription)
+
+
 def plan_concept(c: ConceptConfig, sizes: Optional[Sequence[Size]], rule: BucketRule,
-                 batch: int, processes: int, held_out: Sequence[str] = ()) -> ConceptPlan:
-    """Per bucket, as SimpleTuner's main process counts it: its share of the bucket's images
-    (ceil(n / processes)) x passes, pruned below one batch, else ceil(samples / batch) batches.
-    `sizes` are the trained images' (held-out ones excluded); a declared count loses c.holdout."""
+                 trainer: BucketTrainer, held_out: Sequence[str] = ()) -> ConceptPlan:
+    """Per bucket, as SimpleTuner's main process counts it (buckets.bucket_fate): its share of the
+    bucket's samples, ceil(samples / batch) batches. `sizes` are the trained images' (held-out ones
+    excluded); a declared count loses c.holdout. Materialized captions put `repeats` copies on disk."""
     if sizes is None:
         counts, skipped, source = Counter({"1.00": (c.num_images or 0) - c.holdout}), 0, "declared"
     else:
         (counts, skipped), source = bucket_counts(sizes, rule), "disk"
-    kept, pruned, batches = {}, {}, 0
+    st_repeats = captions.simpletuner_repeats(c)
+    copies = 1 if st_repeats or not captions.materialized(c) else c.repeats
+    by_fate: Dict[str, Dict[str, int]] = {"kept": {}, "padded": {}, "pruned": {}, "aborts": {}}
+    batches = 0
     for key in sorted(counts, key=float):
-        samples = math.ceil(counts[key] / processes) * c.repeats
-        if samples < batch:
-            pruned[key] = counts[key]
-            continue
-        kept[key] = counts[key]
-        batches += math.ceil(samples / batch)
+        fate, samples = bucket_fate(counts[key] * copies, st_repeats, trainer)
+        by_fate[fate][key] = counts[key]
+        batches += math.ceil(samples / trainer.batch_size)
+    kept = {**by_fate["kept"], **by_fate["padded"]}
     images = sum(counts.values()) + skipped
-    return ConceptPlan(c.id, images, source, c.repeats, captions.simpletuner_repeats(c), kept, pruned, skipped,
-                       sum(kept.values()) * c.repeats, batches, list(held_out))
+    return ConceptPlan(c.id, images, source, c.repeats, st_repeats, dict(sorted(kept.items(), key=lambda kv: float(kv[0]))),
+                       by_fate["pruned"], skipped, sum(kept.values()) * c.repeats, batches, list(held_out),
+                       by_fate["aborts"], by_fate["padded"])
 
 
 def _checkpoints(cfg: ExperimentConfig, steps_per_epoch: int, epochs: int) -> Tuple[Optional[int], Optional[int]]:
@@ -133,14 +148,47 @@ def checkpoint_steps(max_steps: int, every_steps: Optional[int], every_epochs: O
     return list(range(stride, max_steps + 1, stride)) if stride > 0 else []
 
 
-def zero_batch_check(cfg: ExperimentConfig, concepts: List[ConceptPlan]) -> None:
+def bucket_images(sizes: Sequence[Size], names: Sequence[str], rule: BucketRule, key: str) -> List[str]:
+    return [n for n, size in zip(names, sizes) if (b := bucket_of(size, rule)) is not None and f"{b:.2f}" == key]
+
+
+def short_bucket_error(cfg: ExperimentConfig, i: int, cp: ConceptPlan, key: str, images: Sequence[str]) -> ConfigError:
+    """SimpleTuner's 'zero usable batches' abort, said before training, with the fixes that work."""
+    t, trainer, n = cfg.training, bucket_trainer(cfg), cp.short_buckets[key]
+    named = f" ({', '.join(images[:10])}{', ...' if len(images) > 10 else ''})" if images else ""
+    need = repeats_needed(n, trainer)
+    fixes = [f"concepts.{i}.repeats={need} (each bucket then has one effective batch)",
+             f"remove the {n} image(s){named} from {cfg.concepts[i].path} or crop them to another bucket's aspect",
+             "dataset.crop=true (one square bucket)"]
+    if cp.simpletuner_repeats == 0:
+        fixes.append("dataset.allow_oversubscription=true (SimpleTuner repeats this bucket's images to fill it)")
+    else:
+        fixes.append(f"dataset.allow_oversubscription=true with concepts.{i}.repeats=1 (SimpleTuner pads only "
+                     "datasets without repeats)")
+    return ConfigError(
+        f"concepts[{i}].repeats", cp.passes,
+        f"bucket {key} of concept '{cp.id}' has {n} image(s){named} x {cp.passes} pass(es) = {n * cp.passes} "
+        f"samples, fewer than one effective batch (batch_size {t.batch_size} x gradient_accumulation "
+        f"{t.gradient_accumulation} x num_processes {t.num_processes} = {trainer.effective_batch}): SimpleTuner "
+        "4.10.1 aborts with 'Dataset configuration will produce zero usable batches'",
+        "; or ".join(fixes))
+
+
+def zero_batch_check(cfg: ExperimentConfig, concepts: List[ConceptPlan],
+                     sizes: Mapping[str, Optional[Sequence[Size]]],
+                     names: Mapping[str, Sequence[str]]) -> None:
+    """Refuse what SimpleTuner would abort on: every image skipped, no bucket left, or a bucket short of
+    one effective batch (named with its images where `names` lists them beside `sizes`)."""
     t = cfg.training
-    need = t.batch_size * t.gradient_accumulation * t.num_processes
     for i, cp in enumerate(concepts):
         if not cp.buckets and cp.skipped_images == cp.images:
             raise ConfigError("dataset.minimum_image_size", cfg.dataset.minimum_image_size,
                               f"all {cp.images} images of concept '{cp.id}' are below it, so SimpleTuner skips them",
                               "lower dataset.minimum_image_size, or leave it unset (null)")
+        for key in cp.short_buckets:
+            found, listed = sizes.get(cp.id), names.get(cp.id)
+            images = bucket_images(found, listed, bucket_rule(cfg), key) if found and listed else []
+            raise short_bucket_error(cfg, i, cp, key, images)
         if not cp.buckets:
             raise ConfigError(
                 f"concepts[{i}].repeats", cp.passes,
@@ -149,14 +197,6 @@ def zero_batch_check(cfg: ExperimentConfig, concepts: List[ConceptPlan]) -> None
                 f"{dict(sorted(cp.pruned_buckets.items()))})",
                 "raise repeats, lower training.batch_size, or crop to one square bucket (dataset.crop=true)",
             )
-        for key, n in cp.buckets.items():
-            if n * cp.passes < need:
-                raise ConfigError(
-                    f"concepts[{i}].repeats", cp.passes,
-                    f"bucket {key} of '{cp.id}' has {n * cp.passes} samples, fewer than batch x grad "
-                    f"accumulation x processes = {need}: SimpleTuner aborts with 'zero usable batches'",
-                    "raise repeats or lower training.batch_size / gradient_accumulation / num_processes",
-                )
 
 
 MAX_CHECKPOINTS = 10_000  # planned checkpoint folders
@@ -187,15 +227,17 @@ def limits_check(cfg: ExperimentConfig, concepts: List[ConceptPlan], count: int)
 
 
 def make_plan(cfg: ExperimentConfig, sizes: Mapping[str, Optional[Sequence[Size]]],
-              held_out: Optional[Mapping[str, Sequence[str]]] = None) -> Plan:
+              held_out: Optional[Mapping[str, Sequence[str]]] = None,
+              names: Optional[Mapping[str, Sequence[str]]] = None) -> Plan:
     """The step plan; `sizes` maps concept id to the trained images' sizes on disk (None: use
-    num_images); `held_out` to the names of the images held out for the validation loss."""
+    num_images); `held_out` to the names of the images held out for the validation loss; `names`
+    to the trained images' file names, in the order of `sizes` (for messages)."""
     t = cfg.training
     rule = bucket_rule(cfg)
     held_out = held_out or {}
-    concepts = [plan_concept(c, sizes.get(c.id), rule, t.batch_size, t.num_processes, held_out.get(c.id, ()))
+    concepts = [plan_concept(c, sizes.get(c.id), rule, bucket_trainer(cfg), held_out.get(c.id, ()))
                 for c in cfg.concepts]
-    zero_batch_check(cfg, concepts)
+    zero_batch_check(cfg, concepts, sizes, names or {})
     spe = max(1, math.ceil(sum(c.batches_per_epoch for c in concepts) / t.gradient_accumulation))
     every_steps, every_epochs = _checkpoints(cfg, spe, t.epochs)
     max_steps, stop_rule = _max_steps(cfg, spe, every_steps)
@@ -223,6 +265,9 @@ def make_plan(cfg: ExperimentConfig, sizes: Mapping[str, Optional[Sequence[Size]
 def _warnings(cfg: ExperimentConfig, concepts: List[ConceptPlan], ckpts: List[int]) -> List[str]:
     out = [f"concept '{c.id}': bucket {k} ({n} images) is pruned: fewer samples than one batch"
            for c in concepts for k, n in c.pruned_buckets.items()]
+    out += [f"concept '{c.id}': bucket {k} ({n} images) is short of one effective batch; "
+            "dataset.allow_oversubscription makes SimpleTuner repeat its images to fill it"
+            for c in concepts for k, n in c.padded_buckets.items()]
     out += [f"concept '{c.id}': {c.skipped_images} images are below dataset.minimum_image_size and skipped"
             for c in concepts if c.skipped_images]
     out += _interval_warnings(cfg, ckpts) + _shared_folder_warnings(cfg)

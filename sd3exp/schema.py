@@ -71,6 +71,7 @@ class DatasetConfig:
     crop: bool = False
     crop_style: str = "center"
     crop_aspect: str = "square"
+    allow_oversubscription: bool = False  # SimpleTuner pads a bucket short of one effective batch (repeats=0 only)
     caption_dropout: float = 0.1
     prepared_dir: str = "${paths.run_dir}/dataset"
     cache_dir: str = "${paths.output_root}/cache"  # one <cache key>/ per dataset (sd3exp/cache.py)
@@ -81,6 +82,7 @@ class OptimizerConfig:
     name: str = "adamw_bf16"
     lr: float = 1e-4
     max_grad_norm: float = 1.0
+    clip: str = "norm"  # norm | value: how max_grad_norm clips (--grad_clip_method)
 
 
 @dataclass
@@ -132,7 +134,7 @@ class TrainerConfig:
     simpletuner: Optional[str] = None  # an existing venv or git checkout
     version: str = "4.10.1"
     home: Optional[str] = None  # where managed trainer venvs live
-    config_backend: str = "env"  # env | json
+    config_backend: str = "json"  # json | env: which file `simpletuner train` reads the arguments from
     extra_args: List[str] = field(default_factory=list)
     report_to: str = "none"
     new_run: bool = False

@@ -31,6 +31,10 @@ _KV = re.compile(r"(\w+)=([-+0-9.eE]+|nan|inf)")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _TORCH_INFO = re.compile(r"^(\[RANK \d+\] )?[IV]\d{4} [\d:.]+ \d+ \S+\] ")  # glog INFO lines (TorchDynamo, Inductor)
 _BAR = re.compile(r"\d+%\|")
+_EXCEPTION = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Error|Exception|Exit): \S")
+_LAUNCHER = ("CalledProcessError", "KeyboardInterrupt")  # accelerate's and the CLI's own, not the trainer's
+_TRACE_START = ("Traceback (most recent call last)", "During handling of the above exception",
+                "The above exception was the direct cause")
 TAIL_SHOWN = 12
 
 
@@ -64,6 +68,23 @@ def meaningful(lines: List[str], keep: int = TAIL_SHOWN) -> List[str]:
     clean = [t for t in (_ANSI.sub("", line).strip() for line in lines) if t and not _TORCH_INFO.match(t)]
     last_bar = max((i for i, t in enumerate(clean) if _BAR.search(t)), default=-1)
     return [t for i, t in enumerate(clean) if i == last_bar or not _BAR.search(t)][-keep:]
+
+
+def trainer_error(lines: List[str], keep: int = 2 * TAIL_SHOWN) -> List[str]:
+    """The trainer's own exception (`ValueError: ...` and the lines of its message), the last one
+    raised before the launcher's CalledProcessError; [] when there is none."""
+    clean = [_LOG_PREFIX.sub("", _ANSI.sub("", line)).rstrip() for line in lines
+             if not _TORCH_INFO.match(_ANSI.sub("", line))]
+    starts = [i for i, t in enumerate(clean) if _EXCEPTION.match(t) and not t.split(":", 1)[0].endswith(_LAUNCHER)]
+    if not starts:
+        return []
+    block = []
+    for t in clean[starts[-1]:]:
+        if t.startswith(_TRACE_START) or (block and _EXCEPTION.match(t)):
+            break
+        if t.strip():
+            block.append(t)
+    return block[:keep]
 
 
 def status_text(line: str, width: int = 48) -> str:
@@ -328,7 +349,9 @@ def failure_message(result: TrainResult, resume_command: str, training_dir: Path
         return (f"SimpleTuner was killed by {result.killed_by} at step {step} (by another process, or by the "
                 f"kernel when memory ran out); {kept(result)}. Last lines:\n{tail}\nFull log: {result.log}\n"
                 + resume_hint(result, resume_command))
-    return (f"SimpleTuner exited with status {result.exit_code}. Last lines:\n{tail}\n"
+    own = "\n".join("  " + ln for ln in trainer_error(result.progress.tail))
+    said = f" SimpleTuner's error:\n{own}\n" if own else " "
+    return (f"SimpleTuner exited with status {result.exit_code}.{said}Last lines:\n{tail}\n"
             f"Full log: {result.log}")
 
 

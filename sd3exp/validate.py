@@ -81,6 +81,7 @@ def check_training(cfg: ExperimentConfig) -> None:
     _choice("training.mixed_precision", t.mixed_precision, ("no", "fp16", "bf16", "fp8"))
     _positive("optimizer.lr", cfg.optimizer.lr, "use a positive learning rate, e.g. 1e-4 (LoRA) or 1e-5 (full)")
     check_optimizer(cfg.optimizer.name)
+    _choice("optimizer.clip", cfg.optimizer.clip, ("norm", "value"))
 
 
 def check_optimizer(name: str) -> None:
@@ -128,7 +129,7 @@ def check_model(cfg: ExperimentConfig) -> None:
             raise ConfigError("lora.rank", cfg.lora.rank, "must be >= 1", "e.g. lora.rank=16")
         _positive("lora.alpha", cfg.lora.alpha, "e.g. lora.alpha equal to the rank")
     check_resolution(cfg)
-    _choice("trainer.config_backend", cfg.trainer.config_backend, ("env", "json"))
+    _choice("trainer.config_backend", cfg.trainer.config_backend, ("json", "env"))
     _choice("stage", cfg.stage, tuple(STAGES))
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import needs_trainer, run_cli, trainer_python
+from tests.conftest import ROOT, needs_trainer, run_cli, trainer_python
 
 EXPERIMENTS = ["fantasy_art", "fantasy_art_lora", "cinema_photo", "two_concepts", "demo", "demo_lora"]
 
@@ -26,7 +26,7 @@ def test_fantasy_art_compiles_with_the_planned_figures(tmp_path):
     run = tmp_path / "run"
     env = (run / "config" / "config.env").read_text()
     assert "MAX_NUM_STEPS=24000\n" in env and "NUM_EPOCHS=0\n" in env and "CHECKPOINTING_STEPS=800\n" in env
-    assert "CONFIG_BACKEND=env\n" in env and "CHECKPOINTING_LIMIT=30\n" in env
+    assert "CONFIG_BACKEND=json\n" in env and "CHECKPOINTING_LIMIT=30\n" in env
     backends = json.loads((run / "config" / "multibackend.json").read_text())
     assert backends[0]["repeats"] == 9 and backends[0]["id"] == "fantasy"
     plan = json.loads((run / "plan.json").read_text())
@@ -90,7 +90,35 @@ def test_json_backend_carries_what_env_cannot(tmp_path):
                      f"validation.prompt='{prompt}'", "trainer.config_backend=json")
     assert out.returncode == 0, out.stderr
     assert json.loads((run / "config" / "config.json").read_text())["validation_prompt"] == prompt
-    assert "CONFIG_BACKEND=json" in (run / "config" / "config.env").read_text()
+    env = (run / "config" / "config.env").read_text()
+    assert "CONFIG_BACKEND=json" in env and "MIXED_PRECISION=no\n" in env and "TRAINING_NUM_PROCESSES=1\n" in env
+    assert "VALIDATION_PROMPT" not in env  # config.env cannot carry it: only the launcher's variables
+
+
+@pytest.mark.parametrize("experiment", sorted(p.name for p in (ROOT / "compiled").iterdir()))
+def test_every_locked_experiment_clips_by_norm_and_reads_config_json(experiment):
+    """issue 18 items 4 and 6: --grad_clip_method=norm (4.10.1 defaults to value) and config.json as what
+    `simpletuner train` reads, config.env compiled beside it with the same arguments."""
+    folder = ROOT / "compiled" / experiment / "config"
+    config = json.loads((folder / "config.json").read_text())
+    env = (folder / "config.env").read_text()
+    assert config["grad_clip_method"] == "norm" and config["max_grad_norm"] == 1.0
+    assert "\nCONFIG_BACKEND=json\n" in env and "--grad_clip_method=norm" in env
+
+
+def test_clip_by_value_and_the_env_backend_compile(tmp_path):
+    run = tmp_path / "run"
+    out = compile_to(run, "experiment=demo", "optimizer.clip=value", "trainer.config_backend=env")
+    assert out.returncode == 0, out.stderr
+    env = (run / "config" / "config.env").read_text()
+    assert "\nCONFIG_BACKEND=env\n" in env and "--grad_clip_method=value" in env
+    assert json.loads((run / "config" / "config.json").read_text())["grad_clip_method"] == "value"
+
+
+def test_unknown_clip_method_is_refused(tmp_path):
+    out = compile_to(tmp_path / "run", "experiment=demo", "optimizer.clip=global")
+    assert out.returncode != 0 and "optimizer.clip='global'" in out.stderr and "norm, value" in out.stderr
+    assert not (tmp_path / "run").exists()
 
 
 @needs_trainer
@@ -104,12 +132,31 @@ def test_simpletuner_accepts_the_arguments(tmp_path, experiment):
     python = trainer_python()
     result = preflight.run_parser(TrainerEnv("managed", python.parent.parent, python, "4.10.1"), run)
     assert result["ok"], result.get("error")
+    assert result["args"]["grad_clip_method"] == "norm" and result["args"]["max_grad_norm"] == 1.0
     plan = json.loads((run / "plan.json").read_text())
     keep = 0 if experiment.startswith("demo") else (30 if experiment.startswith("fantasy") else None)
     if keep is not None:
         assert result["args"]["checkpoints_total_limit"] == keep  # 0: SimpleTuner keeps every checkpoint
     if plan["stop_rule"] == "max_steps":
         assert result["args"]["max_train_steps"] == plan["max_train_steps"]
+
+
+@needs_trainer
+@pytest.mark.parametrize("backend, clip", [("env", "value"), ("json", "norm")])
+def test_simpletuner_reads_either_backend(tmp_path, backend, clip):
+    """The default json backend and trainer.config_backend=env (config.env alone) both parse."""
+    from sd3exp import preflight
+    from sd3exp.trainer_env import TrainerEnv
+
+    run = tmp_path / "run"
+    assert compile_to(run, "experiment=demo_quick", f"trainer.config_backend={backend}",
+                      f"optimizer.clip={clip}").returncode == 0
+    if backend == "env":
+        (run / "config" / "config.json").unlink()  # then only config.env can give the arguments
+    python = trainer_python()
+    result = preflight.run_parser(TrainerEnv("managed", python.parent.parent, python, "4.10.1"), run)
+    assert result["ok"], result.get("error")
+    assert result["args"]["grad_clip_method"] == clip and result["args"]["lora_rank"] == 4
 
 
 def test_cfg_job_resolve_prints_the_resolved_experiment(tmp_path):

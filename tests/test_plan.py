@@ -36,14 +36,6 @@ def test_reference_example_three_buckets():
     assert plan.steps_per_epoch == 26
 
 
-def test_small_bucket_is_pruned_and_reported():
-    cfg = compose_experiment("demo", ["training.batch_size=4"])
-    plan = make_plan(cfg, {"shapes": [(64, 64)] * 8 + [(128, 64)] * 3})
-    assert plan.concepts[0].pruned_buckets == {"2.00": 3}
-    assert plan.steps_per_epoch == 2
-    assert any("pruned" in w for w in plan.warnings)
-
-
 def test_zero_usable_batches_is_an_error_naming_repeats():
     cfg = compose_experiment("demo", ["training.batch_size=4"])
     with pytest.raises(ConfigError) as err:

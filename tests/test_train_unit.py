@@ -116,3 +116,21 @@ def test_a_killed_trainer_shows_its_last_meaningful_lines(tmp_path):
                      "  Model weights saved in training/checkpoint-62-tmp/pytorch_lora_weights.safetensors",
                      "  Epoch 8/12, Steps:  65%|██▍ | 62/96 [00:26<06:07, 10.80s/it, lr=0.0001, step_loss=4.12]"]
     assert "Resume from checkpoint-62: python -m sd3exp stage=train" in message
+
+
+def test_failed_trainer_message_shows_its_own_error_line(tmp_path):
+    """Issue 18 item 5: SimpleTuner 4.10.1's real output for a bucket short of one batch (recorded on a
+    CPU) ends in accelerate's CalledProcessError traceback; the message shows the trainer's ValueError."""
+    from sd3exp.train import TrainResult, _lines, failure_message
+
+    raw = (Path(__file__).parent / "fixtures" / "simpletuner-4.10.1-zero-batches.log").read_bytes()
+    progress = Progress()
+    for line in _lines(io.BytesIO(raw), io.BytesIO()):
+        progress.feed(line)
+    result = TrainResult(1, 97.0, 0, progress, {}, str(tmp_path / "train.log"))
+    message = failure_message(result, "python -m sd3exp stage=train", tmp_path)
+    own = message.split("SimpleTuner's error:\n", 1)[1].split("\nLast lines:", 1)[0].splitlines()
+    assert own[0] == "  ValueError: Dataset configuration will produce zero usable batches."
+    assert "    - Bucket 0.5: 1 samples × 1 (with repeats) = 1 samples" in own
+    assert not any("TorchDynamo" in ln or "CalledProcessError" in ln for ln in own)
+    assert "CalledProcessError" in message.split("Last lines:", 1)[1]  # the launcher's tail is still there
