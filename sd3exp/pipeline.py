@@ -12,7 +12,7 @@ from typing import List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from sd3exp import __version__, console, lrplot, runfolder
+from sd3exp import __version__, console, estimate, lrplot, runfolder
 from sd3exp.compile import Compiled
 from sd3exp.io import dumps_json, read_json, remove_stale_temporaries, write_if_changed
 from sd3exp.job import Invocation, Job, build, files_of, load
@@ -64,12 +64,21 @@ def write_run(job: Job, plan: Plan, compiled: Compiled) -> List[str]:
     return changed
 
 
+def warn_disk(plan: Plan, run_dir: Path, keep: int) -> None:
+    """Warn when the kept checkpoints exceed the free disk at the run folder (not in plan.json: it is this machine's)."""
+    est = estimate.from_dict(plan.estimate)
+    warning = est and estimate.disk_warning(est, run_dir, len(plan.checkpoints_kept), keep, plan.experiment)
+    if warning:
+        console.warn(warning)
+
+
 def stage_compile(job: Job, cfg: DictConfig) -> Tuple[Job, Plan]:
     """Plan, compile and write the run folder (compiled files do not depend on where it is)."""
     plan, compiled = build(job)
     job = claim(job, cfg, plan)
     changed = write_run(job, plan, compiled)
     console.info(render_table(plan))
+    warn_disk(plan, job.run_dir, job.cfg.checkpointing.keep)
     state = f"{len(changed)} file(s) written" if changed else "unchanged"
     console.info(f"\ncompiled {job.cfg.name} -> {job.run_dir}/config ({state})")
     return job, plan
@@ -100,6 +109,7 @@ def run(cfg: DictConfig, invocation: Optional[Invocation] = None) -> Optional[fl
             if not STAGES[job.cfg.stage].compiles:
                 plan, _ = build(job)
                 console.info(render_table(plan))
+                warn_disk(plan, job.run_dir, job.cfg.checkpointing.keep)
                 return None
             job, plan = stage_compile(job, cfg)
         except KeyboardInterrupt as exc:

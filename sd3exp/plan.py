@@ -20,10 +20,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
-from sd3exp import captions
+from sd3exp import captions, estimate
 from sd3exp import schedule as lr_schedule
 from sd3exp.buckets import BucketRule, BucketTrainer, bucket_fate, bucket_of, repeats_needed
 from sd3exp.errors import ConfigError
+from sd3exp.project import CONF_DIR
 from sd3exp.schema import ConceptConfig, ExperimentConfig
 
 Size = Tuple[int, int]
@@ -70,6 +71,7 @@ class Plan:
     lr_curve: List[Tuple[int, float]]
     warnings: List[str] = field(default_factory=list)
     cache_dir: Optional[str] = None  # the shared text-embed/VAE cache (sd3exp/cache.py)
+    estimate: Optional[dict] = None  # GPU memory and disk in GiB (sd3exp/estimate.py); None: model shape unknown
 
     def to_dict(self) -> dict:
         """The plan as plan.json records it (a concept's held_out and bucket notes only when not empty)."""
@@ -246,7 +248,9 @@ def make_plan(cfg: ExperimentConfig, sizes: Mapping[str, Optional[Sequence[Size]
     ckpts = checkpoint_steps(max_steps, every_steps, every_epochs, spe)
     naive = sum(c.images * c.passes for c in concepts) / t.batch_size
     sched = lr_schedule.to_trainer(cfg.schedule, cfg.optimizer.lr, max_steps)
-    warnings = _warnings(cfg, concepts, ckpts)
+    kept = ckpts[-cfg.checkpointing.keep:] if cfg.checkpointing.keep else ckpts
+    est = estimate.estimate(cfg, len(kept))
+    warnings = _warnings(cfg, concepts, ckpts) + estimate.memory_warnings(cfg, CONF_DIR, len(kept))
     return Plan(
         experiment=cfg.name, model_type=cfg.model.type, batch_size=t.batch_size,
         gradient_accumulation=t.gradient_accumulation, num_processes=t.num_processes,
@@ -254,11 +258,11 @@ def make_plan(cfg: ExperimentConfig, sizes: Mapping[str, Optional[Sequence[Size]
         concepts=concepts, steps_per_epoch=spe, epochs=epochs, max_train_steps=max_steps,
         stop_rule=stop_rule, checkpoint_interval_steps=every_steps,
         checkpoint_interval_epochs=every_epochs, checkpoint_steps=ckpts,
-        checkpoints_kept=ckpts[-cfg.checkpointing.keep:] if cfg.checkpointing.keep else ckpts,
+        checkpoints_kept=kept,
         naive_steps_per_epoch=round(naive, 2), naive_max_train_steps=round(naive * t.epochs, 2),
         lr=cfg.optimizer.lr, schedule=asdict(sched),
         lr_curve=[(s, round(v, 12)) for s, v in lr_schedule.curve(sched, cfg.optimizer.lr, max_steps)],
-        warnings=warnings,
+        warnings=warnings, estimate=est.to_dict() if est else None,
     )
 
 
@@ -325,5 +329,6 @@ def render_table(plan: Plan) -> str:
     if plan.cache_dir:
         state = "filled earlier" if Path(plan.cache_dir).is_dir() else "new"
         lines.append(f"cache            {Path(plan.cache_dir).name:>10}   {plan.cache_dir} ({state})")
+    lines += estimate.render(estimate.from_dict(plan.estimate))
     lines += [f"warning: {w}" for w in plan.warnings]
     return "\n".join(lines)

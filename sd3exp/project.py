@@ -42,11 +42,17 @@ def run_dir(*, _root_: DictConfig) -> str:
     return f"{_root_.paths.output_root}/{_root_.name}"
 
 
+def lora_only(model_type: str, value: str, otherwise: str = "no_change") -> str:
+    """`value` for a LoRA, `otherwise` for a full fine-tune (memory presets: a quantised base is LoRA-only)."""
+    return value if model_type == "lora" else otherwise
+
+
 def register() -> None:
     """Schema and resolvers; safe to call more than once."""
     schema.register()
     for name, fn in {"sd3exp.root": project_root, "sd3exp.name": experiment_name,
                      "sd3exp.run_suffix": run_suffix, "sd3exp.run_dir": run_dir,
-                     "sd3exp.stages": stage_table.names}.items():
+                     "sd3exp.stages": stage_table.names,
+                     "sd3exp.lora_only": lora_only}.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

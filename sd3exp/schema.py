@@ -104,6 +104,7 @@ class TrainingConfig:
     gradient_accumulation: int = 1
     mixed_precision: str = "bf16"
     gradient_checkpointing: bool = True
+    gpu_memory_gib: Optional[float] = None  # the card's memory: the plan warns when its estimate exceeds it
     num_processes: int = 1
     num_machines: int = 1
     accelerate_config: Optional[str] = None
