@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from hypothesis import given, strategies as st
 
 from sd3exp import hub, train
 from sd3exp.errors import ConfigError, EvalError
+from sd3exp.project import ROOT
 from sd3exp.evaluate import diffusers_backend as backend
 from sd3exp.evaluate.checkpoints import Checkpoint
 from sd3exp.workers.render_device import DEVICES, DTYPES, pick_device, pick_dtype
@@ -141,3 +143,89 @@ def test_a_cached_repo_id_resolves_to_its_snapshot_offline(tmp_path, monkeypatch
     assert backend.base_folder("org/pipe", trainer_python()) == snapshot
     with pytest.raises(EvalError, match="`hf download org/other`"):
         backend.base_folder("org/other", trainer_python())
+
+
+# ---- end to end: demo_quick trained and evaluated from a repo id in the hub cache, with a login ----
+
+PROBE = """#!/usr/bin/env python
+# run by SimpleTuner after a checkpoint (--post_checkpoint_script), inside the trainer's environment
+import hashlib, json, os, sys
+import huggingface_hub
+token = huggingface_hub.get_token() or ""
+with open({report!r}, "w") as f:
+    json.dump({{"sha256": hashlib.sha256(token.encode()).hexdigest(), "hub_cache": os.environ.get("HF_HUB_CACHE"),
+               "python": sys.executable}}, f)
+"""
+
+
+def hub_copy(model: Path, cache: Path, repo_id: str) -> Path:
+    """`model` copied into the hub cache layout: every file a blob named by its sha256, linked from snapshots/<rev>/."""
+    import hashlib
+
+    rev = hashlib.sha1(repo_id.encode()).hexdigest()
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    for path in sorted(p for p in model.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = repo / "snapshots" / rev / path.relative_to(model)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def hub_run(tmp_path_factory):
+    """experiment=demo_quick with model.path a repo id found only in a temporary HF_HUB_CACHE (offline), a
+    token in a temporary HF_HOME, and a post-checkpoint probe that reports what the trainer's process sees."""
+    from sd3exp.demo import ensure_demo_assets
+    from tests.conftest import compose_experiment
+
+    root = tmp_path_factory.mktemp("hub")
+    cfg = compose_experiment("demo_quick")
+    ensure_demo_assets(cfg, with_model=True)
+    home = root / "hf-home"
+    home.mkdir()
+    (home / "token").write_text(FAKE_TOKEN)
+    hub_copy(Path(cfg.model.path), home / "hub", "sd3exp-test/tiny-sd3")
+    report, probe = root / "probe.json", root / "probe"
+    probe.write_text(PROBE.format(report=str(report)))
+    probe.chmod(0o755)
+    run = root / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env.update(HF_HOME=str(home), HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-m", "sd3exp", "experiment=demo_quick", "demo=false",
+                          "model.path=sd3exp-test/tiny-sd3", f"concepts.0.path={cfg.concepts[0].path}",
+                          f"hydra.run.dir={run}", f"trainer.extra_args=[\"--post_checkpoint_script={probe}\"]"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
+    return run, out, report, home
+
+
+@needs_trainer
+@pytest.mark.slow
+def test_demo_trains_and_evaluates_from_a_repo_id_in_the_hub_cache(hub_run):
+    run, out, _, home = hub_run
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert f"model: sd3exp-test/tiny-sd3: in the Hugging Face cache ({home / 'hub'}" in out.stdout
+    cells = json.loads((run / "eval" / "cells.json").read_text())
+    assert cells and all(c["status"] == "ok" for c in cells), cells
+    job = json.loads((run / "eval" / "render-job.json").read_text())
+    assert job["base"].startswith(str(home / "hub" / "models--sd3exp-test--tiny-sd3" / "snapshots"))
+
+
+@needs_trainer
+@pytest.mark.slow
+def test_the_trainer_sees_the_token_and_no_run_file_or_output_holds_it(hub_run):
+    import hashlib
+
+    run, out, report, home = hub_run
+    seen = json.loads(report.read_text())
+    assert seen["sha256"] == hashlib.sha256(FAKE_TOKEN.encode()).hexdigest(), seen
+    assert seen["hub_cache"] == str(home / "hub")
+    assert f"Hugging Face token: {home / 'token'}" in out.stdout
+    assert FAKE_TOKEN not in out.stdout + out.stderr
+    holding = [p for p in run.rglob("*") if p.is_file() and FAKE_TOKEN.encode() in p.read_bytes()]
+    assert holding == []
