@@ -40,10 +40,17 @@ def make_tiny_model(argv: List[str]) -> int:
     return 0
 
 
+def doctor(argv: List[str]) -> int:
+    from sd3exp.doctor import doctor_main
+
+    return doctor_main(argv)
+
+
 SUBCOMMANDS: Dict[str, Callable[[List[str]], int]] = {
     "setup-trainer": setup_trainer,
     "make-tiny-model": make_tiny_model,
     "diff": diff_main,
     "lock": lock_main,
     "best": best_main,
+    "doctor": doctor,
 }

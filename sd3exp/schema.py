@@ -189,6 +189,11 @@ class EvalConfig:
     models_dir: Optional[str] = None
     link_mode: str = "symlink"  # symlink | extra_paths
     timeout_s: float = 3600.0
+    device: str = "auto"  # diffusers backend: auto | cuda | cpu | mps
+    dtype: str = "auto"  # diffusers backend: auto | bf16 | fp16 | fp32 (auto: bf16 on CUDA, fp16 on old CUDA/mps, fp32 on CPU)
+    offload: bool = False  # diffusers backend: model CPU offload (less GPU memory, slower)
+    t5: bool = True  # diffusers backend: false renders without T5-XXL (text_encoder_3)
+    cell_timeout_s: float = 600.0  # diffusers backend: longest one cell may take (the first includes loading)
     max_grid_pixels: int = 64_000_000
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     select: SelectConfig = field(default_factory=SelectConfig)

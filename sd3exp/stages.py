@@ -9,6 +9,7 @@ from typing import Callable, Optional
 from sd3exp import cache, console
 from sd3exp.compile import trainer_args, user_extra_args
 from sd3exp.errors import ConfigError, DatasetError, EvalError
+from sd3exp.hub import require_model, token_source
 from sd3exp.job import Invocation, Job
 from sd3exp.runfolder import checkpoint_dirs, claim_training_dir, set_aside_unfinished
 from sd3exp.plan import Plan
@@ -106,6 +107,8 @@ def stage_train(job: Job, plan: Plan) -> None:
         return
     stage_prepare(job, plan)
     env = trainer_for(cfg)
+    model = require_model(cfg.model.path, env.python)
+    console.info(f"model: {cfg.model.path}: {model.line()}; Hugging Face token: {token_source() or 'none found'}")
     args = trainer_args(cfg, plan, run_dir) + user_extra_args(cfg)
     checked = preflight.preflight(env, run_dir, args)
     shim = cpu_shim(cfg, checked["cuda"])
@@ -116,7 +119,7 @@ def stage_train(job: Job, plan: Plan) -> None:
         console.info(f"{path.name} was never finished (its save was interrupted): moved to {target}; "
                      "resuming from the last finished checkpoint")
     process_env = train.trainer_environment(env.bin, run_dir, cpu=shim is not None,
-                                            offline=Path(cfg.model.path).is_dir())
+                                            offline=model.state in ("local", "cached"))
     next_command = command_for(job, "eval") if cfg.stage == "train" else None
     console.info(f"cache: {plan.cache_dir} (shared by the runs on the same data; sd3exp/cache.py)")
     with cache.filling(Path(plan.cache_dir)) as caches_complete:

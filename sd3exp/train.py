@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 
-from sd3exp import console
+from sd3exp import console, hub
 from sd3exp.errors import DiskFullError, RunConflictError, TrainerError, no_space_message
 from sd3exp.io import read_json, write_json
 from sd3exp.layout import RunLayout
@@ -108,10 +108,12 @@ def is_complete(run_dir: Path, training_dir: Path, model_type: str, max_steps: i
 
 
 def trainer_environment(bin_dir: Path, run_dir: Path, cpu: bool, offline: bool) -> Dict[str, str]:
-    """The trainer's environment: caches inside the run, the CPU shim only without CUDA."""
+    """The trainer's environment: caches inside the run, the CPU shim only without CUDA. HF_HOME is
+    run-private so that the user's accelerate default_config.yaml ($HF_HOME/accelerate) cannot change
+    the compiled launch; the user's login (HF_TOKEN, the token file) and hub cache stay visible."""
     env = dict(os.environ)
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
-    env["HF_HUB_CACHE"] = env.get("HF_HUB_CACHE") or str(Path(env.get("HF_HOME", Path.home() / ".cache/huggingface")) / "hub")
+    env.update(hub.user_hub_env(os.environ))
     cache = run_dir / ".cache"
     env.update(HF_HOME=str(run_dir / ".hf"), MPLCONFIGDIR=str(run_dir / ".mpl"), XDG_CACHE_HOME=str(cache),
                TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"), PYTHONUNBUFFERED="1")

@@ -18,6 +18,7 @@ import io
 import json
 import os
 import socket
+import sys
 import struct
 import threading
 import time
@@ -570,6 +571,9 @@ class _Handler(BaseHTTPRequestHandler):
         s = self.standin
         if path == "/ws":
             return self._websocket(query.get("clientId") or uuid.uuid4().hex)
+        if path == "/system_stats":
+            return self._reply(200, {"system": {"comfyui_version": "standin", "python_version": sys.version},
+                                     "devices": []})
         if path.startswith("/object_info/"):
             return self._reply(200, s.object_info(path.split("/", 2)[2]))
         if path.startswith("/history/"):

@@ -18,7 +18,7 @@ import subprocess
 import threading
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Collection, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Collection, Iterator, Mapping, Optional, Sequence
 
 from sd3exp import console
 from sd3exp.errors import EvalError
@@ -33,6 +33,7 @@ from sd3exp.tinymodel import OFFLINE_ENV
 WORKER = WORKERS / "render_diffusers.py"
 WAKE_S = 0.2  # longest the main thread waits for a progress line before it looks at signals
 PIPE_ARGS = {"steps": "num_inference_steps", "cfg": "guidance_scale"}  # Sampling field -> pipeline argument
+T5_TOKENS = 154  # SimpleTuner 4.10.1 trains SD3 with T5 prompts of 154 tokens (models/sd3/model.py)
 log = logging.getLogger(__name__)
 
 
@@ -55,6 +56,7 @@ def make_job(base: Path, checkpoints: Sequence[Checkpoint], prompts: Sequence[st
     return {
         "skip": sorted([list(cell) for cell in skip]),
         "base": str(Path(base).resolve()),
+        "max_sequence_length": T5_TOKENS,
         "checkpoints": job_checkpoints(checkpoints, include_base, scales),
         "prompts": list(prompts),
         "seeds": list(seeds),
@@ -109,20 +111,41 @@ def _lines(stream: Any) -> Iterator[str]:
 
 
 def _collect(proc: subprocess.Popen, job: dict[str, Any], bar: console.Bar,
-             done: dict[tuple[str, int, int], Cell]) -> None:
-    """Cells into `done` by (label, prompt index, seed) as the worker reports them."""
+             done: dict[tuple[str, int, int], Cell], reported: Callable[[], None] = lambda: None) -> None:
+    """Cells into `done` by (label, prompt index, seed) as the worker reports them; `reported` after each."""
     for line in _lines(proc.stdout):
         cell = parse_line(line, job)
         if cell is not None:
+            reported()
             done[(cell.label, cell.prompt_index, cell.seed)] = cell
             bar.update(1)
             bar.set_postfix_str(f"{cell.label} {cell.status}")
 
 
+class Watchdog:
+    """Kills the worker when no cell was reported for `timeout_s` (the first cell's time includes
+    loading the pipeline): a per-cell limit, however long the sweep."""
+
+    def __init__(self, proc: subprocess.Popen, timeout_s: float) -> None:
+        self.proc, self.timeout_s, self.fired = proc, timeout_s, threading.Event()
+        self.timer: Optional[threading.Timer] = None
+
+    def restart(self) -> None:
+        self.cancel()
+        self.timer = threading.Timer(self.timeout_s, lambda: (self.fired.set(), self.proc.kill()))
+        self.timer.daemon = True
+        self.timer.start()
+
+    def cancel(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+
+
 def run_worker(job: dict[str, Any], python: Path, job_path: Path, log_path: Path, timeout_s: float,
                progress: bool = True) -> list[Cell]:
     """Run the worker on a job; cells in job order (unreported ones as errors with the log's tail).
-    Ctrl-C or SIGTERM kill it and raise SweepInterrupted with the cells it reported."""
+    A cell that takes longer than `timeout_s` kills the worker. Ctrl-C or SIGTERM kill it and raise
+    SweepInterrupted with the cells it reported."""
     if not Path(python).is_file():
         raise EvalError(f"trainer python {python} does not exist; install the trainer venv (make trainer)")
     write_json(job_path, job)
@@ -133,12 +156,11 @@ def run_worker(job: dict[str, Any], python: Path, job_path: Path, log_path: Path
     ) as bar:
         proc = subprocess.Popen([str(python), str(WORKER), str(job_path)], stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=log_file, text=True, env={**os.environ, **OFFLINE_ENV})
-        timed_out = threading.Event()
-        watchdog = threading.Timer(timeout_s, lambda: (timed_out.set(), proc.kill()))
-        watchdog.start()
+        watchdog = Watchdog(proc, timeout_s)
+        watchdog.restart()
         done: dict[tuple[str, int, int], Cell] = {}
         try:
-            _collect(proc, job, bar, done)
+            _collect(proc, job, bar, done, watchdog.restart)
             code = proc.wait()
         except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the worker goes, its finished cells stay
             raise SweepInterrupted.during(exc, list(done.values())) from exc
@@ -148,7 +170,8 @@ def run_worker(job: dict[str, Any], python: Path, job_path: Path, log_path: Path
             proc.wait()
     if len(done) < len(cells):
         why = f"the diffusers worker exited with code {code} before rendering this cell"
-        why += f" (killed after the {timeout_s:g} s timeout)" if timed_out.is_set() else ""
+        why += (f" (killed: no cell finished within eval.cell_timeout_s={timeout_s:g} s)"
+                if watchdog.fired.is_set() else "")
         cells = [replace(c, error=f"{why}; {log_path}:\n{_tail(log_path)}") for c in cells]
     return [done.get((c.label, c.prompt_index, c.seed), c) for c in cells]
 
@@ -156,23 +179,46 @@ def run_worker(job: dict[str, Any], python: Path, job_path: Path, log_path: Path
 def render_cells(base: Path | str, checkpoints: Sequence[Checkpoint], prompts: Sequence[str], seeds: Sequence[int],
            out_dir: Path | str, python: Path | str, sampling: Sampling = Sampling(), include_base: bool = False,
            timeout_s: float = 3600.0, progress: bool = True, skip: Collection[tuple[str, int, int]] = (),
-           scales: Optional[Mapping[str, float]] = None) -> list[Cell]:
+           scales: Optional[Mapping[str, float]] = None, options: Optional[Mapping[str, Any]] = None) -> list[Cell]:
     """Render checkpoints x prompts x seeds (less `skip`) into `out_dir` (eval/images); one Cell each,
     checkpoint-major.
 
     The job file and the worker's log go next to `out_dir` (render-job.json, render.log).
     """
     out_dir = Path(out_dir)
-    job = make_job(Path(base), checkpoints, prompts, seeds, out_dir, sampling, include_base, skip, scales)
+    job = {**make_job(Path(base), checkpoints, prompts, seeds, out_dir, sampling, include_base, skip, scales),
+           **(options or {})}
     folder = EvalLayout(out_dir.parent)
     return run_worker(job, Path(python), folder.render_job, folder.render_log, timeout_s, progress)
 
 
+def base_folder(value: str, python: Path) -> Path:
+    """model.path as a folder: a local one, or a repo id's snapshot in the user's hub cache (rendering
+    is offline); a repo id not in the cache is an error with the download command."""
+    from sd3exp.hub import model_fix, model_state
+
+    state = model_state(value, python)
+    if state.state in ("local", "cached"):
+        return Path(state.folder)
+    raise EvalError(f"model.path={value!r}: the diffusers evaluation renders from a local folder or the Hugging "
+                    f"Face cache, and this model is {state.line()}. Fix: "
+                    + (f"download it once: `hf download {value}`; " if state.state != "not_found" else "")
+                    + model_fix(state))
+
+
+def device_options(ev: Any) -> dict[str, Any]:
+    """The worker's device settings from eval.*."""
+    return {"device": ev.device, "dtype": ev.dtype, "offload": ev.offload, "t5": ev.t5}
+
+
 def render(cfg: ExperimentConfig, job: RenderJob, run_dir: Path, images: Path) -> list[Cell]:
-    """The job's cells rendered by diffusers in the trainer venv, from the base model cfg.model.path."""
+    """The job's cells rendered by diffusers in the trainer venv, from the base model cfg.model.path
+    (a folder or a repo id in the hub cache) on eval.device in eval.dtype."""
     from sd3exp.trainer_env import trainer_for
 
     ev = cfg.eval
+    python = trainer_for(cfg).python
     scales = {label: s.trained for label, s in job.strengths.items()}
-    return render_cells(cfg.model.path, job.checkpoints, ev.prompts, ev.seeds, images, trainer_for(cfg).python,
-                        Sampling.of(ev), job.include_base, ev.timeout_s, skip=job.skip, scales=scales)
+    return render_cells(base_folder(cfg.model.path, python), job.checkpoints, ev.prompts, ev.seeds, images, python,
+                        Sampling.of(ev), job.include_base, ev.cell_timeout_s, skip=job.skip, scales=scales,
+                        options=device_options(ev))

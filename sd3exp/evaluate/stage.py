@@ -22,7 +22,9 @@ from sd3exp.evaluate import lora_scale
 from sd3exp.evaluate.lora_scale import Strength
 from sd3exp.evaluate.report import write_report
 from sd3exp.evaluate.score import best_label, check_scoring, choose_best, print_best, scoring_request, summary_line
+from sd3exp.hub import is_repo_id
 from sd3exp.io import write_json
+from sd3exp.workers.render_device import DEVICES, DTYPES
 from sd3exp.layout import EvalLayout, RunLayout
 from sd3exp.runfolder import training_elsewhere
 from sd3exp.schema import ExperimentConfig
@@ -55,7 +57,9 @@ def render_settings(cfg: ExperimentConfig) -> dict:
         data["workflow"] = [hashlib.sha256(workflow.read_bytes()).hexdigest() if workflow.is_file() else ev.workflow,
                             ev.workflow_inputs, dict(ev.nodes)]
     else:
-        data["base_model"] = str(Path(cfg.model.path).resolve())
+        model = cfg.model.path
+        data["base_model"] = model if is_repo_id(model) else str(Path(model).resolve())
+        data["device"] = {k: getattr(ev, k) for k in ("device", "dtype", "offload", "t5")}
     return data
 
 
@@ -115,6 +119,12 @@ def check_settings(cfg: ExperimentConfig) -> None:
     if ev.backend == "comfyui" and not ev.workflow:
         raise ConfigError("eval.workflow", ev.workflow, "eval.backend=comfyui needs an API-format workflow",
                           f"add eval.workflow='${{paths.root_dir}}/conf/workflows/{SHIPPED_WORKFLOWS[cfg.model.type]}'")
+    for key, allowed in (("device", DEVICES), ("dtype", DTYPES)):
+        if getattr(ev, key) not in allowed:
+            raise ConfigError(f"eval.{key}", getattr(ev, key), f"not one of {', '.join(allowed)}",
+                              f"use eval.{key}=auto (the best the machine offers)")
+    if ev.cell_timeout_s <= 0:
+        raise ConfigError("eval.cell_timeout_s", ev.cell_timeout_s, "must be positive", "e.g. eval.cell_timeout_s=600")
 
 
 def archive_previous(eval_dir: Path) -> Optional[Path]:

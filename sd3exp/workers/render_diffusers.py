@@ -9,7 +9,9 @@ sampling (StableDiffusion3Pipeline keyword arguments such as num_inference_steps
 negative_prompt), out_dir, image_name (a str.format pattern with label,
 prompt_index, seed and suffix).
 
-The base pipeline loads once, on the CPU in float32; each checkpoint's weights
+The job may also give device (auto|cuda|cpu|mps), dtype (auto|bf16|fp16|fp32), offload (model
+CPU offload), t5 (false: no T5-XXL) and max_sequence_length (T5 tokens, as trained); without them
+the pipeline renders on the CPU in float32. The base pipeline loads once; each checkpoint's weights
 are swapped in (full: its transformer state dict; lora: its tensors through
 load_lora_weights at the job's scale, never the file's metadata; unloaded
 before the next). stdout carries one JSON line per cell, nothing else:
@@ -32,7 +34,9 @@ import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from safetensors.torch import load_file
 
-DTYPE = torch.float32
+from render_device import pick_device, pick_dtype  # this folder's stdlib module
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 LORA_ADAPTER = "sd3exp"
 
 
@@ -44,18 +48,32 @@ def protocol_stream() -> TextIO:
     return stream
 
 
-def load_pipeline(base: str) -> StableDiffusion3Pipeline:
-    """The base pipeline on the CPU in float32, offline, without progress bars."""
-    pipe = StableDiffusion3Pipeline.from_pretrained(base, dtype=DTYPE, local_files_only=True)
+def placement(job: dict) -> tuple[str, torch.dtype]:
+    """The job's device and dtype, "auto" resolved against what torch sees here."""
+    mps = getattr(torch.backends, "mps", None)
+    device = pick_device(job.get("device", "cpu"), torch.cuda.is_available(), bool(mps and mps.is_available()))
+    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    return device, DTYPES[pick_dtype(job.get("dtype", "fp32"), device, bf16)]
+
+
+def load_pipeline(base: str, device: str, dtype: torch.dtype, offload: bool = False,
+                  t5: bool = True) -> StableDiffusion3Pipeline:
+    """The base pipeline on `device` in `dtype` (or offloaded to the CPU between models), offline,
+    without progress bars; without T5-XXL when t5 is false."""
+    extra = {} if t5 else {"text_encoder_3": None, "tokenizer_3": None}
+    pipe = StableDiffusion3Pipeline.from_pretrained(base, dtype=dtype, local_files_only=True, **extra)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to("cpu")
+    if offload and device != "cpu":
+        pipe.enable_model_cpu_offload(device=device)
+        return pipe
+    return pipe.to(device)
 
 
 class Weights:
     """Keeps track of what is loaded into the pipeline and swaps checkpoints in and out."""
 
-    def __init__(self, pipe: StableDiffusion3Pipeline, base: str) -> None:
-        self.pipe, self.base, self.state = pipe, base, "base"
+    def __init__(self, pipe: StableDiffusion3Pipeline, base: str, dtype: torch.dtype = torch.float32) -> None:
+        self.pipe, self.base, self.dtype, self.state = pipe, base, dtype, "base"
 
     def use(self, kind: str, path: str | None, scale: float = 1.0) -> None:
         """Load one checkpoint (kind base|full|lora, a LoRA at `scale`); raises when its weights cannot
@@ -79,7 +97,7 @@ class Weights:
 
     def restore_base(self) -> None:
         """Put the base transformer's weights back after a full checkpoint."""
-        base = SD3Transformer2DModel.from_pretrained(self.base, subfolder="transformer", dtype=DTYPE,
+        base = SD3Transformer2DModel.from_pretrained(self.base, subfolder="transformer", dtype=self.dtype,
                                                      local_files_only=True)
         self.pipe.transformer.load_state_dict(base.state_dict(), strict=True)
         self.state = "base"
@@ -102,17 +120,21 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".strip()
 
 
-def render_cell(pipe: StableDiffusion3Pipeline, sampling: dict, prompt: str, seed: int, path: Path) -> None:
-    """One image from a seeded CPU generator, saved as a PNG."""
-    generator = torch.Generator("cpu").manual_seed(seed)
+def render_cell(pipe: StableDiffusion3Pipeline, sampling: dict, prompt: str, seed: int, path: Path,
+                device: str = "cpu") -> None:
+    """One image from a generator seeded on the render device (seeds reproduce there), saved as a PNG."""
+    generator = torch.Generator(device).manual_seed(seed)
     image = pipe(prompt=prompt, generator=generator, **sampling).images[0]
     save_png(image, path)
 
 
 def sweep(job: dict, out: TextIO) -> None:
     """Render every cell not in job["skip"], checkpoint by checkpoint, one JSON line per cell to `out`."""
-    pipe = load_pipeline(job["base"])
-    weights = Weights(pipe, job["base"])
+    device, dtype = placement(job)
+    print(f"rendering on {device} in {dtype}", file=sys.stderr)
+    pipe = load_pipeline(job["base"], device, dtype, job.get("offload", False), job.get("t5", True))
+    weights = Weights(pipe, job["base"], dtype)
+    job = {**job, "device": device}
     skip = {tuple(cell) for cell in job.get("skip", [])}
     for ckpt in job["checkpoints"]:
         try:
@@ -135,7 +157,9 @@ def cell_line(pipe: StableDiffusion3Pipeline, job: dict, ckpt: dict, index: int,
     start = time.monotonic()
     if not load_error:
         try:
-            render_cell(pipe, job["sampling"], job["prompts"][index], seed, path)
+            sampling = {**job["sampling"], **({"max_sequence_length": job["max_sequence_length"]}
+                                               if "max_sequence_length" in job else {})}
+            render_cell(pipe, sampling, job["prompts"][index], seed, path, job["device"])
             line.update(status="ok", path=str(path))
         except Exception as exc:  # noqa: BLE001 - reported per cell, the sweep goes on
             line["error"] = describe(exc)
