@@ -71,7 +71,7 @@ def test_job_lists_base_first_and_maps_sampling(tmp_path):
                            Sampling(steps=4, cfg=5.0, negative_prompt="blurry"), include_base=True)
     assert [(c["label"], c["kind"]) for c in job["checkpoints"]] == [(BASE_LABEL, "base"), ("final", "full")]
     assert job["sampling"] == {"num_inference_steps": 4, "guidance_scale": 5.0, "negative_prompt": "blurry"}
-    assert job["image_name"].format(label="final", prompt_index=1, seed=3, suffix="") == "final_p1_s3.png"
+    assert job["image_name"].format(label="final", variant="", prompt_index=1, seed=3, suffix="") == "final_p1_s3.png"
     assert json.loads(json.dumps(job)) == job
 
 
@@ -171,7 +171,7 @@ def test_skipped_cells_are_left_out(tiny_run):
     """What eval reuses from the last evaluation is not rendered again."""
     found = discover(tiny_run / "training", include_final=False).checkpoints[:2]
     images = tiny_run / "skip" / "images"
-    skip = {("base", 0, 7), ("base", 1, 7), ("checkpoint-100", 1, 7)}
+    skip = {("base", 0, 7, ""), ("base", 1, 7, ""), ("checkpoint-100", 1, 7, "")}
     cells = backend.render_cells(tiny_run / "tiny", found, PROMPTS, [7], images, trainer_python(), SAMPLING,
                                  include_base=True, timeout_s=600, progress=False, skip=skip)
     assert [(c.label, c.prompt_index, c.status) for c in cells] == [
