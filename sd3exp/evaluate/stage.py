@@ -120,6 +120,10 @@ def check_settings(cfg: ExperimentConfig) -> None:
     values = axismod.axis_values(ev)
     if ev.backend == "diffusers":
         axismod.check_diffusers(values)
+    if ev.backend == "comfyui" and values["shift"] != [None]:
+        from sd3exp.evaluate.comfyui.workflow import load_workflow, shift_node, with_inputs
+
+        shift_node(with_inputs(load_workflow(ev.workflow), ev.workflow_inputs), ev.nodes, values["shift"][0])
 
 
 def variants_of(cfg: ExperimentConfig, checkpoints: Sequence[Checkpoint]) -> Dict[str, List[Variant]]:
