@@ -187,3 +187,11 @@ def test_comfyui_shift_needs_a_model_sampling_node(tmp_path):
                   "eval.shift=[1.0,3.0]")
     assert out.returncode != 0
     assert "eval.shift=1: the workflow has 0 ModelSamplingSD3 nodes" in out.stderr
+
+
+def test_plan_refuses_a_sampler_diffusers_has_no_equivalent_for(tmp_path):
+    out = run_cli("experiment=demo_quick", "stage=plan", "demo=false", "concepts.0.num_images=16",
+                  f"hydra.run.dir={tmp_path / 'run'}", "eval.sampler=[euler,dpmpp_2m_sde]")
+    assert out.returncode != 0 and not (tmp_path / "run").exists()
+    assert "eval.sampler='dpmpp_2m_sde': has no diffusers equivalent; the diffusers backend supports euler, heun" \
+        in out.stderr
