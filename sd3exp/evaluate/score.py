@@ -315,7 +315,7 @@ def choose_best(cfg: ExperimentConfig, run_dir: Path, cells: Sequence[Cell], rec
           + (f"; {failed} failed cell(s) left out of the scores" if failed else ""))
     write_json(EvalLayout(eval_dir).best, best_record(choice, candidates, record, strengths))
     write_bytes(EvalLayout(eval_dir).scores_plot, plots.score_plot(candidates, choice.best.label if choice.best else None,
-                                                      rule.objective))
+                                                      rule.objective, best_variant(choice) or ""))
     metrics = training_metrics(Path(cfg.paths.training_dir))
     if metrics:
         write_bytes(EvalLayout(eval_dir).training_plot, plots.training_plot(metrics, choice.best.step if choice.best else None))
