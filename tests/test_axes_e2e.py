@@ -11,14 +11,15 @@ from PIL import Image
 
 from tests.conftest import needs_trainer, run_cli
 
-pytestmark = [needs_trainer, pytest.mark.slow]
+pytestmark = [needs_trainer, pytest.mark.slow, pytest.mark.timeout(3600)]  # train + 2 evaluations
 PROMPT = ["k4s4, red circle, blue background"]
 COMBOS = {(0.5, 3.0), (0.5, 4.5), (1.0, 3.0), (1.0, 4.5)}
 
 
 def evaluate(run: Path, scales: str) -> "subprocess.CompletedProcess":
     return run_cli("experiment=demo_quick", "stage=eval", f"hydra.run.dir={run}", f"eval.lora_scales={scales}",
-                   "eval.cfg=[3.0,4.5]", f"eval.prompts={json.dumps(PROMPT)}", timeout=3600)
+                   "eval.cfg=[3.0,4.5]", f"eval.prompts={json.dumps(PROMPT)}", "eval.max_step=4",
+                   "eval.include_final=false", timeout=3600)
 
 
 @pytest.fixture(scope="module")
