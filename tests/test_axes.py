@@ -195,3 +195,13 @@ def test_plan_refuses_a_sampler_diffusers_has_no_equivalent_for(tmp_path):
     assert out.returncode != 0 and not (tmp_path / "run").exists()
     assert "eval.sampler='dpmpp_2m_sde': has no diffusers equivalent; the diffusers backend supports euler, heun" \
         in out.stderr
+
+
+def test_a_changed_axis_value_is_a_changed_request():
+    """One CFG for another is no "already evaluated": the cells at the old value are not the ones asked for."""
+    from sd3exp.evaluate.stage import request_record
+    from tests.conftest import compose_experiment
+
+    records = [request_record(compose_experiment("demo_quick", [f"eval.cfg={cfg}"]), []) for cfg in (3.0, 4.5)]
+    assert records[0]["settings"] == records[1]["settings"] and records[0] != records[1]
+    assert records[1]["axes"]["cfg"] == [4.5]

@@ -67,7 +67,7 @@ def request_record(cfg: ExperimentConfig, checkpoints: Sequence[Checkpoint],
     ev = cfg.eval
     scales = {label: s.trained for label, s in (strengths or {}).items()}
     return {"settings": render_settings(cfg), "checkpoints": reuse.fingerprints(checkpoints, ev.include_base, scales),
-            "prompts": list(ev.prompts), "seeds": list(ev.seeds),
+            "prompts": list(ev.prompts), "seeds": list(ev.seeds), "axes": axismod.axis_values(ev),
             "scoring": scoring_request(cfg)}
 
 
