@@ -17,8 +17,11 @@ def run_line(best: dict) -> str:
     if chosen is None:
         return f"no checkpoint meets the rule ({rule['text']})"
     step = f"step {chosen['step']}" if chosen["step"] is not None else chosen["label"]
-    return (f"{step} ({chosen['label']}): {rule['objective']} {chosen['scores'][rule['objective']]:.6g}; "
-            f"{chosen['checkpoint']} (rule: {rule['text']})")
+    values = [f"{k}={v}" for k, v in chosen.get("axes", {}).items() if v is not None]
+    at = f" at {' '.join(values)}" if values else ""
+    comfy = f"; ComfyUI: {'; '.join(chosen['comfyui'])}" if chosen.get("comfyui") else ""
+    return (f"{step} ({chosen['label']}){at}: {rule['objective']} {chosen['scores'][rule['objective']]:.6g}; "
+            f"{chosen['checkpoint']}{comfy} (rule: {rule['text']})")
 
 
 def show_run(run_dir: Path) -> int:

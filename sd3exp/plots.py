@@ -40,12 +40,13 @@ def lr_curve(curve: Sequence[Tuple[int, float]], checkpoints: Sequence[int], tit
     return png(fig)
 
 
-def score_plot(candidates: Sequence[Candidate], best: Optional[str], objective: str) -> bytes:
-    """One panel per measure, checkpoints on the X axis in column order, the chosen one marked."""
+def score_plot(candidates: Sequence[Candidate], best: Optional[str], objective: str, best_variant: str = "") -> bytes:
+    """One panel per measure, checkpoints (at each combination of the axes) on the X axis in column
+    order, the chosen one marked."""
     measures = [m for m in MEASURES if any(m in c.scores for c in candidates)]
     fig, axes = plt.subplots(max(1, len(measures)), 1, figsize=(8, 1.2 + 2.2 * max(1, len(measures))),
                              sharex=True, squeeze=False)
-    titles = [column_title(c.label, c.step) for c in candidates]
+    titles = [column_title(c.label, c.step) + c.variant.replace("_", " ") for c in candidates]
     xs = list(range(len(candidates)))
     for ax, measure in zip(axes[:, 0], measures):
         points = [(x, c.scores[measure]) for x, c in zip(xs, candidates) if measure in c.scores]
@@ -53,7 +54,8 @@ def score_plot(candidates: Sequence[Candidate], best: Optional[str], objective: 
         ax.set_ylabel(measure + (" (objective)" if measure == objective else ""), fontsize=9)
         ax.ticklabel_format(axis="y", useOffset=False)
         if best is not None:
-            ax.axvline([c.label for c in candidates].index(best), color=MARK, linestyle="--", linewidth=1.5)
+            ax.axvline([(c.label, c.variant) for c in candidates].index((best, best_variant)), color=MARK,
+                       linestyle="--", linewidth=1.5)
     if not measures:
         axes[0, 0].text(0.5, 0.5, "no scores", ha="center", va="center", transform=axes[0, 0].transAxes)
     axes[-1, 0].set_xticks(xs, titles, rotation=30, ha="right", fontsize=8)

@@ -175,8 +175,12 @@ class EvalConfig:
     prompts: List[str] = field(default_factory=list)
     seeds: List[int] = field(default_factory=lambda: [0])
     negative_prompt: str = ""
-    steps: int = 28
-    cfg: float = 4.5
+    steps: Any = 28  # int, or a list of them: an axis (sd3exp/evaluate/axes.py)
+    cfg: Any = 4.5  # float, or a list: an axis
+    lora_scales: Any = 1.0  # multiplier(s) of a LoRA's trained alpha/rank: an axis
+    sampler: Any = None  # ComfyUI sampler_name(s), e.g. euler; None: the workflow's / pipeline's own
+    scheduler: Any = None  # ComfyUI scheduler name(s), e.g. simple; None: the workflow's / pipeline's own
+    shift: Any = None  # ModelSamplingSD3 shift(s); None: the model's own
     width: int = 1024
     height: int = 1024
     every_k: int = 1

@@ -144,7 +144,8 @@ def stage_report(job: Job, plan: Plan) -> None:
         raise EvalError(f"no evaluation in {eval_dir}; run stage=eval first")
     found = cells.read_cells_json(evaluation.cells)
     best = (score.read_best(eval_dir) or {}).get("best")
-    grids = grid.write_grids(found, eval_dir, job.cfg.eval.max_grid_pixels, best=best["label"] if best else None)
+    grids = grid.write_grids(found, eval_dir, job.cfg.eval.max_grid_pixels, best=best["label"] if best else None,
+                             best_variant=best.get("variant") if best else None)
     console.info(f"report: {report.write_report(job.run_dir, found, grids, title=job.cfg.name)}")
 
 

@@ -240,13 +240,19 @@ def check_dataset_paths(cfg: ExperimentConfig) -> None:
 
 
 def check_eval(cfg: ExperimentConfig) -> None:
-    """The backend's name (a typo would otherwise render with diffusers) and the link mode."""
+    """The backend's name (a typo would otherwise render with diffusers), the link mode and the
+    evaluation axes (a sampler or scheduler diffusers has no equivalent for)."""
+    from sd3exp.evaluate import axes
+
     _choice("eval.backend", cfg.eval.backend, ("diffusers", "comfyui", "none"))
     _choice("eval.link_mode", cfg.eval.link_mode, ("symlink", "extra_paths"))
     if STAGES[cfg.stage].evaluates and cfg.eval.backend != "none":  # refused before compile rewrites the run folder
         from sd3exp.evaluate.stage import check_settings
 
         check_settings(cfg)
+    values = axes.axis_values(cfg.eval)
+    if cfg.eval.backend == "diffusers":
+        axes.check_diffusers(values)
 
 
 CHECKS: List[Callable[[ExperimentConfig], None]] = [

@@ -71,7 +71,7 @@ def test_job_lists_base_first_and_maps_sampling(tmp_path):
                            Sampling(steps=4, cfg=5.0, negative_prompt="blurry"), include_base=True)
     assert [(c["label"], c["kind"]) for c in job["checkpoints"]] == [(BASE_LABEL, "base"), ("final", "full")]
     assert job["sampling"] == {"num_inference_steps": 4, "guidance_scale": 5.0, "negative_prompt": "blurry"}
-    assert job["image_name"].format(label="final", prompt_index=1, seed=3, suffix="") == "final_p1_s3.png"
+    assert job["image_name"].format(label="final", variant="", prompt_index=1, seed=3, suffix="") == "final_p1_s3.png"
     assert json.loads(json.dumps(job)) == job
 
 
@@ -171,7 +171,7 @@ def test_skipped_cells_are_left_out(tiny_run):
     """What eval reuses from the last evaluation is not rendered again."""
     found = discover(tiny_run / "training", include_final=False).checkpoints[:2]
     images = tiny_run / "skip" / "images"
-    skip = {("base", 0, 7), ("base", 1, 7), ("checkpoint-100", 1, 7)}
+    skip = {("base", 0, 7, ""), ("base", 1, 7, ""), ("checkpoint-100", 1, 7, "")}
     cells = backend.render_cells(tiny_run / "tiny", found, PROMPTS, [7], images, trainer_python(), SAMPLING,
                                  include_base=True, timeout_s=600, progress=False, skip=skip)
     assert [(c.label, c.prompt_index, c.status) for c in cells] == [
@@ -218,3 +218,28 @@ def test_ctrl_c_stops_the_worker_and_keeps_the_cells_it_reported(tmp_path):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     assert [(c.label, c.prompt_index, c.status) for c in stop.value.cells] == [("a", 0, "ok")]
     assert stop.value.signum == signal.SIGINT and time.monotonic() - started < 10
+
+
+def test_axes_render_each_strength_sampler_scheduler_and_shift(tiny_run):
+    """Every variant is rendered with its own settings: a LoRA at two strengths differs, and so do heun,
+    karras sigmas and another shift from the plain euler render; the same variant twice is identical."""
+    from sd3exp.evaluate import axes
+
+    lora = Checkpoint(None, "lora", "lora", tiny_run / "lora" / "pytorch_lora_weights.safetensors")
+    ev = {"lora_scales": [0.5, 1.0], "cfg": 4.0, "steps": 2, "sampler": None, "scheduler": None, "shift": None}
+    strengths = axes.variants(axes.axis_values(type("Ev", (), ev)), lora=True)
+    samplers = [axes.Variant(name, axes.combo_of(values)) for name, values in (
+        ("_euler", {"sampler": "euler"}), ("_euler2", {"sampler": "euler"}), ("_heun", {"sampler": "heun"}),
+        ("_karras", {"sampler": "euler", "scheduler": "karras"}), ("_shift1", {"sampler": "euler", "shift": 1.0}))]
+    images = tiny_run / "axes" / "images"
+    cells = backend.render_cells(tiny_run / "tiny", [lora], PROMPTS[:1], [7], images, trainer_python(),
+                                 SAMPLING, include_base=True, timeout_s=600, progress=False,
+                                 variants={"lora": strengths, BASE_LABEL: samplers})
+    assert [(c.label, c.variant, c.status) for c in cells] == [(BASE_LABEL, v.name, "ok") for v in samplers] + \
+        [("lora", v.name, "ok") for v in strengths], [c.error for c in cells]
+    path = {(c.label, c.variant): c.paths[0] for c in cells}
+    assert path[("lora", "_x0.5")].name == "lora_x0.5_p0_s7.png"
+    assert not same(path[("lora", "_x0.5")], path[("lora", "_x1")])
+    assert same(path[(BASE_LABEL, "_euler")], path[(BASE_LABEL, "_euler2")])
+    for other in ("_heun", "_karras", "_shift1"):
+        assert not same(path[(BASE_LABEL, "_euler")], path[(BASE_LABEL, other)]), other

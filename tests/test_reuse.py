@@ -28,15 +28,15 @@ def test_unchanged_cells_are_reused_under_their_new_prompt_index(tmp_path):
     cells, record = earlier(tmp_path)
     prompts = ["k4s4, a tower", PROMPTS[1], PROMPTS[0]]
     found = reusable(cells, record, record, prompts, [0, 1])
-    assert sorted(found) == [("checkpoint-2", 1, 0), ("checkpoint-2", 2, 0), ("checkpoint-4", 2, 0)]
-    assert found[("checkpoint-2", 2, 0)].prompt == PROMPTS[0] and found[("checkpoint-2", 2, 0)].prompt_index == 2
+    assert sorted(found) == [("checkpoint-2", 1, 0, ""), ("checkpoint-2", 2, 0, ""), ("checkpoint-4", 2, 0, "")]
+    assert found[("checkpoint-2", 2, 0, "")].prompt == PROMPTS[0] and found[("checkpoint-2", 2, 0, "")].prompt_index == 2
 
 
 def test_changed_settings_or_checkpoints_or_lost_images_are_rendered_again(tmp_path):
     cells, record = earlier(tmp_path)
     assert reusable(cells, record, {**record, "settings": "s2"}, PROMPTS, [0]) == {}
     retrained = {**record, "checkpoints": {**record["checkpoints"], "checkpoint-2": ["/t/2", 2]}}
-    assert sorted(reusable(cells, record, retrained, PROMPTS, [0])) == [("checkpoint-4", 0, 0)]
+    assert sorted(reusable(cells, record, retrained, PROMPTS, [0])) == [("checkpoint-4", 0, 0, "")]
     (tmp_path / "checkpoint-4_p0_s0.png").unlink()
     assert sorted(reusable(cells, record, retrained, PROMPTS, [0])) == []
 
@@ -46,6 +46,6 @@ def test_adopted_images_get_the_new_names_and_keep_their_bytes(tmp_path):
     cells, record = earlier(tmp_path / "old")
     found = reusable(cells, record, record, list(reversed(PROMPTS)), [0])
     placed = adopt(found, tmp_path / "new")
-    assert placed[("checkpoint-2", 1, 0)].paths == [tmp_path / "new" / "checkpoint-2_p1_s0.png"]
+    assert placed[("checkpoint-2", 1, 0, "")].paths == [tmp_path / "new" / "checkpoint-2_p1_s0.png"]
     assert (tmp_path / "new" / "checkpoint-2_p1_s0.png").read_bytes() == b"checkpoint-2 0"
     assert len(wanted(["a", "b"], PROMPTS, [0, 1, 2])) == 12

@@ -11,7 +11,7 @@ from __future__ import annotations
 import signal
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, FrozenSet, Literal, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, FrozenSet, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 from sd3exp.evaluate.checkpoints import BASE_LABEL, Checkpoint
 from sd3exp.evaluate.lora_scale import Strength
@@ -21,41 +21,70 @@ if TYPE_CHECKING:
     from sd3exp.schema import EvalConfig
 
 __all__ = ["BASE_LABEL", "Cell", "CellKey", "CellSpec", "IMAGE_NAME", "RenderJob", "Sampling",
-           "SweepInterrupted", "cell_image", "column_title", "image_name", "plan_cells", "read_cells_json",
-           "store_images", "write_cells_json"]
+           "SweepInterrupted", "Variant", "cell_image", "cell_key", "column_title", "image_name", "plan_cells",
+           "read_cells_json", "store_images", "write_cells_json"]
 
-CellKey = Tuple[str, int, int]  # label, prompt index, seed
+CellKey = Tuple[str, int, int, str]  # label, prompt index, seed, variant (sd3exp/evaluate/axes.py slug)
 
 
 @dataclass(frozen=True)
 class Sampling:
-    """Values set on every cell; None keeps the workflow's own."""
+    """Values set on every cell; None keeps the workflow's own. Steps and CFG are axes
+    (sd3exp/evaluate/axes.py): `of` leaves them to each cell's variant."""
 
     negative_prompt: Optional[str] = None
     steps: Optional[int] = None
     cfg: Optional[float] = None
     width: Optional[int] = None
     height: Optional[int] = None
+    sampler: Optional[str] = None  # KSampler sampler_name
+    scheduler: Optional[str] = None  # KSampler scheduler
+    shift: Optional[float] = None  # ModelSamplingSD3 shift
 
     @classmethod
     def of(cls, ev: "EvalConfig") -> "Sampling":
-        """The eval config's sampling values (an empty negative prompt keeps the workflow's)."""
-        return cls(ev.negative_prompt or None, ev.steps, ev.cfg, ev.width, ev.height)
+        """The eval config's fixed sampling values (an empty negative prompt keeps the workflow's)."""
+        return cls(ev.negative_prompt or None, None, None, ev.width, ev.height)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One combination of the axis values a checkpoint is rendered at; `name` its image-name part."""
+
+    name: str
+    axes: Tuple[Tuple[str, Any], ...]  # (axis, value) in sd3exp.evaluate.axes.AXES order
+
+    def value(self, axis: str) -> Any:
+        return dict(self.axes).get(axis)
+
+    def sampling(self, fixed: Sampling) -> Sampling:
+        """`fixed` with this variant's steps, CFG, sampler, scheduler and shift (None keeps fixed's)."""
+        values = {k: v for k, v in self.axes if k in ("steps", "cfg", "sampler", "scheduler", "shift")
+                  and v is not None}
+        return replace(fixed, **values)
+
+
+PLAIN = Variant("", ())  # no axis values: the workflow's (pipeline's) own
 
 
 @dataclass(frozen=True)
 class CellSpec:
-    """One render: a checkpoint, a prompt, a seed."""
+    """One render: a checkpoint, a prompt, a seed, at one variant of the axes."""
 
     checkpoint: Checkpoint
     prompt_index: int
     prompt: str
     seed: int
+    variant: Variant = PLAIN
 
 
-def plan_cells(checkpoints: Sequence[Checkpoint], prompts: Sequence[str], seeds: Sequence[int]) -> list[CellSpec]:
-    """All cells, checkpoint-major, then prompt, then seed."""
-    return [CellSpec(c, i, p, s) for c in checkpoints for i, p in enumerate(prompts) for s in seeds]
+def plan_cells(checkpoints: Sequence[Checkpoint], prompts: Sequence[str], seeds: Sequence[int],
+               variants: Optional[Mapping[str, Sequence[Variant]]] = None) -> list[CellSpec]:
+    """All cells, checkpoint-major, then variant, then prompt, then seed; `variants` per checkpoint label
+    (one plain variant when not given)."""
+    variants = variants or {}
+    return [CellSpec(c, i, p, s, v) for c in checkpoints for v in variants.get(c.label, [PLAIN])
+            for i, p in enumerate(prompts) for s in seeds]
 
 
 @dataclass
@@ -78,6 +107,13 @@ class Cell:
     scores: dict[str, float] = field(default_factory=dict)  # measure -> value (sd3exp/evaluate/score.py)
     memorised: Optional[bool] = None  # a near-copy of one training image; None: not scored
     scored_with: str = ""  # digest of what the scores depend on besides the image; "" = not scored
+    variant: str = ""  # the image-name part of its axis values ("" for the only combination)
+    axes: Dict[str, Any] = field(default_factory=dict)  # axis -> value rendered at (sd3exp/evaluate/axes.py)
+
+
+def cell_key(cell: Cell) -> CellKey:
+    """(label, prompt index, seed, variant): a cell's place in one evaluation."""
+    return cell.label, cell.prompt_index, cell.seed, cell.variant
 
 
 class SweepInterrupted(KeyboardInterrupt):
@@ -94,16 +130,18 @@ class SweepInterrupted(KeyboardInterrupt):
 
 @dataclass(frozen=True)
 class RenderJob:
-    """The cells still to render: these checkpoints (and the base model) x prompts x seeds, less `skip`."""
+    """The cells still to render: these checkpoints (and the base model) x variants x prompts x seeds, less
+    `skip`."""
 
     checkpoints: list[Checkpoint]
     include_base: bool
     skip: FrozenSet[CellKey]
     strengths: Mapping[str, Strength] = field(default_factory=dict)  # LoRA label -> scale to render at
     changed: FrozenSet[str] = frozenset()  # labels whose file changed since the last evaluation
+    variants: Mapping[str, Sequence[Variant]] = field(default_factory=dict)  # label -> its variants
 
 
-IMAGE_NAME = "{label}_p{prompt_index}_s{seed}{suffix}.png"  # also handed to the diffusers worker
+IMAGE_NAME = "{label}{variant}_p{prompt_index}_s{seed}{suffix}.png"  # also handed to the diffusers worker
 
 
 def column_title(label: str, step: Optional[int]) -> str:
@@ -113,9 +151,10 @@ def column_title(label: str, step: Optional[int]) -> str:
     return "base model" if label == BASE_LABEL else label
 
 
-def image_name(label: str, prompt_index: int, seed: int, n: int = 0) -> str:
-    """`<label>_p<i>_s<seed>.png` (`-<n>` before `.png` for a cell's further images)."""
-    return IMAGE_NAME.format(label=label, prompt_index=prompt_index, seed=seed, suffix=f"-{n}" if n else "")
+def image_name(label: str, prompt_index: int, seed: int, n: int = 0, variant: str = "") -> str:
+    """`<label><variant>_p<i>_s<seed>.png` (`-<n>` before `.png` for a cell's further images)."""
+    return IMAGE_NAME.format(label=label, variant=variant, prompt_index=prompt_index, seed=seed,
+                             suffix=f"-{n}" if n else "")
 
 
 def cell_image(cell: Cell) -> Union[Path, bytes, None]:
@@ -129,7 +168,8 @@ def store_images(cells: Sequence[Cell], folder: Path | str) -> list[Cell]:
     """Copies of the cells whose in-memory images are written (atomically) to `folder/image_name(...)`."""
     stored = []
     for cell in cells:
-        names = [image_name(cell.label, cell.prompt_index, cell.seed, n) for n in range(len(cell.images))]
+        names = [image_name(cell.label, cell.prompt_index, cell.seed, n, cell.variant)
+                 for n in range(len(cell.images))]
         paths = [Path(folder) / name for name in names]
         for path, data in zip(paths, cell.images):
             write_bytes(path, data)

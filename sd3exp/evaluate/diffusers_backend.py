@@ -3,7 +3,7 @@
 The project venv has no torch: this side writes a JSON job, runs
 `sd3exp/workers/render_diffusers.py` with the trainer python (offline), turns
 its JSON-lines progress stream into a tqdm bar, and returns one `Cell` per
-checkpoint x prompt x seed: `render` is the entry every backend offers, `render_cells` takes the
+checkpoint x variant (axis values) x prompt x seed: `render` is the entry every backend offers, `render_cells` takes the
 parts. Cells the worker never reported (it crashed or timed out) come back as error cells, never
 dropped.
 """
@@ -22,7 +22,9 @@ from typing import Any, Callable, Collection, Iterator, Mapping, Optional, Seque
 
 from sd3exp import console
 from sd3exp.errors import EvalError
-from sd3exp.evaluate.cells import BASE_LABEL, IMAGE_NAME, Cell, RenderJob, Sampling, SweepInterrupted
+from sd3exp.evaluate.axes import DIFFUSERS_SAMPLERS, DIFFUSERS_SCHEDULERS
+from sd3exp.evaluate.cells import (BASE_LABEL, IMAGE_NAME, PLAIN, Cell, RenderJob, Sampling, SweepInterrupted,
+                                   Variant, cell_key)
 from sd3exp.evaluate.checkpoints import Checkpoint
 from sd3exp.io import write_json
 from sd3exp.layout import EvalLayout
@@ -37,27 +39,47 @@ T5_TOKENS = 154  # SimpleTuner 4.10.1 trains SD3 with T5 prompts of 154 tokens (
 log = logging.getLogger(__name__)
 
 
+def job_variant(variant: Variant, trained: Optional[float]) -> dict[str, Any]:
+    """One variant for the worker: the LoRA scale (trained x multiplier; None for other checkpoints), its
+    pipeline arguments and scheduler (class name and config options; None keeps the pipeline's)."""
+    values = dict(variant.axes)
+    sampling = {PIPE_ARGS[k]: values[k] for k in ("steps", "cfg") if values.get(k) is not None}
+    options = dict(DIFFUSERS_SCHEDULERS[values["scheduler"]]) if values.get("scheduler") else {}
+    options |= {"shift": values["shift"]} if values.get("shift") is not None else {}
+    sampler = values.get("sampler")
+    scheduler = {"class": DIFFUSERS_SAMPLERS[sampler] if sampler else None, "options": options} \
+        if sampler or options else None
+    scale = None if trained is None else trained * (values.get("lora_scale") or 1.0)
+    return {"name": variant.name, "scale": scale, "sampling": sampling, "scheduler": scheduler}
+
+
 def job_checkpoints(checkpoints: Sequence[Checkpoint], include_base: bool,
-                    scales: Optional[Mapping[str, float]] = None) -> list[dict[str, Any]]:
+                    scales: Optional[Mapping[str, float]] = None,
+                    variants: Optional[Mapping[str, Sequence[Variant]]] = None) -> list[dict[str, Any]]:
     """The worker's checkpoint list; the base model (kind "base") first when asked for. Every LoRA
-    gets its scale (lora_scale: alpha/rank of training; 1.0 when not given)."""
+    variant gets its scale (alpha/rank of training, 1.0 when not given, x the strength multiplier)."""
     base = [{"label": BASE_LABEL, "step": None, "kind": "base", "path": None}] if include_base else []
-    scales = scales or {}
-    return base + [{"label": c.label, "step": c.step, "kind": c.kind, "path": str(Path(c.path).resolve()),
-                    **({"scale": scales.get(c.label, 1.0)} if c.kind == "lora" else {})} for c in checkpoints]
+    scales, variants = scales or {}, variants or {}
+    entries = base + [{"label": c.label, "step": c.step, "kind": c.kind, "path": str(Path(c.path).resolve())}
+                      for c in checkpoints]
+    for entry in entries:
+        trained = scales.get(entry["label"], 1.0) if entry["kind"] == "lora" else None
+        entry["variants"] = [job_variant(v, trained) for v in variants.get(entry["label"], [PLAIN])]
+    return entries
 
 
 def make_job(base: Path, checkpoints: Sequence[Checkpoint], prompts: Sequence[str], seeds: Sequence[int],
              out_dir: Path, sampling: Sampling = Sampling(), include_base: bool = False,
-             skip: Collection[tuple[str, int, int]] = (), scales: Optional[Mapping[str, float]] = None
-             ) -> dict[str, Any]:
+             skip: Collection[tuple[str, int, int, str]] = (), scales: Optional[Mapping[str, float]] = None,
+             variants: Optional[Mapping[str, Sequence[Variant]]] = None) -> dict[str, Any]:
     """The worker's job; unset sampling values keep the pipeline's defaults; `skip` lists the
-    (label, prompt index, seed) cells not to render; `scales` the LoRA scale per label."""
+    (label, prompt index, seed, variant) cells not to render; `scales` the LoRA scale per label;
+    `variants` the axis combinations per label."""
     return {
         "skip": sorted([list(cell) for cell in skip]),
         "base": str(Path(base).resolve()),
         "max_sequence_length": T5_TOKENS,
-        "checkpoints": job_checkpoints(checkpoints, include_base, scales),
+        "checkpoints": job_checkpoints(checkpoints, include_base, scales, variants),
         "prompts": list(prompts),
         "seeds": list(seeds),
         "sampling": {PIPE_ARGS.get(k, k): v for k, v in asdict(sampling).items() if v is not None},
@@ -70,11 +92,13 @@ def planned_cells(job: dict[str, Any]) -> list[Cell]:
     """Every cell of the job, checkpoint-major, as an error cell until the worker reports it."""
     skip = {tuple(cell) for cell in job["skip"]}
     return [
-        Cell(c["label"], c["step"], i, prompt, seed, "error", error="not rendered: the worker did not report it")
+        Cell(c["label"], c["step"], i, prompt, seed, "error", error="not rendered: the worker did not report it",
+             variant=v["name"])
         for c in job["checkpoints"]
+        for v in c["variants"]
         for i, prompt in enumerate(job["prompts"])
         for seed in job["seeds"]
-        if (c["label"], i, seed) not in skip
+        if (c["label"], i, seed, v["name"]) not in skip
     ]
 
 
@@ -84,7 +108,7 @@ def parse_line(line: str, job: dict[str, Any]) -> Optional[Cell]:
         data = json.loads(line)
         return Cell(data["label"], data["step"], data["prompt_index"], job["prompts"][data["prompt_index"]],
                     data["seed"], data["status"], paths=[Path(data["path"])] if data["path"] else [],
-                    error=data["error"], seconds=data["seconds"])
+                    error=data["error"], seconds=data["seconds"], variant=data.get("variant", ""))
     except (ValueError, KeyError, IndexError, TypeError):
         log.warning("ignoring unexpected output from the diffusers worker: %s", line.rstrip()[:200])
         return None
@@ -111,13 +135,13 @@ def _lines(stream: Any) -> Iterator[str]:
 
 
 def _collect(proc: subprocess.Popen, job: dict[str, Any], bar: console.Bar,
-             done: dict[tuple[str, int, int], Cell], reported: Callable[[], None] = lambda: None) -> None:
-    """Cells into `done` by (label, prompt index, seed) as the worker reports them; `reported` after each."""
+             done: dict[tuple[str, int, int, str], Cell], reported: Callable[[], None] = lambda: None) -> None:
+    """Cells into `done` by (label, prompt index, seed, variant) as the worker reports them; `reported` after each."""
     for line in _lines(proc.stdout):
         cell = parse_line(line, job)
         if cell is not None:
             reported()
-            done[(cell.label, cell.prompt_index, cell.seed)] = cell
+            done[cell_key(cell)] = cell
             bar.update(1)
             bar.set_postfix_str(f"{cell.label} {cell.status}")
 
@@ -158,7 +182,7 @@ def run_worker(job: dict[str, Any], python: Path, job_path: Path, log_path: Path
                                 stdout=subprocess.PIPE, stderr=log_file, text=True, env={**os.environ, **OFFLINE_ENV})
         watchdog = Watchdog(proc, timeout_s)
         watchdog.restart()
-        done: dict[tuple[str, int, int], Cell] = {}
+        done: dict[tuple[str, int, int, str], Cell] = {}
         try:
             _collect(proc, job, bar, done, watchdog.restart)
             code = proc.wait()
@@ -173,20 +197,22 @@ def run_worker(job: dict[str, Any], python: Path, job_path: Path, log_path: Path
         why += (f" (killed: no cell finished within eval.cell_timeout_s={timeout_s:g} s)"
                 if watchdog.fired.is_set() else "")
         cells = [replace(c, error=f"{why}; {log_path}:\n{_tail(log_path)}") for c in cells]
-    return [done.get((c.label, c.prompt_index, c.seed), c) for c in cells]
+    return [done.get(cell_key(c), c) for c in cells]
 
 
 def render_cells(base: Path | str, checkpoints: Sequence[Checkpoint], prompts: Sequence[str], seeds: Sequence[int],
            out_dir: Path | str, python: Path | str, sampling: Sampling = Sampling(), include_base: bool = False,
-           timeout_s: float = 3600.0, progress: bool = True, skip: Collection[tuple[str, int, int]] = (),
-           scales: Optional[Mapping[str, float]] = None, options: Optional[Mapping[str, Any]] = None) -> list[Cell]:
-    """Render checkpoints x prompts x seeds (less `skip`) into `out_dir` (eval/images); one Cell each,
-    checkpoint-major.
+           timeout_s: float = 3600.0, progress: bool = True, skip: Collection[tuple[str, int, int, str]] = (),
+           scales: Optional[Mapping[str, float]] = None,
+           variants: Optional[Mapping[str, Sequence[Variant]]] = None,
+           options: Optional[Mapping[str, Any]] = None) -> list[Cell]:
+    """Render checkpoints x variants x prompts x seeds (less `skip`) into `out_dir` (eval/images); one Cell
+    each, checkpoint-major.
 
     The job file and the worker's log go next to `out_dir` (render-job.json, render.log).
     """
     out_dir = Path(out_dir)
-    job = {**make_job(Path(base), checkpoints, prompts, seeds, out_dir, sampling, include_base, skip, scales),
+    job = {**make_job(Path(base), checkpoints, prompts, seeds, out_dir, sampling, include_base, skip, scales, variants),
            **(options or {})}
     folder = EvalLayout(out_dir.parent)
     return run_worker(job, Path(python), folder.render_job, folder.render_log, timeout_s, progress)
@@ -221,4 +247,4 @@ def render(cfg: ExperimentConfig, job: RenderJob, run_dir: Path, images: Path) -
     scales = {label: s.trained for label, s in job.strengths.items()}
     return render_cells(base_folder(cfg.model.path, python), job.checkpoints, ev.prompts, ev.seeds, images, python,
                         Sampling.of(ev), job.include_base, ev.cell_timeout_s, skip=job.skip, scales=scales,
-                        options=device_options(ev))
+                        variants=job.variants, options=device_options(ev))

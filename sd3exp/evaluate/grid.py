@@ -1,7 +1,10 @@
 """Labelled comparison grids (Pillow), AUTOMATIC1111 X/Y/Z-plot style.
 
 Columns are checkpoints ("step N", "final", "base model"), rows are prompts x
-seeds with the prompt text and seed on a left margin. A failed or missing cell
+seeds with the prompt text and seed on a left margin. With evaluation axes (strength, CFG, ...;
+sd3exp/evaluate/axes.py) the first axis that varies splits each checkpoint into sub-columns
+("Strength: 0.5") and every combination of the others is a sheet of its own (grid-sheetN.png,
+titled "CFG: 3, Steps: 20"). A failed or missing cell
 is drawn as a marked tile with its error text, never dropped. A grid larger
 than `max_pixels` is split: per seed first, then into chunks of checkpoints
 and prompts. Same inputs, same PNG bytes.
@@ -22,7 +25,8 @@ from typing import Mapping, Optional, Sequence, TypeVar, Union
 from PIL import Image, ImageDraw, ImageFont
 
 from sd3exp.errors import EvalError
-from sd3exp.evaluate.cells import Cell, cell_image, column_title
+from sd3exp.evaluate.axes import AXES, header
+from sd3exp.evaluate.cells import Cell, CellKey, cell_image, cell_key, column_title
 from sd3exp.io import write_bytes
 from sd3exp.layout import EvalLayout
 
@@ -38,7 +42,7 @@ FONT_FILES = (
     "/System/Library/Fonts/Supplemental/Arial.ttf",
     "C:/Windows/Fonts/arial.ttf",
 )
-GRID_FILE = re.compile(r"grid(-seed-?\d+)?(-\d+)?\.png")
+GRID_FILE = re.compile(r"grid(-sheet\d+)?(-seed-?\d+)?(-\d+)?\.png")
 ERROR_RED = (200, 30, 30)
 ERROR_FILL = (255, 236, 236)
 BEST_GREEN = (23, 150, 60)
@@ -128,14 +132,16 @@ def _draw_lines(draw: ImageDraw.ImageDraw, lines: Sequence[str], box: tuple[int,
 
 @dataclass(frozen=True)
 class Column:
-    """One checkpoint."""
+    """One checkpoint, at one variant; `sub` is the sub-column's "Label: value" header line."""
 
     label: str
     step: Optional[int]
+    variant: str = ""
+    sub: str = ""
 
     @property
     def title(self) -> str:
-        return column_title(self.label, self.step)
+        return column_title(self.label, self.step) + (f"\n{self.sub}" if self.sub else "")
 
 
 @dataclass(frozen=True)
@@ -151,9 +157,43 @@ def _unique(items: Sequence[T]) -> list[T]:
     return list(dict.fromkeys(items))
 
 
+def varying_axes(cells: Sequence[Cell]) -> list[str]:
+    """The axes with more than one value among the cells (None, a base model's strength, not counted)."""
+    return [a for a in AXES if len({c.axes.get(a) for c in cells} - {None}) > 1]
+
+
+@dataclass(frozen=True)
+class Sheet:
+    """One grid's fixed axis values (empty: the only sheet) and its columns."""
+
+    fixed: tuple[tuple[str, object], ...]
+    columns: tuple[Column, ...]
+
+    @property
+    def title(self) -> str:
+        return ", ".join(header(a, v) for a, v in self.fixed)
+
+
+def sheets(cells: Sequence[Cell]) -> list[Sheet]:
+    """A1111's X/Y/Z plot: the first varying axis as sub-columns of each checkpoint, a sheet for each
+    combination of the other varying axes (a cell without a value for an axis is on every sheet)."""
+    varying = varying_axes(cells)
+    sub, rest = (varying[0], varying[1:]) if varying else (None, [])
+    fixed_values = _unique([tuple((a, c.axes.get(a)) for a in rest) for c in cells
+                            if all(c.axes.get(a) is not None for a in rest)]) or [()]
+    found = []
+    for fixed in fixed_values:
+        on_sheet = [c for c in cells if all(c.axes.get(a) in (v, None) for a, v in fixed)]
+        columns = _unique([Column(c.label, c.step, c.variant,
+                                  header(sub, c.axes[sub]) if sub and c.axes.get(sub) is not None else "")
+                           for c in on_sheet])
+        found.append(Sheet(fixed, tuple(columns)))
+    return found
+
+
 def axes(cells: Sequence[Cell]) -> tuple[list[Column], list[Row]]:
     """Columns in order of first appearance; rows by prompt index, then seed in order of appearance."""
-    columns = _unique([Column(c.label, c.step) for c in cells])
+    columns = _unique([Column(c.label, c.step, c.variant) for c in cells])
     seeds = _unique([c.seed for c in cells])
     rows = _unique([Row(c.prompt_index, c.prompt, c.seed) for c in cells])
     return columns, sorted(rows, key=lambda r: (r.prompt_index, seeds.index(r.seed)))
@@ -263,9 +303,10 @@ def _row_label(draw: ImageDraw.ImageDraw, row: Row, top: int, layout: Layout) ->
     _draw_lines(draw, lines, (layout.pad, top, layout.left - layout.pad, top + layout.tile[1]), f)
 
 
-def render_grid(cells: Mapping[tuple[str, int, int], Cell], columns: Sequence[Column], rows: Sequence[Row],
-                layout: Layout, best: Optional[str] = None) -> Image.Image:
-    """One grid image; `cells` maps (label, prompt index, seed) to its cell; the `best` column is framed."""
+def render_grid(cells: Mapping[CellKey, Cell], columns: Sequence[Column], rows: Sequence[Row],
+                layout: Layout, best: Optional[str] = None, best_variant: Optional[str] = None) -> Image.Image:
+    """One grid image; `cells` maps (label, prompt index, seed, variant) to its cell; the `best` column
+    (at `best_variant` when given) is framed."""
     image = Image.new("RGB", layout.size(len(columns), len(rows)), "white")
     draw = ImageDraw.Draw(image)
     tw, th = layout.tile
@@ -277,10 +318,10 @@ def render_grid(cells: Mapping[tuple[str, int, int], Cell], columns: Sequence[Co
         y = layout.header + j * th
         _row_label(draw, row, y, layout)
         for i, column in enumerate(columns):
-            cell = cells.get((column.label, row.prompt_index, row.seed))
+            cell = cells.get((column.label, row.prompt_index, row.seed, column.variant))
             image.paste(cell_tile(cell, layout), (layout.left + i * tw, y))
     for i, column in enumerate(columns):
-        if column.label == best:
+        if column.label == best and best_variant in (None, column.variant):
             x, width = layout.left + i * tw, max(3, layout.pad // 2)
             draw.rectangle((x, 0, x + tw - 1, image.height - 1), outline=BEST_GREEN, width=width)
     return image
@@ -337,20 +378,34 @@ def remove_stale(out_dir: Path, keep: Sequence[Path]) -> None:
             path.unlink()
 
 
+def titled(image: Image.Image, title: str, layout: Layout) -> Image.Image:
+    """The grid under a band with the sheet's title (its fixed axis values)."""
+    band = line_height(layout.font) + 2 * layout.pad
+    out = Image.new("RGB", (image.width, image.height + band), "white")
+    ImageDraw.Draw(out).text((layout.pad, layout.pad), title, font=layout.font, fill=(0, 0, 0))
+    out.paste(image, (0, band))
+    return out
+
+
 def write_grids(cells: Sequence[Cell], out_dir: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS,
-                best: Optional[str] = None) -> list[Path]:
-    """Write the comparison grid(s) for `cells` into `out_dir` (atomically), the `best` checkpoint's
-    column framed; return their paths in order."""
+                best: Optional[str] = None, best_variant: Optional[str] = None) -> list[Path]:
+    """Write the comparison grid(s) for `cells` into `out_dir` (atomically), one sheet per combination
+    of the axes that are not sub-columns, the `best` checkpoint's column framed; return their paths."""
     if not cells:
         raise EvalError("no cells to put in a grid: nothing was rendered")
     out_dir = Path(out_dir)
-    columns, rows = axes(cells)
-    layout = make_layout(tile_size(cells), columns)
-    by_key = {(c.label, c.prompt_index, c.seed): c for c in cells}
+    _, rows = axes(cells)
+    found = sheets(cells)
+    layout = make_layout(tile_size(cells), [c for sheet in found for c in sheet.columns])
+    by_key = {cell_key(c): c for c in cells}
     written = []
-    for name, piece_columns, piece_rows in split(columns, rows, layout, max_pixels):
-        path = out_dir / name
-        write_bytes(path, _png(render_grid(by_key, piece_columns, piece_rows, layout, best)))
-        written.append(path)
+    for number, sheet in enumerate(found, 1):
+        for name, piece_columns, piece_rows in split(list(sheet.columns), rows, layout, max_pixels):
+            image = render_grid(by_key, piece_columns, piece_rows, layout, best, best_variant)
+            if sheet.fixed:
+                image, name = titled(image, sheet.title, layout), name.replace("grid", f"grid-sheet{number}", 1)
+            path = out_dir / name
+            write_bytes(path, _png(image))
+            written.append(path)
     remove_stale(out_dir, written)
     return written

@@ -34,7 +34,7 @@ def cell_row(cell: Cell, page_dir: Path) -> dict[str, Any]:
     """One table row: what was rendered, how long it took, how it went."""
     source = cell_image(cell)
     return {
-        "checkpoint": column_title(cell.label, cell.step),
+        "checkpoint": column_title(cell.label, cell.step) + (f" {cell.variant}" if cell.variant else ""),
         "label": cell.label,
         "prompt_index": cell.prompt_index,
         "prompt": cell.prompt,

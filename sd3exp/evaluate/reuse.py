@@ -2,9 +2,10 @@
 
 A cell is reused when the earlier evaluation of this run had the same render
 settings (backend, sampling, workflow file bytes and inputs, base model), its
-checkpoint file is unchanged (path and mtime; a LoRA's scale too), its prompt text and seed are
-still asked for, it succeeded, and its images are still on disk. Its images are
-linked (or copied) into the new eval/images under the new prompt index.
+checkpoint file is unchanged (path and mtime; a LoRA's scale too), its prompt text, seed and axis
+values (strength, CFG, steps, ...) are still asked for, it succeeded, and its images are still on
+disk. Its images are linked (or copied) into the new eval/images under the new prompt index and
+variant name.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from sd3exp.evaluate.cells import BASE_LABEL, Cell, CellKey, image_name, read_cells_json
+from sd3exp.evaluate.axes import combo_of
+from sd3exp.evaluate.cells import BASE_LABEL, PLAIN, Cell, CellKey, Variant, image_name, read_cells_json
 from sd3exp.evaluate.checkpoints import Checkpoint
 from sd3exp.io import read_json
 from sd3exp.layout import EvalLayout
@@ -31,25 +33,32 @@ def fingerprints(checkpoints: Sequence[Checkpoint], include_base: bool,
     return {BASE_LABEL: [], **found} if include_base else found
 
 
-def wanted(labels: Sequence[str], prompts: Sequence[str], seeds: Sequence[int]) -> List[CellKey]:
-    """Every cell of the grid, checkpoint-major."""
-    return [(label, i, seed) for label in labels for i in range(len(prompts)) for seed in seeds]
+def wanted(labels: Sequence[str], prompts: Sequence[str], seeds: Sequence[int],
+           variants: Optional[Mapping[str, Sequence[Variant]]] = None) -> List[CellKey]:
+    """Every cell of the grid, checkpoint-major, then variant (one plain variant when not given)."""
+    variants = variants or {}
+    return [(label, i, seed, v.name) for label in labels for v in variants.get(label, [PLAIN])
+            for i in range(len(prompts)) for seed in seeds]
 
 
 def reusable(previous: Sequence[Cell], before: Mapping[str, Any], now: Mapping[str, Any],
-             prompts: Sequence[str], seeds: Sequence[int]) -> Dict[CellKey, Cell]:
+             prompts: Sequence[str], seeds: Sequence[int],
+             variants: Optional[Mapping[str, Sequence[Variant]]] = None) -> Dict[CellKey, Cell]:
     """Cells of the previous evaluation (request record `before`) still valid under `now`, by their new key."""
     if before.get("settings") != now["settings"]:
         return {}
-    old, new = before.get("checkpoints", {}), now["checkpoints"]
-    by_content = {(c.label, c.prompt, c.seed): c for c in previous
+    old, new, variants = before.get("checkpoints", {}), now["checkpoints"], variants or {}
+    by_content = {(c.label, c.prompt, c.seed, combo_of(c.axes)): c for c in previous
                   if c.status == "ok" and c.paths and all(Path(p).is_file() for p in c.paths)
                   and c.label in new and old.get(c.label) == new[c.label]}
     found = {}
-    for label, index, seed in wanted(list(new), prompts, seeds):
-        cell = by_content.get((label, prompts[index], seed))
-        if cell is not None:
-            found[(label, index, seed)] = replace(cell, prompt_index=index)
+    for label in new:
+        for v in variants.get(label, [PLAIN]):
+            for index in range(len(prompts)):
+                for seed in seeds:
+                    cell = by_content.get((label, prompts[index], seed, combo_of(dict(v.axes))))
+                    if cell is not None:
+                        found[(label, index, seed, v.name)] = replace(cell, prompt_index=index, variant=v.name)
     return found
 
 
@@ -73,7 +82,8 @@ def adopt(cells: Mapping[CellKey, Cell], images_dir: Path) -> Dict[CellKey, Cell
     images_dir.mkdir(parents=True, exist_ok=True)
     placed = {}
     for key, cell in cells.items():
-        paths = [images_dir / image_name(cell.label, cell.prompt_index, cell.seed, n) for n in range(len(cell.paths))]
+        paths = [images_dir / image_name(cell.label, cell.prompt_index, cell.seed, n, cell.variant)
+                 for n in range(len(cell.paths))]
         for source, target in zip(cell.paths, paths):
             _link_or_copy(Path(source), target)
         placed[key] = replace(cell, paths=paths)

@@ -29,6 +29,7 @@ from PIL import Image
 
 from sd3exp import console
 from sd3exp.evaluate import models
+from sd3exp.evaluate.axes import NodeInputs, combo_of, header
 from sd3exp.evaluate.cells import BASE_LABEL, Cell, cell_image, column_title
 from sd3exp.evaluate.select import MEASURES, Candidate, Choice, Rule, choose, make_rule, mean_scores
 from sd3exp.images import list_images
@@ -115,7 +116,7 @@ def score_cells(cfg: ExperimentConfig, cells: Sequence[Cell], work_dir: Optional
     sc = cfg.eval.scoring
     sets, folders = training_sets(cfg), models.configured(sc.clip, sc.dino)
     key = scoring_key(cfg, sets, folders)
-    base = {(c.prompt_index, c.seed): c for c in cells if c.label == BASE_LABEL}
+    base = {(c.prompt_index, c.seed, _sampling_of(c)): c for c in cells if c.label == BASE_LABEL}
     todo = [i for i, c in enumerate(cells) if c.status == "ok" and c.scored_with != key]
     out, pools = list(cells), {}
     for i in console.progress(todo, desc="scoring", unit="cell", disable=not todo):
@@ -131,7 +132,7 @@ def score_cells(cfg: ExperimentConfig, cells: Sequence[Cell], work_dir: Optional
             if pool is None:
                 pool = pools[names] = np.concatenate([sets[n].thumbs for n in names])
             scores["pixel_fidelity"] = pixel_fidelity(image, pool)
-        base_cell = base.get((cell.prompt_index, cell.seed))
+        base_cell = base.get((cell.prompt_index, cell.seed, _sampling_of(cell)))
         base_image = _image(base_cell, sc.thumbnail) if base_cell is not None else None
         if base_image is not None:
             scores["drift"] = drift(image, base_image)
@@ -171,9 +172,14 @@ def model_scores(cfg: ExperimentConfig, cells: List[Cell], todo: Sequence[int], 
     return out
 
 
+def _sampling_of(cell: Cell) -> tuple:
+    """A cell's axis values but its LoRA strength: the base render it drifted from has the same."""
+    return tuple(sorted((k, v) for k, v in cell.axes.items() if k != "lora_scale"))
+
+
 def _cell_view(cell: Cell) -> dict:
     return {"label": cell.label, "step": cell.step, "status": cell.status, "scores": cell.scores,
-            "memorised": cell.memorised}
+            "memorised": cell.memorised, "variant": cell.variant, "axes": cell.axes}
 
 
 def checkpoint_path(record: Mapping, label: str) -> Optional[str]:
@@ -181,10 +187,14 @@ def checkpoint_path(record: Mapping, label: str) -> Optional[str]:
     return entry[0] if entry else None
 
 
-def best_record(choice: Choice, candidates: Sequence[Candidate], record: Mapping) -> dict:
-    """eval/best.json: the chosen checkpoint, its scores, the rule, the runners-up, what was left out."""
+def best_record(choice: Choice, candidates: Sequence[Candidate], record: Mapping,
+                strengths: Optional[Mapping[str, float]] = None) -> dict:
+    """eval/best.json: the chosen checkpoint (and combination, with the ComfyUI node inputs that
+    reproduce it; `strengths`: LoRA label -> strength_model at multiplier 1), its scores, the rule,
+    the runners-up, what was left out."""
     def entry(c: Candidate) -> dict:
-        return {**c.to_dict(), "checkpoint": checkpoint_path(record, c.label)}
+        return {**c.to_dict(), "checkpoint": checkpoint_path(record, c.label),
+                "comfyui": node_inputs(c, strengths or {}).lines()}
 
     base = next((c for c in candidates if c.label == BASE_LABEL), None)
     return {"best": entry(choice.best) if choice.best else None, "rule": choice.rule.to_dict(),
@@ -200,9 +210,23 @@ def summary_line(choice: Choice) -> str:
     rule, best = choice.rule, choice.best
     if best is None:
         return f"best checkpoint: none (no checkpoint meets the rule: {rule.text()})"
-    return (f"best checkpoint: {column_title(best.label, best.step)} ({best.label}): {rule.objective} "
-            f"{best.scores[rule.objective]:.6g}, best of {len(choice.ranked)} eligible "
+    return (f"best checkpoint: {column_title(best.label, best.step)} ({best.label}){combination(best.axes)}: "
+            f"{rule.objective} {best.scores[rule.objective]:.6g}, best of {len(choice.ranked)} eligible "
             f"(rule: {rule.text()})")
+
+
+def combination(values: Mapping[str, object]) -> str:
+    """" at Strength: 0.5, CFG: 3" for the axis values that are set ("" when none is)."""
+    shown = [header(a, v) for a, v in values.items() if v is not None]
+    return f" at {', '.join(shown)}" if shown else ""
+
+
+def node_inputs(candidate: Candidate, strengths: Mapping[str, float]) -> NodeInputs:
+    """The ComfyUI inputs for a candidate: strength_model = the checkpoint's x the strength multiplier."""
+    strength = strengths.get(candidate.label)
+    if strength is not None:
+        strength *= float(candidate.axes.get("lora_scale") or 1.0)
+    return NodeInputs(combo_of(candidate.axes), strength)
 
 
 def rule_of(cfg: ExperimentConfig) -> Rule:
@@ -234,6 +258,10 @@ def print_best(eval_dir: Path) -> None:
 
 def best_label(choice: Optional[Choice]) -> Optional[str]:
     return choice.best.label if choice and choice.best else None
+
+
+def best_variant(choice: Optional[Choice]) -> Optional[str]:
+    return choice.best.variant if choice and choice.best else None
 
 
 def read_best(eval_dir: Path) -> Optional[dict]:
@@ -269,7 +297,8 @@ def objective(run_dir: Path) -> Optional[float]:
 
 
 def choose_best(cfg: ExperimentConfig, run_dir: Path, cells: Sequence[Cell], record: Mapping,
-                out_dir: Optional[Path] = None) -> Tuple[List[Cell], Optional[Choice]]:
+                out_dir: Optional[Path] = None, strengths: Optional[Mapping[str, float]] = None
+                ) -> Tuple[List[Cell], Optional[Choice]]:
     """Score the cells not yet scored, choose the best checkpoint, write best.json and scores.png into
     `out_dir` (default the run's eval/). With eval.scoring.enabled=false: the cells as they are, no choice."""
     if not cfg.eval.scoring.enabled:
@@ -284,9 +313,9 @@ def choose_best(cfg: ExperimentConfig, run_dir: Path, cells: Sequence[Cell], rec
     failed = sum(c.failed for c in candidates)
     console.info(f"scored {fresh} new cell(s), {kept} kept from the last evaluation"
           + (f"; {failed} failed cell(s) left out of the scores" if failed else ""))
-    write_json(EvalLayout(eval_dir).best, best_record(choice, candidates, record))
+    write_json(EvalLayout(eval_dir).best, best_record(choice, candidates, record, strengths))
     write_bytes(EvalLayout(eval_dir).scores_plot, plots.score_plot(candidates, choice.best.label if choice.best else None,
-                                                      rule.objective))
+                                                      rule.objective, best_variant(choice) or ""))
     metrics = training_metrics(Path(cfg.paths.training_dir))
     if metrics:
         write_bytes(EvalLayout(eval_dir).training_plot, plots.training_plot(metrics, choice.best.step if choice.best else None))

@@ -1,4 +1,5 @@
 """Choosing the best checkpoint: a stated rule over per-checkpoint mean scores (pure, no I/O).
+With evaluation axes a candidate is a checkpoint at one combination (strength, CFG, ...).
 
 The rule: the objective measure and its direction, optional guards (a measure's mean at
 least / at most a value, no memorised cell); ties go to the earlier step (the final model,
@@ -55,10 +56,13 @@ class Candidate:
     cells: int  # scored cells
     failed: int  # cells left out: failed renders or unreadable images
     memorised: int  # scored cells flagged as near-copies
+    variant: str = ""  # the combination's name ("" when there is one)
+    axes: Mapping[str, object] = field(default_factory=dict)  # axis -> value (sd3exp/evaluate/axes.py)
 
     def to_dict(self) -> dict:
         return {"label": self.label, "step": self.step, "scores": dict(self.scores), "cells": self.cells,
-                "failed": self.failed, "memorised": self.memorised}
+                "failed": self.failed, "memorised": self.memorised, "variant": self.variant,
+                "axes": dict(self.axes)}
 
 
 @dataclass(frozen=True)
@@ -85,19 +89,20 @@ def make_rule(objective: str, direction: Optional[str], at_least: Mapping[str, f
 
 
 def mean_scores(cells: Sequence[Mapping]) -> List[Candidate]:
-    """Per-checkpoint means, checkpoints in order of first appearance. A cell is a mapping with
-    label, step, status, scores, memorised; cells not ok or without scores are counted as failed."""
-    order: Dict[str, List[Mapping]] = {}
+    """Per-checkpoint (and combination) means, in order of first appearance. A cell is a mapping with
+    label, step, status, scores, memorised (and variant, axes); cells not ok or without scores are
+    counted as failed."""
+    order: Dict[Tuple[str, str], List[Mapping]] = {}
     for cell in cells:
-        order.setdefault(cell["label"], []).append(cell)
+        order.setdefault((cell["label"], cell.get("variant", "")), []).append(cell)
     found = []
-    for label, group in order.items():
+    for (label, variant), group in order.items():
         scored = [c for c in group if c["status"] == "ok" and c["scores"]]
         names = list(dict.fromkeys(m for c in scored for m in c["scores"]))
         means = {m: math.fsum(vals) / len(vals) for m in names
                  if (vals := [c["scores"][m] for c in scored if m in c["scores"]])}
         found.append(Candidate(label, group[0]["step"], means, len(scored), len(group) - len(scored),
-                               sum(bool(c.get("memorised")) for c in scored)))
+                               sum(bool(c.get("memorised")) for c in scored), variant, group[0].get("axes", {})))
     return found
 
 

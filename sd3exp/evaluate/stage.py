@@ -13,15 +13,17 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from sd3exp import console
 from sd3exp.errors import ConfigError, EvalError
+from sd3exp.evaluate import axes as axismod
 from sd3exp.evaluate import cells as cellio
 from sd3exp.evaluate import reuse
 from sd3exp.evaluate.checkpoints import BASE_LABEL, Checkpoint, discover
-from sd3exp.evaluate.cells import Cell, RenderJob, Sampling, SweepInterrupted
+from sd3exp.evaluate.cells import Cell, RenderJob, Sampling, SweepInterrupted, Variant, cell_key
 from sd3exp.evaluate.grid import write_grids
 from sd3exp.evaluate import lora_scale
 from sd3exp.evaluate.lora_scale import Strength
 from sd3exp.evaluate.report import write_report
-from sd3exp.evaluate.score import best_label, check_scoring, choose_best, print_best, scoring_request, summary_line
+from sd3exp.evaluate.score import (best_label, best_variant, check_scoring, choose_best, node_inputs, print_best,
+                                   scoring_request, summary_line)
 from sd3exp.hub import is_repo_id
 from sd3exp.io import write_json
 from sd3exp.workers.render_device import DEVICES, DTYPES
@@ -69,7 +71,7 @@ def request_record(cfg: ExperimentConfig, checkpoints: Sequence[Checkpoint],
     ev = cfg.eval
     scales = {label: s.trained for label, s in (strengths or {}).items()}
     return {"settings": render_settings(cfg), "checkpoints": reuse.fingerprints(checkpoints, ev.include_base, scales),
-            "prompts": list(ev.prompts), "seeds": list(ev.seeds),
+            "prompts": list(ev.prompts), "seeds": list(ev.seeds), "axes": axismod.axis_values(ev),
             "scoring": scoring_request(cfg)}
 
 
@@ -125,6 +127,20 @@ def check_settings(cfg: ExperimentConfig) -> None:
                               f"use eval.{key}=auto (the best the machine offers)")
     if ev.cell_timeout_s <= 0:
         raise ConfigError("eval.cell_timeout_s", ev.cell_timeout_s, "must be positive", "e.g. eval.cell_timeout_s=600")
+    values = axismod.axis_values(ev)
+    if ev.backend == "diffusers":
+        axismod.check_diffusers(values)
+    if ev.backend == "comfyui" and values["shift"] != [None]:
+        from sd3exp.evaluate.comfyui.workflow import load_workflow, shift_node, with_inputs
+
+        shift_node(with_inputs(load_workflow(ev.workflow), ev.workflow_inputs), ev.nodes, values["shift"][0])
+
+
+def variants_of(cfg: ExperimentConfig, checkpoints: Sequence[Checkpoint]) -> Dict[str, List[Variant]]:
+    """label -> the axis combinations it is rendered at (a LoRA at every strength, others at none)."""
+    values = axismod.axis_values(cfg.eval)
+    found = {BASE_LABEL: axismod.variants(values, lora=False)} if cfg.eval.include_base else {}
+    return {**found, **{c.label: axismod.variants(values, lora=c.kind == "lora") for c in checkpoints}}
 
 
 def archive_previous(eval_dir: Path) -> Optional[Path]:
@@ -141,19 +157,21 @@ def archive_previous(eval_dir: Path) -> Optional[Path]:
 
 def render_job(checkpoints: List[Checkpoint], include_base: bool, all_cells: List[reuse.CellKey],
                reused: Mapping[reuse.CellKey, Cell], strengths: Mapping[str, Strength],
-               before: Mapping[str, Any], now: Mapping[str, Any]) -> RenderJob:
+               before: Mapping[str, Any], now: Mapping[str, Any],
+               variants: Optional[Mapping[str, List[Variant]]] = None) -> RenderJob:
     """Only the checkpoints with a cell that was not reused are loaded."""
     todo = {key[0] for key in all_cells if key not in reused}
     old = before.get("checkpoints", {})
     changed = {c.label for c in checkpoints if c.label in todo and c.label in old
                and old[c.label][:2] != now["checkpoints"][c.label][:2]}
     return RenderJob([c for c in checkpoints if c.label in todo], include_base and BASE_LABEL in todo,
-                     frozenset(reused), {k: v for k, v in strengths.items() if k in todo}, frozenset(changed))
+                     frozenset(reused), {k: v for k, v in strengths.items() if k in todo}, frozenset(changed),
+                     {k: v for k, v in (variants or {}).items() if k in todo})
 
 
 def complete(cells: Sequence[Cell], all_cells: Sequence[reuse.CellKey]) -> bool:
     """Whether an evaluation holds every cell asked for, all of them ok."""
-    ok = {(c.label, c.prompt_index, c.seed) for c in cells if c.status == "ok"}
+    ok = {cell_key(c) for c in cells if c.status == "ok"}
     return set(all_cells) <= ok and len(cells) == len(all_cells)
 
 
@@ -164,13 +182,14 @@ def earlier_evaluations(run_dir: Path) -> List[Path]:
 
 
 def reuse_earlier(run_dir: Path, record: dict, prompts: Sequence[str], seeds: Sequence[int],
-                  images_dir: Path) -> Dict[reuse.CellKey, Cell]:
+                  images_dir: Path, variants: Optional[Mapping[str, List[Variant]]] = None
+                  ) -> Dict[reuse.CellKey, Cell]:
     """Unchanged good cells of every earlier evaluation (the newest has precedence), placed in images_dir."""
     found: Dict[reuse.CellKey, Cell] = {}
     sources = []
     for folder in earlier_evaluations(run_dir):
         previous, before = reuse.load_previous(folder)
-        cells = reuse.reusable(previous, before, record, prompts, seeds)
+        cells = reuse.reusable(previous, before, record, prompts, seeds, variants)
         new = {k: v for k, v in cells.items() if k not in found}
         found.update(new)
         sources += [f"{len(new)} from {folder.name}"] if new else []
@@ -208,7 +227,8 @@ def evaluate(cfg: ExperimentConfig, run_dir: Path, resume_command: Optional[str]
     checkpoints = checkpoints_to_render(cfg, run_dir)
     strengths = lora_strengths(cfg, checkpoints)
     record = request_record(cfg, checkpoints, strengths)
-    all_cells = reuse.wanted(list(record["checkpoints"]), ev.prompts, ev.seeds)
+    variants = variants_of(cfg, checkpoints)
+    all_cells = reuse.wanted(list(record["checkpoints"]), ev.prompts, ev.seeds, variants)
     current, before = reuse.load_previous(eval_dir)
     if before == record and complete(current, all_cells):
         console.info(f"already evaluated with these settings: {EvalLayout(eval_dir).report}")
@@ -217,18 +237,18 @@ def evaluate(cfg: ExperimentConfig, run_dir: Path, resume_command: Optional[str]
     staging, reused = staging_dir(run_dir), {}
     try:
         with sigterm_raises(Stopped):
-            reused = reuse_earlier(run_dir, record, ev.prompts, ev.seeds, EvalLayout(staging).images)
-            job = render_job(checkpoints, ev.include_base, all_cells, reused, strengths, before, record)
+            reused = reuse_earlier(run_dir, record, ev.prompts, ev.seeds, EvalLayout(staging).images, variants)
+            job = render_job(checkpoints, ev.include_base, all_cells, reused, strengths, before, record, variants)
             rendered = render(cfg, job, run_dir, staging)
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Stopped), before or during the sweep
         stop = exc if isinstance(exc, SweepInterrupted) else SweepInterrupted.during(exc, [])
-        stop.cells = with_scales(stop.cells, strengths)
+        stop.cells = with_scales(stop.cells, strengths, variants)
         keep_partial(run_dir, staging, all_cells, reused, stop, record, resume_command)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    by_key = {**reused, **{(c.label, c.prompt_index, c.seed): c for c in rendered}}
-    return finish(cfg, run_dir, [by_key[key] for key in all_cells], record, staging)
+    by_key = {**reused, **{cell_key(c): c for c in rendered}}
+    return finish(cfg, run_dir, [by_key[key] for key in all_cells], record, staging, strengths)
 
 
 def render(cfg: ExperimentConfig, job: RenderJob, run_dir: Path, staging: Path) -> List[Cell]:
@@ -237,12 +257,20 @@ def render(cfg: ExperimentConfig, job: RenderJob, run_dir: Path, staging: Path) 
         return []
     name = "comfyui" if cfg.eval.backend == "comfyui" else "diffusers_backend"  # each offers render()
     backend = importlib.import_module(f"sd3exp.evaluate.{name}")
-    return with_scales(backend.render(cfg, job, run_dir, EvalLayout(staging).images), job.strengths)
+    return with_scales(backend.render(cfg, job, run_dir, EvalLayout(staging).images), job.strengths, job.variants)
 
 
-def with_scales(cells: Sequence[Cell], strengths: Mapping[str, Strength]) -> List[Cell]:
-    """The cells with the LoRA scale each was rendered at (cells.json `lora_scale`)."""
-    return [replace(c, lora_scale=strengths[c.label].trained) if c.label in strengths else c for c in cells]
+def with_scales(cells: Sequence[Cell], strengths: Mapping[str, Strength],
+                variants: Optional[Mapping[str, Sequence[Variant]]] = None) -> List[Cell]:
+    """The cells with their axis values (cells.json `axes`) and the LoRA scale each was rendered at
+    (`lora_scale`: the trained alpha/rank x the strength multiplier)."""
+    named = {(label, v.name): dict(v.axes) for label, vs in (variants or {}).items() for v in vs}
+    out = []
+    for c in cells:
+        axes = named.get((c.label, c.variant), c.axes)
+        scale = strengths[c.label].trained * (axes.get("lora_scale") or 1.0) if c.label in strengths else None
+        out.append(replace(c, axes=axes, lora_scale=scale if scale is not None else c.lora_scale))
+    return out
 
 
 def keep_partial(run_dir: Path, staging: Path, all_cells: Sequence[reuse.CellKey],
@@ -250,8 +278,7 @@ def keep_partial(run_dir: Path, staging: Path, all_cells: Sequence[reuse.CellKey
                  resume_command: Optional[str]) -> None:
     """Ctrl-C or SIGTERM: record the finished cells (cells.json partial, in grid order) and say how to
     continue."""
-    done = {(c.label, c.prompt_index, c.seed): c for c in cellio.store_images(stop.cells, EvalLayout(staging).images)
-            if c.status == "ok"}
+    done = {cell_key(c): c for c in cellio.store_images(stop.cells, EvalLayout(staging).images) if c.status == "ok"}
     by_key = {**reused, **done}
     cells = [by_key[key] for key in all_cells if key in by_key]
     if done:
@@ -267,11 +294,14 @@ def keep_partial(run_dir: Path, staging: Path, all_cells: Sequence[reuse.CellKey
                           f"Continue with: {again}", 128 + stop.signum) from stop
 
 
-def finish(cfg: ExperimentConfig, run_dir: Path, cells: List[Cell], record: dict, staging: Path) -> Path:
+def finish(cfg: ExperimentConfig, run_dir: Path, cells: List[Cell], record: dict, staging: Path,
+           strengths: Optional[Mapping[str, Strength]] = None) -> Path:
     """Grid(s), cells.json, report.html and request.json written in staging, which then becomes eval/."""
     eval_dir = RunLayout(run_dir).eval.folder
-    cells, choice = choose_best(cfg, run_dir, cells, record, out_dir=staging)
-    grids = write_grids(cells, staging, cfg.eval.max_grid_pixels, best=best_label(choice))
+    comfy = {label: s.comfy_strength for label, s in (strengths or {}).items()}
+    cells, choice = choose_best(cfg, run_dir, cells, record, out_dir=staging, strengths=comfy)
+    grids = write_grids(cells, staging, cfg.eval.max_grid_pixels, best=best_label(choice),
+                        best_variant=best_variant(choice))
     cellio.write_cells_json(cells, EvalLayout(staging).cells)
     write_report(run_dir, cells, grids, out=EvalLayout(staging).report, title=cfg.name)
     write_json(EvalLayout(staging).request, record)
@@ -283,6 +313,8 @@ def finish(cfg: ExperimentConfig, run_dir: Path, cells: List[Cell], record: dict
     console.info(f"report: {report}")
     if choice:
         console.info(summary_line(choice))
+        for line in node_inputs(choice.best, comfy).lines() if choice.best else []:
+            console.info(f"  ComfyUI: {line}")
     if failed:
         first = failed[0]
         raise CellsFailed(f"{len(failed)} of {len(cells)} cells failed, e.g. {first.label} prompt "

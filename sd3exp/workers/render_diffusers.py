@@ -1,13 +1,15 @@
-"""Render checkpoints x prompts x seeds in-process with diffusers' StableDiffusion3Pipeline.
+"""Render checkpoints x variants x prompts x seeds in-process with diffusers' StableDiffusion3Pipeline.
 
 Standalone worker, run by the trainer venv's python (stdlib, torch, diffusers,
 safetensors, peft); sd3exp never imports it. Usage: render_diffusers.py JOB.json
 
 The job (JSON): base (pipeline folder), checkpoints ([{label, step, kind:
-base|full|lora, path, scale (LoRA only: its alpha/rank)}]), prompts, seeds,
+base|full|lora, path, variants: [{name, scale (LoRA only: alpha/rank x strength), sampling (pipeline
+arguments of this variant), scheduler (null, or {class: a diffusers scheduler class name or null for
+the pipeline's, options: its config overrides such as shift})}]}]), prompts, seeds,
 sampling (StableDiffusion3Pipeline keyword arguments such as num_inference_steps, guidance_scale, width, height,
-negative_prompt), out_dir, image_name (a str.format pattern with label,
-prompt_index, seed and suffix).
+negative_prompt), out_dir, image_name (a str.format pattern with label, variant,
+prompt_index, seed and suffix), skip ([label, prompt_index, seed, variant] not to render).
 
 The job may also give device (auto|cuda|cpu|mps), dtype (auto|bf16|fp16|fp32), offload (model
 CPU offload), t5 (false: no T5-XXL) and max_sequence_length (T5 tokens, as trained); without them
@@ -15,7 +17,7 @@ the pipeline renders on the CPU in float32. The base pipeline loads once; each c
 are swapped in (full: its transformer state dict; lora: its tensors through
 load_lora_weights at the job's scale, never the file's metadata; unloaded
 before the next). stdout carries one JSON line per cell, nothing else:
-{label, step, prompt_index, seed, status: ok|error, path, error, seconds}.
+{label, step, variant, prompt_index, seed, status: ok|error, path, error, seconds}.
 A failing cell (or checkpoint) is reported and the sweep goes on.
 """
 
@@ -30,6 +32,7 @@ import traceback
 from pathlib import Path
 from typing import Any, TextIO
 
+import diffusers
 import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from safetensors.torch import load_file
@@ -128,37 +131,58 @@ def render_cell(pipe: StableDiffusion3Pipeline, sampling: dict, prompt: str, see
     save_png(image, path)
 
 
+def use_variant(pipe: StableDiffusion3Pipeline, original: Any, variant: dict) -> None:
+    """Set the variant's LoRA scale and scheduler (`original`: the pipeline's own scheduler)."""
+    if variant.get("scale") is not None:
+        pipe.set_adapters([LORA_ADAPTER], [variant["scale"]])
+    spec = variant.get("scheduler")
+    if spec is None:
+        pipe.scheduler = original
+        return
+    cls = getattr(diffusers, spec["class"]) if spec.get("class") else type(original)
+    pipe.scheduler = cls.from_config(original.config, **spec.get("options", {}))
+
+
 def sweep(job: dict, out: TextIO) -> None:
     """Render every cell not in job["skip"], checkpoint by checkpoint, one JSON line per cell to `out`."""
     device, dtype = placement(job)
     print(f"rendering on {device} in {dtype}", file=sys.stderr)
     pipe = load_pipeline(job["base"], device, dtype, job.get("offload", False), job.get("t5", True))
-    weights = Weights(pipe, job["base"], dtype)
+    weights, original = Weights(pipe, job["base"], dtype), pipe.scheduler
     job = {**job, "device": device}
     skip = {tuple(cell) for cell in job.get("skip", [])}
     for ckpt in job["checkpoints"]:
         try:
-            weights.use(ckpt["kind"], ckpt.get("path"), ckpt.get("scale", 1.0))
+            weights.use(ckpt["kind"], ckpt.get("path"), ckpt["variants"][0].get("scale") or 1.0)
             load_error = ""
         except Exception as exc:  # noqa: BLE001 - reported per cell, the sweep goes on
             load_error = f"{describe(exc)} (loading {ckpt['kind']} weights from {ckpt.get('path')})"
-        for index in range(len(job["prompts"])):
-            for seed in (s for s in job["seeds"] if (ckpt["label"], index, s) not in skip):
-                line = cell_line(pipe, job, ckpt, index, seed, load_error)
-                out.write(json.dumps(line) + "\n")
+        for variant in ckpt["variants"]:
+            error = load_error
+            if not error:
+                try:
+                    use_variant(pipe, original, variant)
+                except Exception as exc:  # noqa: BLE001 - reported per cell, the sweep goes on
+                    error = f"{describe(exc)} (setting up variant {variant['name']!r})"
+            for index in range(len(job["prompts"])):
+                for seed in (s for s in job["seeds"] if (ckpt["label"], index, s, variant["name"]) not in skip):
+                    line = cell_line(pipe, job, ckpt, variant, index, seed, error)
+                    out.write(json.dumps(line) + "\n")
 
 
-def cell_line(pipe: StableDiffusion3Pipeline, job: dict, ckpt: dict, index: int, seed: int, load_error: str) -> dict:
+def cell_line(pipe: StableDiffusion3Pipeline, job: dict, ckpt: dict, variant: dict, index: int, seed: int,
+              load_error: str) -> dict:
     """Render one cell (unless its checkpoint failed to load); its progress line."""
-    name = job["image_name"].format(label=ckpt["label"], prompt_index=index, seed=seed, suffix="")
+    name = job["image_name"].format(label=ckpt["label"], variant=variant["name"], prompt_index=index, seed=seed,
+                                    suffix="")
     path = Path(job["out_dir"]) / name
-    line = {"label": ckpt["label"], "step": ckpt.get("step"), "prompt_index": index, "seed": seed,
-            "status": "error", "path": None, "error": load_error, "seconds": 0.0}
+    line = {"label": ckpt["label"], "step": ckpt.get("step"), "variant": variant["name"], "prompt_index": index,
+            "seed": seed, "status": "error", "path": None, "error": load_error, "seconds": 0.0}
     start = time.monotonic()
     if not load_error:
         try:
-            sampling = {**job["sampling"], **({"max_sequence_length": job["max_sequence_length"]}
-                                               if "max_sequence_length" in job else {})}
+            sampling = {**job["sampling"], **variant["sampling"],
+                        **({"max_sequence_length": job["max_sequence_length"]} if "max_sequence_length" in job else {})}
             render_cell(pipe, sampling, job["prompts"][index], seed, path, job["device"])
             line.update(status="ok", path=str(path))
         except Exception as exc:  # noqa: BLE001 - reported per cell, the sweep goes on

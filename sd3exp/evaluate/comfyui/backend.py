@@ -50,7 +50,7 @@ def render(cfg: ExperimentConfig, job: RenderJob, run_dir: Path, images: Path) -
     strengths = {label: s.comfy_strength for label, s in job.strengths.items()}
     warn_strength_override(workflow, ev.workflow_inputs, strengths)
     spec = SweepSpec(workflow, checkpoints, names, ev.prompts, ev.seeds, Sampling.of(ev), dict(ev.nodes),
-                     include_base=job.include_base, skip=job.skip, strengths=strengths)
+                     include_base=job.include_base, skip=job.skip, strengths=strengths, variants=job.variants)
     result = run_sweep(client, spec, timeout_s=ev.timeout_s)
     return cellio.store_images(result, images)
 

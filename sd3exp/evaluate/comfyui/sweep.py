@@ -1,4 +1,4 @@
-"""The sweep: every checkpoint x prompt x seed queued on one ComfyUI server, watched until settled.
+"""The sweep: every checkpoint x variant x prompt x seed queued on one ComfyUI server, watched until settled.
 
 Images come back through /view, named exactly as /history lists them; a unique filename_prefix per
 sweep keeps ComfyUI's cache from returning old files.
@@ -15,20 +15,20 @@ from typing import Any, Collection, Mapping, Optional, Sequence
 
 from sd3exp import console
 from sd3exp.errors import EvalError
-from sd3exp.evaluate.cells import Cell, CellSpec, Sampling, SweepInterrupted, plan_cells
+from sd3exp.evaluate.cells import Cell, CellSpec, Sampling, SweepInterrupted, Variant, plan_cells
 from sd3exp.evaluate.checkpoints import BASE_LABEL, Checkpoint
 from sd3exp.evaluate.comfyui.client import ComfyClient, Watcher
 from sd3exp.evaluate.comfyui.names import closest, match_names, norm_name
 from sd3exp.evaluate.comfyui.protocol import ImageRef, Outcome, parse_history
 from sd3exp.evaluate.comfyui.workflow import (LOADERS, Graph, base_workflow, filename_prefix, find_nodes,
-                                              new_sweep_id, patch_graph)
+                                              new_sweep_id, patch_graph, shift_node)
 
 log = logging.getLogger(__name__)
 
 
 def _cell(spec: CellSpec, **fields: Any) -> Cell:
     c = spec.checkpoint
-    return Cell(c.label, c.step, spec.prompt_index, spec.prompt, spec.seed, **fields)
+    return Cell(c.label, c.step, spec.prompt_index, spec.prompt, spec.seed, variant=spec.variant.name, **fields)
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,9 @@ class SweepSpec:
     nodes: Mapping[str, str] = field(default_factory=dict)  # eval.nodes overrides
     sweep_id: str = field(default_factory=new_sweep_id)
     include_base: bool = False  # a first column from the workflow's own model (LoRA loader bypassed)
-    skip: Collection[tuple[str, int, int]] = ()  # (label, prompt index, seed) of cells not to render
+    skip: Collection[tuple[str, int, int, str]] = ()  # (label, prompt index, seed, variant) not to render
     strengths: Mapping[str, float] = field(default_factory=dict)  # LoRA label -> strength_model (lora_scale)
+    variants: Mapping[str, Sequence[Variant]] = field(default_factory=dict)  # label -> axis combinations
 
 
 def resolve_names(
@@ -74,8 +75,8 @@ class _Sweep:
             self.nodes["base"] = find_nodes(self.graphs["base"], "base", spec.nodes)
             checkpoints.insert(0, Checkpoint(None, BASE_LABEL, "base", Path()))
         skip = set(spec.skip)
-        self.cells = [c for c in plan_cells(checkpoints, spec.prompts, spec.seeds)
-                      if (c.checkpoint.label, c.prompt_index, c.seed) not in skip]
+        self.cells = [c for c in plan_cells(checkpoints, spec.prompts, spec.seeds, spec.variants)
+                      if (c.checkpoint.label, c.prompt_index, c.seed, c.variant.name) not in skip]
         self.results: dict[int, Cell] = {}
         self.queued: dict[str, int] = {}  # prompt_id -> cell index, until settled
         self.last_done = time.monotonic()
@@ -84,8 +85,15 @@ class _Sweep:
         cell = self.cells[index]
         kind = cell.checkpoint.kind
         prefix = filename_prefix(self.spec.sweep_id, cell)
-        return patch_graph(self.graphs[kind], self.nodes[kind], cell, names[cell.checkpoint.label], prefix,
-                           self.spec.sampling, self.spec.strengths.get(cell.checkpoint.label))
+        strength = self.spec.strengths.get(cell.checkpoint.label)
+        if strength is not None:
+            strength *= cell.variant.value("lora_scale") or 1.0
+        sampling = cell.variant.sampling(self.spec.sampling)
+        graph = patch_graph(self.graphs[kind], self.nodes[kind], cell, names[cell.checkpoint.label], prefix,
+                            sampling, strength)
+        if sampling.shift is not None:
+            graph[shift_node(graph, self.spec.nodes, sampling.shift)]["inputs"]["shift"] = sampling.shift
+        return graph
 
     def base_name(self) -> dict[str, str]:
         """{"base": the server's spelling of the workflow's own unet_name}, when the base is rendered."""

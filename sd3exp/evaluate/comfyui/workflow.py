@@ -147,7 +147,18 @@ def new_sweep_id() -> str:
 
 def filename_prefix(sweep_id: str, cell: CellSpec) -> str:
     """SaveImage prefix, unique per sweep and cell (defeats ComfyUI's output cache)."""
-    return f"sd3exp/{sweep_id}/{cell.checkpoint.label}_p{cell.prompt_index}_s{cell.seed}"
+    return f"sd3exp/{sweep_id}/{cell.checkpoint.label}{cell.variant.name}_p{cell.prompt_index}_s{cell.seed}"
+
+
+def shift_node(graph: Graph, overrides: Mapping[str, str], shift: float) -> str:
+    """The ModelSamplingSD3 node eval.shift is set on; EvalError when the workflow has none."""
+    explicit = _override(graph, overrides, "shift")
+    ids = [explicit] if explicit else sorted(i for i, n in graph.items() if n["class_type"] == "ModelSamplingSD3")
+    if len(ids) != 1:
+        fix = f"name the one to use, e.g. {node_override('shift', ids[0])}" if ids else \
+            "add a ModelSamplingSD3 node between the model loader and the KSampler, or leave eval.shift unset"
+        raise EvalError(f"eval.shift={shift:g}: the workflow has {len(ids)} ModelSamplingSD3 nodes. Fix: {fix}")
+    return ids[0]
 
 
 def patch_graph(
@@ -164,6 +175,8 @@ def patch_graph(
         ("negative", nodes.negative, "text", sampling.negative_prompt),
         ("sampler", nodes.sampler, "steps", sampling.steps),
         ("sampler", nodes.sampler, "cfg", sampling.cfg),
+        ("sampler", nodes.sampler, "sampler_name", sampling.sampler),
+        ("sampler", nodes.sampler, "scheduler", sampling.scheduler),
         ("latent", nodes.latent, "width", sampling.width),
         ("latent", nodes.latent, "height", sampling.height),
     ]
