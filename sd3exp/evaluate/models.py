@@ -70,11 +70,48 @@ def model_folder(key: str, value: str) -> Path:
     return folder.resolve()
 
 
-def model_digest(folder: Path) -> str:
-    """Digest of a model folder: its config.json and the name and size of every weights file."""
-    h = hashlib.sha256((folder / "config.json").read_bytes())
-    for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
-        h.update(f"{path.name}:{path.stat().st_size}".encode())
+def _hash_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sd3exp" / "file-hashes.json"
+
+
+def content_hashes(paths: Sequence[Path]) -> List[str]:
+    """sha256 of each file's content; kept in ~/.cache/sd3exp/file-hashes.json by path, size and mtime so
+    an unchanged multi-gigabyte model is not read again."""
+    cache_path = _hash_cache()
+    try:
+        cache = read_json(cache_path) if cache_path.is_file() else {}
+    except (OSError, ValueError):
+        cache = {}
+    hashes, changed = [], False
+    for path in paths:
+        real = path.resolve()
+        stat = real.stat()
+        key, stamp = str(real), f"{stat.st_size}:{stat.st_mtime_ns}"
+        entry = cache.get(key)
+        if not (isinstance(entry, dict) and entry.get("stamp") == stamp):
+            digest = hashlib.sha256()
+            with open(real, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+            entry = cache[key] = {"stamp": stamp, "sha256": digest.hexdigest()}
+            changed = True
+        hashes.append(entry["sha256"])
+    if changed:
+        try:
+            write_json(cache_path, cache)
+        except OSError:
+            pass  # only a speed-up: the hashes were computed
+    return hashes
+
+
+def model_digest(model: Path) -> str:
+    """Digest of a model by content: every file of the folder (config, weights, processor, tokenizer)
+    or the one file, by name and sha256."""
+    files = sorted(p for p in model.iterdir() if p.is_file() and not p.name.startswith(".")) \
+        if model.is_dir() else [model]
+    h = hashlib.sha256()
+    for path, digest in zip(files, content_hashes(files)):
+        h.update(f"{path.name}:{digest}\n".encode())
     return h.hexdigest()[:16]
 
 

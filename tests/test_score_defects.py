@@ -1,0 +1,43 @@
+"""Scoring defects of issue 21 item 3, each checked without a trained run."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from sd3exp.evaluate import models
+from sd3exp.evaluate.score import scoring_key, training_sets
+from tests.conftest import compose_experiment
+
+
+def fine_tune(folder: Path, weights: bytes) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "clip"}))
+    (folder / "model.safetensors").write_bytes(weights)
+    return folder
+
+
+def test_two_fine_tunes_of_one_architecture_have_different_digests_and_scoring_keys(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    one, two = fine_tune(tmp_path / "one", b"\x01" * 64), fine_tune(tmp_path / "two", b"\x02" * 64)
+    assert models.model_digest(one) != models.model_digest(two)
+    cfg = compose_experiment("demo", ["demo=false", f"concepts.0.path={tmp_path / 'none'}"])
+    assert scoring_key(cfg, {}, {"clip": one}) != scoring_key(cfg, {}, {"clip": two})
+    same = fine_tune(tmp_path / "same", b"\x01" * 64)
+    assert models.model_digest(same) == models.model_digest(one)  # content, not place
+
+
+def test_a_model_rewritten_in_place_gets_a_new_digest_and_an_unchanged_one_is_not_read_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    model = fine_tune(tmp_path / "model", b"\x01" * 64)
+    before = models.model_digest(model)
+    cache = json.loads((tmp_path / "xdg" / "sd3exp" / "file-hashes.json").read_text())
+    assert str((model / "model.safetensors").resolve()) in cache
+    (model / "model.safetensors").write_bytes(b"\x03" * 64)  # same size
+    stat = (model / "model.safetensors").stat()
+    os.utime(model / "model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert models.model_digest(model) != before
+    assert models.model_digest(model) == models.model_digest(fine_tune(tmp_path / "copy", b"\x03" * 64))
