@@ -10,6 +10,7 @@ import pytest
 
 from sd3exp.evaluate import models
 from sd3exp.evaluate.score import scoring_key, training_sets
+from sd3exp.layout import RunLayout
 from tests.conftest import compose_experiment
 
 
@@ -41,3 +42,31 @@ def test_a_model_rewritten_in_place_gets_a_new_digest_and_an_unchanged_one_is_no
     os.utime(model / "model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
     assert models.model_digest(model) != before
     assert models.model_digest(model) == models.model_digest(fine_tune(tmp_path / "copy", b"\x03" * 64))
+
+
+def test_the_report_and_the_rule_show_enough_digits_to_tell_the_chosen_checkpoint_from_the_others(tmp_path):
+    import re
+
+    from sd3exp.evaluate.report import render_report, report_context
+    from sd3exp.evaluate.score import best_record
+    from sd3exp.evaluate.select import Candidate, choose, make_rule
+    from sd3exp.io import write_json
+    from sd3exp.layout import EvalLayout
+
+    values = {"checkpoint-2": 70.31234, "checkpoint-4": 70.31012, "checkpoint-6": 70.30998, "checkpoint-8": 70.3141}
+    candidates = [Candidate(label, int(label.split("-")[1]), {"clip_t": v, "pixel_fidelity": v}, 4, 0, 0)
+                  for label, v in values.items()]
+    choice = choose(candidates, make_rule("clip_t", None, {"pixel_fidelity": 70.31}, {}, False))
+    assert choice.best.label == "checkpoint-8"
+    reasons = dict((c.label, why) for c, why in choice.excluded)
+    assert reasons["checkpoint-6"] == "pixel_fidelity 70.30998 < 70.31"  # was "70.31 < 70.31"
+    run = tmp_path / "run"
+    eval_dir = RunLayout(run).eval.folder
+    write_json(EvalLayout(eval_dir).best, best_record(choice, candidates, {}))
+    html = render_report(report_context(run, [], [], eval_dir))
+    table = html[html.index('<h2 id="best">'):html.index("</table>")]
+    cells = re.findall(r'<td class="num">([0-9.]+)</td>', table)
+    shown = cells[0::4]  # clip_t column: measures clip_t, pixel_fidelity, then cells, memorised
+    assert sorted(shown) == sorted({"70.3141", "70.3123", "70.3101", "70.31"}), shown
+    assert len(set(shown)) == 4
+    assert "clip_t 70.3141" in html

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from sd3exp.errors import ConfigError
+from sd3exp.evaluate.digits import fmt
 
 # measure -> (direction that is better, what it is)
 MEASURES: Dict[str, Tuple[str, str]] = {
@@ -109,10 +110,12 @@ def why_not(candidate: Candidate, rule: Rule) -> Optional[str]:
         return f"no {rule.objective} score"
     for name, low in rule.at_least.items():
         if candidate.scores.get(name, -math.inf) < low:
-            return f"{name} {candidate.scores.get(name, float('nan')):.4g} < {low:g}"
+            value = candidate.scores.get(name, math.nan)
+            return f"{name} {fmt(value, low)} < {low:.12g}"
     for name, high in rule.at_most.items():
         if candidate.scores.get(name, math.inf) > high:
-            return f"{name} {candidate.scores.get(name, float('nan')):.4g} > {high:g}"
+            value = candidate.scores.get(name, math.nan)
+            return f"{name} {fmt(value, high)} > {high:.12g}"
     if rule.not_memorised and candidate.memorised:
         return f"{candidate.memorised} memorised cell(s)"
     return None
