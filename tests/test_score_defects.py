@@ -70,3 +70,61 @@ def test_the_report_and_the_rule_show_enough_digits_to_tell_the_chosen_checkpoin
     assert sorted(shown) == sorted({"70.3141", "70.3123", "70.3101", "70.31"}), shown
     assert len(set(shown)) == 4
     assert "clip_t 70.3141" in html
+
+
+def flat_png(path: Path, colour: tuple, box: tuple) -> Path:
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (64, 64), (255, 255, 255))
+    ImageDraw.Draw(img).rectangle(box, fill=colour)
+    img.save(path)
+    (path.with_suffix(".txt")).write_text("k4s4, a shape")
+    return path
+
+
+def test_held_out_images_are_not_training_images_and_score_as_generalisation(tmp_path):
+    import shutil
+
+    from sd3exp import holdout
+    from sd3exp.evaluate.cells import Cell
+    from sd3exp.evaluate.score import score_cells
+
+    concept = tmp_path / "concept"
+    concept.mkdir()
+    for name, colour, box in (("a", (255, 0, 0), (8, 8, 40, 40)), ("b", (0, 0, 255), (20, 4, 60, 30)),
+                              ("c", (0, 160, 0), (4, 30, 30, 60))):
+        flat_png(concept / f"{name}.png", colour, box)
+    cfg = compose_experiment("demo", ["demo=false", f"concepts.0.path={concept}", "concepts.0.holdout=1",
+                                      f"paths.run_dir={tmp_path / 'run'}"])
+    held, = holdout.held_out(cfg.concepts[0], ["a.png", "b.png", "c.png"], cfg.seed)
+    trained = next(n for n in ("a.png", "b.png", "c.png") if n != held)
+    renders = [shutil.copy(concept / held, tmp_path / "held.png"), shutil.copy(concept / trained, tmp_path / "seen.png")]
+    cells = [Cell(f"checkpoint-{i + 2}", i + 2, 0, "k4s4, a shape", 0, "ok", paths=[Path(r)])
+             for i, r in enumerate(renders)]
+    (copy_of_held, copy_of_trained), _, _ = score_cells(cfg, cells)
+    assert copy_of_held.scores["pixel_fidelity"] < 95 and copy_of_held.memorised is False  # was 100 and memorised
+    assert copy_of_held.scores["holdout_pixel"] == pytest.approx(100.0)
+    assert copy_of_trained.scores["pixel_fidelity"] == pytest.approx(100.0) and copy_of_trained.memorised is True
+    assert copy_of_trained.scores["holdout_pixel"] < 95
+
+
+def test_a_spread_below_the_measures_noise_looks_flat_on_scores_png():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from sd3exp import plots
+    from sd3exp.evaluate.select import Candidate
+
+    def line_height(values):
+        candidates = [Candidate(f"checkpoint-{i}", i, {"pixel_fidelity": v}, 4, 0, 0) for i, v in enumerate(values)]
+        image = np.asarray(Image.open(io.BytesIO(plots.score_plot(candidates, None, "pixel_fidelity"))).convert("RGB"))
+        red = (np.abs(image.astype(int) - (200, 40, 40)).sum(axis=-1) < 60).any(axis=1)
+        rows = np.flatnonzero(red)
+        return rows.max() - rows.min(), image.shape[0]
+
+    flat, height = line_height([70.3100, 70.3112, 70.3106, 70.3108])  # 0.0012 on a 0-100 scale
+    climb, _ = line_height([60.0, 65.0, 70.0, 75.0])
+    assert climb > height / 3  # a real difference fills the panel
+    assert flat < 20, flat  # was a climb across the whole panel

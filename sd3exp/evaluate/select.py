@@ -21,6 +21,12 @@ MEASURES: Dict[str, Tuple[str, str]] = {
     "clip_t": ("max", "prompt adherence: 100 x max(CLIP image-text cosine, 0), torchmetrics' CLIPScore"),
     "clip_i": ("max", "concept fidelity: mean CLIP image cosine to the concept's training images"),
     "dino_i": ("max", "concept fidelity: mean DINO image cosine to the concept's training images"),
+    "pickscore": ("max", "human preference: PickScore, logit_scale x cosine of PickScore's image and text embeddings"),
+    "aesthetic": ("max", "LAION aesthetic predictor v2 (1-10): its MLP on the normalised CLIP ViT-L/14 image embedding"),
+    "hps": ("max", "human preference: 100 x HPSv2.1's image-text cosine (open_clip ViT-H-14)"),
+    "holdout_pixel": ("max", "generalisation: 100 x (1 - RMS pixel distance to the nearest held-out image)"),
+    "holdout_clip": ("max", "generalisation: mean CLIP image cosine to the concept's held-out images"),
+    "holdout_dino": ("max", "generalisation: mean DINO image cosine to the concept's held-out images"),
 }
 BASE_LABEL = "base"
 
