@@ -128,3 +128,24 @@ def test_a_spread_below_the_measures_noise_looks_flat_on_scores_png():
     climb, _ = line_height([60.0, 65.0, 70.0, 75.0])
     assert climb > height / 3  # a real difference fills the panel
     assert flat < 20, flat  # was a climb across the whole panel
+
+
+def test_preference_model_files_resolve_from_the_hub_cache_and_are_refused_with_a_fetch_command(tmp_path, monkeypatch):
+    from sd3exp.errors import ConfigError
+    from sd3exp.schema import ScoringConfig
+
+    repo = tmp_path / "hub" / "models--xswu--HPSv2"
+    (repo / "snapshots" / "abc").mkdir(parents=True)
+    (repo / "snapshots" / "abc" / "HPS_v2.1_compressed.pt").write_bytes(b"weights")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    found = models.scoring_models(ScoringConfig(hps="xswu/HPSv2/HPS_v2.1_compressed.pt"))
+    assert found == {"hps": (repo / "snapshots" / "abc" / "HPS_v2.1_compressed.pt").resolve()}
+    with pytest.raises(ConfigError) as err:
+        models.scoring_models(ScoringConfig(aesthetic=str(tmp_path / "nope.pth")))
+    assert err.value.field == "eval.scoring.aesthetic" and "never downloads" in str(err.value)
+    assert "hf download camenduru/improved-aesthetic-predictor sac+logos+ava1-l14-linearMSE.pth" in err.value.fix
+    (tmp_path / "head.pth").write_bytes(b"head")
+    with pytest.raises(ConfigError, match=r"eval\.scoring\.aesthetic_clip=None: the aesthetic predictor needs a CLIP"):
+        models.scoring_models(ScoringConfig(aesthetic=str(tmp_path / "head.pth")))
