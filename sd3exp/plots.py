@@ -16,6 +16,25 @@ from sd3exp.evaluate.select import MEASURES, Candidate  # noqa: E402
 
 LINE, MARK, TICK = "#c82828", "#176b2c", "#d2d2d2"
 DPI = 100
+# A difference between checkpoint means smaller than this says nothing (rough judgement: CLIP scores
+# barely move between good checkpoints, per SimpleTuner's docs; pixel measures on 32 px thumbnails)
+NOISE = {"pixel_fidelity": 0.5, "drift": 0.5, "holdout_pixel": 0.5, "clip_t": 0.5, "clip_i": 0.005, "dino_i": 0.005,
+         "holdout_clip": 0.005, "holdout_dino": 0.005, "pickscore": 0.1, "aesthetic": 0.05, "hps": 0.2}
+
+
+def noise(measure: str, values: Sequence[float]) -> float:
+    """The measure's noise floor (0.1 % of its size for a measure without one)."""
+    return NOISE.get(measure, 1e-3 * max((abs(v) for v in values), default=1.0))
+
+
+def score_limits(measure: str, values: Sequence[float]) -> Optional[Tuple[float, float]]:
+    """Y limits that keep a spread below the measure's noise flat (the mean +- 2 x noise); None (zoom to
+    the data) when the spread is larger."""
+    if not values:
+        return None
+    floor = noise(measure, values)
+    middle = (max(values) + min(values)) / 2
+    return (middle - 2 * floor, middle + 2 * floor) if max(values) - min(values) < floor else None
 
 
 def png(fig: Figure) -> bytes:
@@ -53,6 +72,12 @@ def score_plot(candidates: Sequence[Candidate], best: Optional[str], objective: 
         ax.plot([x for x, _ in points], [y for _, y in points], color=LINE, marker="o", linewidth=2)
         ax.set_ylabel(measure + (" (objective)" if measure == objective else ""), fontsize=9)
         ax.ticklabel_format(axis="y", useOffset=False)
+        values = [y for _, y in points]
+        limits = score_limits(measure, values)
+        if limits:
+            ax.set_ylim(*limits)
+            ax.text(0.01, 0.95, f"spread {max(values) - min(values):.2g} < noise {noise(measure, values):g}: "
+                    "no real difference", transform=ax.transAxes, va="top", fontsize=8, color="#555555")
         if best is not None:
             ax.axvline([(c.label, c.variant) for c in candidates].index((best, best_variant)), color=MARK,
                        linestyle="--", linewidth=1.5)

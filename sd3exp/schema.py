@@ -154,6 +154,11 @@ class ScoringConfig:
     dino: Optional[str] = None  # local DINO(v2) model folder: dino_i
     memorised_cosine: float = 0.95  # CLIP/DINO image cosine to one training image above this: a near-copy
     cache_dir: Optional[str] = None  # training-image embeddings; default: ~/.cache/sd3exp/embeddings
+    pickscore: Optional[str] = None  # local PickScore folder (yuvalkirstain/PickScore_v1): pickscore
+    pickscore_processor: Optional[str] = None  # the CLIP-H processor's folder; default: the PickScore folder
+    aesthetic: Optional[str] = None  # LAION aesthetic predictor v2 head file (.pth): aesthetic
+    aesthetic_clip: Optional[str] = None  # its CLIP ViT-L/14 folder; default: eval.scoring.clip
+    hps: Optional[str] = None  # HPSv2.1 checkpoint file (HPS_v2.1_compressed.pt): hps
 
 
 @dataclass

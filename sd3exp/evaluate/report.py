@@ -79,7 +79,17 @@ def scoring_context(eval_dir: Path, page_dir: Path) -> dict[str, Any]:
 
     folder = EvalLayout(eval_dir)
     plots = {"score_plot": folder.scores_plot, "training_plot": folder.training_plot}
-    return {"best": read_best(eval_dir), **{k: _link(p, page_dir) if p.is_file() else None for k, p in plots.items()}}
+    best = read_best(eval_dir)
+    return {"best": best, "score_digits": score_digits(best),
+            **{k: _link(p, page_dir) if p.is_file() else None for k, p in plots.items()}}
+
+
+def score_digits(best: Optional[dict[str, Any]]) -> dict[str, int]:
+    """Per measure, the significant digits that tell the rows of the best-checkpoint table apart."""
+    from sd3exp.evaluate.digits import digits
+
+    rows = ([best["best"]] if best["best"] else []) + best["runners_up"] + best["excluded"] if best else []
+    return {name: digits(r["scores"][name] for r in rows if name in r["scores"]) for name in (best or {}).get("measures", {})}
 
 
 def _environment() -> jinja2.Environment:

@@ -70,18 +70,36 @@ class TrainingSet:
     thumbs: np.ndarray  # N x side x side x 3
 
 
-def training_sets(cfg: ExperimentConfig) -> Dict[str, TrainingSet]:
-    """Thumbnails of each concept's images, for the concepts whose folder exists."""
-    side = cfg.eval.scoring.thumbnail
+def _image_set(trigger: str, images: Sequence[Path], side: int) -> TrainingSet:
+    return TrainingSet(trigger, tuple(images), tuple(hashlib.sha256(p.read_bytes()).hexdigest() for p in images),
+                       np.stack([thumbnail(p, side) for p in images]))
+
+
+def concept_images(cfg: ExperimentConfig) -> Dict[str, Tuple[List[Path], List[Path]]]:
+    """(trained, held out) images of each concept whose folder has images; the held-out ones
+    (concepts.N.holdout, chosen as prepare chooses them) are never trained on."""
+    from sd3exp import holdout
+
     found = {}
     for concept in cfg.concepts:
         folder = Path(concept.path)
         images = list_images(folder) if folder.is_dir() else []
+        held = set(holdout.held_out(concept, [p.name for p in images], cfg.seed))
         if images:
-            found[concept.id] = TrainingSet(concept.trigger, tuple(images),
-                                            tuple(hashlib.sha256(p.read_bytes()).hexdigest() for p in images),
-                                            np.stack([thumbnail(p, side) for p in images]))
+            found[concept.id] = ([p for p in images if p.name not in held], [p for p in images if p.name in held])
     return found
+
+
+def training_sets(cfg: ExperimentConfig) -> Dict[str, TrainingSet]:
+    """Thumbnails of each concept's trained images, for the concepts whose folder exists."""
+    side, triggers = cfg.eval.scoring.thumbnail, {c.id: c.trigger for c in cfg.concepts}
+    return {cid: _image_set(triggers[cid], trained, side) for cid, (trained, _) in concept_images(cfg).items()}
+
+
+def holdout_sets(cfg: ExperimentConfig) -> Dict[str, TrainingSet]:
+    """Thumbnails of each concept's held-out images, for the concepts that hold some out."""
+    side, triggers = cfg.eval.scoring.thumbnail, {c.id: c.trigger for c in cfg.concepts}
+    return {cid: _image_set(triggers[cid], held, side) for cid, (_, held) in concept_images(cfg).items() if held}
 
 
 def concepts_of(prompt: str, sets: Mapping[str, TrainingSet]) -> List[str]:
@@ -90,11 +108,13 @@ def concepts_of(prompt: str, sets: Mapping[str, TrainingSet]) -> List[str]:
     return named or list(sets)
 
 
-def scoring_key(cfg: ExperimentConfig, sets: Mapping[str, TrainingSet], folders: Mapping[str, Path]) -> str:
+def scoring_key(cfg: ExperimentConfig, sets: Mapping[str, TrainingSet], folders: Mapping[str, Path],
+                held: Optional[Mapping[str, TrainingSet]] = None) -> str:
     """Digest of what a cell's scores depend on besides its own image."""
     sc = cfg.eval.scoring
     data = {"thumbnail": sc.thumbnail, "memorised_pixel": sc.memorised_pixel,
             "training": {cid: list(s.digests) for cid, s in sets.items()},
+            **({"holdout": {cid: list(s.digests) for cid, s in held.items()}} if held else {}),
             "models": {k: models.model_digest(f) for k, f in folders.items()},
             "memorised_cosine": sc.memorised_cosine if folders else None}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
@@ -114,8 +134,8 @@ def score_cells(cfg: ExperimentConfig, cells: Sequence[Cell], work_dir: Optional
     were kept (scored earlier under the same key); failed cells are neither. The CLIP/DINO worker's
     files go to `work_dir` (default the run's eval/)."""
     sc = cfg.eval.scoring
-    sets, folders = training_sets(cfg), models.configured(sc.clip, sc.dino)
-    key = scoring_key(cfg, sets, folders)
+    sets, held, folders = training_sets(cfg), holdout_sets(cfg), models.scoring_models(sc)
+    key = scoring_key(cfg, sets, folders, held)
     base = {(c.prompt_index, c.seed, _sampling_of(c)): c for c in cells if c.label == BASE_LABEL}
     todo = [i for i, c in enumerate(cells) if c.status == "ok" and c.scored_with != key]
     out, pools = list(cells), {}
@@ -132,6 +152,9 @@ def score_cells(cfg: ExperimentConfig, cells: Sequence[Cell], work_dir: Optional
             if pool is None:
                 pool = pools[names] = np.concatenate([sets[n].thumbs for n in names])
             scores["pixel_fidelity"] = pixel_fidelity(image, pool)
+        unseen = [held[n].thumbs for n in names if n in held]
+        if unseen:
+            scores["holdout_pixel"] = pixel_fidelity(image, np.concatenate(unseen))
         base_cell = base.get((cell.prompt_index, cell.seed, _sampling_of(cell)))
         base_image = _image(base_cell, sc.thumbnail) if base_cell is not None else None
         if base_image is not None:
@@ -139,28 +162,31 @@ def score_cells(cfg: ExperimentConfig, cells: Sequence[Cell], work_dir: Optional
         memorised = scores["pixel_fidelity"] > sc.memorised_pixel if "pixel_fidelity" in scores else None
         out[i] = replace(cell, scores=scores, memorised=memorised, scored_with=key)
     if folders:
-        out = model_scores(cfg, out, [i for i in todo if out[i].scored_with], sets, folders,
+        out = model_scores(cfg, out, [i for i in todo if out[i].scored_with], (sets, held), folders,
                            work_dir or RunLayout(Path(cfg.paths.run_dir)).eval.folder)
     return out, len(todo), sum(c.status == "ok" for c in cells) - len(todo)
 
 
-def model_scores(cfg: ExperimentConfig, cells: List[Cell], todo: Sequence[int], sets: Mapping[str, TrainingSet],
+def model_scores(cfg: ExperimentConfig, cells: List[Cell], todo: Sequence[int],
+                 image_sets: Tuple[Mapping[str, TrainingSet], Mapping[str, TrainingSet]],
                  folders: Mapping[str, Path], work: Path) -> List[Cell]:
-    """CLIP-T / CLIP-I / DINO-I added to the cells at `todo` (by the trainer venv's worker); when the worker
-    fails the cells keep their weight-free scores and are scored again next time."""
+    """The model measures added to the cells at `todo` (by the trainer venv's worker; image_sets: the
+    trained and the held-out images); when the worker fails the cells keep their weight-free scores,
+    unscored_by_models() finds them and they are scored again next time."""
     from sd3exp.trainer_env import trainer_for
 
     if not todo:
         return cells
     sc = cfg.eval.scoring
+    sets, held = image_sets
     job = models.make_job(folders, {cid: list(zip(s.paths, s.digests)) for cid, s in sets.items()},
                           [{"id": i, "image": str(cell_image(cells[i])), "prompt": cells[i].prompt,
                             "concepts": concepts_of(cells[i].prompt, sets)} for i in todo],
-                          models.cache_dir(sc.cache_dir))
+                          models.cache_dir(sc.cache_dir), {cid: list(zip(s.paths, s.digests)) for cid, s in held.items()})
     try:
         found = models.run_worker(job, trainer_for(cfg).python, work, cfg.eval.timeout_s)
     except (OSError, subprocess.SubprocessError, KeyError, ValueError) as err:
-        console.warn(f"CLIP/DINO scoring failed ({err}); scored without them. {work / 'score.log'}:\n  "
+        console.warn(f"model scoring failed ({err}); scored without the model measures. The end of score.log:\n  "
                      + "\n  ".join(models.tail(work / "score.log")))
         return [replace(c, scored_with="") if i in set(todo) else c for i, c in enumerate(cells)]
     out = list(cells)
@@ -235,10 +261,24 @@ def rule_of(cfg: ExperimentConfig) -> Rule:
 
 
 def check_scoring(cfg: ExperimentConfig) -> None:
-    """Refuse, before any rendering, a selection rule or scoring set-up that cannot work."""
-    if cfg.eval.scoring.enabled:
+    """Refuse, before any rendering, a selection rule or scoring set-up that cannot work: every model
+    is found and loads (once per set of models, in the trainer venv)."""
+    sc = cfg.eval.scoring
+    if sc.enabled:
         rule_of(cfg)
-        models.configured(cfg.eval.scoring.clip, cfg.eval.scoring.dino)
+        found = models.scoring_models(sc)
+        if found:
+            from sd3exp.trainer_env import trainer_for
+
+            models.check_loading(found, trainer_for(cfg).python, models.cache_dir(sc.cache_dir), cfg.eval.timeout_s)
+
+
+def unscored_by_models(cfg: ExperimentConfig, cells: Sequence[Cell]) -> int:
+    """How many good cells lack their model measures (the scoring worker failed): they have
+    weight-free scores but no scoring key."""
+    sc = cfg.eval.scoring
+    wanted = sc.enabled and any((sc.clip, sc.dino, sc.pickscore, sc.aesthetic, sc.hps))
+    return sum(c.status == "ok" and bool(c.scores) and not c.scored_with for c in cells) if wanted else 0
 
 
 def scoring_request(cfg: ExperimentConfig) -> dict:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from sd3exp.errors import ConfigError
+from sd3exp.evaluate.digits import fmt
 
 # measure -> (direction that is better, what it is)
 MEASURES: Dict[str, Tuple[str, str]] = {
@@ -21,6 +22,12 @@ MEASURES: Dict[str, Tuple[str, str]] = {
     "clip_t": ("max", "prompt adherence: 100 x max(CLIP image-text cosine, 0), torchmetrics' CLIPScore"),
     "clip_i": ("max", "concept fidelity: mean CLIP image cosine to the concept's training images"),
     "dino_i": ("max", "concept fidelity: mean DINO image cosine to the concept's training images"),
+    "pickscore": ("max", "human preference: PickScore, logit_scale x cosine of PickScore's image and text embeddings"),
+    "aesthetic": ("max", "LAION aesthetic predictor v2 (1-10): its MLP on the normalised CLIP ViT-L/14 image embedding"),
+    "hps": ("max", "human preference: 100 x HPSv2.1's image-text cosine (open_clip ViT-H-14)"),
+    "holdout_pixel": ("max", "generalisation: 100 x (1 - RMS pixel distance to the nearest held-out image)"),
+    "holdout_clip": ("max", "generalisation: mean CLIP image cosine to the concept's held-out images"),
+    "holdout_dino": ("max", "generalisation: mean DINO image cosine to the concept's held-out images"),
 }
 BASE_LABEL = "base"
 
@@ -114,10 +121,12 @@ def why_not(candidate: Candidate, rule: Rule) -> Optional[str]:
         return f"no {rule.objective} score"
     for name, low in rule.at_least.items():
         if candidate.scores.get(name, -math.inf) < low:
-            return f"{name} {candidate.scores.get(name, float('nan')):.4g} < {low:g}"
+            value = candidate.scores.get(name, math.nan)
+            return f"{name} {fmt(value, low)} < {low:.12g}"
     for name, high in rule.at_most.items():
         if candidate.scores.get(name, math.inf) > high:
-            return f"{name} {candidate.scores.get(name, float('nan')):.4g} > {high:g}"
+            value = candidate.scores.get(name, math.nan)
+            return f"{name} {fmt(value, high)} > {high:.12g}"
     if rule.not_memorised and candidate.memorised:
         return f"{candidate.memorised} memorised cell(s)"
     return None

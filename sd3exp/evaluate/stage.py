@@ -23,7 +23,7 @@ from sd3exp.evaluate import lora_scale
 from sd3exp.evaluate.lora_scale import Strength
 from sd3exp.evaluate.report import write_report
 from sd3exp.evaluate.score import (best_label, best_variant, check_scoring, choose_best, node_inputs, print_best,
-                                   scoring_request, summary_line)
+                                   scoring_request, summary_line, unscored_by_models)
 from sd3exp.hub import is_repo_id
 from sd3exp.io import write_json
 from sd3exp.workers.render_device import DEVICES, DTYPES
@@ -38,6 +38,12 @@ SHIPPED_WORKFLOWS = {"full": "sd3_api.json", "lora": "sd3_lora_api.json"}  # mod
 
 class CellsFailed(EvalError):
     """The sweep finished, but some cells failed (drawn as error tiles)."""
+
+    exit_code = 3
+
+
+class ScoringFailed(EvalError):
+    """The scoring worker failed; the evaluation is kept without the model measures."""
 
     exit_code = 3
 
@@ -230,7 +236,7 @@ def evaluate(cfg: ExperimentConfig, run_dir: Path, resume_command: Optional[str]
     variants = variants_of(cfg, checkpoints)
     all_cells = reuse.wanted(list(record["checkpoints"]), ev.prompts, ev.seeds, variants)
     current, before = reuse.load_previous(eval_dir)
-    if before == record and complete(current, all_cells):
+    if before == record and complete(current, all_cells) and not unscored_by_models(cfg, current):
         console.info(f"already evaluated with these settings: {EvalLayout(eval_dir).report}")
         print_best(eval_dir)
         return EvalLayout(eval_dir).report
@@ -315,6 +321,11 @@ def finish(cfg: ExperimentConfig, run_dir: Path, cells: List[Cell], record: dict
         console.info(summary_line(choice))
         for line in node_inputs(choice.best, comfy).lines() if choice.best else []:
             console.info(f"  ComfyUI: {line}")
+    unscored = unscored_by_models(cfg, cells)
+    if unscored:
+        raise ScoringFailed(f"the model measures of {unscored} cell(s) could not be computed; see "
+                            f"{eval_dir / 'score.log'}. The images are kept: running the same command again "
+                            "scores them without rendering")
     if failed:
         first = failed[0]
         raise CellsFailed(f"{len(failed)} of {len(cells)} cells failed, e.g. {first.label} prompt "
