@@ -109,6 +109,7 @@ def stage_train(job: Job, plan: Plan) -> None:
     if train.is_complete(run_dir, training_dir, cfg.model.type, plan.max_train_steps):
         console.info(f"training already complete ({training_dir}); nothing to do")
         return
+    live.check(cfg)
     stage_prepare(job, plan)
     env = trainer_for(cfg)
     args = trainer_args(cfg, plan, run_dir) + user_extra_args(cfg)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sd3exp.live import REFRESH_S, LiveState, Point, set_refresh, stalled
+from sd3exp.errors import ConfigError
+from sd3exp.live import REFRESH_S, LiveState, Point, check, enabled, set_refresh, stalled
+from tests.conftest import compose_experiment
 
 
 def points(*values):
@@ -68,3 +71,23 @@ def test_live_state_round_trips(tmp_path: Path):
     state = LiveState(points(1.0, None), ["steps 2: boom"], {"step": 4, "objective": "drift", "reason": "r"})
     state.save(tmp_path / "live.json")
     assert LiveState.load(tmp_path / "live.json") == state
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["training.early_stop.patience=-1"], "training.early_stop.patience"),
+    (["training.early_stop.patience=2", "training.early_stop.min_delta=-0.5"], "training.early_stop.min_delta"),
+    (["training.early_stop.patience=2", "training.early_stop.objective=sharpness"], "training.early_stop.objective"),
+    (["training.early_stop.patience=2", "eval.backend=none"], "training.early_stop.patience"),
+    (["training.early_stop.patience=2", "eval.scoring.enabled=false"], "training.early_stop.patience"),
+])
+def test_early_stopping_that_could_never_stop_is_refused(overrides, field):
+    cfg = compose_experiment("demo_quick", overrides)
+    with pytest.raises(ConfigError) as err:
+        check(cfg)
+    assert err.value.field == field and "Fix:" in str(err.value)
+
+
+def test_a_sound_early_stopping_set_up_passes_and_turns_live_evaluation_on():
+    cfg = compose_experiment("demo_quick", ["training.early_stop.patience=2"])
+    check(cfg)
+    assert enabled(cfg) and not enabled(compose_experiment("demo_quick"))

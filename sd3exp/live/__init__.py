@@ -176,6 +176,30 @@ class Watcher:
             stop_run(self.run_dir, ((signal.SIGTERM, 10), (signal.SIGKILL, 5)))
 
 
+def check(cfg: ExperimentConfig) -> None:
+    """Refuse an early-stopping set-up that could never stop, before training starts."""
+    from sd3exp.errors import ConfigError
+    from sd3exp.evaluate.select import MEASURES
+
+    stop = cfg.training.early_stop
+    if stop.patience < 0:
+        raise ConfigError("training.early_stop.patience", stop.patience, "must be 0 (off) or more",
+                          "e.g. training.early_stop.patience=3")
+    if not stop.patience:
+        return
+    if stop.min_delta < 0 or not math.isfinite(stop.min_delta):
+        raise ConfigError("training.early_stop.min_delta", stop.min_delta, "must be a finite number >= 0",
+                          "e.g. training.early_stop.min_delta=0.1")
+    if stop.objective is not None and stop.objective not in MEASURES:
+        raise ConfigError("training.early_stop.objective", stop.objective, "not a measure sd3exp computes",
+                          f"use one of {', '.join(MEASURES)}, or null for eval.select.objective")
+    if cfg.eval.backend == "none" or not cfg.eval.scoring.enabled:
+        raise ConfigError("training.early_stop.patience", stop.patience,
+                          "early stopping needs scored checkpoints, but eval.backend=none or eval.scoring.enabled=false",
+                          "use eval.backend=diffusers (or comfyui) with eval.scoring.enabled=true, "
+                          "or training.early_stop.patience=0")
+
+
 def enabled(cfg: ExperimentConfig) -> bool:
     """Live evaluation runs with eval.live, and for early stopping (which needs the scores)."""
     return cfg.eval.backend != "none" and (cfg.eval.live or cfg.training.early_stop.patience > 0)
