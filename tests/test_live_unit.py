@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sd3exp.errors import ConfigError
-from sd3exp.live import REFRESH_S, LiveState, Point, check, enabled, set_refresh, stalled
+from sd3exp.live import REFRESH_S, LiveState, Point, Watcher, check, enabled, set_refresh, stalled, summary_lines
 from tests.conftest import compose_experiment
 
 
@@ -91,3 +91,17 @@ def test_a_sound_early_stopping_set_up_passes_and_turns_live_evaluation_on():
     cfg = compose_experiment("demo_quick", ["training.early_stop.patience=2"])
     check(cfg)
     assert enabled(cfg) and not enabled(compose_experiment("demo_quick"))
+
+
+def test_a_failing_live_evaluation_is_recorded_and_named_in_the_summary(tmp_path: Path):
+    """A ComfyUI server that is not there: the evaluation fails, the watcher records it and goes on."""
+    run, training = tmp_path / "run", tmp_path / "run" / "training"
+    (training / "checkpoint-2").mkdir(parents=True)
+    (training / "checkpoint-2" / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    cfg = compose_experiment("demo_quick", ["eval.live=true", "eval.backend=comfyui", "eval.url=http://127.0.0.1:9",
+                                            f"paths.training_dir={training}"], run_dir=str(run))
+    watcher = Watcher(cfg, run)
+    watcher.evaluate(watcher.new_steps(), live=True)
+    assert watcher.new_steps() == []  # not tried again at every poll
+    lines = summary_lines(run)
+    assert len(lines) == 1 and lines[0].startswith("live evaluation failed: steps 2: ")
