@@ -23,6 +23,7 @@ from typing import Iterator, List, Optional, Sequence
 
 from sd3exp import console
 from sd3exp.io import read_json, write_json, write_text
+from sd3exp.layout import RunLayout
 from sd3exp.schema import ExperimentConfig
 
 POLL_S = 1.0  # how often the training folder is looked at
@@ -93,7 +94,6 @@ def objectives(run_dir: Path, objective: str) -> List[Point]:
     """Each evaluated checkpoint's mean objective, from eval/cells.json."""
     from sd3exp.evaluate.cells import read_cells_json
     from sd3exp.evaluate.select import mean_scores
-    from sd3exp.layout import RunLayout
 
     path = RunLayout(run_dir).eval.cells
     if not path.is_file():
@@ -119,6 +119,7 @@ class Watcher:
         self.cfg = replace(cfg, eval=replace(cfg.eval, include_final=False))
         self.run_dir = run_dir
         self.path = run_dir / LIVE_FILE
+        self.report = RunLayout(run_dir).eval.report
         self.state = LiveState.load(self.path)
         self.done: set = set()
         self.closing = threading.Event()
@@ -139,12 +140,12 @@ class Watcher:
             if steps and (self.last_pass or not last):
                 self.evaluate(steps, live=not last)
             if last:
+                set_refresh(self.report, False)  # training has ended: the report stops reloading
                 return
             self.closing.wait(POLL_S)
 
     def evaluate(self, steps: List[int], live: bool) -> None:
         from sd3exp.evaluate.stage import evaluate
-        from sd3exp.layout import RunLayout
 
         console.info(f"live evaluation of checkpoint(s) {', '.join(map(str, steps))}")
         try:
@@ -154,7 +155,7 @@ class Watcher:
             self.state.failures.append(message)
             console.warn(f"live evaluation failed ({message}); training goes on")
         self.done.update(steps)
-        set_refresh(RunLayout(self.run_dir).eval.report, live)
+        set_refresh(self.report, live)
         self.check_stop()
         self.state.save(self.path)
 
