@@ -97,6 +97,15 @@ class ScheduleConfig:
 
 
 @dataclass
+class EarlyStopConfig:
+    """Stop training when the live evaluation's objective stalls (sd3exp/live/); patience 0: off."""
+
+    objective: Optional[str] = None  # a measure; null: eval.select.objective (with its direction)
+    patience: int = 0  # checkpoints without improvement before stopping
+    min_delta: float = 0.0  # an improvement must exceed this
+
+
+@dataclass
 class TrainingConfig:
     batch_size: int = 1
     epochs: int = 0
@@ -108,6 +117,7 @@ class TrainingConfig:
     num_processes: int = 1
     num_machines: int = 1
     accelerate_config: Optional[str] = None
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
 
 
 @dataclass
@@ -193,6 +203,7 @@ class EvalConfig:
     max_step: Optional[int] = None
     include_base: bool = False
     include_final: bool = True
+    live: bool = False  # evaluate each checkpoint as training saves it (sd3exp/live/)
     nodes: Dict[str, str] = field(default_factory=dict)
     workflow_inputs: Dict[str, Any] = field(default_factory=dict)  # {node id: {input: value}}
     models_dir: Optional[str] = None

@@ -98,13 +98,19 @@ def cpu_shim(cfg: ExperimentConfig, cuda: bool) -> Optional[str]:
 
 
 def stage_train(job: Job, plan: Plan) -> None:
-    from sd3exp import preflight, train
+    from sd3exp import live, preflight, train
 
     cfg, run_dir = job.cfg, job.run_dir
     training_dir = Path(cfg.paths.training_dir)
+    early = live.early_stop_of(run_dir)
+    if early:
+        console.info(f"training stopped early at step {early['step']} ({early['reason']}); nothing to do. "
+                     f"To train on, start a new run: {command_for(job, cfg.stage)} trainer.new_run=true")
+        return
     if train.is_complete(run_dir, training_dir, cfg.model.type, plan.max_train_steps):
         console.info(f"training already complete ({training_dir}); nothing to do")
         return
+    live.check(cfg)
     stage_prepare(job, plan)
     env = trainer_for(cfg)
     model = require_model(cfg.model.path, env.python)
@@ -122,10 +128,11 @@ def stage_train(job: Job, plan: Plan) -> None:
                                             offline=model.state in ("local", "cached"))
     next_command = command_for(job, "eval") if cfg.stage == "train" else None
     console.info(f"cache: {plan.cache_dir} (shared by the runs on the same data; sd3exp/cache.py)")
-    with cache.filling(Path(plan.cache_dir)) as caches_complete:
+    with cache.filling(Path(plan.cache_dir)) as caches_complete, live.watching(cfg, run_dir):
         train.run_training(env.train_command(), run_dir, training_dir, process_env, plan.max_train_steps,
                            plan.checkpoint_steps, next_command, resume_command=command_for(job, cfg.stage),
-                           on_first_step=caches_complete, model_type=cfg.model.type)
+                           on_first_step=caches_complete, model_type=cfg.model.type,
+                           stopped_early=lambda: live.early_stop_of(run_dir))
 
 
 def stage_eval(job: Job, plan: Plan) -> None:
@@ -165,6 +172,9 @@ def summary(job: Job) -> str:
         from sd3exp.io import read_json
 
         lines.append(f"best checkpoint: {run_line(read_json(run.eval.best))}")
+    from sd3exp.live import summary_lines
+
+    lines += summary_lines(job.run_dir)
     return "\n".join(lines)
 
 

@@ -102,6 +102,14 @@ def best_thumbnail(eval_dir: Path, label: str) -> Optional[Path]:
     return None
 
 
+def trained(run_dir: Path, training_dir: Optional[str]) -> Dict[str, Any]:
+    """Steps trained (the last checkpoint's) and the early stop, when training.early_stop stopped the job."""
+    from sd3exp.live import early_stop_of
+
+    steps = max(checkpoint_dirs(Path(training_dir)), default=0) if training_dir else 0
+    return {"steps": steps, "early_stop": early_stop_of(run_dir)}
+
+
 def job_best(run_dir: Path, sweep_dir: Path) -> Optional[Dict[str, Any]]:
     """The job's best checkpoint, its score and a thumbnail, from eval/best.json; None when not scored."""
     path = RunLayout(run_dir).eval.best
@@ -131,6 +139,7 @@ def row(record: Dict[str, Any], values: Dict[str, str], swept: List[str], sweep_
             "values": {k: values.get(k) for k in swept},
             "status": disk_status(run_dir, record["training_dir"]) if done else record["status"],
             "error": record["error"], "plan": plan_figures(run_dir), "best": job_best(run_dir, sweep_dir),
+            "trained": trained(run_dir, record["training_dir"]),
             "links": {name: os.path.relpath(run_dir / rel, sweep_dir) if (run_dir / rel).is_file() else None
                       for name, rel in EVAL_LINKS.items()}}
 

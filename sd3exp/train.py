@@ -213,6 +213,7 @@ class TrainResult:
     log: str
     stopped_by: Optional[str] = None  # what stopped sd3exp during training: "Ctrl-C", "SIGTERM"
     killed_by: Optional[str] = None  # the signal that killed the trainer, e.g. "SIGKILL"
+    early_stop: Optional[dict] = None  # training.early_stop stopped it: step, objective, reason (sd3exp/live/)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -368,7 +369,8 @@ def short_of_plan(result: TrainResult, total: int) -> str:
 
 def run_training(cmd: List[str], run_dir: Path, training_dir: Path, env: Dict[str, str], total: int,
                  planned: List[int], next_command: Optional[str], resume_command: str,
-                 model_type: str, on_first_step: Callable[[], None]) -> TrainResult:
+                 model_type: str, on_first_step: Callable[[], None],
+                 stopped_early: Callable[[], Optional[dict]] = lambda: None) -> TrainResult:
     start = max(checkpoint_dirs(training_dir), default=0)
     if start:
         console.info(f"resuming from checkpoint-{start} (SimpleTuner resume_from_checkpoint=latest)")
@@ -378,10 +380,15 @@ def run_training(cmd: List[str], run_dir: Path, training_dir: Path, env: Dict[st
             f"a trainer started by an earlier sd3exp is still running in {run_dir} (pid {', '.join(map(str, left))}); "
             f"a second one would train the same run. Fix: wait for it to end, or stop it: kill -INT {left[0]}")
     result = launch(cmd, run_dir, training_dir, env, total, start, on_first_step)
+    result.early_stop = stopped_early()
     try:
         write_json(RunLayout(run_dir).training_summary, result.to_dict())
     except DiskFullError as err:
         console.warn(err)
+    if result.early_stop and result.stopped_by is None:
+        console.info(report(result, planned, total, next_command))
+        console.info(f"stopped early at step {result.early_stop['step']}: {result.early_stop['reason']}")
+        return result
     short = result.exit_code == 0 and not is_complete(run_dir, training_dir, model_type, total)
     console.info(report(result, planned, total, None if short else next_command))
     if result.exit_code != 0 or short:

@@ -88,3 +88,21 @@ def test_submitit_local_runs_four_jobs_two_at_a_time(tmp_path):
                 for j in jobs}
     assert training == {str(tmp_path / j["run_dir"] / "training") for j in jobs} and len(training) == 4
     assert (out.stdout + out.stderr).count("Submitit 'local' sweep output dir") == 2  # two batches of two
+
+
+def test_an_early_stopped_job_shows_its_stop_and_steps_trained(tmp_path):
+    from sd3exp.live import LiveState
+
+    out = sweep(tmp_path, "experiment=demo_quick", "optimizer.lr=1e-4,2e-4")
+    assert out.returncode == 0, out.stderr
+    job = summary(tmp_path)["jobs"][0]
+    assert job["trained"] == {"steps": 0, "early_stop": None}
+    run = tmp_path / job["run_dir"]
+    for step in (2, 4):
+        (run / "training" / f"checkpoint-{step}").mkdir(parents=True)
+    LiveState(early_stop={"step": 4, "objective": "pixel_fidelity", "reason": "no <improvement>"}).save(run / "live.json")
+    data = write_summary(tmp_path)
+    stopped = next(j for j in data["jobs"] if j["run_dir"] == job["run_dir"])
+    assert stopped["trained"] == {"steps": 4, "early_stop": {"step": 4, "objective": "pixel_fidelity",
+                                                             "reason": "no <improvement>"}}
+    assert "stopped early at step 4 of 6: no &lt;improvement&gt;" in (tmp_path / "sweep.html").read_text()

@@ -1,0 +1,235 @@
+"""Live evaluation while SimpleTuner trains (eval.live) and early stopping (training.early_stop).
+
+Trigger: sd3exp watches the training folder from a thread of its own process and evaluates every
+finished checkpoint (the same guard as stage=eval: `checkpoint-N-tmp` folders and checkpoints without
+weights are skipped), rather than SimpleTuner's --post_checkpoint_script. The script would run inside
+the trainer's process tree and on its schedule (SimpleTuner waits for it on the main rank), so a
+failing or slow evaluation could stop or slow training; the watcher cannot, and it needs no change to
+the compiled SimpleTuner files. Evaluations are serialised (one at a time; the checkpoints saved
+meanwhile are evaluated together next) and reuse every unchanged cell, as stage=eval does.
+
+One entry: `watching(cfg, run_dir)`, a context manager around the trainer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import threading
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence
+
+from sd3exp import console
+from sd3exp.io import read_json, write_json, write_text
+from sd3exp.layout import RunLayout
+from sd3exp.schema import ExperimentConfig
+
+POLL_S = 1.0  # how often the training folder is looked at
+REFRESH_S = 10  # report.html reloads itself this often while training runs
+LIVE_FILE = "live.json"  # in the run folder: the objective of each checkpoint, failures, the early stop
+
+
+@dataclass
+class Point:
+    """One evaluated checkpoint's objective (None: no score, e.g. its cells failed)."""
+
+    step: int
+    value: Optional[float]
+
+
+def stalled(points: Sequence[Point], direction: str, patience: int, min_delta: float) -> Optional[str]:
+    """Why training should stop: the objective has not improved by more than `min_delta` for the last
+    `patience` checkpoints (in step order); None while it has, or with fewer checkpoints."""
+    sign = 1.0 if direction == "max" else -1.0
+    best: Optional[Point] = None
+    since = 0
+    for point in sorted(points, key=lambda p: p.step):
+        if point.value is not None and math.isfinite(point.value) and (
+                best is None or sign * (point.value - best.value) > min_delta):
+            best, since = point, 0
+        else:
+            since += 1
+    if best is None or since < patience:
+        return None
+    return (f"no improvement of more than {min_delta:g} for {since} checkpoint(s) (patience {patience}); "
+            f"best step {best.step} with {best.value:.6g}")
+
+
+@dataclass
+class LiveState:
+    """live.json: what the live evaluation saw, kept across resumes."""
+
+    points: List[Point] = field(default_factory=list)
+    failures: List[str] = field(default_factory=list)
+    early_stop: Optional[dict] = None
+
+    @classmethod
+    def load(cls, path: Path) -> "LiveState":
+        if not path.is_file():
+            return cls()
+        data = read_json(path)
+        return cls([Point(**p) for p in data.get("points", [])], list(data.get("failures", [])),
+                   data.get("early_stop"))
+
+    def save(self, path: Path) -> None:
+        write_json(path, {"points": [vars(p) for p in self.points], "failures": self.failures,
+                          "early_stop": self.early_stop})
+
+
+def early_stop_of(run_dir: Path) -> Optional[dict]:
+    """The early stop recorded for a run (None when it did not stop early)."""
+    return LiveState.load(run_dir / LIVE_FILE).early_stop
+
+
+def direction_of(cfg: ExperimentConfig, objective: str) -> str:
+    from sd3exp.evaluate.select import MEASURES
+
+    sel = cfg.eval.select
+    return sel.direction if sel.direction and objective == sel.objective else MEASURES[objective][0]
+
+
+def objectives(run_dir: Path, objective: str) -> List[Point]:
+    """Each evaluated checkpoint's mean objective, from eval/cells.json."""
+    from sd3exp.evaluate.cells import read_cells_json
+    from sd3exp.evaluate.select import mean_scores
+
+    path = RunLayout(run_dir).eval.cells
+    if not path.is_file():
+        return []
+    cells = [{"label": c.label, "step": c.step, "status": c.status, "scores": c.scores, "memorised": c.memorised}
+             for c in read_cells_json(path)]
+    return [Point(c.step, c.scores.get(objective)) for c in mean_scores(cells) if c.step is not None]
+
+
+def set_refresh(report: Path, on: bool) -> None:
+    """Make report.html reload itself while training runs (and stop doing so when it ends)."""
+    if not report.is_file():
+        return
+    tag = f'<meta http-equiv="refresh" content="{REFRESH_S}">\n'
+    text = report.read_text(encoding="utf-8").replace(tag, "")
+    write_text(report, text.replace("<head>\n", "<head>\n" + tag, 1) if on else text)
+
+
+class Watcher:
+    """The thread that evaluates new checkpoints while training runs, and stops a stalled run."""
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path) -> None:
+        self.cfg = replace(cfg, eval=replace(cfg.eval, include_final=False))
+        self.run_dir = run_dir
+        self.path = run_dir / LIVE_FILE
+        self.report = RunLayout(run_dir).eval.report
+        self.state = LiveState.load(self.path)
+        self.done: set = set()
+        self.closing = threading.Event()
+        self.last_pass = True  # False when training was interrupted: no pass after it
+        self.thread = threading.Thread(target=self.loop, name="sd3exp-live", daemon=True)
+
+    def new_steps(self) -> List[int]:
+        from sd3exp.evaluate.checkpoints import discover
+
+        ev = self.cfg.eval
+        found = discover(self.cfg.paths.training_dir, ev.every_k, ev.min_step, ev.max_step, include_final=False)
+        return [c.step for c in found.checkpoints if c.step not in self.done]
+
+    def loop(self) -> None:
+        while True:
+            last = self.closing.is_set()  # after training ended: one last pass for the last checkpoints
+            steps = [] if self.state.early_stop else self.new_steps()
+            if steps and (self.last_pass or not last):
+                self.evaluate(steps, live=not last)
+            if last:
+                set_refresh(self.report, False)  # training has ended: the report stops reloading
+                return
+            self.closing.wait(POLL_S)
+
+    def evaluate(self, steps: List[int], live: bool) -> None:
+        from sd3exp.evaluate.stage import evaluate
+
+        console.info(f"live evaluation of checkpoint(s) {', '.join(map(str, steps))}")
+        try:
+            evaluate(self.cfg, self.run_dir)
+        except Exception as err:  # a failing evaluation never stops training; it is named in the summary
+            message = f"steps {', '.join(map(str, steps))}: {err}"
+            self.state.failures.append(message)
+            console.warn(f"live evaluation failed ({message}); training goes on")
+        self.done.update(steps)
+        set_refresh(self.report, live)
+        self.check_stop()
+        self.state.save(self.path)
+
+    def check_stop(self) -> None:
+        stop = self.cfg.training.early_stop
+        if not stop.patience:
+            return
+        objective = stop.objective or self.cfg.eval.select.objective
+        seen = {p.step: p for p in [*self.state.points, *objectives(self.run_dir, objective)]}
+        self.state.points = sorted(seen.values(), key=lambda p: p.step)
+        reason = stalled(self.state.points, direction_of(self.cfg, objective), stop.patience, stop.min_delta)
+        if reason and not self.closing.is_set():
+            last = self.state.points[-1].step
+            self.state.early_stop = {"step": last, "objective": objective, "reason": reason}
+            self.state.save(self.path)  # before the trainer exits: run_training reads it then
+            console.info(f"early stop at step {last}: {reason}; stopping the trainer (every checkpoint is kept)")
+            from sd3exp.train import stop_run
+
+            stop_run(self.run_dir, ((signal.SIGTERM, 10), (signal.SIGKILL, 5)))
+
+
+def check(cfg: ExperimentConfig) -> None:
+    """Refuse an early-stopping set-up that could never stop, before training starts."""
+    from sd3exp.errors import ConfigError
+    from sd3exp.evaluate.select import MEASURES
+
+    stop = cfg.training.early_stop
+    if stop.patience < 0:
+        raise ConfigError("training.early_stop.patience", stop.patience, "must be 0 (off) or more",
+                          "e.g. training.early_stop.patience=3")
+    if not stop.patience:
+        return
+    if stop.min_delta < 0 or not math.isfinite(stop.min_delta):
+        raise ConfigError("training.early_stop.min_delta", stop.min_delta, "must be a finite number >= 0",
+                          "e.g. training.early_stop.min_delta=0.1")
+    if stop.objective is not None and stop.objective not in MEASURES:
+        raise ConfigError("training.early_stop.objective", stop.objective, "not a measure sd3exp computes",
+                          f"use one of {', '.join(MEASURES)}, or null for eval.select.objective")
+    if cfg.eval.backend == "none" or not cfg.eval.scoring.enabled:
+        raise ConfigError("training.early_stop.patience", stop.patience,
+                          "early stopping needs scored checkpoints, but eval.backend=none or eval.scoring.enabled=false",
+                          "use eval.backend=diffusers (or comfyui) with eval.scoring.enabled=true, "
+                          "or training.early_stop.patience=0")
+
+
+def enabled(cfg: ExperimentConfig) -> bool:
+    """Live evaluation runs with eval.live, and for early stopping (which needs the scores)."""
+    return cfg.eval.backend != "none" and (cfg.eval.live or cfg.training.early_stop.patience > 0)
+
+
+@contextlib.contextmanager
+def watching(cfg: ExperimentConfig, run_dir: Path) -> Iterator[Optional[Watcher]]:
+    """Evaluate checkpoints as training saves them; on a clean exit one last pass for the last ones."""
+    if not enabled(cfg):
+        yield None
+        return
+    watcher = Watcher(cfg, run_dir)
+    watcher.thread.start()
+    console.info(f"live evaluation: every finished checkpoint is evaluated while training runs ({run_dir / LIVE_FILE})")
+    try:
+        yield watcher
+    except BaseException:
+        watcher.last_pass = False
+        raise
+    finally:
+        watcher.closing.set()
+        watcher.thread.join()
+
+
+def summary_lines(run_dir: Path) -> List[str]:
+    """The live evaluation's failures and the early stop, for the end-of-run summary."""
+    state = LiveState.load(run_dir / LIVE_FILE)
+    lines = [f"live evaluation failed: {f}" for f in state.failures]
+    if state.early_stop:
+        stop = state.early_stop
+        lines.append(f"stopped early at step {stop['step']}: {stop['reason']}")
+    return lines
