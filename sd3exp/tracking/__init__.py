@@ -20,6 +20,12 @@ def store_uri(mlflow: MlflowConfig, output_root: str) -> str:
     return mlflow.uri or f"sqlite:///{Path(output_root).resolve() / 'mlflow.db'}"
 
 
+def logdir(run_dir: Path, output_root: str) -> Path:
+    """The folder to give `tensorboard --logdir`: the output folder, or the run's parent when it lies elsewhere."""
+    root = Path(output_root).resolve()
+    return root if root in run_dir.resolve().parents else run_dir.resolve().parent
+
+
 def _failed(tracker: str, where: str, err: BaseException, again: Optional[str]) -> str:
     line = f"{tracker} at {where} failed: {type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
     return line + (f"; nothing else is affected, the next run catches up (e.g. `{again}`)" if again else "")
@@ -51,7 +57,7 @@ def log_run(cfg: ExperimentConfig, run_dir: Path, config_hash: str, overrides: L
             from sd3exp.tracking import tensorboard_events
 
             folder = tensorboard_events.write(record, run_dir)
-            lines.append(f"tensorboard: {folder}; open with `tensorboard --logdir {Path(cfg.paths.output_root)}`")
+            lines.append(f"tensorboard: {folder}; open with `tensorboard --logdir {logdir(run_dir, cfg.paths.output_root)}`")
         except Exception as err:  # noqa: BLE001
             console.warn(_failed("TensorBoard", str(run_dir), err, again))
     return lines

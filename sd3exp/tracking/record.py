@@ -12,6 +12,7 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+from sd3exp.evaluate.checkpoints import BASE_LABEL, FINAL_LABEL
 from sd3exp.io import read_json
 from sd3exp.layout import RunLayout
 from sd3exp.project import ROOT
@@ -55,24 +56,26 @@ def cell_step(cell: Dict[str, Any], final_step: int) -> int:
     """A cell's step: the base model 0, the final model the planned last step."""
     if cell["step"] is not None:
         return int(cell["step"])
-    return 0 if cell["label"] == "base" else final_step
+    return 0 if cell["label"] == BASE_LABEL else final_step
 
 
 def score_metrics(cells: List[Dict[str, Any]], final_step: int) -> List[Metric]:
-    """score/<measure> (mean of a checkpoint's cells) and score/<measure>/p<prompt>_s<seed>[_scale<x>] by step."""
+    """score/<measure> (mean of a checkpoint's cells; the base model at step 0) and
+    score/<measure>/p<prompt>_s<seed> by step; the final model's as final/<measure>[/...] at the last step
+    (the last checkpoint may share its step)."""
     means: Dict[Tuple[str, int], List[float]] = {}
     out: List[Metric] = []
     for cell in cells:
         if cell["status"] != "ok":
             continue
-        step = cell_step(cell, final_step)
+        step, group = cell_step(cell, final_step), "final" if cell["label"] == FINAL_LABEL else "score"
         axis = f"p{cell['prompt_index']}_s{cell['seed']}"
         for measure, value in (cell.get("scores") or {}).items():
             if value is None or not math.isfinite(value):
                 continue
-            out.append((f"score/{measure}/{axis}", float(value), step))
-            means.setdefault((measure, step), []).append(float(value))
-    return [(f"score/{m}", fmean(v), s) for (m, s), v in sorted(means.items())] + out
+            out.append((f"{group}/{measure}/{axis}", float(value), step))
+            means.setdefault((f"{group}/{measure}", step), []).append(float(value))
+    return [(key, fmean(v), s) for (key, s), v in sorted(means.items())] + out
 
 
 def training_metrics(records: List[Dict[str, Any]]) -> List[Metric]:
@@ -83,11 +86,12 @@ def training_metrics(records: List[Dict[str, Any]]) -> List[Metric]:
 
 
 def checkpoint_images(cells: List[Dict[str, Any]], eval_dir: Path, final_step: int) -> List[Tuple[str, Path, int]]:
-    """Each checkpoint's render of each prompt (first seed) by step: a slider over training in TensorBoard."""
+    """Each checkpoint's render of each prompt (first seed) by step: a slider over training in TensorBoard
+    (the base and final models have no step of their own)."""
     seen, out = set(), []
     for cell in cells:
         key = (cell["label"], cell["prompt_index"])
-        if cell["status"] == "ok" and cell["paths"] and key not in seen and cell["label"] != "base":
+        if cell["status"] == "ok" and cell["paths"] and key not in seen and cell["step"] is not None:
             seen.add(key)
             out.append((f"render/prompt{cell['prompt_index']}", eval_dir / cell["paths"][0], cell_step(cell, final_step)))
     return out
