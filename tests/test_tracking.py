@@ -59,9 +59,9 @@ class MlflowServer:
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, (self.folder / f"{self.command}.log").read_text()[-3000:]
             try:
-                if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
+                if requests.get(f"{self.url}/health", timeout=10).status_code == 200:
                     return self
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or busy starting
                 pass
             time.sleep(0.5)
         raise TimeoutError(f"mlflow {self.command} did not start: {(self.folder / f'{self.command}.log').read_text()[-3000:]}")

@@ -27,6 +27,10 @@ def logdir(run_dir: Path, output_root: str) -> Path:
 
 
 def _failed(tracker: str, where: str, err: BaseException, again: Optional[str]) -> str:
+    if isinstance(err, ImportError):
+        key = "mlflow" if tracker == "MLflow" else "tensorboard"
+        return (f"{tracker} is not installed ({err}): install it with `pip install -e '.[tracking]'`, "
+                f"or turn it off with tracking.{key}.enabled=false")
     line = f"{tracker} at {where} failed: {type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
     return line + (f"; nothing else is affected, the next run catches up (e.g. `{again}`)" if again else "")
 
