@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sd3exp.project import ROOT
 from sd3exp.tracking import logdir
 from sd3exp.tracking.record import flatten, score_metrics, training_metrics
 
@@ -61,3 +64,15 @@ def test_a_param_key_is_one_mlflow_accepts_and_as_long(key):
 def test_tensorboards_logdir_is_the_output_folder_or_the_runs_parent(tmp_path):
     assert logdir(tmp_path / "outputs" / "demo" / "x", str(tmp_path / "outputs")) == (tmp_path / "outputs").resolve()
     assert logdir(tmp_path / "elsewhere" / "run", str(tmp_path / "outputs")) == (tmp_path / "elsewhere").resolve()
+
+
+def test_plan_and_compile_do_not_import_a_tracker(tmp_path):
+    """stage=plan and stage=compile, run in one process: neither MLflow nor TensorBoard is loaded."""
+    code = ("import sys\nfrom sd3exp.cli import main\n"
+            f"for stage in ('plan', 'compile'):\n    sys.argv = ['sd3exp', 'experiment=demo_quick', 'stage=' + stage, "
+            f"'hydra.run.dir={tmp_path / 'run'}', 'paths.output_root={tmp_path}']\n"
+            "    try:\n        main()\n    except SystemExit as e:\n        assert not e.code, e.code\n"
+            "print('LOADED', sorted(m for m in sys.modules if m.split('.')[0] in ('mlflow', 'tensorboard', 'tensorboardX')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "compiled demo_quick" in out.stdout and out.stdout.rstrip().splitlines()[-1] == "LOADED []"
