@@ -74,8 +74,22 @@ def _enabled(config: Any) -> Optional[str]:
     if not OmegaConf.select(config, "tracking.mlflow.enabled", default=False, throw_on_resolution_failure=False):
         return None
     uri = OmegaConf.select(config, "tracking.mlflow.uri", default=None, throw_on_resolution_failure=False)
-    root = OmegaConf.select(config, "paths.output_root", default="outputs", throw_on_resolution_failure=False)
-    return store_uri(MlflowConfig(uri=uri), str(root))
+    return store_uri(MlflowConfig(uri=uri), output_root(config))
+
+
+def output_root(config: Any) -> str:
+    from omegaconf import OmegaConf
+
+    return str(OmegaConf.select(config, "paths.output_root", default=None, throw_on_resolution_failure=False)
+               or "outputs")
+
+
+def experiment_of(config: Any) -> str:
+    """The MLflow experiment of a Hydra config: tracking.mlflow.experiment, else the experiment's name."""
+    from omegaconf import OmegaConf
+
+    return str(OmegaConf.select(config, "tracking.mlflow.experiment", default=None, throw_on_resolution_failure=False)
+               or OmegaConf.select(config, "name", default=None, throw_on_resolution_failure=False) or "default")
 
 
 def sweep_started(config: Any, sweep_dir: Path) -> None:
@@ -83,11 +97,7 @@ def sweep_started(config: Any, sweep_dir: Path) -> None:
     uri = _enabled(config)
     if uri is None:
         return
-    from omegaconf import OmegaConf
-
-    name = str(OmegaConf.select(config, "tracking.mlflow.experiment", default=None) or
-               OmegaConf.select(config, "name", default="default", throw_on_resolution_failure=False))
-    root = str(OmegaConf.select(config, "paths.output_root", default="outputs", throw_on_resolution_failure=False))
+    name, root = experiment_of(config), output_root(config)
     try:
         from sd3exp.tracking import mlflow_store
 
@@ -101,11 +111,7 @@ def sweep_job_ended(config: Any, sweep_dir: Path, summary: Mapping[str, Any]) ->
     uri = _enabled(config)
     if uri is None:
         return
-    from omegaconf import OmegaConf
-
-    name = str(OmegaConf.select(config, "tracking.mlflow.experiment", default=None) or
-               OmegaConf.select(config, "name", default="default", throw_on_resolution_failure=False))
-    root = str(OmegaConf.select(config, "paths.output_root", default="outputs", throw_on_resolution_failure=False))
+    name, root = experiment_of(config), output_root(config)
     try:
         from sd3exp.tracking import mlflow_store
 
