@@ -84,16 +84,18 @@ def trained(tmp_path_factory, server):
     """demo_quick trained and evaluated once, logged to the server and to TensorBoard."""
     base = tmp_path_factory.mktemp("tracking")
     run, outputs = base / RUN_NAME, base / "outputs"
-    out = run_cli("experiment=demo_quick", f"hydra.run.dir={run}", f"paths.output_root={outputs}",
-                  f"tracking.mlflow.uri={server.url}", "tracking.tensorboard.enabled=true",
-                  "trainer.report_to=simpletuner", timeout=3600)
+    out = run_cli(*TRAINED, f"hydra.run.dir={run}", f"paths.output_root={outputs}",
+                  f"tracking.mlflow.uri={server.url}", "tracking.tensorboard.enabled=true", timeout=3600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return run, outputs, out
 
 
+TRAINED = ("experiment=demo_quick", "trainer.report_to=simpletuner")  # what the fixture trained
+
+
 def evaluate(run: Path, outputs: Path, *extra: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return run_cli("experiment=demo_quick", "stage=eval", f"hydra.run.dir={run}", f"paths.output_root={outputs}",
-                   *extra, timeout=timeout)
+    return run_cli(*TRAINED, "stage=eval", f"hydra.run.dir={run}", f"paths.output_root={outputs}", *extra,
+                   timeout=timeout)
 
 
 def run_id(run: Path, uri: str) -> str:
@@ -263,9 +265,8 @@ def test_a_tracking_server_that_is_down_fails_nothing_and_the_next_run_catches_u
     run, outputs, _ = trained
     server.stop()
     try:
-        down = run_cli("experiment=demo_quick", f"hydra.run.dir={run}", f"paths.output_root={outputs}",
-                       f"tracking.mlflow.uri={server.url}", "trainer.report_to=simpletuner",
-                       "eval.select.not_memorised=true", timeout=900)
+        down = run_cli(*TRAINED, f"hydra.run.dir={run}", f"paths.output_root={outputs}",
+                       f"tracking.mlflow.uri={server.url}", "eval.select.not_memorised=true", timeout=900)
     finally:
         server.start()
     assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
