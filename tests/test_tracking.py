@@ -30,6 +30,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 pytestmark = [needs_trainer, pytest.mark.slow]
 
 RUN_NAME = "tracked-demo-run"
+TRAINED = ("experiment=demo_quick", "trainer.report_to=simpletuner")  # what the fixture trained
 BIN = Path(sys.executable).parent
 
 
@@ -88,9 +89,6 @@ def trained(tmp_path_factory, server):
                   f"tracking.mlflow.uri={server.url}", "tracking.tensorboard.enabled=true", timeout=3600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return run, outputs, out
-
-
-TRAINED = ("experiment=demo_quick", "trainer.report_to=simpletuner")  # what the fixture trained
 
 
 def evaluate(run: Path, outputs: Path, *extra: str, timeout: float = 900) -> subprocess.CompletedProcess:
