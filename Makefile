@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,slurm,optuna]'
+	$(BIN)/pip install -q -e '.[test,slurm,optuna,tracking]'
 	touch $@
 
 venv: $(BIN)/.installed

@@ -243,6 +243,28 @@ class CaptionerConfig:
 
 
 @dataclass
+class MlflowConfig:
+    """MLflow logging after each evaluation (sd3exp/tracking/)."""
+
+    enabled: bool = True
+    uri: Optional[str] = None  # default: sqlite:///<paths.output_root>/mlflow.db (artifacts beside it)
+    experiment: Optional[str] = None  # MLflow experiment name; default: the sd3exp experiment's name
+
+
+@dataclass
+class TensorboardConfig:
+    """TensorBoard event files under <run>/tensorboard (sd3exp/tracking/)."""
+
+    enabled: bool = False
+
+
+@dataclass
+class TrackingConfig:
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    tensorboard: TensorboardConfig = field(default_factory=TensorboardConfig)
+
+
+@dataclass
 class PathsConfig:
     root_dir: str = MISSING
     output_root: str = "${paths.root_dir}/outputs"
@@ -269,6 +291,7 @@ class ExperimentConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     captioner: CaptionerConfig = field(default_factory=CaptionerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 

@@ -136,9 +136,15 @@ def stage_train(job: Job, plan: Plan) -> None:
 
 
 def stage_eval(job: Job, plan: Plan) -> None:
+    from sd3exp.evaluate.score import training_metrics
     from sd3exp.evaluate.stage import evaluate
+    from sd3exp.tracking import log_run
 
     evaluate(job.cfg, job.run_dir, command_for(job, "eval"))
+    task = list(job.invocation.task) if job.invocation else []
+    records = training_metrics(Path(job.cfg.paths.training_dir))
+    for line in log_run(job.cfg, job.run_dir, job.config_hash, task, records, command_for(job, "eval")):
+        console.info(line)
 
 
 def stage_report(job: Job, plan: Plan) -> None:

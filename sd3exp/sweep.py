@@ -194,7 +194,15 @@ class SweepSummary(Callback):
         write_json(path, record)
         if self._running.pop(path, None) is not None and not self._running:
             atexit.unregister(self._exited)
-        write_summary(sweep_dir)
+        data = write_summary(sweep_dir)
+        from sd3exp.tracking import sweep_job_ended
+
+        sweep_job_ended(config, sweep_dir, data)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from sd3exp.tracking import sweep_started
+
+        sweep_started(config, Path(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
