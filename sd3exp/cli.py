@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import errno
+import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -18,6 +20,8 @@ from sd3exp.project import CONF_DIR, register
 
 
 def fail(err: Sd3expError) -> None:
+    if os.environ.get("SD3EXP_DEBUG") == "1":  # the code path behind the message (as HYDRA_FULL_ERROR=1)
+        traceback.print_exception(err, file=sys.stderr)
     print(f"sd3exp: error: {err}", file=sys.stderr)
     raise SystemExit(err.exit_code)
 

@@ -52,6 +52,7 @@ except ImportError:  # not on Windows: reflink is skipped there
     fcntl = None
 
 MANIFEST = "sd3exp-prepare.json"
+PREPARED, PREPARING = "prepared", "preparing (stopped before its folder was complete)"  # a concept's "state"
 FORMAT = 1
 FICLONE = 0x40049409  # Linux ioctl: share the source's blocks (btrfs, xfs, ...)
 PROGRESS_MIN_FILES = 200
@@ -355,8 +356,14 @@ def _record(concept: ConceptConfig, seed: int, summary: ConceptSummary) -> dict:
             "seed": captions.shuffle_seed(concept, seed),
             "caption_shuffle": captions.native_shuffle_block(concept, seed),
             "images": summary.images, "files": summary.files,
-            "captions_from_trigger": summary.captions_from_trigger,
+            "captions_from_trigger": summary.captions_from_trigger, "state": PREPARED,
             **({"held_out": summary.held_out, "held_out_seed": seed} if summary.held_out else {})}
+
+
+def _marked(manifest: dict, ids: List[str], state: str) -> dict:
+    """`manifest` with the concepts `ids` in `state`."""
+    return {**manifest, "concepts": {k: {**v, "state": state} if k in ids else v
+                                     for k, v in manifest["concepts"].items()}}
 
 
 def _read_manifest(path: Path) -> dict:
@@ -405,10 +412,12 @@ def prepare(cfg: ExperimentConfig, progress: bool = True) -> PrepareSummary:
         records[c.id] = _record(c, cfg.seed, summary)
     manifest = {"format": FORMAT, "seed": cfg.seed, "concepts": dict(sorted(records.items()))}
     remove_stale_temporaries(root)  # a manifest write cut short by a kill
-    if manifest != old:
-        write_json(root / MANIFEST, manifest)
+    if manifest != old:  # first the folders are claimed (the guards above), marked as not prepared yet
+        write_json(root / MANIFEST, _marked(manifest, [c.id for c in cfg.concepts], PREPARING))
     for c, lay, summary in plans:
         _prepare_concept(root / c.id, summary, lay.files, progress)
         ours = "held_out" in old.get("concepts", {}).get(c.id, {})
         _prepare_held_out(root / holdout.folder_name(c.id), summary, lay.held_out, ours, progress)
+    if manifest != old:
+        write_json(root / MANIFEST, manifest)
     return PrepareSummary(str(root), [s for _, _, s in plans], time.perf_counter() - start)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
 from sd3exp import cache, console
 from sd3exp.compile import trainer_args, user_extra_args
@@ -184,9 +184,15 @@ def summary(job: Job) -> str:
     return "\n".join(lines)
 
 
+STEPS: Dict[str, Callable[[Job, Plan], None]] = {  # the steps of sd3exp/stage_table.py's stages, by name
+    "caption": stage_caption, "review": stage_review, "audit": stage_audit, "prepare": stage_prepare,
+    "train": stage_train, "eval": stage_eval, "report": stage_report,
+}
+
+
 def step(name: str) -> Callable[[Job, Plan], None]:
     """The function that runs the step `name` of a stage (sd3exp/stage_table.py)."""
-    return globals()[f"stage_{name}"]
+    return STEPS[name]
 
 
 def run_stage(stage: str, job: Job, plan: Plan) -> None:

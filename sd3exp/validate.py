@@ -130,6 +130,7 @@ def check_model(cfg: ExperimentConfig) -> None:
         _positive("lora.alpha", cfg.lora.alpha, "e.g. lora.alpha equal to the rank")
     check_resolution(cfg)
     _choice("trainer.config_backend", cfg.trainer.config_backend, ("json", "env"))
+    _choice("trainer.cpu_shim", cfg.trainer.cpu_shim, ("auto", "never"))
     _choice("stage", cfg.stage, tuple(STAGES))
 
 

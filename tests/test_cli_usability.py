@@ -51,3 +51,11 @@ def test_a_run_folder_under_home_written_with_a_quoted_tilde_is_expanded(tmp_pat
     assert out.returncode == 0, out.stderr[-2000:]
     assert (home / "runs" / "x" / "run.json").is_file()
     assert list(cwd.iterdir()) == [] and not Path(cwd / "~").exists()
+
+
+def test_sd3exp_debug_shows_the_traceback_behind_an_error():
+    plain = run_main("best", "/nonexistent-sd3exp")
+    assert "Traceback" not in plain.stderr
+    out = run_cli("best", "/nonexistent-sd3exp", env={"SD3EXP_DEBUG": "1"})
+    assert out.returncode == 2 and "Traceback (most recent call last)" in out.stderr
+    assert "best_main" in out.stderr and out.stderr.rstrip().splitlines()[-1].startswith("sd3exp: error: ")

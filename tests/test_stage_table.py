@@ -15,6 +15,7 @@ def test_every_step_of_every_stage_has_its_function():
     for stage in TABLE:
         for name in stage.steps:
             assert callable(stages.step(name)), (stage.name, name)
+    assert set(stages.STEPS) == {name for stage in TABLE for name in stage.steps}
 
 
 def test_validate_accepts_exactly_the_stages_of_the_table():

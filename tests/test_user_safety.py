@@ -4,6 +4,7 @@ bad input gets a named error (issue 9). Through the CLI, without the trainer."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shlex
@@ -155,6 +156,7 @@ def test_full_disk_is_named_and_earlier_files_are_kept(tmp_path, images):
     ("optimizer.lr=nan", "optimizer.lr=nan: not a finite number", "not inf or nan"),
     ("eval.cfg=-inf", "eval.cfg=-inf: not a finite number", "not inf or nan"),
     ("optimizer.max_grad_norm=nan", "optimizer.max_grad_norm=nan", "not inf or nan"),
+    ("trainer.cpu_shim=nevr", "trainer.cpu_shim='nevr'", "use one of auto, never"),
 ])
 def test_bad_values_are_named_before_anything_is_written(tmp_path, override, named, fix):
     outputs = tmp_path / "outputs"
@@ -226,10 +228,13 @@ def test_a_signal_during_prepare_keeps_what_is_done_and_says_how_to_continue(tmp
     assert stopped.returncode == code, out[-2000:] + err[-2000:]
     assert f"preparing the dataset stopped by {said}" in err and "Traceback" not in err, err[-2000:]
     assert not (run / "dataset" / ".shapes.building").exists() and not (run / "dataset" / "shapes").exists()
+    manifest = run / "dataset" / "sd3exp-prepare.json"
+    assert json.loads(manifest.read_text())["concepts"]["shapes"]["state"].startswith("preparing")
     again = shlex.split(re.search(r"Continue with: (.+)", err).group(1))
     assert again[:3] == ["python", "-m", "sd3exp"] and sorted(again[3:]) == sorted(args)
     done = subprocess.run([sys.executable, *again[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(manifest.read_text())["concepts"]["shapes"]["state"] == "prepared"
     assert len(list((run / "dataset" / "shapes").glob("*.png"))) == 500 * len(list(images.glob("*.png")))
     assert tree(images) == before
 
