@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from sd3exp.buckets import BucketTrainer, bucket_fate
 from sd3exp.errors import ConfigError
 from sd3exp.plan import make_plan
-from tests.conftest import compose_experiment, needs_trainer, trainer_python
+from tests.conftest import compose_experiment, needs_trainer, run_cli, trainer_python
 
 REFERENCE = Path(__file__).with_name("simpletuner_bucket_fate.py")
 
@@ -94,3 +96,45 @@ def test_processes_and_accumulation_count_in_the_effective_batch():
                                       "training.num_processes=2"])
     with pytest.raises(ConfigError, match=r"= 8\)"):
         make_plan(cfg, {"shapes": [(64, 64)] * 8 + [(128, 64)] * 7})
+
+
+def odd_dataset(folder: Path) -> Path:
+    """On disk: 5 square, 5 landscape 2:1 and one portrait stored 128x64 with EXIF orientation 6."""
+    folder.mkdir()
+    for i in range(5):
+        Image.new("RGB", (64, 64), (40 * i, 0, 0)).save(folder / f"sq{i}.png")
+        (folder / f"sq{i}.txt").write_text("k4s4, a red square")
+        Image.new("RGB", (128, 64), (0, 40 * i, 0)).save(folder / f"wide{i}.png")
+        (folder / f"wide{i}.txt").write_text("k4s4, a green band")
+    portrait = Image.new("RGB", (128, 64), (0, 0, 200))
+    exif = portrait.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees: a 64x128 portrait when shown
+    portrait.save(folder / "portrait.jpg", exif=exif)
+    (folder / "portrait.txt").write_text("k4s4, a blue portrait")
+    return folder
+
+
+def tqdm_totals(log: Path) -> set:
+    return {int(m) for m in re.findall(r"Steps:\s*\d+%\|[^|]*\|\s*\d+/(\d+)", log.read_text(errors="replace"))}
+
+
+@needs_trainer
+@pytest.mark.slow
+def test_odd_bucket_is_refused_before_any_write_and_the_printed_fix_trains(tmp_path):
+    data = odd_dataset(tmp_path / "odd")
+    before = sorted(p.name for p in data.iterdir())
+    run = tmp_path / "run"
+    args = ["experiment=demo_quick", f"concepts.0.path={data}", "training.batch_size=2", "stage=train",
+            f"hydra.run.dir={run}"]
+    out = run_cli(*args)
+    assert out.returncode != 0
+    assert "bucket 0.50" in out.stderr and "portrait.jpg" in out.stderr and "zero usable batches" in out.stderr
+    assert "Traceback" not in out.stderr and not run.exists()
+    fix = re.search(r"(dataset\.allow_oversubscription=true)", out.stderr).group(1)
+    out = run_cli(*args, fix, timeout=1800)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    plan = json.loads((run / "plan.json").read_text())
+    assert plan["concepts"][0]["padded_buckets"] == {"0.50": 1}
+    assert tqdm_totals(run / "train.log") == {plan["max_train_steps"]}  # SimpleTuner's own count, as planned
+    assert json.loads((run / "config" / "config.json").read_text())["allow_dataset_oversubscription"] is True
+    assert sorted(p.name for p in data.iterdir()) == before
