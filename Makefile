@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv trainer browser demo demo-grid test
+.PHONY: venv trainer browser demo demo-grid test gpu-wheelhouse
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,3 +30,10 @@ demo-grid: demo
 
 test: trainer browser
 	$(BIN)/python -m pytest
+
+# What benchmarks/gpu_check.py needs beyond a bare torch/transformers/accelerate/peft GPU image, for
+# an offline install there (it reaches no registry): diffusers, as wheels in benchmarks/wheelhouse/
+# (~14 MB; GPU_PYTHON: the image's Python version).
+GPU_PYTHON ?= 3.12
+gpu-wheelhouse: venv
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) -d benchmarks/wheelhouse diffusers==0.42.1 pillow importlib_metadata zipp httpx httpcore h11 anyio sniffio

@@ -13,9 +13,10 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
-from sd3exp.schema import ExperimentConfig
+if TYPE_CHECKING:  # stdlib only at run time: benchmarks/gpu_check.py imports this module on a bare GPU image
+    from sd3exp.schema import ExperimentConfig
 
 GIB = 1024 ** 3
 GB = 1000 ** 3
@@ -45,6 +46,7 @@ OPTIMIZER_BYTES: Dict[str, Optional[float]] = {
     "adamw": None, "torch-adamw": None, "adam": None, "optimi-adamw": None, "optimi-stableadamw": None,
     "bnb-adamw8bit": 2.0, "bnb-adamw8bit-paged": 2.0, "ao-adamw8bit": 2.0, "bnb-adam8bit": 2.0,
     "ao-adamw4bit": 1.0, "bnb-lion8bit": 1.0, "bnb-lion8bit-paged": 1.0, "optimi-lion": 2.0,
+    "sdnq-adamw": 2 * (1 + 2 / 32),  # SDNQ: two uint8 buffers, a bf16 scale per group of 32
     "adafactor": 0.1, "prodigy": 16.0, "bnb-adamw-paged": 8.0,
 }
 
