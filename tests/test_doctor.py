@@ -74,3 +74,33 @@ def test_comfyui_reachable_and_a_missing_base_model_named(tmp_path, demo_assets)
 def test_an_unreachable_comfyui_blocks(tmp_path, demo_assets):
     out = doctor(tmp_path, "experiment=demo_quick", "eval.backend=comfyui", "eval.url=http://127.0.0.1:9")
     assert out.returncode == 1 and "FAIL  comfyui   cannot reach ComfyUI at http://127.0.0.1:9" in out.stdout, out.stdout
+
+
+def test_disk_blocks_when_the_kept_checkpoints_do_not_fit(tmp_path):
+    """A sparse 10 TB transformer: three kept LoRA checkpoints of 5 % of it exceed any test machine's disk."""
+    from types import SimpleNamespace
+
+    from sd3exp.doctor import disk_check
+    from sd3exp.hub import ModelState
+
+    weights = tmp_path / "model" / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights.parent.mkdir(parents=True)
+    with open(weights, "wb") as f:
+        f.truncate(10 * 1024**4)
+    cfg = compose_experiment("demo_quick", [f"paths.output_root={tmp_path / 'outputs'}"])
+    plan = SimpleNamespace(checkpoints_kept=[2, 4, 6])
+    check = disk_check(cfg, plan, ModelState("m", "local", str(tmp_path / "model")))
+    assert check.status == "FAIL" and "keeps 3 checkpoint(s) of about 512.0 GB = 1536.0 GB" in check.found, check
+    assert f"free at {tmp_path}" in check.found and "checkpointing.keep" in check.fix
+
+
+def test_gpus_are_listed_and_a_missing_one_blocks_a_real_model():
+    from sd3exp.doctor import gpu_checks
+
+    cfg = compose_experiment("fantasy_art")
+    none = gpu_checks(cfg, {"torch": "2.14.1", "cuda": "13.0", "gpus": []})
+    assert [(c.name, c.status) for c in none] == [("torch", "ok"), ("gpu", "FAIL")]
+    one = gpu_checks(cfg, {"torch": "2.14.1", "cuda": "13.0", "gpus": [{"name": "H100", "memory": 80 * 1024**3}]})
+    if NO_GPU:  # nvidia-smi's own line replaces torch's where it runs
+        assert one[1].line() == "ok    gpu 0     H100, 80.0 GB"
+    assert all(c.status == "ok" for c in one)
