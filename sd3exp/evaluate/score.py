@@ -231,20 +231,23 @@ def best_record(choice: Choice, candidates: Sequence[Candidate], record: Mapping
             "measures": {m: MEASURES[m][1] for m in dict.fromkeys(m for c in candidates for m in c.scores)}}
 
 
-def summary_line(choice: Choice) -> str:
-    """One line: the chosen checkpoint, why, and the rule."""
+def summary_line(choice: Choice, strengths: Optional[Mapping[str, float]] = None) -> str:
+    """One line: the chosen checkpoint, why, the rule, and the combination with its ComfyUI node inputs
+    (`strengths`: LoRA label -> strength_model at multiplier 1)."""
     rule, best = choice.rule, choice.best
     if best is None:
         return f"best checkpoint: none (no checkpoint meets the rule: {rule.text()})"
-    return (f"best checkpoint: {column_title(best.label, best.step)} ({best.label}){combination(best.axes)}: "
+    return (f"best checkpoint: {column_title(best.label, best.step)} ({best.label}): "
             f"{rule.objective} {best.scores[rule.objective]:.6g}, best of {len(choice.ranked)} eligible "
-            f"(rule: {rule.text()})")
+            f"(rule: {rule.text()}){combination(best, strengths or {})}")
 
 
-def combination(values: Mapping[str, object]) -> str:
-    """" at Strength: 0.5, CFG: 3" for the axis values that are set ("" when none is)."""
-    shown = [header(a, v) for a, v in values.items() if v is not None]
-    return f" at {', '.join(shown)}" if shown else ""
+def combination(candidate: Candidate, strengths: Mapping[str, float]) -> str:
+    """"; at Strength: 0.5, CFG: 3; ComfyUI: LoraLoaderModelOnly strength_model=0.5; KSampler cfg=3" for
+    the axis values that are set ("" when none is)."""
+    shown = [header(a, v) for a, v in candidate.axes.items() if v is not None]
+    inputs = node_inputs(candidate, strengths).lines()
+    return (f"; at {', '.join(shown)}" if shown else "") + (f"; ComfyUI: {'; '.join(inputs)}" if inputs else "")
 
 
 def node_inputs(candidate: Candidate, strengths: Mapping[str, float]) -> NodeInputs:

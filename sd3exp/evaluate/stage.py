@@ -22,7 +22,7 @@ from sd3exp.evaluate.grid import write_grids
 from sd3exp.evaluate import lora_scale
 from sd3exp.evaluate.lora_scale import Strength
 from sd3exp.evaluate.report import write_report
-from sd3exp.evaluate.score import (best_label, best_variant, check_scoring, choose_best, node_inputs, print_best,
+from sd3exp.evaluate.score import (best_label, best_variant, check_scoring, choose_best, print_best,
                                    scoring_request, summary_line, unscored_by_models)
 from sd3exp.hub import is_repo_id
 from sd3exp.io import write_json
@@ -318,9 +318,7 @@ def finish(cfg: ExperimentConfig, run_dir: Path, cells: List[Cell], record: dict
                  f"{', '.join(str(eval_dir / g.name) for g in grids)}")
     console.info(f"report: {report}")
     if choice:
-        console.info(summary_line(choice))
-        for line in node_inputs(choice.best, comfy).lines() if choice.best else []:
-            console.info(f"  ComfyUI: {line}")
+        console.info(summary_line(choice, comfy))
     unscored = unscored_by_models(cfg, cells)
     if unscored:
         raise ScoringFailed(f"the model measures of {unscored} cell(s) could not be computed; see "
