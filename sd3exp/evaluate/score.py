@@ -6,8 +6,11 @@ thumbnails (eval.scoring.thumbnail pixels a side, RGB in [0, 1]):
   concept(s): those whose trigger the prompt contains, else every concept);
 - drift: 100 x RMS distance to the base model's render of the same prompt and seed (needs
   eval.include_base=true).
-With eval.scoring.clip / eval.scoring.dino (local model folders), CLIP-T, CLIP-I and DINO-I
-are added by a worker in the trainer venv (sd3exp/evaluate/models.py). A cell is scored
+- holdout_pixel: the same against the concept's held-out images (concepts.N.holdout), which
+  never count as training images.
+With eval.scoring.clip / dino / pickscore / aesthetic / hps (local models), CLIP-T, CLIP-I,
+DINO-I, PickScore, aesthetic and HPSv2.1 are added by a worker in the trainer venv
+(sd3exp/evaluate/models.py). A cell is scored
 once: its scores are kept in cells.json with a digest of what they depend on besides the
 image (settings, training images, models), and reused while that digest holds.
 Failed cells are left out of the scores and counted.
