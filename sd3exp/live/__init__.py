@@ -24,7 +24,7 @@ from typing import Iterator, List, Optional, Sequence
 from sd3exp import console
 from sd3exp.io import write_text
 from sd3exp.layout import RunLayout
-from sd3exp.live.state import LIVE_FILE, LiveState, Point, early_stop_of  # noqa: F401 - the package's API
+from sd3exp.live.state import LIVE_FILE, LiveState, Point, early_stop_of  # noqa: F401 - early_stop_of: the package's API
 from sd3exp.schema import ExperimentConfig
 
 POLL_S = 1.0  # how often the training folder is looked at
@@ -191,11 +191,12 @@ def watching(cfg: ExperimentConfig, run_dir: Path) -> Iterator[Optional[Watcher]
         watcher.thread.join()
 
 
+def failure_lines(run_dir: Path) -> List[str]:
+    """The live evaluations that failed, one line each."""
+    return [f"live evaluation failed: {f}" for f in LiveState.load(run_dir / LIVE_FILE).failures]
+
+
 def summary_lines(run_dir: Path) -> List[str]:
     """The live evaluation's failures and the early stop, for the end-of-run summary."""
-    state = LiveState.load(run_dir / LIVE_FILE)
-    lines = [f"live evaluation failed: {f}" for f in state.failures]
-    if state.early_stop:
-        stop = state.early_stop
-        lines.append(f"stopped early at step {stop['step']}: {stop['reason']}")
-    return lines
+    stop = early_stop_of(run_dir)
+    return failure_lines(run_dir) + ([f"stopped early at step {stop['step']}: {stop['reason']}"] if stop else [])
