@@ -133,6 +133,9 @@ def stage_train(job: Job, plan: Plan) -> None:
                            plan.checkpoint_steps, next_command, resume_command=command_for(job, cfg.stage),
                            on_first_step=caches_complete, model_type=cfg.model.type,
                            stopped_early=lambda: live.early_stop_of(run_dir))
+    if not STAGES[cfg.stage].summary:  # else the run's summary names them
+        for line in live.failure_lines(run_dir):
+            console.warn(line)
 
 
 def stage_eval(job: Job, plan: Plan) -> None:

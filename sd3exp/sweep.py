@@ -104,7 +104,7 @@ def best_thumbnail(eval_dir: Path, label: str) -> Optional[Path]:
 
 def trained(run_dir: Path, training_dir: Optional[str]) -> Dict[str, Any]:
     """Steps trained (the last checkpoint's) and the early stop, when training.early_stop stopped the job."""
-    from sd3exp.live import early_stop_of
+    from sd3exp.live.state import early_stop_of
 
     steps = max(checkpoint_dirs(Path(training_dir)), default=0) if training_dir else 0
     return {"steps": steps, "early_stop": early_stop_of(run_dir)}

@@ -17,26 +17,18 @@ import contextlib
 import math
 import signal
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence
 
 from sd3exp import console
-from sd3exp.io import read_json, write_json, write_text
+from sd3exp.io import write_text
 from sd3exp.layout import RunLayout
+from sd3exp.live.state import LIVE_FILE, LiveState, Point, early_stop_of  # noqa: F401 - early_stop_of: the package's API
 from sd3exp.schema import ExperimentConfig
 
 POLL_S = 1.0  # how often the training folder is looked at
 REFRESH_S = 10  # report.html reloads itself this often while training runs
-LIVE_FILE = "live.json"  # in the run folder: the objective of each checkpoint, failures, the early stop
-
-
-@dataclass
-class Point:
-    """One evaluated checkpoint's objective (None: no score, e.g. its cells failed)."""
-
-    step: int
-    value: Optional[float]
 
 
 def stalled(points: Sequence[Point], direction: str, patience: int, min_delta: float) -> Optional[str]:
@@ -55,32 +47,6 @@ def stalled(points: Sequence[Point], direction: str, patience: int, min_delta: f
         return None
     return (f"no improvement of more than {min_delta:g} for {since} checkpoint(s) (patience {patience}); "
             f"best step {best.step} with {best.value:.6g}")
-
-
-@dataclass
-class LiveState:
-    """live.json: what the live evaluation saw, kept across resumes."""
-
-    points: List[Point] = field(default_factory=list)
-    failures: List[str] = field(default_factory=list)
-    early_stop: Optional[dict] = None
-
-    @classmethod
-    def load(cls, path: Path) -> "LiveState":
-        if not path.is_file():
-            return cls()
-        data = read_json(path)
-        return cls([Point(**p) for p in data.get("points", [])], list(data.get("failures", [])),
-                   data.get("early_stop"))
-
-    def save(self, path: Path) -> None:
-        write_json(path, {"points": [vars(p) for p in self.points], "failures": self.failures,
-                          "early_stop": self.early_stop})
-
-
-def early_stop_of(run_dir: Path) -> Optional[dict]:
-    """The early stop recorded for a run (None when it did not stop early)."""
-    return LiveState.load(run_dir / LIVE_FILE).early_stop
 
 
 def direction_of(cfg: ExperimentConfig, objective: str) -> str:
@@ -225,11 +191,12 @@ def watching(cfg: ExperimentConfig, run_dir: Path) -> Iterator[Optional[Watcher]
         watcher.thread.join()
 
 
+def failure_lines(run_dir: Path) -> List[str]:
+    """The live evaluations that failed, one line each."""
+    return [f"live evaluation failed: {f}" for f in LiveState.load(run_dir / LIVE_FILE).failures]
+
+
 def summary_lines(run_dir: Path) -> List[str]:
     """The live evaluation's failures and the early stop, for the end-of-run summary."""
-    state = LiveState.load(run_dir / LIVE_FILE)
-    lines = [f"live evaluation failed: {f}" for f in state.failures]
-    if state.early_stop:
-        stop = state.early_stop
-        lines.append(f"stopped early at step {stop['step']}: {stop['reason']}")
-    return lines
+    stop = early_stop_of(run_dir)
+    return failure_lines(run_dir) + ([f"stopped early at step {stop['step']}: {stop['reason']}"] if stop else [])
