@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -69,8 +69,12 @@ class MlflowServer:
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, 15)
-            self.proc.wait(30)
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:  # uvicorn waiting on its worker
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(20)
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +193,7 @@ def test_a_two_job_multirun_is_a_parent_run_with_two_children(trained, server, t
                   f"paths.output_root={outputs}", f"tracking.mlflow.uri={server.url}", "eval.max_step=2",
                   "eval.include_final=false", "eval.seeds=[0],[1]", f"hydra.sweep.dir={tmp_path}", timeout=1800)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    parent = json.loads((tmp_path / ".sweep" / "mlflow.json").read_text())[server.url]
+    parent = json.loads((tmp_path / "mlflow.json").read_text())[server.url]
     client = MlflowClient(server.url)
     experiment = client.get_experiment_by_name("demo_quick")
     children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")

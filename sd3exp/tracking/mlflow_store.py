@@ -24,7 +24,7 @@ from sd3exp.io import dumps_json, read_json, write_if_changed  # noqa: E402
 from sd3exp.tracking.record import TAG, RunRecord  # noqa: E402
 
 RUN_FILE = "mlflow.json"  # in the run folder: {uri: {"run_id", "key"}}
-SWEEP_FILE = Path(".sweep") / "mlflow.json"  # in the multirun folder: {uri: parent run id}
+SWEEP_FILE = "mlflow.json"  # in the multirun folder, beside sweep.json: {uri: parent run id}
 RUN_KEY = f"{TAG}run_key"
 PARENT = "mlflow.parentRunId"
 BATCH = 100  # params or tags per log_batch call (MLflow's limit); metrics go 1000 at a time
