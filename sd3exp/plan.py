@@ -176,6 +176,11 @@ def short_bucket_error(cfg: ExperimentConfig, i: int, cp: ConceptPlan, key: str,
         "; or ".join(fixes))
 
 
+# The stages a short bucket is refused at: those that plan, compile or train a run. Captioning, reviewing and
+# auditing a dataset that is still being put together, and evaluating a finished run, only warn (_warnings).
+TRAINING_STAGES = ("plan", "compile", "prepare", "train", "all")
+
+
 def zero_batch_check(cfg: ExperimentConfig, concepts: List[ConceptPlan],
                      sizes: Mapping[str, Optional[Sequence[Size]]],
                      names: Mapping[str, Sequence[str]]) -> None:
@@ -187,7 +192,7 @@ def zero_batch_check(cfg: ExperimentConfig, concepts: List[ConceptPlan],
             raise ConfigError("dataset.minimum_image_size", cfg.dataset.minimum_image_size,
                               f"all {cp.images} images of concept '{cp.id}' are below it, so SimpleTuner skips them",
                               "lower dataset.minimum_image_size, or leave it unset (null)")
-        for key in cp.short_buckets:
+        for key in cp.short_buckets if cfg.stage in TRAINING_STAGES else ():
             found, listed = sizes.get(cp.id), names.get(cp.id)
             images = bucket_images(found, listed, bucket_rule(cfg), key) if found and listed else []
             raise short_bucket_error(cfg, i, cp, key, images)
@@ -272,6 +277,9 @@ def _warnings(cfg: ExperimentConfig, concepts: List[ConceptPlan], ckpts: List[in
     out += [f"concept '{c.id}': bucket {k} ({n} images) is short of one effective batch; "
             "dataset.allow_oversubscription makes SimpleTuner repeat its images to fill it"
             for c in concepts for k, n in c.padded_buckets.items()]
+    out += [f"concept '{c.id}': bucket {k} is short of one effective batch: SimpleTuner 4.10.1 would abort "
+            "training on it (stage=plan names its images and the fixes)"
+            for c in concepts if cfg.stage not in TRAINING_STAGES for k in c.short_buckets]
     out += [f"concept '{c.id}': {c.skipped_images} images are below dataset.minimum_image_size and skipped"
             for c in concepts if c.skipped_images]
     out += _interval_warnings(cfg, ckpts) + _shared_folder_warnings(cfg)

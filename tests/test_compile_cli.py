@@ -63,7 +63,9 @@ def test_every_shipped_experiment_compiles(tmp_path, experiment):
 ])
 def test_bad_input_fails_with_one_paragraph_and_writes_nothing(tmp_path, override, needle):
     run = tmp_path / "run"
-    extra = ["validation.prompt='$(touch pwned)'", "validation.every_steps=100"] if "validation" in override else []
+    # config.env (trainer.config_backend=env) is where a shell substitution would mean something
+    extra = (["validation.prompt='$(touch pwned)'", "validation.every_steps=100", "trainer.config_backend=env"]
+             if "validation" in override else [])
     out = compile_to(run, "experiment=fantasy_art", override, *extra)
     assert out.returncode != 0
     assert needle in out.stderr

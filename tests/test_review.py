@@ -19,9 +19,12 @@ def keys(result: dict) -> set:
 def test_a_changed_lora_rank_gives_exactly_the_changed_keys():
     rc, result, _ = diff_json("fantasy_art_lora", "fantasy_art_lora lora.rank=32")
     assert rc == 1
-    assert keys(result) == {("config.env", "TRAINER_EXTRA_ARGS --lora_rank", "16", "32", "lora.rank"),
-                            ("config.json", "lora_rank", "16", "32", "lora.rank"),
-                            ("resolved.yaml", "lora.rank", "16", "32", "lora.rank")}
+    estimate = {k for k in keys(result) if k[0] == "plan.json" and k[1].startswith("estimate.")}
+    assert keys(result) - estimate == {("config.env", "TRAINER_EXTRA_ARGS --lora_rank", "16", "32", "lora.rank"),
+                                       ("config.json", "lora_rank", "16", "32", "lora.rank"),
+                                       ("resolved.yaml", "lora.rank", "16", "32", "lora.rank")}
+    # a rank of 32 trains twice the LoRA parameters: the plan's memory/disk estimate follows
+    assert ("plan.json", "estimate.trained_parameters", "4718592", "9437184", None) in estimate
     assert result["config_hash"]["differs"]
 
 
