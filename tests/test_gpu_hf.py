@@ -229,3 +229,37 @@ def test_the_trainer_sees_the_token_and_no_run_file_or_output_holds_it(hub_run):
     assert FAKE_TOKEN not in out.stdout + out.stderr
     holding = [p for p in run.rglob("*") if p.is_file() and FAKE_TOKEN.encode() in p.read_bytes()]
     assert holding == []
+
+
+def test_eval_device_and_dtype_are_checked_before_rendering():
+    from sd3exp.evaluate.stage import check_settings
+    from tests.conftest import compose_experiment
+
+    for key, value in (("device", "gpu"), ("dtype", "float8")):
+        with pytest.raises(ConfigError, match=f"eval.{key}='{value}': not one of .*Fix: use eval.{key}=auto"):
+            check_settings(compose_experiment("demo_quick", [f"eval.{key}={value}"]))
+    check_settings(compose_experiment("demo_quick", ["eval.device=cpu", "eval.dtype=fp32"]))
+
+
+@needs_trainer
+def test_training_a_model_not_in_the_cache_offline_stops_before_the_trainer(tmp_path):
+    """Through the CLI: the named error, exit 2, and no trainer started (no training folder, no train.log)."""
+    from sd3exp.demo import ensure_demo_assets
+    from tests.conftest import compose_experiment
+
+    cfg = compose_experiment("demo_quick")
+    ensure_demo_assets(cfg, with_model=False)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env.update(HF_HOME=str(tmp_path / "hf-home"), HF_HUB_OFFLINE="1", HF_TOKEN=FAKE_TOKEN)
+    run = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "sd3exp", "experiment=demo_quick", "demo=false", "stage=train",
+                          "model.path=stabilityai/stable-diffusion-3-medium-diffusers",
+                          f"concepts.0.path={cfg.concepts[0].path}", f"hydra.run.dir={run}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert ("sd3exp: error: model.path='stabilityai/stable-diffusion-3-medium-diffusers': the model cannot be used"
+            in out.stderr)
+    assert "a token was found in the HF_TOKEN environment variable" in out.stderr
+    assert "`hf download stabilityai/stable-diffusion-3-medium-diffusers`" in out.stderr
+    assert FAKE_TOKEN not in out.stdout + out.stderr
+    assert not (run / "training").exists() and not (run / "train.log").exists()
