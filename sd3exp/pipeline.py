@@ -25,12 +25,18 @@ def record_of(job: Job) -> runfolder.RunRecord:
     return runfolder.RunRecord(job.cfg.name, job.overrides, job.config_hash, __version__)
 
 
+DERIVED = {"estimate": None, "warnings": None}  # plan.json keys that do not describe the images
+
+
 def plan_change(run_dir: Path, plan: Plan) -> Optional[str]:
     """How the run folder's plan.json differs from `plan` of the same config (the images on disk
     changed), in words; None when it does not."""
     path = RunLayout(run_dir).plan
     old = read_json(path) if path.is_file() and runfolder.read_record(run_dir) else None
-    if old is None or old == json.loads(dumps_json(plan.to_dict())):
+    new = json.loads(dumps_json(plan.to_dict()))
+    # the estimate (and the warnings drawn from it) follow the model's shape, known only once the model is
+    # local or cached: not a change of the images
+    if old is None or {**old, **DERIVED} == {**new, **DERIVED}:
         return None
     def counts(p: dict) -> str:
         images = ", ".join(f"{c['id']}: {c['images']}" for c in p["concepts"])
