@@ -69,7 +69,8 @@ def test_best_json_names_a_combination_with_its_comfyui_inputs(evaluated):
     assert (best["axes"]["lora_scale"], best["axes"]["cfg"]) in COMBOS
     assert best["comfyui"][0] == f"LoraLoaderModelOnly strength_model={best['axes']['lora_scale']:g}"
     assert best["comfyui"][1] == f"KSampler cfg={best['axes']['cfg']:g} steps=4"
-    summary = (out.stderr + out.stdout).strip().splitlines()[-1]
+    # the last `best checkpoint:` line (the trackers' lines may follow it, sd3exp/tracking/)
+    summary = [line for line in out.stdout.strip().splitlines() if line.startswith("best checkpoint: ")][-1]
     assert summary.startswith("best checkpoint: ") and summary.endswith(
         f"; at Strength: {best['axes']['lora_scale']:g}, CFG: {best['axes']['cfg']:g}, Steps: 4; ComfyUI: "
         f"{best['comfyui'][0]}; {best['comfyui'][1]}"), summary
