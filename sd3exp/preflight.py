@@ -68,15 +68,21 @@ def mismatches(parsed: Dict[str, object], args: Sequence[Arg]) -> List[str]:
     return out
 
 
-def run_parser(env: TrainerEnv, run_dir: Path) -> dict:
-    proc = subprocess.run([str(env.python), str(WORKER)], cwd=run_dir, capture_output=True, text=True,
-                          env={"PATH": f"{env.bin}:/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
-                               "HF_HOME": str(run_dir / ".hf"), "MPLCONFIGDIR": str(run_dir / ".mpl")})
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARKER)]
-    if not lines:
+def run_parsers(env: TrainerEnv, run_dirs: Sequence[Path]) -> List[dict]:
+    """SimpleTuner's parse of each run folder, in one trainer process (its import is most of the time)."""
+    first = run_dirs[0]
+    proc = subprocess.run([str(env.python), str(WORKER), *map(str, run_dirs)], cwd=first, capture_output=True,
+                          text=True, env={"PATH": f"{env.bin}:/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
+                                          "HF_HOME": str(first / ".hf"), "MPLCONFIGDIR": str(first / ".mpl")})
+    results = [json.loads(ln[len(MARKER):]) for ln in proc.stdout.splitlines() if ln.startswith(MARKER)]
+    if len(results) != len(run_dirs):
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
         raise TrainerError(f"SimpleTuner's config parser did not run with {env.python}:\n{tail}")
-    return json.loads(lines[-1][len(MARKER):])
+    return results
+
+
+def run_parser(env: TrainerEnv, run_dir: Path) -> dict:
+    return run_parsers(env, [run_dir])[0]
 
 
 def cache_key(env: TrainerEnv, run_dir: Path) -> str:

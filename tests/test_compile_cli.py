@@ -123,16 +123,27 @@ def test_unknown_clip_method_is_refused(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@needs_trainer
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_simpletuner_accepts_the_arguments(tmp_path, experiment):
+def parse_all(runs: list) -> list:
+    """SimpleTuner's parse of each run folder, all in one trainer process."""
     from sd3exp import preflight
     from sd3exp.trainer_env import TrainerEnv
 
-    run = tmp_path / "run"
-    assert compile_to(run, f"experiment={experiment}").returncode == 0
     python = trainer_python()
-    result = preflight.run_parser(TrainerEnv("managed", python.parent.parent, python, "4.10.1"), run)
+    return preflight.run_parsers(TrainerEnv("managed", python.parent.parent, python, "4.10.1"), runs)
+
+
+@pytest.fixture(scope="module")
+def parsed_experiments(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    runs = {e: tmp_path_factory.mktemp(e) / "run" for e in EXPERIMENTS}
+    for experiment, run in runs.items():
+        assert compile_to(run, f"experiment={experiment}").returncode == 0
+    return dict(zip(EXPERIMENTS, zip(runs.values(), parse_all(list(runs.values())))))
+
+
+@needs_trainer
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_simpletuner_accepts_the_arguments(parsed_experiments, experiment):
+    run, result = parsed_experiments[experiment]
     assert result["ok"], result.get("error")
     assert result["args"]["grad_clip_method"] == "norm" and result["args"]["max_grad_norm"] == 1.0
     plan = json.loads((run / "plan.json").read_text())
@@ -144,21 +155,21 @@ def test_simpletuner_accepts_the_arguments(tmp_path, experiment):
 
 
 @needs_trainer
-@pytest.mark.parametrize("backend, clip", [("env", "value"), ("json", "norm")])
-def test_simpletuner_reads_either_backend(tmp_path, backend, clip):
-    """The default json backend and trainer.config_backend=env (config.env alone) both parse."""
-    from sd3exp import preflight
-    from sd3exp.trainer_env import TrainerEnv
-
-    run = tmp_path / "run"
-    assert compile_to(run, "experiment=demo_quick", f"trainer.config_backend={backend}",
-                      f"optimizer.clip={clip}").returncode == 0
-    if backend == "env":
-        (run / "config" / "config.json").unlink()  # then only config.env can give the arguments
-    python = trainer_python()
-    result = preflight.run_parser(TrainerEnv("managed", python.parent.parent, python, "4.10.1"), run)
-    assert result["ok"], result.get("error")
-    assert result["args"]["grad_clip_method"] == clip and result["args"]["lora_rank"] == 4
+def test_simpletuner_reads_either_backend_each_run_its_own(tmp_path):
+    """The default json backend and trainer.config_backend=env (config.env alone) both parse; parsed in one
+    process, each run reads its own arguments."""
+    runs = []
+    for backend, clip, rank in [("env", "value", 8), ("json", "norm", 4)]:
+        run = tmp_path / backend
+        assert compile_to(run, "experiment=demo_quick", f"trainer.config_backend={backend}",
+                          f"optimizer.clip={clip}", f"lora.rank={rank}").returncode == 0
+        if backend == "env":
+            (run / "config" / "config.json").unlink()  # then only config.env can give the arguments
+        runs.append(run)
+    env_run, json_run = parse_all(runs)
+    assert env_run["ok"] and json_run["ok"], (env_run.get("error"), json_run.get("error"))
+    assert (env_run["args"]["grad_clip_method"], env_run["args"]["lora_rank"]) == ("value", 8)
+    assert (json_run["args"]["grad_clip_method"], json_run["args"]["lora_rank"]) == ("norm", 4)
 
 
 def test_cfg_job_resolve_prints_the_resolved_experiment(tmp_path):

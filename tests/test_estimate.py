@@ -202,19 +202,30 @@ PREFLIGHT = [("sd35_medium", "full", "16gb"), ("sd35_medium", "lora", "12gb"), (
              ("sd3_medium", "lora", "12gb"), ("sd3_medium", "lora", "16gb"), ("sd3_medium", "full", "16gb")]
 
 
-@needs_trainer
-@pytest.mark.parametrize("model, kind, memory", PREFLIGHT)
-def test_simpletuner_accepts_model_and_memory_presets(tmp_path, model, kind, memory):
+@pytest.fixture(scope="module")
+def preflight_matrix(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Each PREFLIGHT case compiled, and all parsed by SimpleTuner in one trainer process."""
     from sd3exp import preflight
     from sd3exp.trainer_env import TrainerEnv
 
-    run = tmp_path / "run"
-    extra = [] if memory == "none" else [f"memory={memory}"]
-    out = compile_to(run, "experiment=fantasy_art", f"model={model}", f"model.type={kind}", *extra)
-    assert out.returncode == 0, out.stderr
+    runs = {}
+    for model, kind, memory in PREFLIGHT:
+        run = tmp_path_factory.mktemp("preflight") / "run"
+        extra = [] if memory == "none" else [f"memory={memory}"]
+        out = compile_to(run, "experiment=fantasy_art", f"model={model}", f"model.type={kind}", *extra)
+        assert out.returncode == 0, out.stderr
+        runs[model, kind, memory] = run
     python = trainer_python()
-    result = preflight.run_parser(TrainerEnv("managed", python.parent.parent, python, "4.10.1"), run)
+    results = preflight.run_parsers(TrainerEnv("managed", python.parent.parent, python, "4.10.1"), list(runs.values()))
+    return {case: (run, result) for (case, run), result in zip(runs.items(), results)}
+
+
+@needs_trainer
+@pytest.mark.parametrize("model, kind, memory", PREFLIGHT)
+def test_simpletuner_accepts_model_and_memory_presets(preflight_matrix, model, kind, memory):
+    run, result = preflight_matrix[model, kind, memory]
     assert result["ok"], result.get("error")
+    assert result["run"] == str(run)
     assert result["args"]["model_flavour"] == {"sd35_medium": "medium", "sd35_large": "large"}.get(model)
 
 

@@ -1,4 +1,4 @@
-"""Pre-flight, run by the trainer's Python in a compiled run folder: parse the
+"""Pre-flight, run by the trainer's Python on compiled run folders: parse each
 config exactly as `simpletuner train` would and print the result as JSON.
 
 Standalone on purpose (stdlib + SimpleTuner only): sd3exp's own venv never
@@ -27,24 +27,35 @@ def _checkpoint_guard():
     return getattr(checkpoint_manager, "CHECKPOINT_GUARD_FILENAME", None)
 
 
-def main() -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+def parse(run_dir: str) -> dict:
+    """SimpleTuner's parse of one run folder, with the process environment as it was before."""
+    saved = dict(os.environ)
     buf = io.StringIO()
     try:
+        os.chdir(run_dir)
         with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
             from simpletuner.helpers.configuration import loader
 
             args = loader.load_config(exit_on_error=True)
-        result = {"ok": True, "args": {k: _plain(v) for k, v in sorted(vars(args).items())}}
+        return {"ok": True, "args": {k: _plain(v) for k, v in sorted(vars(args).items())}}
     except SystemExit:
-        result = {"ok": False, "error": buf.getvalue()[-3000:]}
+        return {"ok": False, "error": buf.getvalue()[-3000:]}
     except Exception as exc:  # SimpleTuner raises ValueError and friends for bad values
-        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def main() -> int:
+    """Parse each run folder named on the command line (default: the current one), one line each."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    runs = [os.path.abspath(p) for p in sys.argv[1:]] or [os.getcwd()]
     import torch
 
-    result["cuda"] = bool(torch.cuda.is_available())
-    result["checkpoint_guard"] = _checkpoint_guard()
-    sys.stdout.write(MARKER + json.dumps(result) + "\n")
+    machine = {"cuda": bool(torch.cuda.is_available()), "checkpoint_guard": _checkpoint_guard()}
+    for run in runs:
+        sys.stdout.write(MARKER + json.dumps({**parse(run), **machine, "run": run}) + "\n")
     return 0
 
 
