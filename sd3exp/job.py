@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from sd3exp import cache, console, holdout, runfolder
-from sd3exp.compile import Compiled, compile_experiment, config_hash
+from sd3exp.compile import Compiled, compile_experiment, compile_inputs, config_hash
 from sd3exp.errors import ConfigError, Sd3expError
 from sd3exp.io import dumps_json
 from sd3exp.layout import RunLayout
@@ -160,10 +160,21 @@ def concept_names(cfg: ExperimentConfig, sizes: Dict[str, Optional[List[Tuple[in
     return out
 
 
-def build(job: Job) -> Tuple[Plan, Compiled]:
+def plan_of(job: Job) -> Plan:
     sizes = concept_sizes(job.cfg)
-    plan = replace(make_plan(job.cfg, sizes, held_out_images(job.cfg), concept_names(job.cfg, sizes)),
+    return replace(make_plan(job.cfg, sizes, held_out_images(job.cfg), concept_names(job.cfg, sizes)),
                    cache_dir=str(cache.cache_dir(job.cfg)))
+
+
+def checked_plan(job: Job) -> Plan:
+    """The plan, with every check compiling makes, but no file rendered (stage=plan)."""
+    plan = plan_of(job)
+    compile_inputs(job.cfg, plan, job.run_dir, job.config_hash, job.overrides)
+    return plan
+
+
+def build(job: Job) -> Tuple[Plan, Compiled]:
+    plan = plan_of(job)
     return plan, compile_experiment(job.cfg, plan, job.run_dir, job.config_hash, job.overrides)
 
 
