@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
@@ -92,11 +93,19 @@ def record_view(resolved: dict) -> dict:
     return view
 
 
+def dump_yaml(data: dict) -> str:
+    """OmegaConf.to_yaml(data) of a plain container, the same text without making a config of it first
+    (about 20 ms of each job of a multirun went there)."""
+    from omegaconf._utils import get_omega_conf_dumper
+
+    return yaml.dump(data, default_flow_style=False, allow_unicode=True, sort_keys=False, Dumper=get_omega_conf_dumper())
+
+
 def load(cfg: DictConfig, invocation: Optional[Invocation] = None) -> Job:
     """Resolve, type-check and validate a composed config."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     sha = config_hash(resolved)
-    resolved_yaml = OmegaConf.to_yaml(record_view(resolved))
+    resolved_yaml = dump_yaml(record_view(resolved))
     exp = absolute_paths(OmegaConf.to_object(cfg))
     validate(exp)
     if exp.demo:
