@@ -22,8 +22,9 @@ Keys = Tuple[List[str], List[str]]  # (every leaf key, every mapping that takes 
 def schema_keys(cls: type = ExperimentConfig, prefix: str = "") -> Keys:
     leaves: List[str] = []
     open_: List[str] = []
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        key, kind = prefix + f.name, typing.get_type_hints(cls)[f.name]
+        key, kind = prefix + f.name, hints[f.name]
         args = typing.get_args(kind)
         if dataclasses.is_dataclass(kind):
             sub = schema_keys(kind, key + ".")
@@ -45,23 +46,28 @@ def _generic(key: str) -> str:
 
 def _added(argv: Sequence[str]) -> Iterator[Tuple[str, str]]:
     """(key, the override as typed) of each `+`/`++` override on the command line."""
+    plus = [arg for arg in argv if arg.startswith("+") and "=" in arg]
+    if not plus:
+        return
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser = OverridesParser.create()
-    for arg in argv:
-        if arg.startswith("+") and "=" in arg:
-            override = parser.parse_override(arg)
-            yield override.key_or_group, arg
+    for arg in plus:
+        yield parser.parse_override(arg).key_or_group, arg
 
 
 def check_added(argv: Sequence[str], conf_dir: Path) -> None:
     """ConfigError for the first `+key=value` that adds a key outside the schema's open mappings,
-    naming the closest real key; config groups (`+experiment=...`) and hydra.* pass."""
+    naming the closest real key; config groups (`+experiment=...`) and hydra.* pass. The schema is
+    walked only when the command line adds a key."""
+    added = list(_added(argv))
+    if not added:
+        return
     from sd3exp.migrate import V1_RENAMES
 
     leaves, open_ = schema_keys()
     renamed = dict(V1_RENAMES)
-    for key, arg in _added(argv):
+    for key, arg in added:
         generic = _generic(key)
         if key.startswith("hydra.") or (conf_dir / key.split("@")[0]).is_dir():
             continue

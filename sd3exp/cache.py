@@ -20,8 +20,7 @@ import json
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from sd3exp import captions, prepare
-from sd3exp.compile import whole
+from sd3exp import captions
 from sd3exp.errors import DatasetError
 from sd3exp.runfolder import waiting_lock
 from sd3exp.schema import ConceptConfig, ExperimentConfig
@@ -40,6 +39,8 @@ def file_sha256(path: Path) -> str:
 def concept_digest(c: ConceptConfig, seed: int) -> Optional[str]:
     """sha256 of what the concept's prepared folders hold (names, image bytes, captions; held-out
     images under holdout/); None while its source folder is missing or unreadable (prepare reports why)."""
+    from sd3exp import prepare
+
     try:
         lay = prepare.layout(c, seed)
     except DatasetError:
@@ -63,6 +64,8 @@ def model_identity(cfg: ExperimentConfig) -> str:
 
 def key_data(cfg: ExperimentConfig) -> dict:
     """Everything the caches' content depends on."""
+    from sd3exp.compile import whole
+
     ds, m = cfg.dataset, cfg.model
     return {
         "format": FORMAT, "trainer": cfg.trainer.version,

@@ -13,7 +13,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from sd3exp import argv, migrate
+from sd3exp import argv
 from sd3exp.added_keys import check_added
 from sd3exp.errors import DiskFullError, Interrupted, RunConflictError, Sd3expError, no_space_message
 from sd3exp.project import CONF_DIR, register
@@ -73,6 +73,8 @@ def main() -> None:
             raise SystemExit(subcommands[sys.argv[1]](sys.argv[2:]))
         except Sd3expError as err:
             fail(err)
+    from sd3exp import migrate
+
     sys.argv = argv.expand_home(sys.argv)
     try:
         check_added(sys.argv[1:], CONF_DIR)

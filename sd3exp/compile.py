@@ -13,9 +13,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
-
-import jinja2
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from sd3exp import __version__, captions, envfile, holdout
 from sd3exp.errors import ConfigError, UnsafeValueError
@@ -25,6 +23,9 @@ from sd3exp.plan import Plan
 from sd3exp.project import TEMPLATES
 from sd3exp.runfolder import INVOCATION_KEYS
 from sd3exp.schema import ConceptConfig, ExperimentConfig
+
+if TYPE_CHECKING:
+    import jinja2
 
 Scalar = Union[str, int, float, bool]
 TEXT_EMBEDS_ID = "text-embeds"
@@ -309,15 +310,18 @@ def config_hash(resolved: dict) -> str:
 
 
 def _environment() -> jinja2.Environment:
+    import jinja2  # only where files are rendered (stage=plan checks without it)
+
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True, autoescape=False)
     env.filters["json"] = lambda data: dumps_json(data).rstrip("\n")
     return env
 
 
-def compile_experiment(cfg: ExperimentConfig, plan: Plan, run_dir: Path, config_sha: str,
-                       overrides: str) -> Compiled:
-    """Render every compiled file; nothing is written here."""
+def compile_inputs(cfg: ExperimentConfig, plan: Plan, run_dir: Path, config_sha: str,
+                   overrides: str) -> Dict[str, Tuple[str, Dict[str, Any]]]:
+    """Every compiled file's template and what it is rendered with, by path; every value checked,
+    nothing rendered."""
     args = trainer_args(cfg, plan, run_dir) + user_extra_args(cfg)
     check_extra_args(args)
     json_backend = cfg.trainer.config_backend == "json"
@@ -326,13 +330,17 @@ def compile_experiment(cfg: ExperimentConfig, plan: Plan, run_dir: Path, config_
     if header["overrides"] != " ".join(header["overrides"].split()) or "\n" in overrides:
         raise UnsafeValueError("overrides", overrides, "cannot be recorded in a config.env comment", "simplify them")
     lines, header["mirror"] = json_backend_lines(args) if json_backend else (env_lines(args), True)
-    env = _environment()
-    config_json = {a.name: a.value for a in args}
-    files = {
-        RunLayout.CONFIG_ENV: env.get_template("config.env.j2").render(header=header, lines=lines),
-        RunLayout.MULTIBACKEND: env.get_template("multibackend.json.j2").render(
-            backends=data_backends(cfg, plan, run_dir)),
-        RunLayout.CONFIG_JSON: env.get_template("config.json.j2").render(config=config_json),
+    return {
+        RunLayout.CONFIG_ENV: ("config.env.j2", {"header": header, "lines": lines}),
+        RunLayout.MULTIBACKEND: ("multibackend.json.j2", {"backends": data_backends(cfg, plan, run_dir)}),
+        RunLayout.CONFIG_JSON: ("config.json.j2", {"config": {a.name: a.value for a in args}}),
     }
-    return Compiled(files)
+
+
+def compile_experiment(cfg: ExperimentConfig, plan: Plan, run_dir: Path, config_sha: str,
+                       overrides: str) -> Compiled:
+    """Render every compiled file; nothing is written here."""
+    env = _environment()
+    inputs = compile_inputs(cfg, plan, run_dir, config_sha, overrides)
+    return Compiled({path: env.get_template(name).render(**context) for path, (name, context) in inputs.items()})
 

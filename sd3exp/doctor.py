@@ -221,12 +221,11 @@ def diagnose(cfg: ExperimentConfig, plan: Plan) -> List[Check]:
 
 def experiment(overrides: Sequence[str]) -> tuple[ExperimentConfig, Plan]:
     """The experiment and its plan as `sd3exp ... stage=compile` would make them (in a temporary run folder)."""
-    from sd3exp.job import build, compose_job
+    from sd3exp.job import checked_plan, compose_job
 
     with tempfile.TemporaryDirectory(prefix="sd3exp-doctor-") as tmp:
         job = compose_job(CONF_DIR, list(overrides), Path(tmp) / "run")
-        plan, _ = build(job)
-    return job.cfg, plan
+        return job.cfg, checked_plan(job)
 
 
 def doctor_main(argv: List[str], out: Callable[[str], None] = print) -> int:

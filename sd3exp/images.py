@@ -5,13 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Collection, Dict, List, Tuple
 
-from PIL import Image
-
 from sd3exp.errors import DatasetError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-# What Pillow raises for a file that is not a readable image (UnidentifiedImageError is an OSError).
-BAD_IMAGE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 FIX = "re-export the image, or move it out of the folder"
 
 
@@ -23,6 +19,8 @@ def list_images(folder: Path) -> List[Path]:
 
 def problem(path: Path, err: Exception) -> str:
     """What is wrong with an image file, in words."""
+    from PIL import Image  # Pillow only where an image is read
+
     if path.is_file() and path.stat().st_size == 0:
         return "the file is empty (0 bytes)"
     if isinstance(err, Image.UnidentifiedImageError):
@@ -33,14 +31,17 @@ def problem(path: Path, err: Exception) -> str:
 def image_size(path: Path) -> Tuple[int, int]:
     """(width, height) from the header, without decoding pixels; EXIF rotation applied.
     A file whose header cannot be read raises DatasetError naming it."""
+    from PIL import Image
+
+    bad_image = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # UnidentifiedImageError: an OSError
     try:
         with Image.open(path) as im:
             w, h = im.size
             try:
                 orientation = im.getexif().get(0x0112, 1)
-            except BAD_IMAGE:  # e.g. a PNG cut short: EXIF may sit after the pixels; the audit reports it
+            except bad_image:  # e.g. a PNG cut short: EXIF may sit after the pixels; the audit reports it
                 orientation = 1
-    except BAD_IMAGE as err:
+    except bad_image as err:
         raise DatasetError(f"{path}: {problem(path, err)}. Fix: {FIX}") from err
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 

@@ -1,7 +1,7 @@
 """Every file and folder of a run, by name: the one place the run folder's layout is written down.
 
     <run>/config/{config.env,multibackend.json,config.json}   compiled for SimpleTuner
-    <run>/plan.json, resolved.yaml, run.json, lr_curve.png      the plan, the config, the record
+    <run>/plan.json, resolved.yaml, run.json, lr_curve.png      the plan, the config, the record (the chart: with the report)
     <run>/train.log, training_summary.json, audit.json          training and the caption audit
     <run>/review.html                                           the caption review page
     <run>/history/<config>/                                     compiled files of an earlier config

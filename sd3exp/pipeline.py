@@ -12,10 +12,10 @@ from typing import List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from sd3exp import __version__, console, estimate, lrplot, runfolder
+from sd3exp import __version__, console, estimate, runfolder
 from sd3exp.compile import Compiled
-from sd3exp.io import dumps_json, read_json, remove_stale_temporaries, write_if_changed
-from sd3exp.job import Invocation, Job, build, files_of, load
+from sd3exp.io import dumps_json, read_json, remove_stale_temporaries
+from sd3exp.job import Invocation, Job, build, checked_plan, files_of, load
 from sd3exp.layout import RunLayout
 from sd3exp.plan import Plan, render_table
 from sd3exp.signals import Stopped, sigterm_raises, stopped
@@ -65,9 +65,7 @@ def write_run(job: Job, plan: Plan, compiled: Compiled) -> List[str]:
     job.run_dir.mkdir(parents=True, exist_ok=True)
     runfolder.write_record(job.run_dir, record_of(job))  # first: the folder is sd3exp's before anything else is
     remove_stale_temporaries(job.run_dir)  # writes of an earlier sd3exp cut short by a kill
-    changed = runfolder.written(job.run_dir, files_of(job, plan, compiled))
-    write_if_changed(job.layout.lr_curve, lrplot.render_plan(plan))
-    return changed
+    return runfolder.written(job.run_dir, files_of(job, plan, compiled))
 
 
 def warn_disk(plan: Plan, run_dir: Path, keep: int) -> None:
@@ -113,7 +111,7 @@ def run(cfg: DictConfig, invocation: Optional[Invocation] = None) -> Optional[fl
         try:
             job = load(cfg, invocation)
             if not STAGES[job.cfg.stage].compiles:
-                plan, _ = build(job)
+                plan = checked_plan(job)
                 console.info(render_table(plan))
                 warn_disk(plan, job.run_dir, job.cfg.checkpointing.keep)
                 return None

@@ -11,11 +11,11 @@ exits before the job ends (an sd3exp error exits the process) is marked failed.
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
-import jinja2
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
@@ -26,6 +26,9 @@ from sd3exp.project import TEMPLATES
 from sd3exp.io import dumps_json, read_json, write_json, write_text
 from sd3exp.layout import EvalLayout, RunLayout
 from sd3exp.runfolder import checkpoint_dirs
+
+if TYPE_CHECKING:
+    import jinja2
 
 RECORDS = ".sweep"
 EXITED = "the job's process exited before the job ended (see its output)"
@@ -155,10 +158,18 @@ def summary(sweep_dir: Path) -> Dict[str, Any]:
             "jobs": sorted(jobs, key=lambda j: order.index(j["num"]))}
 
 
-def render_html(data: Dict[str, Any]) -> str:
+@functools.cache
+def _template() -> jinja2.Template:
+    """sweep.html.j2, loaded once per process (the local launcher runs every job in one)."""
+    import jinja2  # a single run instantiates this callback too, and renders nothing
+
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
                              autoescape=True, keep_trailing_newline=True)
-    return env.get_template("sweep.html.j2").render(sweep=data)
+    return env.get_template("sweep.html.j2")
+
+
+def render_html(data: Dict[str, Any]) -> str:
+    return _template().render(sweep=data)
 
 
 def write_summary(sweep_dir: Path) -> Dict[str, Any]:

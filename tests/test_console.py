@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from sd3exp import console
+from sd3exp import bars, console
 from tests.comfy_standin import StandIn
 from tests.conftest import ROOT
 from tests.test_eval_cli import fake_lora_run
@@ -63,7 +63,7 @@ def test_a_bar_on_a_file_prints_a_plain_line_every_interval_and_the_last_state(m
     lines = text.splitlines()
     assert "\r" not in text
     assert 5 <= len(lines) <= 13, lines
-    assert all(len(line) <= console.PLAIN_COLUMNS for line in lines)
+    assert all(len(line) <= bars.PLAIN_COLUMNS for line in lines)
     assert lines[-1].startswith("work: 100%") and "1000/1000" in lines[-1]
 
 
@@ -84,7 +84,7 @@ def test_a_bar_on_a_terminal_is_tqdm_as_it_is():
             return True
 
     bar = console.progress(total=3, file=Terminal())
-    assert type(bar) is console.tqdm
+    assert type(bar) is bars.tqdm
     bar.close()
 
 

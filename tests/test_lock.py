@@ -53,3 +53,15 @@ def test_missing_and_stale_snapshots_fail(tmp_path):
     assert run_main("lock", "--root", str(root)).returncode == 0
     assert run_main("lock", "--check", "--root", str(root)).returncode == 0
     assert not (root / "compiled" / "removed_one").exists()
+
+
+def test_resolved_yaml_is_written_as_omegaconf_writes_it():
+    """sd3exp.job.dump_yaml skips OmegaConf's config building, not its YAML: strings YAML would read as
+    something else stay quoted, unicode stays as it is."""
+    from omegaconf import OmegaConf
+
+    from sd3exp.job import dump_yaml
+
+    data = {"name": "fantasy_art", "lr": 1.5e-05, "flags": ["yes", "no", "1e-5", "null", "~", "on"], "empty": "",
+            "caption": "k4s4, été, 夜", "none": None, "nested": {"steps": [800, 1600], "text": "a: b # c", "t": True}}
+    assert dump_yaml(data) == OmegaConf.to_yaml(data)

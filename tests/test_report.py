@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote
@@ -131,3 +132,19 @@ def test_store_images_names_files_by_cell(tmp_path):
     assert stored.images == [] and [p.name for p in stored.paths] == ["checkpoint-5_p2_s9.png",
                                                                         "checkpoint-5_p2_s9-1.png"]
     assert stored.paths[0].read_bytes() == cell.images[0]
+
+
+def test_the_report_draws_the_lr_curve_from_plan_json_and_again_only_when_plan_json_changed(tmp_path):
+    plan = {**PLAN, "schedule": {"scheduler": "cosine"}, "lr_curve": [[0, 1e-5], [12000, 5e-6], [24000, 0.0]]}
+    write_json(tmp_path / "plan.json", plan)
+    cells = [Cell("final", None, 0, "p", 0, "error", error="boom")]
+    assert 'src="../lr_curve.png"' in write_report(tmp_path, cells, []).read_text()
+    chart = tmp_path / "lr_curve.png"
+    first, drawn_at = chart.read_bytes(), chart.stat().st_mtime_ns
+    assert Image.open(chart).size == (800, 360)
+    write_report(tmp_path, cells, [])
+    assert chart.stat().st_mtime_ns == drawn_at  # plan.json unchanged: not drawn again
+    os.utime(chart, ns=(drawn_at - 10**9, drawn_at - 10**9))  # as if drawn a second before plan.json changed
+    write_json(tmp_path / "plan.json", {**plan, "checkpoint_steps": [800, 1600]})
+    write_report(tmp_path, cells, [])
+    assert chart.read_bytes() != first

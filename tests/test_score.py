@@ -9,7 +9,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from sd3exp.evaluate.cells import BASE_LABEL, Cell
-from sd3exp.evaluate.score import drift, pixel_fidelity, score_cells, thumbnail
+from sd3exp.evaluate.score import choose_best, drift, pixel_fidelity, score_cells, thumbnail
 from tests.conftest import compose_experiment
 
 
@@ -110,3 +110,12 @@ def test_a_prompt_is_scored_against_the_concept_its_trigger_names(concept, tmp_p
     (zq9, k4s4), _, _ = score_cells(cfg, cells)
     assert k4s4.scores["pixel_fidelity"] == pytest.approx(100.0)
     assert zq9.scores["pixel_fidelity"] < 90.0
+
+
+def test_scores_png_is_drawn_only_when_a_cell_has_a_score(concept, tmp_path):
+    cfg = compose_experiment("demo", [f"concepts.0.path={concept}", "demo=false"])
+    failed = [c for c in cells_on_disk(concept, tmp_path) if c.status != "ok"]
+    choose_best(cfg, tmp_path / "run", failed, {}, out_dir=tmp_path / "failed")
+    assert (tmp_path / "failed" / "best.json").is_file() and not (tmp_path / "failed" / "scores.png").exists()
+    choose_best(cfg, tmp_path / "run", cells_on_disk(concept, tmp_path), {}, out_dir=tmp_path / "scored")
+    assert (tmp_path / "scored" / "scores.png").read_bytes()[:4] == b"\x89PNG"

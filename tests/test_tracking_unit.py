@@ -76,3 +76,13 @@ def test_plan_and_compile_do_not_import_a_tracker(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "compiled demo_quick" in out.stdout and out.stdout.rstrip().splitlines()[-1] == "LOADED []"
+
+
+def test_a_multirun_that_evaluates_nothing_makes_no_mlflow_parent_run(tmp_path):
+    """A 2-job stage=compile sweep has nothing to log: no MLflow store, no parent run (it cost seconds a job)."""
+    out = subprocess.run([sys.executable, "-m", "sd3exp", "-m", "experiment=demo_quick", "optimizer.lr=1e-4,2e-4",
+                          "stage=compile", f"hydra.sweep.dir={tmp_path / 'sweep'}", f"paths.output_root={tmp_path}"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert (tmp_path / "sweep" / "sweep.json").is_file()
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "sweep" / "mlflow.json").exists()

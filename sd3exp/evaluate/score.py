@@ -346,7 +346,8 @@ def choose_best(cfg: ExperimentConfig, run_dir: Path, cells: Sequence[Cell], rec
                 out_dir: Optional[Path] = None, strengths: Optional[Mapping[str, float]] = None
                 ) -> Tuple[List[Cell], Optional[Choice]]:
     """Score the cells not yet scored, choose the best checkpoint, write best.json and scores.png into
-    `out_dir` (default the run's eval/). With eval.scoring.enabled=false: the cells as they are, no choice."""
+    `out_dir` (default the run's eval/; scores.png only when a cell has a score). With
+    eval.scoring.enabled=false: the cells as they are, no choice."""
     if not cfg.eval.scoring.enabled:
         return list(cells), None
     from sd3exp import plots
@@ -360,8 +361,9 @@ def choose_best(cfg: ExperimentConfig, run_dir: Path, cells: Sequence[Cell], rec
     console.info(f"scored {fresh} new cell(s), {kept} kept from the last evaluation"
           + (f"; {failed} failed cell(s) left out of the scores" if failed else ""))
     write_json(EvalLayout(eval_dir).best, best_record(choice, candidates, record, strengths))
-    write_bytes(EvalLayout(eval_dir).scores_plot, plots.score_plot(candidates, choice.best.label if choice.best else None,
-                                                      rule.objective, best_variant(choice) or ""))
+    if any(c.scores for c in candidates):  # no chart of nothing (every cell failed)
+        write_bytes(EvalLayout(eval_dir).scores_plot, plots.score_plot(
+            candidates, choice.best.label if choice.best else None, rule.objective, best_variant(choice) or ""))
     metrics = training_metrics(Path(cfg.paths.training_dir))
     if metrics:
         write_bytes(EvalLayout(eval_dir).training_plot, plots.training_plot(metrics, choice.best.step if choice.best else None))

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from sd3exp import console
 from sd3exp.schema import ExperimentConfig, MlflowConfig
+from sd3exp.stage_table import STAGES
 
 
 def store_uri(mlflow: MlflowConfig, output_root: str) -> str:
@@ -68,10 +69,14 @@ def log_run(cfg: ExperimentConfig, run_dir: Path, config_hash: str, overrides: L
 
 
 def _enabled(config: Any) -> Optional[str]:
-    """The MLflow uri of a Hydra job/multirun config when tracking.mlflow is on, else None."""
+    """The MLflow uri of a Hydra job/multirun config when tracking.mlflow is on and its stage evaluates
+    (a sweep of stage=compile, say, has nothing to log), else None."""
     from omegaconf import OmegaConf
 
     if not OmegaConf.select(config, "tracking.mlflow.enabled", default=False, throw_on_resolution_failure=False):
+        return None
+    stage = OmegaConf.select(config, "stage", default=None, throw_on_resolution_failure=False)
+    if stage in STAGES and not STAGES[stage].evaluates:
         return None
     uri = OmegaConf.select(config, "tracking.mlflow.uri", default=None, throw_on_resolution_failure=False)
     return store_uri(MlflowConfig(uri=uri), output_root(config))
