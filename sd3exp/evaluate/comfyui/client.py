@@ -12,7 +12,7 @@ import websocket
 
 from sd3exp.errors import EvalError
 from sd3exp.evaluate.comfyui.names import listed_names
-from sd3exp.evaluate.comfyui.protocol import ImageRef, finished_prompt, prompt_rejection, ws_url
+from sd3exp.evaluate.comfyui.protocol import EventLog, ImageRef, Outcome, prompt_rejection, ws_url
 from sd3exp.evaluate.comfyui.workflow import LOADERS, Graph
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class ComfyClient:
         response = self.request("GET", "/view", params=params)
         if response.status_code != 200:
             where = f"{image.subfolder}/{image.filename}".lstrip("/")
-            raise EvalError(f"/view {where}: HTTP {response.status_code} (listed in /history but not served)")
+            raise EvalError(f"/view {where}: HTTP {response.status_code} (named by ComfyUI but not served)")
         return response.content
 
     def cancel(self, prompt_ids: Sequence[str]) -> None:
@@ -118,6 +118,7 @@ class Watcher:
         self.client, self.poll_s = client, poll_s
         self.socket = client.open_socket()
         self.last_poll = time.monotonic()
+        self.events = EventLog()
 
     def close(self) -> None:
         if self.socket is not None:
@@ -139,13 +140,17 @@ class Watcher:
     def _receive(self, wait_s: float) -> Optional[str]:
         try:
             self.socket.settimeout(max(0.01, wait_s))
-            return finished_prompt(self.socket.recv())
+            return self.events.add(self.socket.recv())
         except websocket.WebSocketTimeoutException:
             return None
         except (OSError, websocket.WebSocketException) as exc:
             log.warning("ComfyUI websocket dropped (%s); polling /queue and /history", exc)
             self.close()
             return None
+
+    def outcome(self, prompt_id: str, save_node: str) -> Optional[Outcome]:
+        """What the websocket said about a settled prompt, when it named `save_node`'s files; else None."""
+        return self.events.pop(prompt_id, save_node)
 
     def _poll(self, pending: Sequence[str]) -> list[str]:
         """ComfyUI writes history and leaves the queue atomically: not queued = settled."""
