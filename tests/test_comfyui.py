@@ -265,6 +265,14 @@ def test_unreachable_server_is_retried_then_reported() -> None:
         sweep(f"http://127.0.0.1:{port}", ckpts(), retries=2)
 
 
+def test_the_environments_proxy_is_used(server: StandIn, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The session reads the environment once; a proxy set there still carries every request."""
+    monkeypatch.setenv("HTTP_PROXY", server.url)  # the stand-in answers proxy-form request lines too
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    assert ComfyClient("http://comfyui.invalid:8188", retries=0).queue() == (set(), set())
+
+
 def test_api_prefix_and_save_dir(server: StandIn, tmp_path: Path) -> None:
     cells = sweep(server.url + "/api", ckpts()[:1], save_dir=tmp_path / "imgs", prompts=PROMPTS[:1])
     assert cells[0].status == "ok" and cells[0].images == []

@@ -26,6 +26,17 @@ def _body(response: requests.Response) -> Any:
         return response.text
 
 
+def _session(base: str) -> requests.Session:
+    """A session with the environment's proxies, CA bundle and .netrc login for `base` read once,
+    not on every request (requests re-reads them per request: half a millisecond each here)."""
+    session = requests.Session()
+    settings = session.merge_environment_settings(base, {}, None, None, None)
+    session.auth = requests.utils.get_netrc_auth(base)
+    session.proxies, session.verify, session.cert = settings["proxies"], settings["verify"], settings["cert"]
+    session.trust_env = False
+    return session
+
+
 class ComfyClient:
     """One ComfyUI server (base URL with or without /api), one client_id, connection retries."""
 
@@ -33,7 +44,7 @@ class ComfyClient:
         self.base = url.rstrip("/")
         self.client_id = uuid.uuid4().hex
         self.retries, self.backoff_s, self.request_timeout_s = retries, backoff_s, request_timeout_s
-        self.session = requests.Session()
+        self.session = _session(self.base)
 
     def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         """An HTTP request, retried with exponential backoff while the server cannot be reached."""
