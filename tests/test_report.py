@@ -131,3 +131,13 @@ def test_store_images_names_files_by_cell(tmp_path):
     assert stored.images == [] and [p.name for p in stored.paths] == ["checkpoint-5_p2_s9.png",
                                                                         "checkpoint-5_p2_s9-1.png"]
     assert stored.paths[0].read_bytes() == cell.images[0]
+
+
+def test_store_images_writes_many_at_once_atomically_and_reports_a_failure(tmp_path):
+    cells = [Cell(f"checkpoint-{i}", i, 0, "p", 0, "ok", images=[png((i, 0, 0))]) for i in range(40)]
+    stored = store_images(cells, tmp_path / "images")
+    assert [p.read_bytes() for c in stored for p in c.paths] == [c.images[0] for c in cells]
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == sorted(p.name for c in stored for p in c.paths)
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(OSError):
+        store_images(cells[:3], tmp_path / "file")
