@@ -128,6 +128,17 @@ def test_dropped_websocket_falls_back_to_polling(server: StandIn) -> None:
     assert time.monotonic() - started < SAFETY_POLL_S  # the drop was noticed, not the safety poll
 
 
+def test_a_text_frame_that_is_not_utf8_counts_as_a_dropped_websocket(server: StandIn) -> None:
+    def garble(prompt_id: str) -> None:
+        if prompt_id == server.queued[1]:
+            for conn in (c for conns in server.sockets.values() for c in conns):
+                conn.send(b"\xff\xfe not utf-8")
+
+    server.on_done = garble
+    cells = sweep(server.url, ckpts())
+    assert [c.status for c in cells] == ["ok"] * 6
+
+
 def test_two_sweeps_get_distinct_files_despite_the_cache(server: StandIn) -> None:
     first = sweep(server.url, ckpts()[:1])
     second = sweep(server.url, ckpts()[:1])

@@ -116,7 +116,10 @@ class ComfyClient:
     def open_socket(self) -> Optional[websocket.WebSocket]:
         """The event websocket for our client_id, or None (then we poll)."""
         try:
-            return websocket.create_connection(ws_url(self.base, self.client_id), timeout=self.request_timeout_s)
+            # recv() decodes text frames strictly anyway (a bad one raises ValueError, handled as a drop):
+            # websocket-client's pure-Python UTF-8 check before it cost more than the rest of a recv
+            return websocket.create_connection(ws_url(self.base, self.client_id), timeout=self.request_timeout_s,
+                                               skip_utf8_validation=True)
         except (OSError, websocket.WebSocketException) as exc:
             log.warning("ComfyUI websocket unavailable (%s); polling /queue and /history instead", exc)
             return None
@@ -154,7 +157,7 @@ class Watcher:
             return self.events.add(self.socket.recv())
         except websocket.WebSocketTimeoutException:
             return None
-        except (OSError, websocket.WebSocketException) as exc:
+        except (OSError, ValueError, websocket.WebSocketException) as exc:
             log.warning("ComfyUI websocket dropped (%s); polling /queue and /history", exc)
             self.close()
             return None
