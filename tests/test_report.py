@@ -13,7 +13,7 @@ from PIL import Image
 
 from sd3exp.evaluate.cells import Cell, read_cells_json, store_images, write_cells_json
 from sd3exp.evaluate.grid import write_grids
-from sd3exp.evaluate.report import render_report, report_context, write_report
+from sd3exp.evaluate.report import TEMPLATE, _environment, render_report, report_context, write_report
 from sd3exp.io import write_json
 
 EVIL = '<script>alert("x")</script> & a cat'
@@ -123,6 +123,12 @@ def test_cells_json_round_trip(run):
     records = (run_dir / "eval" / "cells.json").read_text()
     assert '"images/checkpoint-100_p0_s0.png"' in records and "\\u" not in records
     assert read_cells_json(run_dir / "eval" / "cells.json") == cells
+
+
+def test_the_report_template_is_compiled_once_not_at_every_evaluation(monkeypatch):
+    _environment().get_template(TEMPLATE)  # compiled, or read from the cache
+    monkeypatch.setattr(jinja2.Environment, "_parse", lambda *a: pytest.fail("the report template was compiled again"))
+    _environment().get_template(TEMPLATE)  # as in the next evaluation's process
 
 
 def test_store_images_names_files_by_cell(tmp_path):
