@@ -4,7 +4,7 @@ Default: throughput. sd3exp's evaluation (`evaluate`: the sweep, images stored, 
 report; scoring off, as the baseline scores nothing) versus a raw loop (benchmarks/comfy_raw_loop.py:
 POST /prompt, websocket, GET /view, files written) replaying the very graphs sd3exp sent. Each runs
 in a fresh Python (timed after its imports) against a fresh instant stand-in (no sampling time) in
-this process. Two sizes give the per-cell cost and the fixed cost.
+this process, at 10, 50 and 100 cells: a line through them gives the per-cell and the fixed cost.
 
 `--latency`: from the last image being ready on the server to the grid being written, sd3exp
 versus the source write-up's loop (queue everything, count PNGs in the output folder every 5 s).
@@ -115,30 +115,29 @@ def run_child(approach: str, work: Path, arg: str) -> None:
     print(time.perf_counter() - started)
 
 
-def throughput(sizes: tuple[int, int], repeats: int) -> None:
-    """Median seconds per approach at two sizes (n checkpoints x 10 prompts), in alternating order;
-    an untimed evaluation first gives the graphs the raw loop replays."""
-    times: dict[tuple[str, int], list[float]] = {}
+def throughput(sizes: tuple[int, ...], repeats: int) -> None:
+    """Seconds per approach at each size (n checkpoints x 10 prompts), the two in alternating order;
+    an untimed evaluation first gives the graphs the raw loop replays. A least-squares line through
+    every trial gives ms/cell (slope) and the fixed cost (intercept)."""
+    times: dict[str, list[tuple[int, float]]] = {"sd3exp": [], "raw": []}
     for checkpoints in sizes:
         with tempfile.TemporaryDirectory() as warm:
             graphs = ours(Path(warm), checkpoints, 10)[1]
             for rep in range(repeats):
-                order = ("sd3exp", "raw") if rep % 2 == 0 else ("raw", "sd3exp")
-                for name in order:
+                for name in ("sd3exp", "raw") if rep % 2 == 0 else ("raw", "sd3exp"):
                     with tempfile.TemporaryDirectory() as work:
                         seconds = ours(Path(work), checkpoints, 10)[0] if name == "sd3exp" else \
                             raw(Path(work), Path(warm) / "models", graphs)
-                    times.setdefault((name, checkpoints), []).append(seconds)
-    small, large = (10 * s for s in sizes)
-    print(f"instant stand-in ComfyUI on 127.0.0.1, {small} and {large} cells, median of {repeats}; "
-          f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
-    print(f"{'':8} {'cells/s':>9} {'ms/cell':>9} {'fixed (s)':>10}   (at {large} cells)")
+                    times[name].append((10 * checkpoints, seconds))
+    largest = 10 * max(sizes)
+    print(f"instant stand-in ComfyUI on 127.0.0.1, {', '.join(str(10 * s) for s in sizes)} cells, {repeats} trials "
+          f"each; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    print(f"{'':8} {'cells/s':>9} {'ms/cell':>9} {'fixed (s)':>10}   (cells/s: median at {largest} cells)")
     rates = {}
-    for name in ("sd3exp", "raw"):
-        t_small, t_large = (statistics.median(times[(name, s)]) for s in sizes)
-        per_cell = (t_large - t_small) / (large - small)
-        rates[name] = large / t_large
-        print(f"{name:8} {rates[name]:9.1f} {per_cell * 1000:9.1f} {t_large - per_cell * large:10.2f}")
+    for name, points in times.items():
+        slope, intercept = statistics.linear_regression([float(n) for n, _ in points], [t for _, t in points])
+        rates[name] = largest / statistics.median(t for n, t in points if n == largest)
+        print(f"{name:8} {rates[name]:9.1f} {slope * 1000:9.1f} {intercept:10.2f}")
     print(f"sd3exp's rate / the raw loop's: {rates['sd3exp'] / rates['raw']:.0%}")
 
 
@@ -210,7 +209,7 @@ def main() -> None:
     elif args.latency:
         latency(args.checkpoints, args.delays)
     else:
-        throughput((2, 10), args.repeats)
+        throughput((1, 5, 10), args.repeats)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ def raw_loop(url: str, graphs: Sequence[dict[str, Any]], out_dir: Path) -> int:
     socket = websocket.create_connection(f"{url.replace('http', 'ws', 1)}/ws?clientId={client_id}",
                                          skip_utf8_validation=True)  # as sd3exp's client: recv() decodes anyway
     session = requests.Session()
+    session.trust_env = False  # no proxy or .netrc look-ups per request
     out_dir.mkdir(parents=True, exist_ok=True)
     pending = {session.post(f"{url}/prompt", json={"prompt": g, "client_id": client_id}).json()["prompt_id"]
                for g in graphs}
