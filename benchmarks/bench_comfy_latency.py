@@ -1,20 +1,31 @@
-"""Latency from the last image being ready on the server to the grid being written.
+"""ComfyUI evaluation speed against the test stand-in server, side by side in one run.
 
-sd3exp's sweep (websocket `executing` + /history + /view) versus the source
-write-up's approach (queue everything, then look at ComfyUI's output folder
-every 5 s until the expected number of PNGs is there), both against the test
-stand-in server; both then write the grid with the same grid writer, so the
-difference is the waiting. Run: `.venv/bin/python benchmarks/bench_comfy_latency.py`.
+Default: throughput. sd3exp's evaluation (`evaluate`: the sweep, images stored, grid, cells.json,
+report; scoring off, as the baseline scores nothing) versus a raw loop (benchmarks/comfy_raw_loop.py:
+POST /prompt, websocket, GET /view, files written) replaying the very graphs sd3exp sent. Each runs
+in a fresh Python (timed after its imports) against a fresh instant stand-in (no sampling time) in
+this process, at 10, 50 and 100 cells: a line through them gives the per-cell and the fixed cost.
+
+`--latency`: from the last image being ready on the server to the grid being written, sd3exp
+versus the source write-up's loop (queue everything, count PNGs in the output folder every 5 s).
+
+Run: `.venv/bin/python benchmarks/bench_comfy_latency.py` (add `--latency` for the second).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
+import pickle
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.comfy_standin is not part of the package
@@ -32,10 +43,105 @@ from sd3exp.evaluate.comfyui import (  # noqa: E402
 )
 from sd3exp.evaluate.grid import write_grids  # noqa: E402
 from tests.comfy_standin import StandIn  # noqa: E402
+from tests.conftest import compose_experiment  # noqa: E402
+from tests.test_eval_cli import fake_lora_run  # noqa: E402
 
 WORKFLOW = load_workflow(ROOT / "conf/workflows/sd3_api.json")
 PROMPTS = ["k4s4, a castle", "k4s4, a dragon"]
 SOURCE_POLL_S = 5.0
+BASE_UNET = "sd3_medium_transformer.safetensors"
+
+# ---------------------------------------------------------------- throughput
+
+
+@contextlib.contextmanager
+def instant(folder: Path, models: Path) -> Iterator[StandIn]:
+    """A fresh stand-in that renders instantly (no sampling time, no history lag)."""
+    with StandIn(folder, models_dir=models, unet_names=[BASE_UNET], delay_s=0.0, history_lag_s=0.0) as server:
+        yield server
+
+
+def child(approach: str, work: Path, *args: str) -> float:
+    """Run one approach in a fresh Python (nothing warmed up) against the stand-in in this process;
+    the seconds it took after its imports."""
+    out = subprocess.run([sys.executable, __file__, "--child", approach, str(work), *args], capture_output=True,
+                         text=True, check=True)
+    return float(out.stdout.split()[-1])
+
+
+def ours(work: Path, checkpoints: int, prompts: int) -> tuple[float, list[dict[str, Any]]]:
+    """Seconds for `stage=eval`'s evaluate() on a fresh run of checkpoints x prompts LoRA cells;
+    the graphs it sent, in order."""
+    run, models = work / "run", work / "models"
+    fake_lora_run(run, steps=tuple(range(2, 2 * checkpoints + 1, 2)))
+    texts = json.dumps([f"k4s4, subject {i}" for i in range(prompts)])
+    with instant(work / "comfy", models) as server:
+        cfg = compose_experiment("demo_lora", [
+            "demo=false", "concepts.0.num_images=16", "eval.backend=comfyui", f"eval.url={server.url}",
+            f"eval.models_dir={models}", "eval.include_final=false", "eval.include_base=false",
+            "eval.scoring.enabled=false", "tracking.mlflow.enabled=false", f"eval.prompts={texts}"], str(run))
+        (work / "cfg.pickle").write_bytes(pickle.dumps(cfg))
+        seconds = child("sd3exp", work, str(run))
+        graphs = [server.history[p]["prompt"][2] for p in server.queued]
+    assert len(graphs) == checkpoints * prompts and all(server.history[p]["status"]["completed"] for p in server.queued)
+    return seconds, graphs
+
+
+def raw(work: Path, models: Path, graphs: list[dict[str, Any]]) -> float:
+    """Seconds for the raw loop to render `graphs` on a fresh stand-in and write the files."""
+    (work / "graphs.json").write_text(json.dumps(graphs))
+    with instant(work / "comfy", models) as server:
+        seconds = child("raw", work, server.url)
+    assert len(list((work / "images").iterdir())) == len(graphs)
+    return seconds
+
+
+def run_child(approach: str, work: Path, arg: str) -> None:
+    """In the child: import, then time the approach alone; prints the seconds."""
+    if approach == "sd3exp":
+        from sd3exp.evaluate.comfyui import render  # noqa: F401 (the backend stage=eval imports)
+        from sd3exp.evaluate.stage import evaluate
+
+        cfg = pickle.loads((work / "cfg.pickle").read_bytes())
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            started = time.perf_counter()
+            evaluate(cfg, Path(arg))
+    else:
+        from benchmarks.comfy_raw_loop import raw_loop
+
+        graphs = json.loads((work / "graphs.json").read_text())
+        started = time.perf_counter()
+        raw_loop(arg, graphs, work / "images")
+    print(time.perf_counter() - started)
+
+
+def throughput(sizes: tuple[int, ...], repeats: int) -> None:
+    """Seconds per approach at each size (n checkpoints x 10 prompts), the two in alternating order;
+    an untimed evaluation first gives the graphs the raw loop replays. A least-squares line through
+    every trial gives ms/cell (slope) and the fixed cost (intercept)."""
+    times: dict[str, list[tuple[int, float]]] = {"sd3exp": [], "raw": []}
+    for checkpoints in sizes:
+        with tempfile.TemporaryDirectory() as warm:
+            graphs = ours(Path(warm), checkpoints, 10)[1]
+            for rep in range(repeats):
+                for name in ("sd3exp", "raw") if rep % 2 == 0 else ("raw", "sd3exp"):
+                    with tempfile.TemporaryDirectory() as work:
+                        seconds = ours(Path(work), checkpoints, 10)[0] if name == "sd3exp" else \
+                            raw(Path(work), Path(warm) / "models", graphs)
+                    times[name].append((10 * checkpoints, seconds))
+    largest = 10 * max(sizes)
+    print(f"instant stand-in ComfyUI on 127.0.0.1, {', '.join(str(10 * s) for s in sizes)} cells, {repeats} trials "
+          f"each; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    print(f"{'':8} {'cells/s':>9} {'ms/cell':>9} {'fixed (s)':>10}   (cells/s: median at {largest} cells)")
+    rates = {}
+    for name, points in times.items():
+        slope, intercept = statistics.linear_regression([float(n) for n, _ in points], [t for _, t in points])
+        rates[name] = largest / statistics.median(t for n, t in points if n == largest)
+        print(f"{name:8} {rates[name]:9.1f} {slope * 1000:9.1f} {intercept:10.2f}")
+    print(f"sd3exp's rate / the raw loop's: {rates['sd3exp'] / rates['raw']:.0%}")
+
+
+# ---------------------------------------------------------------- latency
 
 
 def checkpoints(n: int) -> list[Checkpoint]:
@@ -46,7 +152,7 @@ def names(ckpts: list[Checkpoint]) -> dict[str, str]:
     return {c.label: f"run/{c.label}.safetensors" for c in ckpts}
 
 
-def ours(server: StandIn, ckpts: list[Checkpoint], grid_dir: Path) -> float:
+def latency_ours(server: StandIn, ckpts: list[Checkpoint], grid_dir: Path) -> float:
     """Seconds between the last image being written and the grid of every image being on disk."""
     cells = run_sweep(ComfyClient(server.url), SweepSpec(WORKFLOW, ckpts, names(ckpts), PROMPTS), progress=False)
     assert all(c.status == "ok" for c in cells), [c.error for c in cells]
@@ -54,7 +160,7 @@ def ours(server: StandIn, ckpts: list[Checkpoint], grid_dir: Path) -> float:
     return time.monotonic() - max(server.ready_at.values())
 
 
-def source(server: StandIn, ckpts: list[Checkpoint], grid_dir: Path) -> float:
+def latency_source(server: StandIn, ckpts: list[Checkpoint], grid_dir: Path) -> float:
     """The write-up's loop: POST every prompt, count PNGs in the output folder every 5 s, then paste them."""
     client, sweep_id = ComfyClient(server.url), new_sweep_id()
     nodes = find_nodes(WORKFLOW, "full")
@@ -72,26 +178,38 @@ def source(server: StandIn, ckpts: list[Checkpoint], grid_dir: Path) -> float:
     return time.monotonic() - max(server.ready_at.values())
 
 
-def trial(approach, delay_s: float, n_checkpoints: int) -> float:
+def trial(approach: Callable[[StandIn, list[Checkpoint], Path], float], delay_s: float, n_checkpoints: int) -> float:
     with tempfile.TemporaryDirectory() as out:
         ckpts = checkpoints(n_checkpoints)
         with StandIn(Path(out) / "comfy", unet_names=list(names(ckpts).values()), delay_s=delay_s) as server:
             return approach(server, ckpts, Path(out) / "grid")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoints", type=int, default=3)
-    parser.add_argument("--delays", type=float, nargs="+", default=[0.1, 0.35, 0.6, 0.85],
-                        help="seconds per image on the server, one trial each (spreads the 5 s polling phase)")
-    args = parser.parse_args()
-    rows = [(d, trial(ours, d, args.checkpoints), trial(source, d, args.checkpoints)) for d in args.delays]
-    print(f"{args.checkpoints} checkpoints x {len(PROMPTS)} prompts, stand-in ComfyUI on 127.0.0.1")
+def latency(n_checkpoints: int, delays: list[float]) -> None:
+    rows = [(d, trial(latency_ours, d, n_checkpoints), trial(latency_source, d, n_checkpoints)) for d in delays]
+    print(f"{n_checkpoints} checkpoints x {len(PROMPTS)} prompts, stand-in ComfyUI on 127.0.0.1")
     print(f"{'s/image':>8} {'sd3exp (ms)':>12} {'source, 5 s folder poll (ms)':>30} {'ratio':>8}")
     for delay, a, b in rows:
         print(f"{delay:8.2f} {a * 1000:12.1f} {b * 1000:30.1f} {b / a:8.0f}x")
     a, b = statistics.median(r[1] for r in rows), statistics.median(r[2] for r in rows)
     print(f"{'median':>8} {a * 1000:12.1f} {b * 1000:30.1f} {b / a:8.0f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="throughput: trials per size and approach")
+    parser.add_argument("--latency", action="store_true", help="measure latency against 5-s folder polling instead")
+    parser.add_argument("--checkpoints", type=int, default=3, help="latency: checkpoints (x 2 prompts)")
+    parser.add_argument("--delays", type=float, nargs="+", default=[0.1, 0.35, 0.6, 0.85],
+                        help="latency: seconds per image on the server, one trial each (spreads the 5 s polling phase)")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        run_child(args.child[0], Path(args.child[1]), args.child[2])
+    elif args.latency:
+        latency(args.checkpoints, args.delays)
+    else:
+        throughput((1, 5, 10), args.repeats)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ Follows /work/shared/reference/comfyui-api.md: /prompt validation (400 with
 node_errors), /object_info in list or COMBO shape, /history empty until done,
 websocket events in ComfyUI's order (executing node=null only after history is
 written, binary preview frames), /view with ComfyUI's path checks, /queue,
-/interrupt, the output cache trap, and every route under /api/ too. Hooks make
+/interrupt, the output cache trap (a cached output node's `executed` names the old files, as
+ComfyUI >= 2024-08 sends it; `cached_executed=False` for older servers, which sent none), and every
+route under /api/ too; `requests` records each request's method and path. Hooks make
 a cell fail, lose its file, get a 200 with node_errors, drop the websocket, or
 run slowly.
 """
@@ -170,6 +172,7 @@ class StandIn:
     partial_if: Callable[[Graph], bool] = lambda g: False  # 200 with non-empty node_errors
     drop_ws_after: Optional[int] = None  # cut websockets once this many prompts finished
     on_done: Callable[[str], None] = lambda prompt_id: None  # after a history write
+    cached_executed: bool = True  # False: no `executed` for cached output nodes (ComfyUI before 2024-08)
     # observations
     queued: list[str] = field(default_factory=list)
     loads: list[str] = field(default_factory=list)  # model files read by loader nodes (not cached)
@@ -177,6 +180,7 @@ class StandIn:
     deleted: list[str] = field(default_factory=list)
     interrupts: list[Optional[str]] = field(default_factory=list)
     ready_at: dict[str, float] = field(default_factory=dict)  # prompt_id -> when its image was written
+    requests: list[str] = field(default_factory=list)  # "GET /history/<id>", ... (the /api prefix kept)
     ws_drops: int = 0
 
     def __post_init__(self) -> None:
@@ -326,6 +330,9 @@ class StandIn:
             if node_id in cached:  # ComfyUI's cache: keyed by input values, so a changed file is not re-read
                 output, values[node_id] = self.cache[signatures[node_id]]
                 outputs.update({node_id: output} if output else {})
+                if self.cached_executed and item.graph[node_id]["class_type"] in OUTPUT_NODES:
+                    executed = {"node": node_id, "display_node": node_id, "output": output, "prompt_id": pid}
+                    self.emit(cid, "executed", executed)  # execution.py execute(): the cached UI output
                 continue
             failure = self._run_node(item, node_id, outputs, values)
             if failure:
@@ -555,6 +562,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _route(self) -> tuple[str, dict[str, str]]:
         parts = urlsplit(self.path)
+        self.standin.requests.append(f"{self.command} {parts.path}")
         path = parts.path[4:] if parts.path.startswith("/api/") else parts.path
         return path, {k: v[0] for k, v in parse_qs(parts.query).items()}
 

@@ -20,6 +20,7 @@ from sd3exp.evaluate.checkpoints import Checkpoint
 from sd3exp.evaluate.comfyui import (
     SAFETY_POLL_S,
     ComfyClient,
+    EventLog,
     SweepSpec,
     check_api_format,
     find_nodes,
@@ -127,6 +128,17 @@ def test_dropped_websocket_falls_back_to_polling(server: StandIn) -> None:
     assert time.monotonic() - started < SAFETY_POLL_S  # the drop was noticed, not the safety poll
 
 
+def test_a_text_frame_that_is_not_utf8_counts_as_a_dropped_websocket(server: StandIn) -> None:
+    def garble(prompt_id: str) -> None:
+        if prompt_id == server.queued[1]:
+            for conn in (c for conns in server.sockets.values() for c in conns):
+                conn.send(b"\xff\xfe not utf-8")
+
+    server.on_done = garble
+    cells = sweep(server.url, ckpts())
+    assert [c.status for c in cells] == ["ok"] * 6
+
+
 def test_two_sweeps_get_distinct_files_despite_the_cache(server: StandIn) -> None:
     first = sweep(server.url, ckpts()[:1])
     second = sweep(server.url, ckpts()[:1])
@@ -135,6 +147,27 @@ def test_two_sweeps_get_distinct_files_despite_the_cache(server: StandIn) -> Non
     again = sweep(server.url, ckpts()[:1], sweep_id="fixed")
     trap = sweep(server.url, ckpts()[:1], sweep_id="fixed")  # same graph: ComfyUI's cache answers
     assert trap[0].files == again[0].files  # the stand-in does model the trap
+
+
+def test_files_the_websocket_named_are_fetched_without_asking_history(server: StandIn) -> None:
+    cells = sweep(server.url, ckpts())
+    assert [c.status for c in cells] == ["ok"] * 6 and all(embedded_graph(c.images[0]) for c in cells)
+    assert [r for r in server.requests if "/history" in r] == []
+    assert server.requests.count("GET /view") == 6 and server.requests.count("POST /prompt") == 6
+
+
+@pytest.mark.parametrize("cached_executed, history_requests", [(True, 0), (False, 2)])
+def test_a_cached_cell_gets_its_files_from_executed_or_else_from_history(
+        server: StandIn, cached_executed: bool, history_requests: int) -> None:
+    """Re-queueing identical graphs: every node is cached. ComfyUI >= 2024-08 still sends `executed`
+    for the cached SaveImage; an older one sends none, and the files come from /history."""
+    server.cached_executed = cached_executed
+    first = sweep(server.url, ckpts()[:1], sweep_id="fixed")
+    server.requests.clear()
+    again = sweep(server.url, ckpts()[:1], sweep_id="fixed")
+    assert [c.status for c in again] == ["ok", "ok"]
+    assert [(c.files, c.images) for c in again] == [(c.files, c.images) for c in first]
+    assert len([r for r in server.requests if r.startswith("GET /history/")]) == history_requests
 
 
 def test_view_404_is_reported_per_cell(server: StandIn) -> None:
@@ -243,6 +276,14 @@ def test_unreachable_server_is_retried_then_reported() -> None:
         sweep(f"http://127.0.0.1:{port}", ckpts(), retries=2)
 
 
+def test_the_environments_proxy_is_used(server: StandIn, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The session reads the environment once; a proxy set there still carries every request."""
+    monkeypatch.setenv("HTTP_PROXY", server.url)  # the stand-in answers proxy-form request lines too
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    assert ComfyClient("http://comfyui.invalid:8188", retries=0).queue() == (set(), set())
+
+
 def test_api_prefix_and_save_dir(server: StandIn, tmp_path: Path) -> None:
     cells = sweep(server.url + "/api", ckpts()[:1], save_dir=tmp_path / "imgs", prompts=PROMPTS[:1])
     assert cells[0].status == "ok" and cells[0].images == []
@@ -310,3 +351,22 @@ def test_response_parsing() -> None:
     interrupted = {"status": {"status_str": "error", "messages": [["execution_interrupted", {"node_id": "6"}]]}}
     assert parse_history(interrupted, "9").error == "interrupted at node 6"
     assert "without images" in parse_history({"status": {"status_str": "success"}, "outputs": {}}, "9").error
+
+
+def test_event_log_trusts_only_a_success_that_named_the_save_nodes_images() -> None:
+    def log(*events: tuple[str, dict]) -> EventLog:
+        out = EventLog()
+        for kind, data in events:
+            out.add(json.dumps({"type": kind, "data": {"prompt_id": "p", **data}}))
+        return out
+
+    start, success = ("execution_start", {"timestamp": 1_000}), ("execution_success", {"timestamp": 1_500})
+    image = {"filename": "a_00001_.png", "subfolder": "s", "type": "output"}
+    named = ("executed", {"node": "9", "output": {"images": [image]}})
+    told = log(start, named, success).pop("p", "9")
+    assert told is not None and told.ok and told.images[0].filename == "a_00001_.png" and told.seconds == 0.5
+    assert log(start, named, ("execution_error", {"node_id": "6"})).pop("p", "9") is None  # /history says why
+    assert log(start, ("executed", {"node": "9", "output": None}), success).pop("p", "9") is None
+    assert log(start, named, success).pop("p", "8") is None  # another save node
+    assert EventLog().add(json.dumps({"type": "executing", "data": {"node": None, "prompt_id": "p"}})) == "p"
+    assert EventLog().add(b"\x00\x00\x00\x01png") is None

@@ -14,7 +14,7 @@ from PIL import Image
 
 from sd3exp.evaluate.cells import Cell, read_cells_json, store_images, write_cells_json
 from sd3exp.evaluate.grid import write_grids
-from sd3exp.evaluate.report import render_report, report_context, write_report
+from sd3exp.evaluate.report import TEMPLATE, _environment, render_report, report_context, write_report
 from sd3exp.io import write_json
 
 EVIL = '<script>alert("x")</script> & a cat'
@@ -126,6 +126,12 @@ def test_cells_json_round_trip(run):
     assert read_cells_json(run_dir / "eval" / "cells.json") == cells
 
 
+def test_the_report_template_is_compiled_once_not_at_every_evaluation(monkeypatch):
+    _environment().get_template(TEMPLATE)  # compiled, or read from the cache
+    monkeypatch.setattr(jinja2.Environment, "_parse", lambda *a: pytest.fail("the report template was compiled again"))
+    _environment().get_template(TEMPLATE)  # as in the next evaluation's process
+
+
 def test_store_images_names_files_by_cell(tmp_path):
     cell = Cell("checkpoint-5", 5, 2, "p", 9, "ok", images=[png((1, 2, 3)), png((4, 5, 6))])
     [stored] = store_images([cell], tmp_path)
@@ -148,3 +154,13 @@ def test_the_report_draws_the_lr_curve_from_plan_json_and_again_only_when_plan_j
     write_json(tmp_path / "plan.json", {**plan, "checkpoint_steps": [800, 1600]})
     write_report(tmp_path, cells, [])
     assert chart.read_bytes() != first
+
+
+def test_store_images_writes_many_at_once_atomically_and_reports_a_failure(tmp_path):
+    cells = [Cell(f"checkpoint-{i}", i, 0, "p", 0, "ok", images=[png((i, 0, 0))]) for i in range(40)]
+    stored = store_images(cells, tmp_path / "images")
+    assert [p.read_bytes() for c in stored for p in c.paths] == [c.images[0] for c in cells]
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == sorted(p.name for c in stored for p in c.paths)
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(OSError):
+        store_images(cells[:3], tmp_path / "file")

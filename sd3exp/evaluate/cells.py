@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Dict, FrozenSet, Literal, Mapping, Option
 
 from sd3exp.evaluate.checkpoints import BASE_LABEL, Checkpoint
 from sd3exp.evaluate.lora_scale import Strength
-from sd3exp.io import read_json, write_bytes, write_json
+from sd3exp.io import read_json, write_json, write_many
 
 if TYPE_CHECKING:
     from sd3exp.schema import EvalConfig
@@ -166,14 +166,13 @@ def cell_image(cell: Cell) -> Union[Path, bytes, None]:
 
 def store_images(cells: Sequence[Cell], folder: Path | str) -> list[Cell]:
     """Copies of the cells whose in-memory images are written (atomically) to `folder/image_name(...)`."""
-    stored = []
+    stored, files = [], {}
     for cell in cells:
-        names = [image_name(cell.label, cell.prompt_index, cell.seed, n, cell.variant)
+        paths = [Path(folder) / image_name(cell.label, cell.prompt_index, cell.seed, n, cell.variant)
                  for n in range(len(cell.images))]
-        paths = [Path(folder) / name for name in names]
-        for path, data in zip(paths, cell.images):
-            write_bytes(path, data)
+        files.update(zip(paths, cell.images))
         stored.append(replace(cell, images=[], paths=list(cell.paths) + paths) if paths else cell)
+    write_many(files)
     return stored
 
 

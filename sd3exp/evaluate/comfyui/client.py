@@ -12,7 +12,7 @@ import websocket
 
 from sd3exp.errors import EvalError
 from sd3exp.evaluate.comfyui.names import listed_names
-from sd3exp.evaluate.comfyui.protocol import ImageRef, finished_prompt, prompt_rejection, ws_url
+from sd3exp.evaluate.comfyui.protocol import EventLog, ImageRef, Outcome, prompt_rejection, ws_url
 from sd3exp.evaluate.comfyui.workflow import LOADERS, Graph
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,17 @@ def _body(response: requests.Response) -> Any:
         return response.text
 
 
+def _session(base: str) -> requests.Session:
+    """A session with the environment's proxies, CA bundle and .netrc login for `base` read once,
+    not on every request (requests re-reads them per request: half a millisecond each here)."""
+    session = requests.Session()
+    settings = session.merge_environment_settings(base, {}, None, None, None)
+    session.auth = requests.utils.get_netrc_auth(base)
+    session.proxies, session.verify, session.cert = settings["proxies"], settings["verify"], settings["cert"]
+    session.trust_env = False
+    return session
+
+
 class ComfyClient:
     """One ComfyUI server (base URL with or without /api), one client_id, connection retries."""
 
@@ -33,7 +44,7 @@ class ComfyClient:
         self.base = url.rstrip("/")
         self.client_id = uuid.uuid4().hex
         self.retries, self.backoff_s, self.request_timeout_s = retries, backoff_s, request_timeout_s
-        self.session = requests.Session()
+        self.session = _session(self.base)
 
     def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         """An HTTP request, retried with exponential backoff while the server cannot be reached."""
@@ -84,7 +95,7 @@ class ComfyClient:
         response = self.request("GET", "/view", params=params)
         if response.status_code != 200:
             where = f"{image.subfolder}/{image.filename}".lstrip("/")
-            raise EvalError(f"/view {where}: HTTP {response.status_code} (listed in /history but not served)")
+            raise EvalError(f"/view {where}: HTTP {response.status_code} (named by ComfyUI but not served)")
         return response.content
 
     def cancel(self, prompt_ids: Sequence[str]) -> None:
@@ -105,7 +116,10 @@ class ComfyClient:
     def open_socket(self) -> Optional[websocket.WebSocket]:
         """The event websocket for our client_id, or None (then we poll)."""
         try:
-            return websocket.create_connection(ws_url(self.base, self.client_id), timeout=self.request_timeout_s)
+            # recv() decodes text frames strictly anyway (a bad one raises ValueError, handled as a drop):
+            # websocket-client's pure-Python UTF-8 check before it cost more than the rest of a recv
+            return websocket.create_connection(ws_url(self.base, self.client_id), timeout=self.request_timeout_s,
+                                               skip_utf8_validation=True)
         except (OSError, websocket.WebSocketException) as exc:
             log.warning("ComfyUI websocket unavailable (%s); polling /queue and /history instead", exc)
             return None
@@ -118,6 +132,7 @@ class Watcher:
         self.client, self.poll_s = client, poll_s
         self.socket = client.open_socket()
         self.last_poll = time.monotonic()
+        self.events = EventLog()
 
     def close(self) -> None:
         if self.socket is not None:
@@ -139,13 +154,17 @@ class Watcher:
     def _receive(self, wait_s: float) -> Optional[str]:
         try:
             self.socket.settimeout(max(0.01, wait_s))
-            return finished_prompt(self.socket.recv())
+            return self.events.add(self.socket.recv())
         except websocket.WebSocketTimeoutException:
             return None
-        except (OSError, websocket.WebSocketException) as exc:
+        except (OSError, ValueError, websocket.WebSocketException) as exc:
             log.warning("ComfyUI websocket dropped (%s); polling /queue and /history", exc)
             self.close()
             return None
+
+    def outcome(self, prompt_id: str, save_node: str) -> Optional[Outcome]:
+        """What the websocket said about a settled prompt, when it named `save_node`'s files; else None."""
+        return self.events.pop(prompt_id, save_node)
 
     def _poll(self, pending: Sequence[str]) -> list[str]:
         """ComfyUI writes history and leaves the queue atomically: not queued = settled."""

@@ -84,17 +84,49 @@ def parse_history(entry: Mapping[str, Any], save_node: str) -> Outcome:
     return Outcome(True, refs, seconds=seconds)
 
 
-def finished_prompt(message: str | bytes) -> Optional[str]:
-    """prompt_id of an `executing` event with node null (done, history written); else None."""
-    if isinstance(message, bytes) or not message:
-        return None  # binary preview frame, or close
-    try:
-        event = json.loads(message)
-    except ValueError:
-        return None
-    data = event.get("data") or {}
-    return data.get("prompt_id") if event.get("type") == "executing" and data.get("node") is None else None
+class EventLog:
+    """/history entries rebuilt from websocket events: ComfyUI sends each status message (execution_start,
+    execution_success, ... with the same timestamps) and each output node's `executed` output to the
+    socket too, so a prompt the socket saw succeed needs no GET /history."""
 
+    STATUS = ("execution_start", "execution_cached", "execution_success", "execution_error", "execution_interrupted")
+
+    def __init__(self) -> None:
+        self.entries: dict[str, dict[str, Any]] = {}
+
+    def add(self, message: str | bytes) -> Optional[str]:
+        """Record one message; the prompt_id of an `executing` event with node null (done, history
+        written), else None."""
+        if isinstance(message, bytes) or not message:
+            return None  # binary preview frame, or close
+        try:
+            event = json.loads(message)
+        except ValueError:
+            return None
+        kind, data = event.get("type"), event.get("data") or {}
+        prompt_id = data.get("prompt_id")
+        if kind == "executing" and data.get("node") is None:
+            return prompt_id
+        if prompt_id is None or kind not in ("executed", *self.STATUS):
+            return None
+        entry = self.entries.setdefault(prompt_id, {"outputs": {}, "status": {"status_str": "", "messages": []}})
+        if kind == "executed":
+            if isinstance(data.get("output"), dict):  # None for a cached node whose UI output is gone
+                entry["outputs"][str(data.get("node"))] = data["output"]
+        else:
+            entry["status"]["messages"].append([kind, data])
+            if kind == "execution_success":
+                entry["status"]["status_str"] = "success"
+        return None
+
+    def pop(self, prompt_id: str, save_node: str) -> Optional[Outcome]:
+        """The prompt's outcome when the socket saw it succeed with images from `save_node`; else None
+        (ask /history: the socket joined late, a cached node sent no `executed`, or the prompt failed)."""
+        entry = self.entries.pop(prompt_id, None)
+        if entry is None or entry["status"].get("status_str") != "success":
+            return None
+        outcome = parse_history(entry, save_node)
+        return outcome if outcome.ok else None
 
 
 def ws_url(base: str, client_id: str) -> str:

@@ -1,7 +1,7 @@
 """The sweep: every checkpoint x variant x prompt x seed queued on one ComfyUI server, watched until settled.
 
-Images come back through /view, named exactly as /history lists them; a unique filename_prefix per
-sweep keeps ComfyUI's cache from returning old files.
+Images come back through /view, named exactly as the websocket's `executed` events list them (else
+as /history does); a unique filename_prefix per sweep keeps ComfyUI's cache from returning old files.
 """
 
 from __future__ import annotations
@@ -129,15 +129,12 @@ class _Sweep:
         self.bar.update(1)
         self.bar.set_postfix_str(f"{cell.label} {cell.status}")
 
-    def finish(self, prompt_id: str) -> None:
+    def finish(self, prompt_id: str, watcher: Watcher) -> None:
+        """Record a settled prompt: its outcome as the websocket told it, else as /history has it."""
         index = self.queued.pop(prompt_id)
         spec = self.cells[index]
-        entry = self.client.history(prompt_id)
-        outcome = (
-            parse_history(entry, self.nodes[spec.checkpoint.kind].save)
-            if entry is not None
-            else Outcome(False, error="ComfyUI lost the prompt: in neither /queue nor /history (restarted?)")
-        )
+        save = self.nodes[spec.checkpoint.kind].save
+        outcome = watcher.outcome(prompt_id, save) or self.history_outcome(prompt_id, save)
         now = time.monotonic()
         seconds = outcome.seconds if outcome.seconds is not None else now - self.last_done
         cell = _cell(spec, prompt_id=prompt_id, seconds=seconds, error=outcome.error)
@@ -145,6 +142,12 @@ class _Sweep:
         if outcome.ok:
             self.download(cell, outcome.images)
         self.record(index, cell)
+
+    def history_outcome(self, prompt_id: str, save_node: str) -> Outcome:
+        entry = self.client.history(prompt_id)
+        if entry is None:
+            return Outcome(False, error="ComfyUI lost the prompt: in neither /queue nor /history (restarted?)")
+        return parse_history(entry, save_node)
 
     def download(self, cell: Cell, images: Sequence[ImageRef]) -> None:
         try:
@@ -178,7 +181,7 @@ def _wait(sweep: _Sweep, watcher: Watcher, deadline: float) -> None:
         if left <= 0:
             return
         for prompt_id in watcher.settled(list(sweep.queued), min(left, 1.0)):
-            sweep.finish(prompt_id)
+            sweep.finish(prompt_id, watcher)
 
 
 def _cancel_quietly(client: ComfyClient, prompt_ids: Sequence[str]) -> None:
