@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from sd3exp.project import ROOT
@@ -49,6 +49,7 @@ def test_flatten_writes_nested_keys_and_json_values():
 
 @settings(deadline=None)
 @given(st.text(min_size=1, max_size=40))
+@example("0/")  # found by hypothesis in this suite: MLflow refuses a name that reads as another path
 def test_a_param_key_is_one_mlflow_accepts_and_as_long(key):
     pytest.importorskip("mlflow")
     from mlflow.utils.validation import _validate_param_name
@@ -56,9 +57,8 @@ def test_a_param_key_is_one_mlflow_accepts_and_as_long(key):
     from sd3exp.tracking.mlflow_store import param_key
 
     safe = param_key(key)
-    assert len(safe) == len(key) and re.fullmatch(r"[\w\-. /]+", safe)
-    if not safe.startswith("/") and ".." not in safe and safe.strip() == safe:
-        _validate_param_name(safe)
+    assert len(safe) == len(key) and re.fullmatch(r"[\w\-. ]+", safe)
+    _validate_param_name(safe)
 
 
 def test_tensorboards_logdir_is_the_output_folder_or_the_runs_parent(tmp_path):

@@ -99,8 +99,9 @@ def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
 
 
 def param_key(key: str) -> str:
-    """A config key as MLflow accepts it (letters, digits, _ - . / and spaces)."""
-    return re.sub(r"[^\w\-. /]", "_", key)
+    """A config key as MLflow accepts it: letters, digits, _ - . and spaces (a slash would make MLflow
+    read the name as a path: 'a/' and 'a//b' are refused)."""
+    return re.sub(r"[^\w\-. ]", "_", key)
 
 
 def log_batch(client: MlflowClient, run_id: str, metrics: Sequence[Metric] = (), params: Sequence[Param] = (),
