@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from sd3exp import argv
 from sd3exp.added_keys import check_added
+from sd3exp.field_types import check_experiment_file, check_overrides
 from sd3exp.errors import DiskFullError, Interrupted, RunConflictError, Sd3expError, no_space_message
 from sd3exp.project import CONF_DIR, register
 
@@ -78,6 +79,8 @@ def main() -> None:
     sys.argv = argv.expand_home(sys.argv)
     try:
         check_added(sys.argv[1:], CONF_DIR)
+        check_overrides(sys.argv[1:])
+        check_experiment_file(sys.argv[1:], CONF_DIR)
         sys.argv = migrate.prepare_argv(sys.argv, CONF_DIR)
     except Sd3expError as err:
         fail(err)

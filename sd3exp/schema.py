@@ -1,7 +1,7 @@
 """Typed experiment schema, registered in Hydra's ConfigStore.
 
-A misspelt key or a value of the wrong type fails at composition time with
-Hydra's own message; semantic checks live in :mod:`sd3exp.validate`.
+A value of the wrong type is refused before Hydra composes (:mod:`sd3exp.field_types`), a
+misspelt key at composition time; semantic checks live in :mod:`sd3exp.validate`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import run_cli, run_main
 
@@ -59,3 +62,38 @@ def test_sd3exp_debug_shows_the_traceback_behind_an_error():
     out = run_cli("best", "/nonexistent-sd3exp", env={"SD3EXP_DEBUG": "1"})
     assert out.returncode == 2 and "Traceback (most recent call last)" in out.stderr
     assert "best_main" in out.stderr and out.stderr.rstrip().splitlines()[-1].startswith("sd3exp: error: ")
+
+
+@pytest.mark.parametrize("override, shown, takes", [
+    ("training.max_steps=abc", "'abc'", "an integer"),
+    ("optimizer.lr=fast", "'fast'", "a number"),
+    ("training.batch_size=2.5", "2.5", "an integer"),
+    ("concepts.0.repeats=many", "'many'", "an integer"),
+    ("eval.seeds=[1,x]", "[1, 'x']", "a list of integers"),
+    ("schedule.warmup_steps=soon", "'soon'", "an integer"),
+])
+def test_an_override_of_the_wrong_type_names_the_field_and_a_command_that_works(tmp_path, override, shown, takes):
+    key = override.split("=")[0]
+    args = ["experiment=demo_quick", override, f"hydra.run.dir={tmp_path / 'run'}", "stage=plan"]
+    out = run_cli(*args)
+    last = out.stderr.rstrip().splitlines()[-1]
+    assert out.returncode == 2 and "Error merging override" not in out.stderr, out.stderr
+    assert last.startswith(f"sd3exp: error: {key}={shown}: {key} takes {takes}. Fix: ")
+    fix = shlex.split(last.split("Fix: ", 1)[1])
+    assert fix[0] == "sd3exp" and len(fix) == len(args) + 1
+    assert run_cli(*fix[1:]).returncode == 0
+
+
+def test_a_value_of_the_wrong_type_in_an_experiment_file_names_file_field_and_fix(tmp_path):
+    mine = tmp_path / "conf" / "experiment" / "mine.yaml"
+    mine.parent.mkdir(parents=True)
+    text = "# @package _global_\ndefaults:\n  - demo_quick\n  - _self_\noptimizer:\n  lr: 1e-4\ntraining:\n  batch_size: {}\n"
+    mine.write_text(text.format("2.5"))
+    args = ["--config-dir", str(tmp_path / "conf"), "experiment=mine", f"hydra.run.dir={tmp_path / 'run'}", "stage=plan"]
+    out = run_cli(*args)
+    last = out.stderr.rstrip().splitlines()[-1]
+    assert out.returncode == 2 and "ValidationError" not in out.stderr, out.stderr
+    assert last == (f"sd3exp: error: {mine}: training.batch_size=2.5: training.batch_size takes an integer. "
+                    f"Fix: write batch_size: 2 under training in {mine}")
+    mine.write_text(text.format("2"))
+    assert run_cli(*args).returncode == 0
