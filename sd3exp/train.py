@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 
 from sd3exp import console, hub
-from sd3exp.errors import DiskFullError, RunConflictError, TrainerError, no_space_message
+from sd3exp.errors import DiskFullError, Interrupted, RunConflictError, TrainerError, no_space_message
 from sd3exp.io import read_json, write_json
 from sd3exp.layout import RunLayout
 from sd3exp.runfolder import checkpoint_dirs
@@ -36,6 +36,8 @@ _LAUNCHER = ("CalledProcessError", "KeyboardInterrupt")  # accelerate's and the 
 _TRACE_START = ("Traceback (most recent call last)", "During handling of the above exception",
                 "The above exception was the direct cause")
 TAIL_SHOWN = 12
+# SimpleTuner's line after the final save (a LoRA's weights, or the full pipeline), not a checkpoint's
+_FINAL_SAVE = re.compile(r"Model weights saved in (?!\S*checkpoint-)\S*pytorch_lora_weights\.safetensors|Wrote pipeline to disk: ")
 
 
 @dataclass
@@ -47,10 +49,12 @@ class Progress:
     loss: Optional[float] = None
     lr: Optional[float] = None
     tail: List[str] = field(default_factory=list)
+    saved_final: bool = False  # SimpleTuner said it finished saving the final weights
 
     def feed(self, line: str) -> bool:
         """Take one output line; True when the step counter moved."""
         self.tail = (self.tail + [line])[-200:]
+        self.saved_final = self.saved_final or bool(_FINAL_SAVE.search(line))
         m = _TQDM.search(line)
         if not m:
             return False
@@ -389,6 +393,12 @@ def run_training(cmd: List[str], run_dir: Path, training_dir: Path, env: Dict[st
         console.info(report(result, planned, total, next_command))
         console.info(f"stopped early at step {result.early_stop['step']}: {result.early_stop['reason']}")
         return result
+    if result.stopped_by and result.progress.saved_final and is_complete(run_dir, training_dir, model_type, total):
+        console.info(report(result, planned, total, None))
+        raise Interrupted(f"training had finished (all {total} steps; the final weights are saved in "
+                          f"{final_weights(training_dir, model_type)}) when {result.stopped_by} stopped sd3exp: "
+                          f"nothing is lost; {kept(result)} and the final weights. "
+                          f"Continue with: {next_command or resume_command}", result.exit_code - 128)
     short = result.exit_code == 0 and not is_complete(run_dir, training_dir, model_type, total)
     console.info(report(result, planned, total, None if short else next_command))
     if result.exit_code != 0 or short:

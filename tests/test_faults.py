@@ -1,6 +1,6 @@
 """Fault injection: SIGKILL and SIGTERM to sd3exp and to the trainer at several points of a demo run
-(after the audit, training, inside a checkpoint save, the evaluation), each followed by the re-run a
-user would type.
+(after the audit, training, inside a checkpoint save, after the final save, the evaluation), each
+followed by the re-run a user would type.
 
 After the last re-run the run has the checkpoint steps of an uninterrupted run (plan.json; the e2e
 test checks those against a real uninterrupted run), every checkpoint finished before a kill is
@@ -75,6 +75,7 @@ class Kill:
     message: Optional[str] = None  # what it must say
     in_training: bool = True  # wait for the trainer to run before looking at `ready`
     poll_s: float = 0.05
+    next_stage: Optional[str] = None  # the stage the printed command continues with (None: the same command)
 
 
 @dataclass
@@ -119,6 +120,24 @@ def frozen_in_save(run: Path, start: int) -> bool:
     return False
 
 
+FINAL_SAVE = b"Model weights saved in training/pytorch_lora_weights.safetensors"  # SimpleTuner, after the save
+
+
+def frozen_after_final_save(run: Path, start: int) -> bool:
+    """True with every trainer process stopped (SIGSTOP) once SimpleTuner has said it saved the final
+    weights: the SIGTERM to sd3exp that follows lands after training finished, the trainer still there
+    (it ends accelerate and exits within a second or so otherwise)."""
+    log = run / "train.log"
+    if not log.is_file():
+        return False
+    with open(log, "rb") as f:
+        f.seek(max(0, log.stat().st_size - (1 << 16)))
+        if FINAL_SAVE not in f.read():
+            return False
+    _signal_trainer(run, signal.SIGSTOP)
+    return True
+
+
 def landed(run: Path) -> str:
     """Where a kill before training landed, from what it left in the prepared folder."""
     dataset = run / "dataset"
@@ -146,6 +165,8 @@ def kill_points() -> List[Kill]:
         Kill("SIGKILL sd3exp during training", "sd3exp", signal.SIGKILL, new_checkpoint, None),
         Kill("SIGTERM the trainer during training", "trainer", signal.SIGTERM, new_checkpoint, 143,
              "SimpleTuner was killed by SIGTERM"),
+        Kill("SIGTERM sd3exp after the trainer saved the final weights", "sd3exp", signal.SIGTERM,
+             frozen_after_final_save, 143, "training had finished (all 96 steps", poll_s=0.01, next_stage="eval"),
     ]
 
 
@@ -166,6 +187,9 @@ def run_and_kill(chain: Chain, kill: Kill, tmp: Path) -> None:
                        if (p / ".guard").exists()})
     if kill.target == "sd3exp":
         proc.send_signal(kill.sig)
+        if kill.ready is frozen_after_final_save:  # sd3exp has the signal; the trainer goes on to its end
+            time.sleep(1)
+            _signal_trainer(chain.run, signal.SIGCONT)
     else:
         assert pgid, f"no trainer process to kill for '{kill.name}'"
         os.killpg(pgid, kill.sig)
@@ -181,8 +205,9 @@ def run_and_kill(chain: Chain, kill: Kill, tmp: Path) -> None:
     if kill.exit_code is not None:
         assert code == kill.exit_code, text[-3000:]
         assert kill.message in text and "Traceback" not in text, text[-3000:]
-        hint = shlex.split(re.search(r"Resume from [^:]+: (.+)", text).group(1))
-        assert hint[:3] == ["python", "-m", "sd3exp"] and sorted(hint[3:]) == sorted(chain.command), hint
+        hint = shlex.split(re.search(r"(?:Resume from [^:]+|Continue with): (.+)", text).group(1))
+        then = [f"stage={kill.next_stage}" if a == "stage=train" and kill.next_stage else a for a in chain.command]
+        assert hint[:3] == ["python", "-m", "sd3exp"] and sorted(hint[3:]) == sorted(then), hint
     else:
         assert code == -kill.sig
     end = time.monotonic() + 180  # an orphaned trainer stops on its own: its output pipe is gone

@@ -28,6 +28,20 @@ def test_tqdm_lines_move_the_step_counter_and_carry_loss_and_lr():
     assert p.tail[-1].endswith("Saving checkpoint")
 
 
+def test_only_the_final_save_counts_as_the_final_weights_saved():
+    """Lines of SimpleTuner 4.10.1's train.log: a checkpoint's save, then the final LoRA's (a full
+    fine-tune's final save says 'Wrote pipeline to disk')."""
+    p = Progress()
+    p.feed("\x1b[0m\x1b[0mModel weights saved in training/checkpoint-6-tmp/pytorch_lora_weights.safetensors")
+    assert not p.saved_final
+    p.feed("\x1b[0mEpoch 1/1, Steps: 100%|██████████| 6/6 [00:17<00:00,  1.25s/it, lr=0.0001, step_loss=2.32]"
+           "\x1b[0mModel weights saved in training/pytorch_lora_weights.safetensors")
+    assert p.saved_final and p.step == 6
+    full = Progress()
+    full.feed("[RANK 0] 2026-12-06 00:16:17,000 [INFO] Wrote pipeline to disk: training/pipeline")
+    assert full.saved_final
+
+
 def test_a_resumed_bar_starts_at_its_checkpoint():
     p = Progress(step=0)
     p.feed(RESUMED)
