@@ -1,71 +1,10 @@
-"""Shared fixtures: composing experiments, running the CLI, finding the trainer venv."""
+"""pytest's hooks; the helpers the tests share are in tests/helpers.py."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-import os
-import subprocess
-import sys
-from pathlib import Path
-from typing import List, Optional
-
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import OmegaConf
 
-from sd3exp.cli import main
-from sd3exp.project import CONF_DIR, ROOT, register
-from sd3exp.schema import ExperimentConfig
-from sd3exp.trainer_env import READY, managed_root
-
-register()
-
-
-def compose_experiment(experiment: Optional[str], overrides: List[str] = (), run_dir: str = "/tmp/sd3exp-run") -> ExperimentConfig:
-    """The typed experiment as Hydra composes it (no run folder is created)."""
-    GlobalHydra.instance().clear()
-    name = experiment or "default"
-    extra = [f"experiment={experiment}"] if experiment else []
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        cfg = compose("config", overrides=extra + [f"name={name}", f"paths.run_dir={run_dir}", *overrides])
-    return OmegaConf.to_object(cfg)
-
-
-def run_cli(*args: str, cwd: Path = ROOT, env: Optional[dict] = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """`python -m sd3exp ARGS` in a subprocess, as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "sd3exp", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout)
-
-
-def run_main(*args: str) -> subprocess.CompletedProcess:
-    """`sd3exp ARGS` for a subcommand (diff, lock) run in this process: what run_cli returns, without
-    starting a Python for it."""
-    out, err, argv = io.StringIO(), io.StringIO(), sys.argv
-    sys.argv = ["sd3exp", *args]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    finally:
-        sys.argv = argv
-    return subprocess.CompletedProcess(["sd3exp", *args], code, out.getvalue(), err.getvalue())
-
-
-def trainer_python() -> Optional[Path]:
-    if os.environ.get("SD3EXP_TRAINER_PYTHON"):
-        return Path(os.environ["SD3EXP_TRAINER_PYTHON"])
-    root = managed_root("4.10.1", None)
-    return root / "bin" / "python" if (root / READY).is_file() else None
-
-
-# A test that needs the trainer venv: it is marked `trainer` (so `-m "not trainer"` leaves it out) and
-# skipped where the venv is not installed (pytest_itemcollected below).
-needs_trainer = pytest.mark.needs_trainer
-NO_TRAINER = trainer_python() is None and os.environ.get("CI") != "true"
+from tests.helpers import NO_TRAINER
 
 
 def pytest_itemcollected(item: pytest.Item) -> None:

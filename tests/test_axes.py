@@ -22,7 +22,7 @@ from sd3exp.evaluate.diffusers_backend import job_variant
 from sd3exp.evaluate.grid import sheets, write_grids
 from sd3exp.evaluate.reuse import reusable, wanted
 from tests.comfy_standin import StandIn
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 from tests.test_eval_cli import PROMPTS, fake_lora_run
 
 
@@ -200,7 +200,7 @@ def test_plan_refuses_a_sampler_diffusers_has_no_equivalent_for(tmp_path):
 def test_a_changed_axis_value_is_a_changed_request():
     """One CFG for another is no "already evaluated": the cells at the old value are not the ones asked for."""
     from sd3exp.evaluate.stage import request_record
-    from tests.conftest import compose_experiment
+    from tests.helpers import compose_experiment
 
     records = [request_record(compose_experiment("demo_quick", [f"eval.cfg={cfg}"]), []) for cfg in (3.0, 4.5)]
     assert records[0]["settings"] == records[1]["settings"] and records[0] != records[1]

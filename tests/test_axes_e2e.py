@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import needs_trainer, run_cli
+from tests.helpers import needs_trainer, run_cli
 
 pytestmark = [needs_trainer, pytest.mark.slow, pytest.mark.timeout(3600)]  # train + 2 evaluations
 PROMPT = ["k4s4, red circle, blue background"]

@@ -15,7 +15,7 @@ from PIL import Image
 from sd3exp.buckets import BucketTrainer, bucket_fate
 from sd3exp.errors import ConfigError
 from sd3exp.plan import make_plan
-from tests.conftest import compose_experiment, needs_trainer, run_cli, trainer_python
+from tests.helpers import compose_experiment, needs_trainer, run_cli, trainer_python
 
 REFERENCE = Path(__file__).with_name("simpletuner_bucket_fate.py")
 

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 from sd3exp.buckets import BucketRule, bucket_of, too_small
-from tests.conftest import needs_trainer, trainer_python
+from tests.helpers import needs_trainer, trainer_python
 
 REFERENCE = Path(__file__).with_name("simpletuner_buckets.py")
 MIN_SIZE_REFERENCE = Path(__file__).with_name("simpletuner_min_size.py")

@@ -10,7 +10,7 @@ from pathlib import Path
 from sd3exp.cache import cache_dir, cache_key, filling
 from sd3exp.demo_data import make_demo_dataset
 from sd3exp.job import absolute_paths
-from tests.conftest import compose_experiment
+from tests.helpers import compose_experiment
 
 
 def demo(root: Path, *overrides: str):

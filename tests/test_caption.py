@@ -17,7 +17,7 @@ from PIL import Image
 
 from sd3exp.caption.store import Store
 from sd3exp.project import ROOT
-from tests.conftest import needs_trainer, run_cli
+from tests.helpers import needs_trainer, run_cli
 from tests.openai_standin import State, serve
 from tests.test_prepare import source_state
 

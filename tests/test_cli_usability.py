@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli, run_main
+from tests.helpers import run_cli, run_main
 
 
 def test_bare_sd3exp_shows_the_help_and_the_experiments():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, needs_trainer, run_cli, trainer_python
+from tests.helpers import ROOT, needs_trainer, run_cli, trainer_python
 
 EXPERIMENTS = ["fantasy_art", "fantasy_art_lora", "cinema_photo", "two_concepts", "demo", "demo_lora"]
 

@@ -14,7 +14,7 @@ import pytest
 
 from sd3exp import bars, console
 from tests.comfy_standin import StandIn
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 from tests.test_eval_cli import fake_lora_run
 
 LONGEST = 400  # characters a line of a piped run may have

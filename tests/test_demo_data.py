@@ -11,7 +11,7 @@ from sd3exp.demo import DEMO_COUNTS, ensure_demo_assets
 from sd3exp.demo_data import MANIFEST, make_demo_dataset
 from sd3exp.errors import ConfigError, RunConflictError
 from sd3exp.job import absolute_paths
-from tests.conftest import compose_experiment
+from tests.helpers import compose_experiment
 
 COUNTS = {(64, 64): 3, (96, 64): 2, (64, 96): 2}
 

@@ -20,7 +20,7 @@ from sd3exp.evaluate.checkpoints import Checkpoint, discover
 from sd3exp.evaluate.grid import write_grids
 from sd3exp.evaluate.report import write_report
 from sd3exp.tinymodel import OFFLINE_ENV, build_tiny_model
-from tests.conftest import needs_trainer, trainer_python
+from tests.helpers import needs_trainer, trainer_python
 
 PROMPTS = ["a cat", "a <b>dog</b>"]
 SAMPLING = Sampling(steps=2, cfg=4.0, width=64, height=64)

@@ -11,7 +11,7 @@ import pytest
 
 from sd3exp.project import ROOT
 from tests.comfy_standin import StandIn
-from tests.conftest import compose_experiment, needs_trainer
+from tests.helpers import compose_experiment, needs_trainer
 
 NO_GPU = shutil.which("nvidia-smi") is None
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from sd3exp import envfile
 from sd3exp.errors import UnsafeValueError
-from tests.conftest import needs_trainer, trainer_python
+from tests.helpers import needs_trainer, trainer_python
 from tests.simpletuner_envfile import as_argument
 
 HOSTILE = ["$(touch pwned)", "`touch pwned`", "a\nTOUCH=1", "it's", 'say "hi"', "a  b", " lead", "trail ",

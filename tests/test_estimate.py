@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from sd3exp import estimate
 from sd3exp.estimate import GB, GIB, PUBLISHED
 from sd3exp.project import CONF_DIR
-from tests.conftest import compose_experiment, needs_trainer, run_cli, trainer_python
+from tests.helpers import compose_experiment, needs_trainer, run_cli, trainer_python
 
 SD3_MEDIUM = "stabilityai/stable-diffusion-3-medium-diffusers"
 TINY = {"attention_head_dim": 64, "caption_projection_dim": 128, "dual_attention_layers": [], "in_channels": 16,

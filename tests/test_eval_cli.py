@@ -22,7 +22,7 @@ from sd3exp.errors import EvalError
 from sd3exp.evaluate.comfyui import ComfyClient, SweepSpec, find_nodes, load_workflow, run_sweep
 from sd3exp.runfolder import exclusive
 from tests.comfy_standin import StandIn, save_safetensors
-from tests.conftest import compose_experiment, run_cli
+from tests.helpers import compose_experiment, run_cli
 
 PROMPTS = ["k4s4, red circle", "k4s4, blue square"]
 LORA_WORKFLOW = Path(__file__).parent.parent / "conf/workflows/sd3_lora_api.json"

@@ -9,7 +9,7 @@ from PIL import Image
 
 from sd3exp.evaluate.grid import BEST_GREEN
 from tests.comfy_standin import StandIn
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 from tests.test_eval_cli import PROMPTS, fake_lora_run
 
 

@@ -34,7 +34,7 @@ from sd3exp.demo_data import make_demo_dataset
 from sd3exp.runfolder import checkpoint_dirs, exclusive, training_elsewhere
 from sd3exp.train import run_processes
 from tests.comfy_standin import StandIn
-from tests.conftest import needs_trainer, run_cli
+from tests.helpers import needs_trainer, run_cli
 from tests.test_user_safety import small_disk
 
 pytestmark = [needs_trainer, pytest.mark.trainer, pytest.mark.slow]

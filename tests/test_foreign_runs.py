@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from sd3exp.compile import config_hash
 from tests.comfy_standin import StandIn, save_safetensors
-from tests.conftest import compose_experiment, run_cli
+from tests.helpers import compose_experiment, run_cli
 from tests.test_eval_cli import PROMPTS, fake_lora_run, lora_tensors, simpletuner_metadata
 
 

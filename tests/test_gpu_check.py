@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 
-from tests.conftest import ROOT, needs_trainer, trainer_python
+from tests.helpers import ROOT, needs_trainer, trainer_python
 
 
 @needs_trainer

@@ -18,7 +18,7 @@ from sd3exp.project import ROOT
 from sd3exp.evaluate import diffusers_backend as backend
 from sd3exp.evaluate.checkpoints import Checkpoint
 from sd3exp.workers.render_device import DEVICES, DTYPES, pick_device, pick_dtype
-from tests.conftest import needs_trainer, trainer_python
+from tests.helpers import needs_trainer, trainer_python
 
 FAKE_TOKEN = "hf_sd3expFakeTokenNeverSent0123456789"
 GET_TOKEN = "import huggingface_hub, json, os; print(json.dumps([huggingface_hub.get_token(), os.environ['HF_HUB_CACHE']]))"
@@ -182,7 +182,7 @@ def hub_run(tmp_path_factory):
     """experiment=demo_quick with model.path a repo id found only in a temporary HF_HUB_CACHE (offline), a
     token in a temporary HF_HOME, and a post-checkpoint probe that reports what the trainer's process sees."""
     from sd3exp.demo import ensure_demo_assets
-    from tests.conftest import compose_experiment
+    from tests.helpers import compose_experiment
 
     root = tmp_path_factory.mktemp("hub")
     cfg = compose_experiment("demo_quick")
@@ -233,7 +233,7 @@ def test_the_trainer_sees_the_token_and_no_run_file_or_output_holds_it(hub_run):
 
 def test_eval_device_and_dtype_are_checked_before_rendering():
     from sd3exp.evaluate.stage import check_settings
-    from tests.conftest import compose_experiment
+    from tests.helpers import compose_experiment
 
     for key, value in (("device", "gpu"), ("dtype", "float8")):
         with pytest.raises(ConfigError, match=f"eval.{key}='{value}': not one of .*Fix: use eval.{key}=auto"):
@@ -245,7 +245,7 @@ def test_eval_device_and_dtype_are_checked_before_rendering():
 def test_training_a_model_not_in_the_cache_offline_stops_before_the_trainer(tmp_path):
     """Through the CLI: the named error, exit 2, and no trainer started (no training folder, no train.log)."""
     from sd3exp.demo import ensure_demo_assets
-    from tests.conftest import compose_experiment
+    from tests.helpers import compose_experiment
 
     cfg = compose_experiment("demo_quick")
     ensure_demo_assets(cfg, with_model=False)

@@ -19,7 +19,7 @@ from sd3exp.compile import data_backends, trainer_args
 from sd3exp.demo import DEMO_COUNTS
 from sd3exp.plan import make_plan
 from sd3exp.schema import ConceptConfig
-from tests.conftest import compose_experiment, run_cli
+from tests.helpers import compose_experiment, run_cli
 from tests.test_prepare import source_state, write_dataset
 
 HELD = ["concepts.0.holdout=3", "trainer.report_to=simpletuner"]

@@ -11,7 +11,7 @@ import pytest
 
 from sd3exp.project import ROOT
 from sd3exp.demo import DEMO_COUNTS
-from tests.conftest import needs_trainer, run_cli
+from tests.helpers import needs_trainer, run_cli
 
 pytestmark = [needs_trainer, pytest.mark.slow, pytest.mark.trainer]
 

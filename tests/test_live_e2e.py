@@ -17,7 +17,7 @@ import pytest
 from sd3exp.project import ROOT
 from sd3exp.runfolder import checkpoint_dirs
 from sd3exp.train import run_processes
-from tests.conftest import needs_trainer, run_cli
+from tests.helpers import needs_trainer, run_cli
 
 pytestmark = [needs_trainer, pytest.mark.slow, pytest.mark.timeout(2400)]  # shared runs: several minutes on 2 busy cores
 

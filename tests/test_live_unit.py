@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from sd3exp.errors import ConfigError
 from sd3exp.live import REFRESH_S, LiveState, Point, Watcher, check, enabled, set_refresh, stalled, summary_lines
-from tests.conftest import compose_experiment
+from tests.helpers import compose_experiment
 
 
 def points(*values):

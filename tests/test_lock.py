@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 from sd3exp.project import ROOT
-from tests.conftest import run_cli, run_main
+from tests.helpers import run_cli, run_main
 
 
 def project_copy(tmp_path: Path) -> Path:

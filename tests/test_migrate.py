@@ -8,7 +8,7 @@ import pytest
 
 from sd3exp.errors import ConfigError
 from sd3exp.migrate import migrate_text, v1_to_v2
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 FIXTURES = Path(__file__).parent / "fixtures"
 V1 = FIXTURES / "experiment" / "fantasy_art_v1.yaml"

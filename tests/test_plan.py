@@ -12,7 +12,7 @@ from sd3exp.buckets import BucketRule, bucket_of
 from sd3exp.errors import ConfigError
 from sd3exp.plan import checkpoint_steps, make_plan
 from sd3exp.validate import validate
-from tests.conftest import compose_experiment
+from tests.helpers import compose_experiment
 
 
 def test_fantasy_art_matches_the_source_and_simpletuner():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tests.conftest import run_cli, run_main
+from tests.helpers import run_cli, run_main
 
 
 def diff_json(a: str, b: str):

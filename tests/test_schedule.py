@@ -13,7 +13,7 @@ import pytest
 from sd3exp import schedule
 from sd3exp.errors import ConfigError
 from sd3exp.schema import ScheduleConfig
-from tests.conftest import needs_trainer, trainer_python
+from tests.helpers import needs_trainer, trainer_python
 
 REFERENCE = Path(__file__).with_name("simpletuner_lr.py")
 CASES = [ScheduleConfig("constant"), ScheduleConfig("constant", warmup_steps=20),

@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 
 from sd3exp.evaluate.cells import BASE_LABEL, Cell
 from sd3exp.evaluate.score import choose_best, drift, pixel_fidelity, score_cells, thumbnail
-from tests.conftest import compose_experiment
+from tests.helpers import compose_experiment
 
 
 def shape(path: Path, background: tuple, colour: tuple, box: tuple = (16, 16, 48, 48), size: int = 64) -> Path:

@@ -11,7 +11,7 @@ import pytest
 from sd3exp.evaluate import models
 from sd3exp.evaluate.score import scoring_key, training_sets
 from sd3exp.layout import RunLayout
-from tests.conftest import compose_experiment
+from tests.helpers import compose_experiment
 
 
 def fine_tune(folder: Path, weights: bytes) -> Path:

@@ -20,7 +20,7 @@ from sd3exp.evaluate.cells import Cell
 from sd3exp.evaluate.score import concepts_of, holdout_sets, score_cells, training_sets
 from sd3exp.tinymodel import OFFLINE_ENV
 from tests.comfy_standin import StandIn
-from tests.conftest import compose_experiment, needs_trainer, run_cli, trainer_python
+from tests.helpers import compose_experiment, needs_trainer, reference_scores, run_cli, trainer_python
 from tests.test_eval_cli import PROMPTS, fake_lora_run
 
 TINY = Path(__file__).with_name("tiny_preference.py")
@@ -75,12 +75,7 @@ def test_pickscore_aesthetic_hps_and_dino_equal_their_reference_code(tiny, tmp_p
                           [{"id": i, "image": str(r), "prompt": p, "concepts": concepts_of(p, sets)}
                            for i, (p, r) in enumerate(zip(prompts, renders))], tmp_path / "unused",
                           {cid: list(zip(s.paths, s.digests)) for cid, s in held.items()})
-    (tmp_path / "job.json").write_text(json.dumps(job))
-    ref = subprocess.run([str(trainer_python()), str(TINY), "reference", str(tmp_path / "job.json"),
-                          str(tmp_path / "ref.json")], capture_output=True, text=True,
-                         env={**os.environ, **OFFLINE_ENV}, timeout=600)
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    reference = json.loads((tmp_path / "ref.json").read_text())
+    reference = reference_scores(TINY, job, tmp_path)
     for i, cell in enumerate(scored):
         for measure in ("pickscore", "aesthetic", "hps", "dino_i", "holdout_dino"):
             assert cell.scores[measure] == pytest.approx(reference[str(i)][measure], abs=1e-4), (i, measure)

@@ -17,7 +17,7 @@ import pytest
 
 from sd3exp.project import ROOT
 from sd3exp.runfolder import checkpoint_dirs
-from tests.conftest import needs_trainer, run_cli
+from tests.helpers import needs_trainer, run_cli
 
 CLUSTER = Path(__file__).resolve().parent / "slurm" / "cluster.sh"
 

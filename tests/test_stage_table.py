@@ -8,7 +8,7 @@ from sd3exp import stages
 from sd3exp.errors import ConfigError
 from sd3exp.stage_table import STAGES, TABLE
 from sd3exp.validate import validate
-from tests.conftest import compose_experiment, run_cli
+from tests.helpers import compose_experiment, run_cli
 
 
 def test_every_step_of_every_stage_has_its_function():

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from sd3exp.sweep import render_html, write_summary
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 def sweep(sweep_dir: Path, *args: str):

@@ -12,7 +12,7 @@ from PIL import Image
 
 from sd3exp.evaluate.score import objective
 from sd3exp.io import write_json
-from tests.conftest import needs_trainer, run_cli
+from tests.helpers import needs_trainer, run_cli
 
 
 def scored_eval(run_dir: Path, score: float, label: str = "checkpoint-2") -> None:

@@ -13,7 +13,7 @@ import pytest
 from sd3exp.demo import ensure_demo_assets
 from sd3exp.errors import TrainerError
 from sd3exp.tinymodel import OFFLINE_ENV, build_tiny_model
-from tests.conftest import compose_experiment, needs_trainer, trainer_python
+from tests.helpers import compose_experiment, needs_trainer, trainer_python
 
 PYTHON = trainer_python()
 pytestmark = [pytest.mark.trainer, needs_trainer]

@@ -22,7 +22,7 @@ import requests
 from PIL import Image
 
 from tests import browser
-from tests.conftest import needs_trainer, run_cli
+from tests.helpers import needs_trainer, run_cli
 
 mlflow = pytest.importorskip("mlflow", reason="the tracking extra is not installed (make venv)")
 from mlflow.tracking import MlflowClient  # noqa: E402

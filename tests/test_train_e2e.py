@@ -19,7 +19,7 @@ from PIL import Image, ImageChops, ImageStat
 from sd3exp.project import ROOT
 from sd3exp.runfolder import checkpoint_dirs
 from tests import browser
-from tests.conftest import compose_experiment, needs_trainer, run_cli
+from tests.helpers import compose_experiment, needs_trainer, run_cli
 
 pytestmark = [needs_trainer, pytest.mark.slow]
 
@@ -254,3 +254,4 @@ def test_several_processes_without_cuda_are_refused(tmp_path):
     assert out.returncode != 0
     assert "training.num_processes=2" in out.stderr and "no CUDA device" in out.stderr
     assert not (tmp_path / "run" / "training").exists()
+

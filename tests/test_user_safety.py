@@ -22,7 +22,7 @@ from sd3exp.demo import DEMO_COUNTS
 from sd3exp.demo_data import make_demo_dataset
 from sd3exp.project import ROOT
 from sd3exp.runfolder import exclusive
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 def tree(folder: Path) -> dict:
