@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw
 
 from .errors import ConfigError, RunConflictError
+from .io import atomic_dir
 
 MANIFEST = "sd3exp-demo.json"
 FORMAT = 1
@@ -120,16 +118,7 @@ def make_demo_dataset(folder: Path, trigger: str, counts: dict[tuple[int, int], 
             f"{folder} already holds files that are not a demo dataset with these parameters; "
             "choose another folder or remove it"
         )
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with atomic_dir(folder) as tmp:  # an empty `folder` is replaced
         _write_images(tmp, trigger, counts, seed)
         (tmp / MANIFEST).write_text(json.dumps(wanted, indent=2) + "\n", encoding="utf-8")
-        tmp.chmod(0o755)
-        if folder.is_dir():
-            folder.rmdir()
-        os.rename(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder

@@ -1,15 +1,17 @@
-"""Atomic file writes: a reader never sees half a file."""
+"""Atomic writes: a reader never sees half a file, nor half a folder (atomic_dir)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import re
+import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, List, Mapping, Union
+from typing import Any, Iterator, List, Mapping, Union
 
 from sd3exp.errors import DiskFullError, no_space_message
 
@@ -96,3 +98,48 @@ def write_json(path: Path, data: Any) -> None:
 
 def read_json(path: Union[str, Path]) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def side(dest: Path, tag: str) -> Path:
+    """`.<name>.<tag>` beside `dest`: where atomic_dir builds (`building`) and what it replaces (`old`)."""
+    return dest.with_name(f".{dest.name}.{tag}")
+
+
+def recover_dir(dest: Path) -> None:
+    """Undo what a replacing atomic_dir cut short by a kill left: `.old` back in place when `dest` is
+    missing, a half-built folder removed."""
+    old, build = side(dest, "old"), side(dest, "building")
+    if old.exists() and not dest.exists():
+        os.rename(old, dest)
+    for leftover in (old, build):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: Path, replace: bool = True) -> Iterator[Path]:
+    """Yield an empty folder beside `dest` to build in; when the block ends without an error it is
+    renamed to `dest`, else removed. replace=True (one builder at a time): `.<name>.building`, and an
+    existing `dest` is moved to `.<name>.old` first and removed after (recover_dir undoes a kill in
+    between). replace=False (builders may race): a uniquely named folder, and a `dest` that another
+    builder put in place first is kept, this one dropped."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if replace:
+        recover_dir(dest)
+        build = side(dest, "building")
+        build.mkdir()
+    else:
+        build = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".building", dir=dest.parent))
+    try:
+        yield build
+        if replace and dest.exists():
+            os.rename(dest, side(dest, "old"))
+        try:
+            os.rename(build, dest)
+        except OSError:
+            if replace or not dest.is_dir():  # else another builder's folder came first: it stays
+                raise
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    if replace:
+        shutil.rmtree(side(dest, "old"), ignore_errors=True)

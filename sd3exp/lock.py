@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -21,7 +20,7 @@ from omegaconf import OmegaConf
 
 from sd3exp import console
 from sd3exp.compile import config_hash
-from sd3exp.io import write_text
+from sd3exp.io import atomic_dir, write_text
 from sd3exp.project import ROOT
 from sd3exp.job import compiled_files, compose_job
 from sd3exp.layout import RunLayout
@@ -88,15 +87,10 @@ def problems(root: Path) -> List[str]:
 def write_lock(root: Path) -> List[str]:
     """Recreate compiled/ from scratch; the experiments written."""
     names = experiments(root / "conf")
-    staged = Path(tempfile.mkdtemp(prefix=f".{LOCK_DIR}.", dir=root))
-    try:
+    with atomic_dir(root / LOCK_DIR) as staged:
         for name in names:
             for rel, text in snapshot(root / "conf", name).items():
                 write_text(staged / name / rel, text)
-        shutil.rmtree(root / LOCK_DIR, ignore_errors=True)
-        staged.rename(root / LOCK_DIR)
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
     return names
 
 

@@ -17,15 +17,14 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence, Tuple
 
 from omegaconf import OmegaConf
 
 from sd3exp.errors import ConfigError
+from sd3exp.io import atomic_dir
 from sd3exp.schema import SCHEMA_VERSION
 
 Migration = Callable[[dict], List[str]]  # edits the experiment mapping in place, returns what changed
@@ -148,15 +147,10 @@ def materialize(files: Dict[str, str]) -> Path:
     dest = cache_root() / digest
     if dest.is_dir():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{digest}.", dir=dest.parent))
-    for rel, text in files.items():
-        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp / rel).write_text(text, encoding="utf-8")
-    try:
-        tmp.rename(dest)
-    except OSError:  # another process made the same folder first
-        shutil.rmtree(tmp)
+    with atomic_dir(dest, replace=False) as tmp:  # another process may make the same folder first
+        for rel, text in files.items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_text(text, encoding="utf-8")
     return dest
 
 

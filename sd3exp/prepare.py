@@ -43,7 +43,7 @@ from typing import Callable, Dict, List, Optional, Union
 from sd3exp import captions, console, holdout
 from sd3exp.errors import ConfigError, DatasetError, human_bytes
 from sd3exp.images import IMAGE_EXTENSIONS, list_images
-from sd3exp.io import read_json, remove_stale_temporaries, write_json
+from sd3exp.io import atomic_dir, read_json, recover_dir, remove_stale_temporaries, write_json
 from sd3exp.schema import ConceptConfig, ExperimentConfig
 
 try:
@@ -266,43 +266,25 @@ def _matches(want: Want, path: Path) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) or (a.st_size, a.st_mtime_ns) == (b.st_size, b.st_mtime_ns)
 
 
-# -- building and swapping -------------------------------------------------
+# -- building (sd3exp.io.atomic_dir swaps it in) -------------------------------------------------
 
-def _side(target: Path, tag: str) -> Path:
-    return target.with_name(f".{target.name}.{tag}")
-
-
-def _recover(target: Path) -> None:
-    """Undo what an interrupted run left: put .old back, drop a half-built folder."""
-    old, build = _side(target, "old"), _side(target, "building")
-    if old.exists() and not target.exists():
-        os.rename(old, target)
-    for leftover in (old, build):
-        if leftover.exists():
-            shutil.rmtree(leftover)
-
-
-def _build(target: Path, files: Dict[str, Want], reusable: set, summary: ConceptSummary, progress: bool) -> None:
-    build = _side(target, "building")
-    build.mkdir(parents=True)
+def _build(build: Path, target: Path, files: Dict[str, Want], reusable: set, summary: ConceptSummary,
+           progress: bool) -> None:
+    """Fill `build` with `files`, reusing the unchanged ones of `target` by hard link."""
     linker = Linker()
     bar = console.progress(files.items(), desc=f"prepare {summary.id}", unit="file", leave=False,
                disable=not progress or len(files) < PROGRESS_MIN_FILES)
-    try:
-        for name, want in bar:
-            dst = build / name
-            if name in reusable and _relink(target / name, dst):
-                summary.reused += 1
-            elif isinstance(want, bytes):
-                dst.write_bytes(want)
-                summary.bytes_written += len(want)
-                summary.created += 1
-            else:
-                linker.place(want, dst)
-                summary.created += 1
-    except BaseException:
-        shutil.rmtree(build, ignore_errors=True)
-        raise
+    for name, want in bar:
+        dst = build / name
+        if name in reusable and _relink(target / name, dst):
+            summary.reused += 1
+        elif isinstance(want, bytes):
+            dst.write_bytes(want)
+            summary.bytes_written += len(want)
+            summary.created += 1
+        else:
+            linker.place(want, dst)
+            summary.created += 1
     summary.bytes_written += linker.bytes
     summary.link_modes = dict(Counter(summary.link_modes) + linker.used)
 
@@ -316,23 +298,15 @@ def _relink(existing: Path, dst: Path) -> bool:
     return True
 
 
-def _swap(target: Path) -> None:
-    build, old = _side(target, "building"), _side(target, "old")
-    if target.exists():
-        os.rename(target, old)
-    os.rename(build, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _prepare_concept(target: Path, summary: ConceptSummary, files: Dict[str, Want], progress: bool) -> None:
-    _recover(target)
+    recover_dir(target)
     existing = _existing(target)
     reusable = {n for n in existing if n in files and _matches(files[n], target / n)}
     summary.removed += len(set(existing) - set(files))
     if len(reusable) == len(files) and not summary.removed:
         return
-    _build(target, files, reusable, summary, progress)
-    _swap(target)
+    with atomic_dir(target) as build:
+        _build(build, target, files, reusable, summary, progress)
 
 
 def _prepare_held_out(target: Path, summary: ConceptSummary, files: Dict[str, Want], ours: bool,
