@@ -58,8 +58,12 @@ def _field(key: str) -> Optional[Tuple[DictConfig, str]]:
 
 
 def _fits(key: str, value: Any) -> bool:
-    """Whether OmegaConf takes `value` for `key` (on a fresh schema: a failed try changes nothing)."""
-    node, leaf = _field(key) or (None, "")
+    """Whether OmegaConf takes `value` for `key` (on a fresh node: a failed try changes nothing); a
+    key that is no schema field is Hydra's to judge."""
+    found = _field(key)
+    if found is None:
+        return True
+    node, leaf = found
     try:
         node[leaf] = value
         return True
