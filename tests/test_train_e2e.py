@@ -255,3 +255,27 @@ def test_several_processes_without_cuda_are_refused(tmp_path):
     assert "training.num_processes=2" in out.stderr and "no CUDA device" in out.stderr
     assert not (tmp_path / "run" / "training").exists()
 
+
+def test_forcing_a_changed_config_on_trained_weights_trains_afresh(tmp_path):
+    """Issue 24 item 2 on real weights: trained at lr 2e-4, then lr 7e-4 with trainer.force=true. The
+    old weights and SimpleTuner's own config move whole under history/<old config>/; the new config
+    trains from step 0, and nothing left in training/ describes the lr 2e-4 weights."""
+    run = tmp_path / "run"
+    base = ["experiment=demo_quick", "stage=train", f"hydra.run.dir={run}"]
+    first = run_cli(*base, "optimizer.lr=2e-4")
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    old_hash = json.loads((run / "run.json").read_text())["config_hash"]
+    old = snapshot(run / "training")
+    weights = (run / "training" / "pytorch_lora_weights.safetensors").read_bytes()
+    out = run_cli(*base, "optimizer.lr=7e-4", "trainer.force=true")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "training already complete" not in out.stdout and "moved aside" in out.stdout
+    history = run / "history" / old_hash[:12] / "training"
+    assert snapshot(history) == old
+    assert (history / "pytorch_lora_weights.safetensors").read_bytes() == weights
+    assert json.loads((history / "simpletuner_config.json").read_text())["learning_rate"] == 2e-4
+    assert json.loads((run / "training" / "simpletuner_config.json").read_text())["learning_rate"] == 7e-4
+    summary = json.loads((run / "training_summary.json").read_text())
+    assert summary["start_step"] == 0 and summary["progress"]["step"] == 6 and summary["progress"]["lr"] == 7e-4
+    assert list(checkpoint_dirs(run / "training")) == [2, 4, 6]
+    assert (run / "training" / "pytorch_lora_weights.safetensors").read_bytes() != weights
