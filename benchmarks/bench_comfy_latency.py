@@ -43,7 +43,7 @@ from sd3exp.evaluate.comfyui import (  # noqa: E402
 )
 from sd3exp.evaluate.grid import write_grids  # noqa: E402
 from tests.comfy_standin import StandIn  # noqa: E402
-from tests.conftest import compose_experiment  # noqa: E402
+from tests.helpers import compose_experiment  # noqa: E402
 from tests.test_eval_cli import fake_lora_run  # noqa: E402
 
 WORKFLOW = load_workflow(ROOT / "conf/workflows/sd3_api.json")

@@ -64,7 +64,7 @@ def trainer_python() -> Optional[Path]:
 
 
 # A test that needs the trainer venv: it is marked `trainer` (so `-m "not trainer"` leaves it out) and
-# skipped where the venv is not installed (tests/conftest.py).
+# skipped where the venv is not installed (tests/helpers.py).
 needs_trainer = pytest.mark.needs_trainer
 NO_TRAINER = trainer_python() is None and os.environ.get("CI") != "true"
 
