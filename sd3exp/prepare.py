@@ -205,26 +205,43 @@ class Layout:
 def _copies(concept: ConceptConfig, image: Path, text: str, seed: int) -> Dict[str, Want]:
     """Materialized mode: name_<i>.<ext> + name_<i>.txt, i = 1..repeats, each caption shuffled on its own."""
     sep, keep, files = captions.tag_separator(concept), concept.captions.keep_tags, {}
+    tags = captions.split_tags(text, sep)  # once per image, not per copy
     for i in range(1, concept.repeats + 1):
         rng = random.Random(captions.copy_seed(seed, concept.id, image.name, i))
         files[f"{image.stem}_{i}{image.suffix}"] = image
-        files[f"{image.stem}_{i}.txt"] = captions.shuffle_caption(text, keep, rng, sep).encode("utf-8")
+        files[f"{image.stem}_{i}.txt"] = captions.shuffle_tags(tags, keep, rng, sep).encode("utf-8")
     return files
+
+
+_LAYOUTS: Dict[str, tuple] = {}  # concept id -> (its inputs, its layout): the last one built in this process
 
 
 def layout(concept: ConceptConfig, seed: int, generated: Optional[Dict[str, str]] = None) -> Layout:
     """The prepared folder of `concept`; DatasetError for images without a caption (unless allowed).
     `generated`: {image name: caption} of the images that train on a generated caption. Held-out images
-    (concept.holdout, chosen with the experiment's `seed`) go to `held_out`, once each, caption unshuffled."""
+    (concept.holdout, chosen with the experiment's `seed`) go to `held_out`, once each, caption unshuffled.
+    Built once while the settings, image names and caption bytes stay the same (the cache key and
+    prepare() share it)."""
     images = source_images(concept)
+    generated = generated or {}
+    data = {p.name: generated[p.name].encode("utf-8") if p.name in generated else _caption_bytes(p) for p in images}
+    inputs = (repr(concept), seed, data)
+    last = _LAYOUTS.get(concept.id)
+    if last is not None and last[0] == inputs:
+        return last[1]
+    lay = _build_layout(concept, seed, images, data)
+    _LAYOUTS[concept.id] = (inputs, lay)
+    return lay
+
+
+def _build_layout(concept: ConceptConfig, seed: int, images: List[Path], texts: Dict[str, Optional[bytes]]) -> Layout:
     held = set(holdout.held_out(concept, [p.name for p in images], seed))
     seed = captions.shuffle_seed(concept, seed)
-    generated = generated or {}
     files: Dict[str, Want] = {}
     held_files: Dict[str, Want] = {}
     missing, from_trigger = [], []
     for image in images:
-        data = generated[image.name].encode("utf-8") if image.name in generated else _caption_bytes(image)
+        data = texts[image.name]
         if data is None:
             (from_trigger if concept.captions.allow_missing else missing).append(image.name)
             data = concept.trigger.encode("utf-8")

@@ -1,0 +1,63 @@
+"""What sd3exp learnt about a source folder's images, kept so an unchanged image is read only once.
+
+One file per source folder, `$XDG_CACHE_HOME/sd3exp/sources/<sha256 of its path>.json` (never in the
+user's folder): {image name: {"stamp": "<size>:<mtime_ns>", "sha256": ..., "audit": ...}}. An image
+whose size or mtime differs from its stamp gets a new entry (all its facts are computed again). The
+file is only a speed-up: when it is missing, unreadable or lost to a concurrent write, the facts are
+computed again. The prepare manifest, the cache key and the audit share the sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Dict
+
+from sd3exp.caption.store import file_sha256
+from sd3exp.io import read_json, write_json
+
+
+def _cache_file(folder: Path) -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    key = hashlib.sha256(str(folder.resolve()).encode("utf-8")).hexdigest()[:32]
+    return base / "sd3exp" / "sources" / f"{key}.json"
+
+
+class SourceFacts:
+    """The facts of one folder's images; `save()` writes what changed."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = _cache_file(folder)
+        try:
+            data = read_json(self.path)
+        except (OSError, ValueError):
+            data = {}
+        self.entries: Dict[str, Dict[str, Any]] = data if isinstance(data, dict) else {}
+        self.changed = False
+
+    def entry(self, image: Path) -> Dict[str, Any]:
+        """The image's entry, emptied when the file changed (its stamp is read before its content)."""
+        st = image.stat()
+        stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        found = self.entries.get(image.name)
+        if isinstance(found, dict) and found.get("stamp") == stamp:
+            return found
+        self.entries[image.name] = {"stamp": stamp}
+        self.changed = True
+        return self.entries[image.name]
+
+    def sha256(self, image: Path) -> str:
+        entry = self.entry(image)
+        if "sha256" not in entry:
+            entry["sha256"] = file_sha256(image)
+            self.changed = True
+        return entry["sha256"]
+
+    def save(self) -> None:
+        if self.changed:
+            try:
+                write_json(self.path, self.entries)
+            except OSError:
+                pass  # only a speed-up: the facts were computed
+            self.changed = False
