@@ -350,3 +350,16 @@ def test_shuffle_off_never_copies(tmp_path):
     src = write_dataset(tmp_path / "src", 4)
     summary = prep.prepare(experiment(src, tmp_path / "p", repeats=5, shuffle=False), progress=False)
     assert summary.total("files") == 4 and summary.concepts[0].mode == "native"
+
+
+def test_one_layout_per_content_of_names_and_captions(tmp_path):
+    """The cache key and prepare() share one layout; a caption edit of the same size still makes a new one."""
+    src = write_dataset(tmp_path / "src", 3)
+    concept = experiment(src, tmp_path / "prepared").concepts[0]
+    first = prep.layout(concept, 42)
+    assert prep.layout(concept, 42) is first
+    caption = src / "img0001.txt"
+    caption.write_text(caption.read_text().replace("k4s4", "k4s5"), encoding="utf-8")
+    second = prep.layout(concept, 42)
+    assert second is not first and b"k4s5" in second.files["img0001_1.txt"]
+    assert prep.layout(concept, 7) is not second
