@@ -48,13 +48,16 @@ def image_size(path: Path) -> Tuple[int, int]:
 
 def readable_sizes(folder: Path, skip: Collection[str] = ()) -> Tuple[List[Tuple[int, int]], Dict[str, str]]:
     """The sizes of the images whose header reads, and the others' problems by file name
-    (images named in `skip` left out)."""
-    sizes, unreadable = [], {}
+    (images named in `skip` left out). Sizes are kept in sd3exp.sourcefacts: an unchanged image is not opened."""
+    from sd3exp.sourcefacts import SourceFacts
+
+    sizes, unreadable, facts = [], {}, SourceFacts(folder)
     for p in list_images(folder):
         if p.name in skip:
             continue
         try:
-            sizes.append(image_size(p))
+            sizes.append(tuple(facts.fact(p, "header", lambda: image_size(p))))
         except DatasetError as err:
             unreadable[p.name] = problem(p, err.__cause__)
+    facts.save()
     return sizes, unreadable

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Callable, Dict
 
 from sd3exp.caption.store import file_sha256
 from sd3exp.io import read_json, write_json
@@ -37,8 +37,12 @@ class SourceFacts:
         self.changed = False
 
     def entry(self, image: Path) -> Dict[str, Any]:
-        """The image's entry, emptied when the file changed (its stamp is read before its content)."""
-        st = image.stat()
+        """The image's entry, emptied when the file changed (its stamp is read before its content);
+        a throwaway one when it cannot be stat'ed (the caller's read reports why)."""
+        try:
+            st = image.stat()
+        except OSError:
+            return {}
         stamp = f"{st.st_size}:{st.st_mtime_ns}"
         found = self.entries.get(image.name)
         if isinstance(found, dict) and found.get("stamp") == stamp:
@@ -47,12 +51,16 @@ class SourceFacts:
         self.changed = True
         return self.entries[image.name]
 
-    def sha256(self, image: Path) -> str:
+    def fact(self, image: Path, key: str, compute: Callable[[], Any]) -> Any:
+        """The image's fact `key`: kept, or computed and kept (an exception keeps nothing)."""
         entry = self.entry(image)
-        if "sha256" not in entry:
-            entry["sha256"] = file_sha256(image)
+        if key not in entry:
+            entry[key] = compute()
             self.changed = True
-        return entry["sha256"]
+        return entry[key]
+
+    def sha256(self, image: Path) -> str:
+        return self.fact(image, "sha256", lambda: file_sha256(image))
 
     def save(self) -> None:
         if self.changed:

@@ -13,6 +13,7 @@ from PIL import Image
 
 from sd3exp import audit as aud
 from sd3exp.buckets import BucketRule
+from sd3exp.images import readable_sizes
 from sd3exp.schema import ExperimentConfig
 from tests.test_prepare import experiment, source_state, write_dataset
 
@@ -199,3 +200,16 @@ def test_an_unchanged_image_is_not_read_again_and_a_changed_one_is(tmp_path, mon
     assert list(aud.audit(cfg).concepts[0].unreadable) == ["img0001.png"]
     restamp(image, original, stamp)
     assert source_state(src) == before and list((tmp_path / "xdg" / "sd3exp" / "sources").glob("*.json"))
+
+
+def test_image_sizes_are_read_once_per_size_and_mtime(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    src = write_dataset(tmp_path / "src", 2)
+    assert readable_sizes(src) == ([(16, 16), (16, 16)], {})
+    image = src / "img0001.png"
+    stamp, garbage = image.stat().st_mtime_ns, b"\0" * image.stat().st_size
+    restamp(image, garbage, stamp)
+    assert readable_sizes(src) == ([(16, 16), (16, 16)], {})
+    restamp(image, garbage, stamp + 10**9)
+    sizes, unreadable = readable_sizes(src)
+    assert sizes == [(16, 16)] and list(unreadable) == ["img0001.png"]
