@@ -30,20 +30,25 @@ FORMAT = 1
 
 def concept_digest(c: ConceptConfig, seed: int) -> Optional[str]:
     """sha256 of what the concept's prepared folders hold (names, image bytes, captions; held-out
-    images under holdout/); None while its source folder is missing or unreadable (prepare reports why)."""
+    images under holdout/); None while its source folder is missing or unreadable (prepare reports why).
+    Kept by the inputs' digest (prepare.inputs_digest): an unchanged dataset is not laid out again."""
     from sd3exp import prepare
+    from sd3exp.sourcefacts import SourceFacts
 
+    inputs, facts = prepare.inputs_digest(c, seed), SourceFacts(Path(c.path))
+    if inputs in facts.digests:
+        return facts.digests[inputs]
     try:
         lay = prepare.layout(c, seed)
     except DatasetError:
         return None
-    from sd3exp.sourcefacts import SourceFacts
-
     files = {**lay.files, **{f"holdout/{name}": want for name, want in lay.held_out.items()}}
-    facts, h = SourceFacts(Path(c.path)), hashlib.sha256()
+    h = hashlib.sha256()
     for name, want in sorted(files.items()):
         digest = hashlib.sha256(want).hexdigest() if isinstance(want, bytes) else facts.sha256(want)
         h.update(f"{name}\0{digest}\n".encode("utf-8"))
+    if inputs is not None:
+        facts.keep_digest(inputs, h.hexdigest())
     facts.save()
     return h.hexdigest()
 

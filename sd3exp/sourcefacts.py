@@ -1,10 +1,11 @@
 """What sd3exp learnt about a source folder's images, kept so an unchanged image is read only once.
 
 One file per source folder, `$XDG_CACHE_HOME/sd3exp/sources/<sha256 of its path>.json` (never in the
-user's folder): {image name: {"stamp": "<size>:<mtime_ns>", "sha256": ..., "audit": ...}}. An image
-whose size or mtime differs from its stamp gets a new entry (all its facts are computed again). The
-file is only a speed-up: when it is missing, unreadable or lost to a concurrent write, the facts are
-computed again. The prepare manifest, the cache key and the audit share the sha256.
+user's folder): {"images": {image name: {"stamp": "<size>:<mtime_ns>", "sha256": ..., "audit": ...,
+"header": ...}}, "digests": {inputs digest: cache-key digest}}. An image whose size or mtime differs
+from its stamp gets a new entry (all its facts are computed again). The file is only a speed-up: when
+it is missing, unreadable or lost to a concurrent write, the facts are computed again. The cache key,
+the plan and the audit share it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any, Callable, Dict
 
 from sd3exp.caption.store import file_sha256
 from sd3exp.io import read_json, write_json
+
+KEEP = 16
 
 
 def _cache_file(folder: Path) -> Path:
@@ -33,7 +36,9 @@ class SourceFacts:
             data = read_json(self.path)
         except (OSError, ValueError):
             data = {}
-        self.entries: Dict[str, Dict[str, Any]] = data if isinstance(data, dict) else {}
+        data = data if isinstance(data, dict) else {}
+        self.entries: Dict[str, Dict[str, Any]] = data.get("images") if isinstance(data.get("images"), dict) else {}
+        self.digests: Dict[str, str] = data.get("digests") if isinstance(data.get("digests"), dict) else {}
         self.changed = False
 
     def entry(self, image: Path) -> Dict[str, Any]:
@@ -62,10 +67,16 @@ class SourceFacts:
     def sha256(self, image: Path) -> str:
         return self.fact(image, "sha256", lambda: file_sha256(image))
 
+    def keep_digest(self, inputs: str, digest: str) -> None:
+        """Remember the concept digest of these inputs (sd3exp.prepare.inputs_digest); the last KEEP are kept."""
+        self.digests = {**{k: v for k, v in self.digests.items() if k != inputs}, inputs: digest}
+        self.digests = dict(list(self.digests.items())[-KEEP:])
+        self.changed = True
+
     def save(self) -> None:
         if self.changed:
             try:
-                write_json(self.path, self.entries)
+                write_json(self.path, {"images": self.entries, "digests": self.digests})
             except OSError:
                 pass  # only a speed-up: the facts were computed
             self.changed = False
