@@ -166,7 +166,7 @@ def _check_captions(a: ConceptAudit, c: ConceptConfig, images: List[Path], gener
     """The captions training reads: the user's <stem>.txt, or the generated one for the images in
     `generated` (named <stem>.txt too, and listed in a.generated_captions)."""
     by_stem = {p.stem: p.name for p in images if p.name in generated}
-    folder = sorted(Path(c.path).iterdir())
+    folder = sorted(Path(c.path).iterdir(), key=lambda p: p.name)  # one folder: by name is by path
     a.other_formats = [p.name for p in folder if p.is_file() and other_image_format(p)]
     a.image_subfolders = [p.name + "/" for p in folder if p.is_dir() and not p.name.startswith(".") and holds_images(p)]
     stems = {p.stem for p in images}
