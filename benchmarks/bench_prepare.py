@@ -1,12 +1,18 @@
-"""Benchmark: sd3exp prepare (materialized, hard links) against the source's byte-copying script.
+"""Benchmark: sd3exp prepare against the source's byte-copying script and `cp -al`, side by side.
 
 The baseline is written like the source workflow's script: copy every image R
 times with shutil.copy2, split each caption on ',' or '.', keep N tags and
-shuffle the rest with the unseeded global random, write name_<i>.txt. Both run
-on the same generated folder; the table shows wall time, bytes written, extra
-disk used (blocks of new inodes) and the time of a re-run with nothing changed.
+shuffle the rest with the unseeded global random, write name_<i>.txt. Rows (issue 23):
 
-    python benchmarks/bench_prepare.py [--images 500] [--repeats 10] [--keep 2] [--side 512]
+- materialized prepare of --images-large 64-px images (default 20,000) at R repeats vs the script (goal >= 5x faster)
+- materialized prepare of --images 512-px images (default 500) vs the script (goal >= 20x faster), with bytes
+  written and extra disk used
+- native prepare of the large set vs `cp -al` (goal <= 3x slower)
+- `python -m sd3exp stage=prepare` on the large set, first and again with nothing changed (goal < 5 s)
+
+Every set is generated in a temporary folder (removed after); $XDG_CACHE_HOME points there too.
+
+    python benchmarks/bench_prepare.py [--images 500] [--side 512] [--images-large 20000] [--repeats 10] [--keep 2]
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +32,7 @@ from typing import Callable, List, Tuple
 from PIL import Image
 
 from sd3exp.prepare import human_bytes, prepare
+from sd3exp.project import ROOT
 from sd3exp.schema import CaptionsConfig, ConceptConfig, DatasetConfig, ExperimentConfig
 
 
@@ -33,9 +42,9 @@ def make_source(folder: Path, images: int, side: int) -> None:
     rng = random.Random(0)
     for i in range(images):
         Image.frombytes("RGB", (side, side), os.urandom(3 * side * side)).save(
-            folder / f"img{i:04d}.png", compress_level=0)
+            folder / f"img{i:05d}.png", compress_level=0)
         tags = ", ".join(f"tag{rng.randrange(200)}" for _ in range(10))
-        (folder / f"img{i:04d}.txt").write_text(f"k4s4, style, {tags}", encoding="utf-8")
+        (folder / f"img{i:05d}.txt").write_text(f"k4s4, style, {tags}", encoding="utf-8")
 
 
 def source_style(src: Path, out: Path, repeats: int, keep: int) -> int:
@@ -82,41 +91,84 @@ def ratio(a: float, b: float) -> str:
     return f"{a / b:.1f}x" if b else "inf"
 
 
-def table(rows: List[Tuple[str, str, str, str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+def table(rows: List[Tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
                      for r in rows)
+
+
+def config(src: Path, prepared: Path, repeats: int, keep: int, mode: str) -> ExperimentConfig:
+    concept = ConceptConfig(id="bench", path=str(src), trigger="k4s4", repeats=repeats,
+                            captions=CaptionsConfig(shuffle=True, keep_tags=keep, mode=mode))
+    return ExperimentConfig(concepts=[concept], dataset=DatasetConfig(prepared_dir=str(prepared)))
+
+
+def against_script(work: Path, src: Path, repeats: int, keep: int) -> dict:
+    """Materialized prepare and the source's script on `src`: times, bytes written, extra disk, re-runs."""
+    out = {}
+    out["base"], out["base_bytes"] = timed(lambda: source_style(src, work / "baseline", repeats, keep))
+    out["base_disk"] = extra_disk(work / "baseline", src)
+    out["base_rerun"], _ = timed(lambda: source_style(src, work / "baseline", repeats, keep))
+    shutil.rmtree(work / "baseline")
+    cfg = config(src, work / "prepared", repeats, keep, "materialized")
+    out["ours"], out["ours_bytes"] = timed(lambda: prepare(cfg, progress=False).total("bytes_written"))
+    out["ours_disk"] = extra_disk(work / "prepared", src)
+    out["ours_rerun"], _ = timed(lambda: prepare(cfg, progress=False).total("bytes_written"))
+    shutil.rmtree(work / "prepared")
+    return out
+
+
+def cli_prepare(work: Path, src: Path, repeats: int) -> float:
+    """Seconds of `python -m sd3exp stage=prepare` (audit, cache key and prepare) on `src`, materialized."""
+    args = ["experiment=fantasy_art", f"concepts.0.path={src}", "concepts.0.num_images=null",
+            f"concepts.0.repeats={repeats}", "concepts.0.captions.mode=materialized", "stage=prepare",
+            f"hydra.run.dir={work / 'run'}", f"paths.output_root={work / 'out'}"]
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "sd3exp", *args], cwd=ROOT, check=True, capture_output=True,
+                   env={**os.environ, "XDG_CACHE_HOME": str(work / "xdg")})
+    return time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=500)
+    parser.add_argument("--side", type=int, default=512, help="image side in pixels (PNG of ~3 x side^2 bytes)")
+    parser.add_argument("--images-large", type=int, default=20000, help="the large set, of 64-px images")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--keep", type=int, default=2)
-    parser.add_argument("--side", type=int, default=512, help="image side in pixels (PNG of ~3 x side^2 bytes)")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder, removed after")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-prepare-", dir=args.workdir))
     try:
-        src = work / "src"
-        make_source(src, args.images, args.side)
-        size = sum(p.stat().st_size for p in src.iterdir())
-        print(f"{args.images} images ({human_bytes(size)}), {args.repeats} repeats, keep {args.keep}; in {work}")
-        base_time, base_bytes = timed(lambda: source_style(src, work / "baseline", args.repeats, args.keep))
-        base_disk = extra_disk(work / "baseline", src)
-        rerun_base, _ = timed(lambda: source_style(src, work / "baseline", args.repeats, args.keep))
-        concept = ConceptConfig(id="bench", path=str(src), trigger="k4s4", repeats=args.repeats,
-                                captions=CaptionsConfig(shuffle=True, keep_tags=args.keep, mode="materialized"))
-        cfg = ExperimentConfig(concepts=[concept], dataset=DatasetConfig(prepared_dir=str(work / "prepared")))
-        ours_time, ours_bytes = timed(lambda: prepare(cfg, progress=False).total("bytes_written"))
-        ours_disk = extra_disk(work / "prepared", src)
-        rerun_ours, _ = timed(lambda: prepare(cfg, progress=False).total("bytes_written"))
+        small, large = work / "src", work / "large"
+        make_source(small, args.images, args.side)
+        make_source(large, args.images_large, 64)
+        print(f"{args.images} images of {args.side} px ({human_bytes(sum(p.stat().st_size for p in small.iterdir()))}), "
+              f"{args.images_large} of 64 px; {args.repeats} repeats, keep {args.keep}; load {os.getloadavg()[0]:.1f}; "
+              f"in {work}")
+        big = against_script(work, large, args.repeats, args.keep)
+        few = against_script(work, small, args.repeats, args.keep)
+        cp_time, _ = timed(lambda: subprocess.run(["cp", "-al", str(large), str(work / "cp")], check=True).returncode)
+        native_cfg = config(large, work / "native", args.repeats, args.keep, "native")
+        native_time, _ = timed(lambda: prepare(native_cfg, progress=False).total("bytes_written"))
+        first, again = cli_prepare(work, large, args.repeats), cli_prepare(work, large, args.repeats)
+        n = args.images_large
         print(table([
-            ("", "source script", "sd3exp prepare", "ratio"),
-            ("wall time", f"{base_time:.2f} s", f"{ours_time:.2f} s", ratio(base_time, ours_time)),
-            ("bytes written", human_bytes(base_bytes), human_bytes(ours_bytes), ratio(base_bytes, ours_bytes)),
-            ("extra disk used", human_bytes(base_disk), human_bytes(ours_disk), ratio(base_disk, ours_disk)),
-            ("re-run, no change", f"{rerun_base:.2f} s", f"{rerun_ours:.2f} s", ratio(rerun_base, rerun_ours)),
+            ("", "baseline", "sd3exp", "ratio", "goal"),
+            (f"materialized, {n} x 64 px, R={args.repeats}", f"{big['base']:.2f} s", f"{big['ours']:.2f} s",
+             ratio(big["base"], big["ours"]) + " faster", ">= 5x faster"),
+            (f"  images/s", f"{n / big['base']:.0f}", f"{n / big['ours']:.0f}", "", ""),
+            (f"materialized, {args.images} x {args.side} px", f"{few['base']:.2f} s", f"{few['ours']:.2f} s",
+             ratio(few["base"], few["ours"]) + " faster", ">= 20x faster"),
+            ("  bytes written", human_bytes(few["base_bytes"]), human_bytes(few["ours_bytes"]),
+             ratio(few["base_bytes"], few["ours_bytes"]), ""),
+            ("  extra disk used", human_bytes(few["base_disk"]), human_bytes(few["ours_disk"]),
+             ratio(few["base_disk"], few["ours_disk"]), ""),
+            ("  re-run, no change", f"{few['base_rerun']:.2f} s", f"{few['ours_rerun']:.2f} s",
+             ratio(few["base_rerun"], few["ours_rerun"]), ""),
+            (f"native, {n} images (baseline cp -al)", f"{cp_time:.2f} s", f"{native_time:.2f} s",
+             ratio(native_time, cp_time) + " slower", "<= 3x slower"),
+            (f"stage=prepare, {n}, first / again", "", f"{first:.2f} s / {again:.2f} s", "", "again < 5 s"),
         ]))
     finally:
         shutil.rmtree(work)

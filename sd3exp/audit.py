@@ -39,6 +39,7 @@ from sd3exp.io import dumps_json, write_if_changed
 from sd3exp.prepare import shared_stems
 from sd3exp.plan import bucket_rule
 from sd3exp.schema import ConceptConfig, DatasetConfig, ExperimentConfig
+from sd3exp.sourcefacts import SourceFacts
 
 Size = Tuple[int, int]
 # Files sd3exp and SimpleTuner keep beside the images themselves (manifests, bucket caches).
@@ -105,19 +106,28 @@ def _inspect(path: Path) -> Tuple[str, Optional[Size], Optional[str], Optional[s
         return path.name, None, digest, problem(path, e)
 
 
-def _check_images(a: ConceptAudit, images: List[Path], rule: BucketRule) -> None:
+def _check_images(a: ConceptAudit, images: List[Path], rule: BucketRule, facts: SourceFacts) -> None:
+    """Each image inspected once per content: its result is kept in `facts` (unless it could not be read)."""
+    entries = {p.name: facts.entry(p) for p in images}
+    todo = [p for p in images if "audit" not in entries[p.name]]
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        results = list(pool.map(_inspect, images))
+        fresh = {name: (size, digest, error) for name, size, digest, error in pool.map(_inspect, todo)}
+    for name, (size, digest, error) in fresh.items():
+        if digest:
+            facts.changed = True
+            entries[name].update(sha256=digest, audit=[size, error])
     by_hash: Dict[str, List[str]] = {}
-    for name, size, digest, error in results:
+    for name, e in entries.items():
+        size, error = e["audit"] if "audit" in e else fresh[name][0::2]
+        digest = e.get("sha256")
         if digest:
             by_hash.setdefault(digest, []).append(name)
         if error:
             a.unreadable[name] = error
             continue
-        a.sizes.append(size)
-        if upscaled(size, rule):
-            a.too_small[name] = size
+        a.sizes.append(tuple(size))
+        if upscaled(tuple(size), rule):
+            a.too_small[name] = tuple(size)
     a.duplicates = [names for names in by_hash.values() if len(names) > 1]
 
 
@@ -156,17 +166,17 @@ def _check_captions(a: ConceptAudit, c: ConceptConfig, images: List[Path], gener
     """The captions training reads: the user's <stem>.txt, or the generated one for the images in
     `generated` (named <stem>.txt too, and listed in a.generated_captions)."""
     by_stem = {p.stem: p.name for p in images if p.name in generated}
-    folder = sorted(Path(c.path).iterdir())
+    folder = sorted(Path(c.path).iterdir(), key=lambda p: p.name)  # one folder: by name is by path
     a.other_formats = [p.name for p in folder if p.is_file() and other_image_format(p)]
     a.image_subfolders = [p.name + "/" for p in folder if p.is_dir() and not p.name.startswith(".") and holds_images(p)]
     stems = {p.stem for p in images}
-    other_stems = {Path(name).stem for name in a.other_formats}
+    captioned = stems | {Path(name).stem for name in a.other_formats}
     tags: Counter = Counter()
     for p in folder:
         if p.name.startswith(".") or p.name in a.other_formats or p.name + "/" in a.image_subfolders:
             continue
         if p.suffix == ".txt" and p.is_file():  # SimpleTuner reads <stem>.txt, lower case
-            if p.stem not in stems | other_stems:
+            if p.stem not in captioned:
                 a.orphan_captions.append(p.name)
                 continue
             if p.stem in by_stem or p.stem not in stems:  # a generated caption is used; another format's is not
@@ -188,7 +198,8 @@ def _check_captions(a: ConceptAudit, c: ConceptConfig, images: List[Path], gener
 
 
 def audit_concept(c: ConceptConfig, rule: BucketRule, generated: Optional[Dict[str, str]] = None) -> ConceptAudit:
-    """`generated`: {image name: caption} of the images that train on a generated caption."""
+    """`generated`: {image name: caption} of the images that train on a generated caption.
+    Image results are reused from sd3exp.sourcefacts while an image's size and mtime are unchanged."""
     folder = Path(c.path)
     a = ConceptAudit(c.id, str(folder.absolute()), folder.is_dir())
     if not a.found:
@@ -196,7 +207,9 @@ def audit_concept(c: ConceptConfig, rule: BucketRule, generated: Optional[Dict[s
     images = list_images(folder)
     a.images = [p.name for p in images]
     a.shared_stems = shared_stems(images)
-    _check_images(a, images, rule)
+    facts = SourceFacts(folder)
+    _check_images(a, images, rule, facts)
+    facts.save()
     _check_captions(a, c, images, generated or {})
     return a
 

@@ -28,19 +28,16 @@ from sd3exp.schema import ConceptConfig, ExperimentConfig
 FORMAT = 1
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def concept_digest(c: ConceptConfig, seed: int) -> Optional[str]:
     """sha256 of what the concept's prepared folders hold (names, image bytes, captions; held-out
-    images under holdout/); None while its source folder is missing or unreadable (prepare reports why)."""
+    images under holdout/); None while its source folder is missing or unreadable (prepare reports why).
+    Kept by the inputs' digest (prepare.inputs_digest): an unchanged dataset is not laid out again."""
     from sd3exp import prepare
+    from sd3exp.sourcefacts import SourceFacts
 
+    inputs, facts = prepare.inputs_digest(c, seed), SourceFacts(Path(c.path))
+    if inputs in facts.digests:
+        return facts.digests[inputs]
     try:
         lay = prepare.layout(c, seed)
     except DatasetError:
@@ -48,8 +45,11 @@ def concept_digest(c: ConceptConfig, seed: int) -> Optional[str]:
     files = {**lay.files, **{f"holdout/{name}": want for name, want in lay.held_out.items()}}
     h = hashlib.sha256()
     for name, want in sorted(files.items()):
-        digest = hashlib.sha256(want).hexdigest() if isinstance(want, bytes) else file_sha256(want)
+        digest = hashlib.sha256(want).hexdigest() if isinstance(want, bytes) else facts.sha256(want)
         h.update(f"{name}\0{digest}\n".encode("utf-8"))
+    if inputs is not None:
+        facts.keep_digest(inputs, h.hexdigest())
+    facts.save()
     return h.hexdigest()
 
 

@@ -62,7 +62,11 @@ def join_tags(tags: Iterable[str], separator: str = ",") -> str:
 
 def shuffle_caption(caption: str, keep_tags: int, rng: random.Random, separator: str = ",") -> str:
     """The caption with its first `keep_tags` tags in place and the others shuffled."""
-    tags = split_tags(caption, separator)
+    return shuffle_tags(split_tags(caption, separator), keep_tags, rng, separator)
+
+
+def shuffle_tags(tags: list[str], keep_tags: int, rng: random.Random, separator: str = ",") -> str:
+    """shuffle_caption of a caption already split (`tags` is not changed)."""
     rest = tags[keep_tags:]
     rng.shuffle(rest)
     return join_tags(tags[:keep_tags] + rest, separator)

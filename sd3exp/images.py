@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Collection, Dict, List, Tuple
 
@@ -13,8 +14,11 @@ FIX = "re-export the image, or move it out of the folder"
 
 def list_images(folder: Path) -> List[Path]:
     """Image files directly in `folder` (not hidden), sorted by name."""
-    return sorted(p for p in folder.iterdir()
-                  if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file())
+    with os.scandir(folder) as found:  # the entries' types come with the listing: no stat per file
+        names = sorted(e.name for e in found
+                       if os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS and not e.name.startswith(".")
+                       and e.is_file())
+    return [folder / name for name in names]
 
 
 def problem(path: Path, err: Exception) -> str:
@@ -48,13 +52,16 @@ def image_size(path: Path) -> Tuple[int, int]:
 
 def readable_sizes(folder: Path, skip: Collection[str] = ()) -> Tuple[List[Tuple[int, int]], Dict[str, str]]:
     """The sizes of the images whose header reads, and the others' problems by file name
-    (images named in `skip` left out)."""
-    sizes, unreadable = [], {}
+    (images named in `skip` left out). Sizes are kept in sd3exp.sourcefacts: an unchanged image is not opened."""
+    from sd3exp.sourcefacts import SourceFacts
+
+    sizes, unreadable, facts = [], {}, SourceFacts(folder)
     for p in list_images(folder):
         if p.name in skip:
             continue
         try:
-            sizes.append(image_size(p))
+            sizes.append(tuple(facts.fact(p, "header", lambda: image_size(p))))
         except DatasetError as err:
             unreadable[p.name] = problem(p, err.__cause__)
+    facts.save()
     return sizes, unreadable

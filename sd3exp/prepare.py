@@ -23,6 +23,10 @@ folder, the rest created) and swapped in with two renames. A run killed at any
 point leaves the old or the new folder (between the two renames:
 ``.<id>.old``, which the next run puts back), and the next run gives the same
 result as an uninterrupted one. (Interruption-safe, not power-loss-safe: no fsync.)
+A re-run whose inputs (settings, seed, generated captions, each source file's name, inode, size and
+mtime, the captions' bytes), manifest record and folders (inode, mtime) are as the last prepare left
+them skips even that comparison (noted in ``$XDG_CACHE_HOME/sd3exp/prepared/``): a file edited in
+place inside a prepared folder is then not noticed; one added, removed or renamed there is.
 The seed and settings are recorded in ``<prepared_dir>/sd3exp-prepare.json``.
 """
 
@@ -205,26 +209,43 @@ class Layout:
 def _copies(concept: ConceptConfig, image: Path, text: str, seed: int) -> Dict[str, Want]:
     """Materialized mode: name_<i>.<ext> + name_<i>.txt, i = 1..repeats, each caption shuffled on its own."""
     sep, keep, files = captions.tag_separator(concept), concept.captions.keep_tags, {}
+    tags = captions.split_tags(text, sep)  # once per image, not per copy
     for i in range(1, concept.repeats + 1):
         rng = random.Random(captions.copy_seed(seed, concept.id, image.name, i))
         files[f"{image.stem}_{i}{image.suffix}"] = image
-        files[f"{image.stem}_{i}.txt"] = captions.shuffle_caption(text, keep, rng, sep).encode("utf-8")
+        files[f"{image.stem}_{i}.txt"] = captions.shuffle_tags(tags, keep, rng, sep).encode("utf-8")
     return files
+
+
+_LAYOUTS: Dict[str, tuple] = {}  # concept id -> (its inputs, its layout): the last one built in this process
 
 
 def layout(concept: ConceptConfig, seed: int, generated: Optional[Dict[str, str]] = None) -> Layout:
     """The prepared folder of `concept`; DatasetError for images without a caption (unless allowed).
     `generated`: {image name: caption} of the images that train on a generated caption. Held-out images
-    (concept.holdout, chosen with the experiment's `seed`) go to `held_out`, once each, caption unshuffled."""
+    (concept.holdout, chosen with the experiment's `seed`) go to `held_out`, once each, caption unshuffled.
+    Built once while the settings, image names and caption bytes stay the same (the cache key and
+    prepare() share it)."""
     images = source_images(concept)
+    generated = generated or {}
+    data = {p.name: generated[p.name].encode("utf-8") if p.name in generated else _caption_bytes(p) for p in images}
+    inputs = (repr(concept), seed, data)
+    last = _LAYOUTS.get(concept.id)
+    if last is not None and last[0] == inputs:
+        return last[1]
+    lay = _build_layout(concept, seed, images, data)
+    _LAYOUTS[concept.id] = (inputs, lay)
+    return lay
+
+
+def _build_layout(concept: ConceptConfig, seed: int, images: List[Path], texts: Dict[str, Optional[bytes]]) -> Layout:
     held = set(holdout.held_out(concept, [p.name for p in images], seed))
     seed = captions.shuffle_seed(concept, seed)
-    generated = generated or {}
     files: Dict[str, Want] = {}
     held_files: Dict[str, Want] = {}
     missing, from_trigger = [], []
     for image in images:
-        data = generated[image.name].encode("utf-8") if image.name in generated else _caption_bytes(image)
+        data = texts[image.name]
         if data is None:
             (from_trigger if concept.captions.allow_missing else missing).append(image.name)
             data = concept.trigger.encode("utf-8")
@@ -239,6 +260,27 @@ def layout(concept: ConceptConfig, seed: int, generated: Optional[Dict[str, str]
                            f"{_names(missing)}. Add <name>.txt files, or set captions.allow_missing=true "
                            "(they are then captioned with the trigger word)")
     return Layout(files, len(images) - len(held), from_trigger, held_files)
+
+
+def inputs_digest(concept: ConceptConfig, seed: int, generated: Optional[Dict[str, str]] = None) -> Optional[str]:
+    """sha256 of all the concept's prepared folders follow from: its settings, the seed, the generated
+    captions, and each source file's name, inode, size and mtime (captions also by their bytes);
+    None when the folder cannot be read."""
+    import hashlib
+
+    h = hashlib.sha256(repr((str(Path(concept.path).absolute()), concept, seed,
+                             sorted((generated or {}).items()))).encode("utf-8"))
+    try:
+        with os.scandir(concept.path) as found:
+            entries = sorted(found, key=lambda e: e.name)
+        for e in entries:
+            st = e.stat()
+            h.update(f"{e.name}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+            if e.name.endswith(".txt") and e.is_file():
+                h.update(Path(e.path).read_bytes())
+    except OSError:
+        return None
+    return h.hexdigest()
 
 
 def _names(names: List[str], limit: int = 10) -> str:
@@ -334,6 +376,49 @@ def _record(concept: ConceptConfig, seed: int, summary: ConceptSummary) -> dict:
             **({"held_out": summary.held_out, "held_out_seed": seed} if summary.held_out else {})}
 
 
+def _checked_file(root: Path) -> Path:
+    """sd3exp's note of each concept's folders as its last prepare left them, in the user cache
+    ($XDG_CACHE_HOME/sd3exp/prepared/), not the prepared folder: equal settings give equal prepared folders."""
+    import hashlib
+
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "sd3exp" / "prepared" / f"{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:32]}.json"
+
+
+def _read_checked(root: Path) -> dict:
+    try:
+        data = read_json(_checked_file(root))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _save_checked(root: Path, checked: dict) -> None:
+    if checked != _read_checked(root):
+        try:
+            write_json(_checked_file(root), checked)
+        except OSError:
+            pass  # only a speed-up: the next prepare checks every file
+
+
+def _verified(root: Path, concept: ConceptConfig, inputs: str, record: dict) -> dict:
+    """What lets a prepare skip a concept: the same inputs (inputs_digest), manifest record, and inode
+    and mtime of its folders (a file added, removed or renamed in them changes their mtime; a file
+    edited in place inside them is not noticed)."""
+    stamps = []
+    for folder in (root / concept.id, root / holdout.folder_name(concept.id)):
+        st = folder.stat() if folder.is_dir() else None
+        stamps.append([st.st_ino, st.st_mtime_ns] if st else None)
+    return {"inputs": inputs, "record": record, "folders": stamps}
+
+
+def _summary_of(concept: ConceptConfig, record: dict, generated: int) -> ConceptSummary:
+    """The summary of a concept that needs nothing done, from its manifest record."""
+    return ConceptSummary(concept.id, record["mode"], record["images"], record["files"],
+                          captions_from_trigger=record["captions_from_trigger"], captions_generated=generated,
+                          held_out=record.get("held_out", []))
+
+
 def _marked(manifest: dict, ids: List[str], state: str) -> dict:
     """`manifest` with the concepts `ids` in `state`."""
     return {**manifest, "concepts": {k: {**v, "state": state} if k in ids else v
@@ -373,25 +458,34 @@ def prepare(cfg: ExperimentConfig, progress: bool = True) -> PrepareSummary:
     root = Path(cfg.dataset.prepared_dir).absolute()
     old = _read_manifest(root / MANIFEST)
     _check_paths(cfg, root, old.get("concepts", {}))
-    plans, records = [], dict(old.get("concepts", {}))
+    plans, records, checked = [], dict(old.get("concepts", {})), _read_checked(root)
     for c in cfg.concepts:
         generated = generated_captions(c, cfg.captioner)
+        inputs, was = inputs_digest(c, cfg.seed, generated), old.get("concepts", {}).get(c.id, {})
+        if inputs is not None and was.get("state") == PREPARED and checked.get(c.id) == _verified(root, c, inputs, was):
+            plans.append((c, None, inputs, _summary_of(c, was, len(generated))))  # as the last prepare left it
+            continue
         lay = layout(c, cfg.seed, generated)
         mode = "materialized" if captions.materialized(c) else "native"
         files = sum(not isinstance(w, bytes) for w in lay.files.values())
         summary = ConceptSummary(c.id, mode, lay.images, files, captions_from_trigger=lay.captions_from_trigger,
                                  captions_generated=len(generated),
                                  held_out=sorted(n for n, w in lay.held_out.items() if not isinstance(w, bytes)))
-        plans.append((c, lay, summary))
+        plans.append((c, lay, inputs, summary))
         records[c.id] = _record(c, cfg.seed, summary)
     manifest = {"format": FORMAT, "seed": cfg.seed, "concepts": dict(sorted(records.items()))}
     remove_stale_temporaries(root)  # a manifest write cut short by a kill
     if manifest != old:  # first the folders are claimed (the guards above), marked as not prepared yet
-        write_json(root / MANIFEST, _marked(manifest, [c.id for c in cfg.concepts], PREPARING))
-    for c, lay, summary in plans:
+        write_json(root / MANIFEST, _marked(manifest, [c.id for c, lay, _, _ in plans if lay], PREPARING))
+    for c, lay, inputs, summary in plans:
+        if lay is None:
+            continue
         _prepare_concept(root / c.id, summary, lay.files, progress)
         ours = "held_out" in old.get("concepts", {}).get(c.id, {})
         _prepare_held_out(root / holdout.folder_name(c.id), summary, lay.held_out, ours, progress)
+        if inputs is not None:
+            checked[c.id] = _verified(root, c, inputs, records[c.id])
     if manifest != old:
         write_json(root / MANIFEST, manifest)
-    return PrepareSummary(str(root), [s for _, _, s in plans], time.perf_counter() - start)
+    _save_checked(root, checked)
+    return PrepareSummary(str(root), [s for _, _, _, s in plans], time.perf_counter() - start)

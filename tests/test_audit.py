@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -12,6 +13,7 @@ from PIL import Image
 
 from sd3exp import audit as aud
 from sd3exp.buckets import BucketRule
+from sd3exp.images import readable_sizes
 from sd3exp.schema import ExperimentConfig
 from tests.test_prepare import experiment, source_state, write_dataset
 
@@ -172,3 +174,42 @@ def test_a_gif_is_named_as_a_format_not_trained_and_a_subfolder_of_images_is_ref
     assert any("1 subfolder(s) with images: SimpleTuner 4.10.1 reads subfolders" in e and "more/" in e
                for e in report.errors)
     assert any("image(s) in a format sd3exp does not train on" in w and "moving.gif" in w for w in report.warnings)
+
+
+def restamp(path: Path, data: bytes, mtime_ns: int) -> None:
+    """Give `path` other bytes of the same size, with the mtime `mtime_ns`."""
+    assert len(data) == path.stat().st_size
+    path.write_bytes(data)
+    os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+def test_an_unchanged_image_is_not_read_again_and_a_changed_one_is(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    src = write_dataset(tmp_path / "src", 4)
+    before = source_state(src)
+    cfg = experiment(src, tmp_path / "prepared")
+    first = aud.audit(cfg)
+    image, twin = src / "img0001.png", (src / "img0000.png").read_bytes()
+    stamp, original = image.stat().st_mtime_ns, image.read_bytes()
+    restamp(image, b"\0" * len(twin), stamp)  # garbage behind the old size and mtime: only a re-read sees it
+    assert aud.audit(cfg) == first
+    restamp(image, twin, stamp + 10**9)  # same size, new mtime: hashed and decoded again
+    again = aud.audit(cfg).concepts[0]
+    assert again.duplicates == [["img0000.png", "img0001.png"]] and not again.unreadable
+    restamp(image, b"\0" * len(twin), stamp + 2 * 10**9)
+    assert list(aud.audit(cfg).concepts[0].unreadable) == ["img0001.png"]
+    restamp(image, original, stamp)
+    assert source_state(src) == before and list((tmp_path / "xdg" / "sd3exp" / "sources").glob("*.json"))
+
+
+def test_image_sizes_are_read_once_per_size_and_mtime(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    src = write_dataset(tmp_path / "src", 2)
+    assert readable_sizes(src) == ([(16, 16), (16, 16)], {})
+    image = src / "img0001.png"
+    stamp, garbage = image.stat().st_mtime_ns, b"\0" * image.stat().st_size
+    restamp(image, garbage, stamp)
+    assert readable_sizes(src) == ([(16, 16), (16, 16)], {})
+    restamp(image, garbage, stamp + 10**9)
+    sizes, unreadable = readable_sizes(src)
+    assert sizes == [(16, 16)] and list(unreadable) == ["img0001.png"]

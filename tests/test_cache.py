@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import os
 import time
 from pathlib import Path
 
@@ -67,3 +68,20 @@ def test_jobs_take_turns_filling_a_cache_until_the_first_step(tmp_path):
     got = sorted((events.get(timeout=5) for _ in range(4)), key=lambda e: e[1])
     assert [kind for kind, _ in got] == ["in", "released", "in", "released"]
     assert got[2][1] - got[0][1] < 1.9  # the second got in when the first released, not when it ended
+
+
+def test_an_image_is_hashed_once_per_size_and_mtime(tmp_path, monkeypatch):
+    """The key reads an image again only when its size or mtime changed, and then equals a fresh key."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    cfg = demo(tmp_path)
+    key = cache_key(cfg)
+    image = sorted(Path(cfg.concepts[0].path).glob("*.png"))[0]
+    stamp, data = image.stat().st_mtime_ns, bytearray(image.read_bytes())
+    data[-1] ^= 1
+    image.write_bytes(data)
+    os.utime(image, ns=(stamp, stamp))  # other bytes behind the old size and mtime: only a re-read sees them
+    assert cache_key(cfg) == key
+    os.utime(image, ns=(stamp + 10**9, stamp + 10**9))
+    changed = cache_key(cfg)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "fresh"))
+    assert changed != key and cache_key(cfg) == changed

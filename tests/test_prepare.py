@@ -350,3 +350,36 @@ def test_shuffle_off_never_copies(tmp_path):
     src = write_dataset(tmp_path / "src", 4)
     summary = prep.prepare(experiment(src, tmp_path / "p", repeats=5, shuffle=False), progress=False)
     assert summary.total("files") == 4 and summary.concepts[0].mode == "native"
+
+
+def test_one_layout_per_content_of_names_and_captions(tmp_path):
+    """The cache key and prepare() share one layout; a caption edit of the same size still makes a new one."""
+    src = write_dataset(tmp_path / "src", 3)
+    concept = experiment(src, tmp_path / "prepared").concepts[0]
+    first = prep.layout(concept, 42)
+    assert prep.layout(concept, 42) is first
+    caption = src / "img0001.txt"
+    caption.write_text(caption.read_text().replace("k4s4", "k4s5"), encoding="utf-8")
+    second = prep.layout(concept, 42)
+    assert second is not first and b"k4s5" in second.files["img0001_1.txt"]
+    assert prep.layout(concept, 7) is not second
+
+
+def test_a_no_change_rerun_reads_no_prepared_file_but_notices_one_removed(tmp_path, monkeypatch):
+    """Nothing changed since the last prepare (inputs, manifest, the folders' inode and mtime): no file
+    in the prepared folder is read; a file removed there, or a caption edited in the source, is noticed."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    src = write_dataset(tmp_path / "src", 5)
+    cfg = experiment(src, tmp_path / "prepared", repeats=2)
+    prep.prepare(cfg, progress=False)
+    copy = tmp_path / "prepared" / "art" / "img0001_1.txt"
+    text, stamp = copy.read_bytes(), copy.stat().st_mtime_ns
+    copy.write_bytes(b"x" * len(text))
+    os.utime(copy, ns=(stamp, stamp))  # other bytes in place: only a re-read would see them
+    assert "unchanged" in prep.prepare(cfg, progress=False).line()
+    copy.unlink()
+    assert prep.prepare(cfg, progress=False).total("created") == 1 and copy.read_bytes() == text
+    caption = src / "img0002.txt"
+    caption.write_text(caption.read_text().replace("k4s4", "k4s5"), encoding="utf-8")  # same size
+    assert prep.prepare(cfg, progress=False).total("created") == 2
+    assert all(b"k4s5" in p.read_bytes() for p in (tmp_path / "prepared" / "art").glob("img0002_*.txt"))
