@@ -27,7 +27,7 @@ from sd3exp.layout import RunLayout
 from sd3exp.stage_table import CONFIG_FOLDER, RUN_FOLDER, STAGES
 
 # Settings that say where and how to run, not what to train: left out of the config hash.
-INVOCATION_KEYS = ("paths", "stage", "eval", "captioner", "tracking", "dataset.prepared_dir", "dataset.cache_dir", "trainer.simpletuner", "trainer.home", "trainer.new_run",
+INVOCATION_KEYS = ("paths", "stage", "eval", "captioner", "tracking", "sweep", "dataset.prepared_dir", "dataset.cache_dir", "trainer.simpletuner", "trainer.home", "trainer.new_run",
                    "trainer.force", "trainer.cpu_shim")
 # command-line keys that pick what to run, how or where, not what is trained
 NOT_SETTINGS = INVOCATION_KEYS + ("experiment", "hparams_search", "hydra")

@@ -265,6 +265,22 @@ class TrackingConfig:
 
 
 @dataclass
+class OptunaTrialConfig:
+    """The Optuna trial a sweep job reports to (set by the sd3exp Optuna sweeper, sd3exp/optuna_sweep/)."""
+
+    storage: Optional[str] = None  # the study's Optuna storage URL
+    study: Optional[str] = None  # the study's name
+    trial: Optional[int] = None  # the trial's number; null: not an Optuna trial
+
+
+@dataclass
+class SweepConfig:
+    """How a job belongs to a sweep: where and how to run, not what is trained (not in the run's identity)."""
+
+    optuna: OptunaTrialConfig = field(default_factory=OptunaTrialConfig)
+
+
+@dataclass
 class PathsConfig:
     root_dir: str = MISSING
     output_root: str = "${paths.root_dir}/outputs"
@@ -292,6 +308,7 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     captioner: CaptionerConfig = field(default_factory=CaptionerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 

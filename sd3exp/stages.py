@@ -102,7 +102,7 @@ def stage_train(job: Job, plan: Plan) -> None:
 
     cfg, run_dir = job.cfg, job.run_dir
     training_dir = Path(cfg.paths.training_dir)
-    early = live.early_stop_of(run_dir)
+    early = live.stop_of(run_dir)
     if early:
         console.info(f"training stopped early at step {early['step']} ({early['reason']}); nothing to do. "
                      f"To train on, start a new run: {command_for(job, cfg.stage)} trainer.new_run=true")
@@ -132,7 +132,7 @@ def stage_train(job: Job, plan: Plan) -> None:
         train.run_training(env.train_command(), run_dir, training_dir, process_env, plan.max_train_steps,
                            plan.checkpoint_steps, next_command, resume_command=command_for(job, cfg.stage),
                            on_first_step=caches_complete, model_type=cfg.model.type,
-                           stopped_early=lambda: live.early_stop_of(run_dir))
+                           stopped_early=lambda: live.stop_of(run_dir))
     if not STAGES[cfg.stage].summary:  # else the run's summary names them
         for line in live.failure_lines(run_dir):
             console.warn(line)

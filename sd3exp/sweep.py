@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     import jinja2
 
 RECORDS = ".sweep"
+TRIALS = f"{RECORDS}/optuna/trials.json"  # each Optuna trial's state, written by sd3exp/optuna_sweep/
+TRIAL_KEY = "sweep.optuna."  # the overrides the Optuna sweeper appends: how a job reports, not what it trains
 EXITED = "the job's process exited before the job ended (see its output)"
 EVAL_LINKS = {"grid": f"{RunLayout.EVAL}/{EvalLayout.GRID}", "report": f"{RunLayout.EVAL}/{EvalLayout.REPORT}"}
 
@@ -70,7 +72,8 @@ def read_records(sweep_dir: Path) -> List[Dict[str, Any]]:
 
 def split_overrides(records: List[Dict[str, Any]]) -> tuple:
     """(swept keys: values differ between jobs, common overrides: the same in every job)."""
-    values = [dict(o.split("=", 1) if "=" in o else (o, "") for o in r["overrides"]) for r in records]
+    values = [dict(o.split("=", 1) if "=" in o else (o, "") for o in r["overrides"] if not o.startswith(TRIAL_KEY))
+              for r in records]
     keys = list(dict.fromkeys(k for v in values for k in v))
     swept = [k for k in keys if len({v.get(k) for v in values}) > 1]
     common = {k: values[0][k] for k in keys if k not in swept} if values else {}
@@ -113,6 +116,46 @@ def trained(run_dir: Path, training_dir: Optional[str]) -> Dict[str, Any]:
     return {"steps": steps, "early_stop": early_stop_of(run_dir)}
 
 
+def trial_number(record: Dict[str, Any]) -> Optional[int]:
+    """The Optuna trial a job ran (its `sweep.optuna.trial=N` override); None outside an Optuna sweep."""
+    for override in record["overrides"]:
+        if override.startswith(f"{TRIAL_KEY}trial="):
+            return int(override.split("=", 1)[1])
+    return None
+
+
+def trial_row(record: Dict[str, Any], run_dir: Path, trials: Dict[str, Any], plan: Optional[Dict[str, int]],
+              best: Optional[Dict[str, Any]], steps: int) -> Optional[Dict[str, Any]]:
+    """An Optuna trial's state (complete, pruned, failed, running), the step the pruner or early stop
+    stopped it at, steps trained against planned, its best checkpoint and score."""
+    from sd3exp.live.state import stop_of
+
+    number = trial_number(record)
+    if number is None:
+        return None
+    told = trials.get("trials", {}).get(str(number), {})
+    state = told.get("state") or ("failed" if record["status"] == "failed" else "running")
+    stop = stop_of(run_dir)
+    planned = plan["max_train_steps"] if plan else None
+    complete = state == "complete" and not stop and planned is not None
+    return {"number": number, "state": state, "value": told.get("value"),
+            "stopped_at_step": stop["step"] if stop else None,
+            "steps_trained": planned if complete else steps, "steps_planned": planned,
+            "best_checkpoint": best["label"] if best else None, "best_score": best["score"] if best else None}
+
+
+def steps_saved(jobs: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """Steps not trained against running every trial of the sweep to its end (Optuna sweeps only)."""
+    trials = [j["trial"] for j in jobs if j.get("trial") and j["trial"]["steps_planned"] is not None
+              and j["trial"]["state"] != "running"]
+    if not trials:
+        return None
+    planned = sum(t["steps_planned"] for t in trials)
+    trained_ = sum(min(t["steps_trained"], t["steps_planned"]) for t in trials)
+    return {"steps": planned - trained_, "planned": planned, "trained": trained_,
+            "share": (planned - trained_) / planned if planned else 0.0}
+
+
 def job_best(run_dir: Path, sweep_dir: Path) -> Optional[Dict[str, Any]]:
     """The job's best checkpoint, its score and a thumbnail, from eval/best.json; None when not scored."""
     path = RunLayout(run_dir).eval.best
@@ -135,14 +178,16 @@ def ranking(jobs: List[Dict[str, Any]]) -> List[int]:
     return [j["num"] for j in ranked] + [j["num"] for j in jobs if j not in scored]
 
 
-def row(record: Dict[str, Any], values: Dict[str, str], swept: List[str], sweep_dir: Path) -> Dict[str, Any]:
+def row(record: Dict[str, Any], values: Dict[str, str], swept: List[str], sweep_dir: Path,
+        trials: Dict[str, Any]) -> Dict[str, Any]:
     run_dir = Path(record["run_dir"] or sweep_dir)
     done = record["status"] == "completed"
+    plan, best, steps = plan_figures(run_dir), job_best(run_dir, sweep_dir), trained(run_dir, record["training_dir"])
     return {"num": record["num"], "run_dir": os.path.relpath(run_dir, sweep_dir),
             "values": {k: values.get(k) for k in swept},
             "status": disk_status(run_dir, record["training_dir"]) if done else record["status"],
-            "error": record["error"], "plan": plan_figures(run_dir), "best": job_best(run_dir, sweep_dir),
-            "trained": trained(run_dir, record["training_dir"]),
+            "error": record["error"], "plan": plan, "best": best, "trained": steps,
+            "trial": trial_row(record, run_dir, trials, plan, best, steps["steps"]),
             "links": {name: os.path.relpath(run_dir / rel, sweep_dir) if (run_dir / rel).is_file() else None
                       for name, rel in EVAL_LINKS.items()}}
 
@@ -150,12 +195,15 @@ def row(record: Dict[str, Any], values: Dict[str, str], swept: List[str], sweep_
 def summary(sweep_dir: Path) -> Dict[str, Any]:
     records = read_records(sweep_dir)
     swept, common, values = split_overrides(records)
-    jobs = [row(r, v, swept, sweep_dir) for r, v in zip(records, values)]
+    trials = read_json(sweep_dir / TRIALS) if (sweep_dir / TRIALS).is_file() else {}
+    jobs = [row(r, v, swept, sweep_dir, trials) for r, v in zip(records, values)]
     order = ranking(jobs)
     for job in jobs:
         job["rank"] = order.index(job["num"]) + 1 if job["best"] and job["best"]["score"] is not None else None
+    optuna = {k: trials[k] for k in ("study", "storage", "direction", "pruner", "n_trials") if k in trials} or None
     return {"sweep_dir": str(sweep_dir), "swept": swept, "common": common, "ranking": order,
-            "jobs": sorted(jobs, key=lambda j: order.index(j["num"]))}
+            "jobs": sorted(jobs, key=lambda j: order.index(j["num"])), "optuna": optuna,
+            "steps_saved": steps_saved(jobs)}
 
 
 @functools.cache

@@ -24,7 +24,7 @@ from typing import Iterator, List, Optional, Sequence
 from sd3exp import console
 from sd3exp.io import write_text
 from sd3exp.layout import RunLayout
-from sd3exp.live.state import LIVE_FILE, LiveState, Point, early_stop_of  # noqa: F401 - early_stop_of: the package's API
+from sd3exp.live.state import LIVE_FILE, LiveState, Point, early_stop_of, pruned_of, stop_of  # noqa: F401 - the package's API
 from sd3exp.schema import ExperimentConfig
 
 POLL_S = 1.0  # how often the training folder is looked at
@@ -91,6 +91,7 @@ class Watcher:
         self.closing = threading.Event()
         self.last_pass = True  # False when training was interrupted: no pass after it
         self.thread = threading.Thread(target=self.loop, name="sd3exp-live", daemon=True)
+        self.reporter = None  # the Optuna trial this job reports to (sweep.optuna.trial), connected on first use
 
     def new_steps(self) -> List[int]:
         from sd3exp.evaluate.checkpoints import discover
@@ -102,7 +103,7 @@ class Watcher:
     def loop(self) -> None:
         while True:
             last = self.closing.is_set()  # after training ended: one last pass for the last checkpoints
-            steps = [] if self.state.early_stop else self.new_steps()
+            steps = [] if self.state.early_stop or self.state.pruned else self.new_steps()
             if steps and (self.last_pass or not last):
                 self.evaluate(steps, live=not last)
             if last:
@@ -123,6 +124,7 @@ class Watcher:
         self.done.update(steps)
         set_refresh(self.report, live)
         self.check_stop()
+        self.check_prune()
         self.state.save(self.path)
 
     def check_stop(self) -> None:
@@ -143,11 +145,51 @@ class Watcher:
             stop_run(self.run_dir, ((signal.SIGTERM, 10), (signal.SIGKILL, 5)))
 
 
+    def check_prune(self) -> None:
+        """In an Optuna sweep: report each evaluated checkpoint's objective (eval.select.objective) to
+        the trial, and stop the trainer as early stopping does when the study's pruner says so."""
+        where = self.cfg.sweep.optuna
+        if where.trial is None or self.state.early_stop or self.state.pruned:
+            return
+        objective = self.cfg.eval.select.objective
+        points = objectives(self.run_dir, objective)
+        try:
+            if self.reporter is None:
+                from sd3exp.optuna_sweep.job import TrialReporter
+
+                self.reporter = TrialReporter(where)
+            for point in sorted(points, key=lambda p: p.step):
+                self.reporter.report(point.step, point.value)
+            prune = self.reporter.should_prune()
+        except Exception as err:  # the study unreachable: training goes on, the summary names it
+            self.state.failures.append(f"optuna trial {where.trial}: {err}")
+            console.warn(f"reporting to Optuna trial {where.trial} failed ({err}); training goes on")
+            return
+        if not prune or self.closing.is_set():
+            return
+        last = max(self.reporter.reported)
+        value = next(p.value for p in points if p.step == last)
+        self.state.pruned = {"step": last, "objective": objective, "value": value, "trial": where.trial,
+                             "reason": f"Optuna's {self.reporter.pruner} pruned trial {where.trial} at step {last} "
+                                       f"({objective} {value:.6g})"}
+        self.state.save(self.path)  # before the trainer exits: run_training reads it then
+        self.reporter.mark_pruned(self.state.pruned)
+        console.info(f"pruned at step {last}: {self.state.pruned['reason']}; stopping the trainer "
+                     "(every checkpoint and score is kept)")
+        from sd3exp.train import stop_run
+
+        stop_run(self.run_dir, ((signal.SIGTERM, 10), (signal.SIGKILL, 5)))
+
+
 def check(cfg: ExperimentConfig) -> None:
     """Refuse an early-stopping set-up that could never stop, before training starts."""
     from sd3exp.errors import ConfigError
     from sd3exp.evaluate.select import MEASURES
 
+    if cfg.sweep.optuna.trial is not None and cfg.eval.backend == "none":
+        raise ConfigError("eval.backend", "none", "an Optuna trial reports each checkpoint's score, "
+                          f"which eval.backend=none does not compute (trial {cfg.sweep.optuna.trial})",
+                          "use eval.backend=diffusers (or comfyui), or hydra.sweeper.pruner.name=none with stage=train")
     stop = cfg.training.early_stop
     if stop.patience < 0:
         raise ConfigError("training.early_stop.patience", stop.patience, "must be 0 (off) or more",
@@ -168,8 +210,9 @@ def check(cfg: ExperimentConfig) -> None:
 
 
 def enabled(cfg: ExperimentConfig) -> bool:
-    """Live evaluation runs with eval.live, and for early stopping (which needs the scores)."""
-    return cfg.eval.backend != "none" and (cfg.eval.live or cfg.training.early_stop.patience > 0)
+    """Live evaluation runs with eval.live, for early stopping and for an Optuna trial (which need the scores)."""
+    return cfg.eval.backend != "none" and (cfg.eval.live or cfg.training.early_stop.patience > 0
+                                           or cfg.sweep.optuna.trial is not None)
 
 
 @contextlib.contextmanager
@@ -198,5 +241,5 @@ def failure_lines(run_dir: Path) -> List[str]:
 
 def summary_lines(run_dir: Path) -> List[str]:
     """The live evaluation's failures and the early stop, for the end-of-run summary."""
-    stop = early_stop_of(run_dir)
+    stop = stop_of(run_dir)
     return failure_lines(run_dir) + ([f"stopped early at step {stop['step']}: {stop['reason']}"] if stop else [])

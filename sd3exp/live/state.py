@@ -27,6 +27,7 @@ class LiveState:
     points: List[Point] = field(default_factory=list)
     failures: List[str] = field(default_factory=list)
     early_stop: Optional[dict] = None
+    pruned: Optional[dict] = None  # the Optuna sweep's pruner stopped it: step, objective, value, trial, reason
 
     @classmethod
     def load(cls, path: Path) -> "LiveState":
@@ -34,13 +35,24 @@ class LiveState:
             return cls()
         data = read_json(path)
         return cls([Point(**p) for p in data.get("points", [])], list(data.get("failures", [])),
-                   data.get("early_stop"))
+                   data.get("early_stop"), data.get("pruned"))
 
     def save(self, path: Path) -> None:
         write_json(path, {"points": [vars(p) for p in self.points], "failures": self.failures,
-                          "early_stop": self.early_stop})
+                          "early_stop": self.early_stop, "pruned": self.pruned})
 
 
 def early_stop_of(run_dir: Path) -> Optional[dict]:
     """The early stop recorded for a run (None when it did not stop early)."""
     return LiveState.load(run_dir / LIVE_FILE).early_stop
+
+
+def pruned_of(run_dir: Path) -> Optional[dict]:
+    """The prune recorded for a run (an Optuna sweep's pruner stopped it); None when it was not pruned."""
+    return LiveState.load(run_dir / LIVE_FILE).pruned
+
+
+def stop_of(run_dir: Path) -> Optional[dict]:
+    """Why the run's training stopped before its plan: the early stop or the prune; None when neither."""
+    state = LiveState.load(run_dir / LIVE_FILE)
+    return state.early_stop or state.pruned

@@ -1,0 +1,134 @@
+"""sd3exp's Optuna sweeper without a trainer: the params grammar -> Optuna distributions, the pruner
+and sampler settings, a job reporting to its trial and being pruned, the sweep summary's trial rows."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+from sd3exp.errors import ConfigError
+from sd3exp.optuna_sweep import (PRUNED_ATTR, PRUNER_ATTR, OptunaSweeper, grid_points, make_pruner, pruner_config,
+                                 search_space)
+from sd3exp.optuna_sweep.job import TrialReporter
+from sd3exp.schema import OptunaTrialConfig
+from sd3exp.sweep import steps_saved, trial_number
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def test_the_params_grammar_maps_to_optuna_distributions():
+    space, fixed = search_space({"optimizer.lr": "tag(log, interval(1.0e-5, 5.0e-4))", "lora.rank": "choice(4, 8, 16)",
+                                 "lora.alpha": "interval(1, 9)", "seed": "range(1, 7, 2)", "training.epochs": "3",
+                                 "optimizer.max_grad_norm": "range(0.5, 1.5, 0.5)", "schedule.name": "cosine,linear"}, [])
+    assert space["optimizer.lr"] == FloatDistribution(1e-5, 5e-4, log=True)
+    assert space["lora.rank"] == CategoricalDistribution([4, 8, 16])
+    assert space["lora.alpha"] == FloatDistribution(1.0, 9.0)  # Hydra parses interval bounds as floats
+    assert space["seed"] == IntDistribution(1, 7, step=2)
+    assert space["optimizer.max_grad_norm"] == FloatDistribution(0.5, 1.5, step=0.5)
+    assert space["schedule.name"] == CategoricalDistribution(["cosine", "linear"])
+    assert fixed == {"training.epochs": "3"}
+
+
+def test_the_command_line_wins_over_the_config():
+    space, fixed = search_space({"lora.rank": "choice(4, 8)"}, ["lora.rank=16,32", "stage=all"])
+    assert space == {"lora.rank": CategoricalDistribution([16, 32])} and fixed == {"stage": "all"}
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.floats(1e-7, 1.0), st.floats(1.01, 100.0), st.booleans())
+def test_an_interval_is_a_float_range_of_the_same_bounds(low, factor, log):
+    high = low * factor
+    text = f"interval({low!r}, {high!r})"
+    space, _ = search_space({"optimizer.lr": f"tag(log, {text})" if log else text}, [])
+    dist = space["optimizer.lr"]
+    assert isinstance(dist, FloatDistribution) and dist.log == log
+    assert math.isclose(dist.low, low) and math.isclose(dist.high, high)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(1, 512), min_size=1, max_size=6, unique=True))
+def test_choices_keep_their_values_and_order(values):
+    space, _ = search_space({"lora.rank": f"choice({', '.join(map(str, values))})"}, [])
+    assert list(space["lora.rank"].choices) == values
+    assert grid_points({"name": "grid"}, space) == [{"lora.rank": v} for v in values]
+
+
+def test_pruners_from_config():
+    assert isinstance(make_pruner(None), optuna.pruners.NopPruner)
+    median = make_pruner({"name": "median", "n_startup_trials": 2, "n_warmup_steps": 100})
+    assert isinstance(median, optuna.pruners.MedianPruner)
+    assert median._n_startup_trials == 2 and median._n_warmup_steps == 100
+    assert isinstance(make_pruner({"name": "successive_halving"}), optuna.pruners.SuccessiveHalvingPruner)
+    assert isinstance(make_pruner({"name": "hyperband", "max_resource": 300}), optuna.pruners.HyperbandPruner)
+    patient = make_pruner({"name": "median", "patience": 2})
+    assert isinstance(patient, optuna.pruners.PatientPruner) and isinstance(patient._wrapped_pruner,
+                                                                            optuna.pruners.MedianPruner)
+
+
+@pytest.mark.parametrize("options, field", [({"name": "asha"}, "hydra.sweeper.pruner.name"),
+                                            ({"name": "median", "patience": -1}, "hydra.sweeper.pruner.patience"),
+                                            ({"name": "median", "warmup": 3}, "hydra.sweeper.pruner.warmup")])
+def test_a_bad_pruner_is_refused_naming_the_field(options, field):
+    with pytest.raises(ConfigError) as err:
+        pruner_config(options)
+    assert err.value.field == field and "Fix:" in str(err.value)
+    with pytest.raises(ConfigError):
+        OptunaSweeper(pruner=options)
+
+
+def test_a_grid_takes_choices_only():
+    space, _ = search_space({"optimizer.lr": "interval(1e-5, 1e-3)"}, [])
+    with pytest.raises(ConfigError, match="choice"):
+        grid_points({"name": "grid"}, space)
+
+
+def test_a_job_reports_to_its_trial_and_is_pruned_below_the_median(tmp_path):
+    """The job's side: reconnect to the trial the sweeper asked for, report per step, be pruned."""
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(storage=url, study_name="s", direction="maximize",
+                                pruner=make_pruner({"name": "median", "n_startup_trials": 1}))
+    study.set_user_attr(PRUNER_ATTR, {"name": "median", "n_startup_trials": 1})
+    first = study.ask()
+    for step, value in ((50, 10.0), (100, 20.0)):
+        first.report(value, step)
+    study.tell(first, 20.0)
+    second = study.ask()
+    job = TrialReporter(OptunaTrialConfig(storage=url, study="s", trial=second.number))
+    assert not job.should_prune()  # nothing reported yet
+    job.report(50, 12.0)
+    job.report(50, 1.0)  # a step reported once (a resumed job evaluates it again): ignored
+    job.report(60, float("nan"))  # not scored: not reported
+    assert not job.should_prune()
+    job.report(100, 5.0)
+    assert job.should_prune() and job.pruner == "MedianPruner"
+    job.mark_pruned({"step": 100})
+    frozen = optuna.load_study(study_name="s", storage=url).trials[second.number]
+    assert frozen.intermediate_values == {50: 12.0, 100: 5.0} and frozen.user_attrs[PRUNED_ATTR] == {"step": 100}
+    with pytest.raises(ConfigError, match="sweep.optuna.trial"):
+        TrialReporter(OptunaTrialConfig(storage=url, study="s", trial=99))
+
+
+def test_trial_numbers_and_steps_saved():
+    assert trial_number({"overrides": ["optimizer.lr=0.1", "sweep.optuna.trial=3"]}) == 3
+    assert trial_number({"overrides": ["optimizer.lr=0.1"]}) is None
+    jobs = [{"trial": {"state": "complete", "steps_trained": 300, "steps_planned": 300}},
+            {"trial": {"state": "pruned", "steps_trained": 100, "steps_planned": 300}},
+            {"trial": {"state": "pruned", "steps_trained": 50, "steps_planned": 300}},
+            {"trial": {"state": "running", "steps_trained": 50, "steps_planned": 300}}, {"trial": None}]
+    assert steps_saved(jobs) == {"steps": 450, "planned": 900, "trained": 450, "share": 0.5}
+    assert steps_saved([{"trial": None}]) is None
+
+
+def test_pruning_without_scores_is_refused(tmp_path):
+    from sd3exp.live import check
+    from tests.helpers import compose_experiment
+
+    cfg = compose_experiment("demo_quick", ["eval.backend=none", "sweep.optuna.trial=0"])
+    with pytest.raises(ConfigError) as err:
+        check(cfg)
+    assert err.value.field == "eval.backend"
