@@ -96,3 +96,10 @@ def test_an_optuna_sweep_of_two_trials_completes_and_writes_its_results(tmp_path
     data = json.loads((tmp_path / "sweep.json").read_text())
     assert len(data["jobs"]) == 2
     assert results["best_value"] == pytest.approx(max(j["best"]["score"] for j in data["jobs"]))
+    # sd3exp's own sweeper (sd3exp/optuna_sweep/): the study in <sweep dir>/optuna.db, each trial's state
+    import optuna
+
+    study = optuna.load_study(study_name="sd3exp_lr_rank", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert sorted(j["trial"]["state"] for j in data["jobs"]) == ["complete", "complete"]
+    assert data["optuna"]["study"] == "sd3exp_lr_rank" and data["steps_saved"]["steps"] == 0
