@@ -132,3 +132,15 @@ def test_pruning_without_scores_is_refused(tmp_path):
     with pytest.raises(ConfigError) as err:
         check(cfg)
     assert err.value.field == "eval.backend"
+
+
+def test_the_trial_overrides_change_neither_the_compiled_files_nor_the_identity():
+    """sweep.optuna.* say how a job runs: `sd3exp diff` (compiled files, plan, resolved settings, the
+    config hash) finds nothing, and the run folder's name leaves them out."""
+    from sd3exp.runfolder import training_overrides
+    from tests.helpers import run_main
+
+    out = run_main("diff", "demo_quick", "demo_quick sweep.optuna.trial=3 sweep.optuna.study=s "
+                   "sweep.optuna.storage=sqlite:////tmp/x.db")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert training_overrides(["optimizer.lr=0.1", "sweep.optuna.trial=3", "sweep.optuna.study=s"]) == "optimizer.lr=0.1"
