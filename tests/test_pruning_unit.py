@@ -3,6 +3,7 @@ and sampler settings, a job reporting to its trial and being pruned, the sweep s
 
 from __future__ import annotations
 
+import json
 import math
 
 import optuna
@@ -144,3 +145,34 @@ def test_the_trial_overrides_change_neither_the_compiled_files_nor_the_identity(
                    "sweep.optuna.storage=sqlite:////tmp/x.db")
     assert out.returncode == 0, out.stdout + out.stderr
     assert training_overrides(["optimizer.lr=0.1", "sweep.optuna.trial=3", "sweep.optuna.study=s"]) == "optimizer.lr=0.1"
+
+
+def test_the_sweeper_asks_the_grid_in_order_and_a_rerun_continues_the_study(tmp_path):
+    """Without a trainer: `stage=plan` jobs return no objective, so every trial fails; the grid is
+    asked in the order written, each job gets its trial's overrides, and the same command run again
+    finds the study finished (no new trial)."""
+    from tests.helpers import run_cli
+
+    cmd = ["-m", "experiment=demo", "hparams_search=demo_pruned", "stage=plan", f"hydra.sweep.dir={tmp_path}"]
+    out = run_cli(*cmd, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    study = optuna.load_study(study_name="demo_pruned", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert [t.params["optimizer.lr"] for t in study.trials] == [1e-5, 3e-4, 2e-3]
+    assert {t.state for t in study.trials} == {optuna.trial.TrialState.FAIL}
+    data = json.loads((tmp_path / "sweep.json").read_text())
+    assert data["swept"] == ["optimizer.lr"]  # the sweep.optuna.* overrides are not swept values
+    assert [j["trial"]["state"] for j in sorted(data["jobs"], key=lambda j: j["num"])] == ["failed"] * 3
+    assert data["optuna"]["pruner"]["name"] == "median"
+    again = run_cli(*cmd, timeout=600)
+    assert again.returncode == 0 and "continuing the study: 3 trial(s) finished" in again.stdout + again.stderr
+    assert len(optuna.load_study(study_name="demo_pruned", storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials) == 3
+
+
+def test_a_pruner_without_scores_is_refused_before_any_trial(tmp_path):
+    from tests.helpers import run_cli
+
+    out = run_cli("-m", "experiment=demo", "hparams_search=demo_pruned", "eval.backend=none", "stage=plan",
+                  f"hydra.sweep.dir={tmp_path}", timeout=600)
+    assert out.returncode == 2 and "sd3exp: error: hydra.sweeper.pruner.name=" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "optuna.db").exists()

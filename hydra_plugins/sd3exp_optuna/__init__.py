@@ -8,11 +8,23 @@ start-up (its plugin scan), so it imports neither optuna nor sd3exp's sweeper un
 
 from __future__ import annotations
 
-from typing import Any, List, Optional
+import sys
+from typing import Any, Callable, List, Optional
 
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
+
+
+def plainly(step: Callable[[], Any]) -> Any:
+    """An sd3exp error (a bad sweeper setting) as sd3exp's one-paragraph error, not a traceback."""
+    from sd3exp.errors import Sd3expError
+
+    try:
+        return step()
+    except Sd3expError as err:
+        print(f"sd3exp: error: {err}", file=sys.stderr)
+        raise SystemExit(err.exit_code) from None
 
 
 class OptunaSweeper(Sweeper):
@@ -21,10 +33,10 @@ class OptunaSweeper(Sweeper):
     def __init__(self, **options: Any) -> None:
         from sd3exp.optuna_sweep import OptunaSweeper as Impl
 
-        self.impl = Impl(**options)
+        self.impl = plainly(lambda: Impl(**options))
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
-        self.impl.setup(hydra_context=hydra_context, task_function=task_function, config=config)
+        plainly(lambda: self.impl.setup(hydra_context=hydra_context, task_function=task_function, config=config))
 
     def sweep(self, arguments: List[str]) -> Optional[Any]:
-        return self.impl.sweep(arguments)
+        return plainly(lambda: self.impl.sweep(arguments))

@@ -235,8 +235,6 @@ class OptunaSweeper:
         study = optuna.create_study(storage=url, study_name=self.study_name, load_if_exists=True,
                                     direction=self.direction, sampler=make_sampler(self.sampler_options),
                                     pruner=make_pruner(self.pruner_options))
-        for point in grid_points(self.sampler_options, space):
-            study.enqueue_trial(point, skip_if_exists=True)
         study.set_user_attr(PRUNER_ATTR, self.pruner_options)
         study.set_user_attr("sd3exp_sampler", self.sampler_options)
         console.info(f"optuna: study {self.study_name!r} in {url} (`optuna-dashboard {url}` shows it)")
@@ -247,6 +245,7 @@ class OptunaSweeper:
             console.info(f"optuna: continuing the study: {len(finished)} trial(s) finished, "
                          f"{len(resume)} left running by an earlier sweep process (resumed with the same number)")
         returns: List[Any] = []
+        grid = grid_points(self.sampler_options, space)
         done = len(finished)
         self.write_trials(study)
         while done < self.n_trials:
@@ -255,13 +254,29 @@ class OptunaSweeper:
                 resume = resume[self.n_jobs:]
             else:
                 want = min(self.n_jobs, self.n_trials - done)
-                asked = [study.ask(fixed_distributions=space) for _ in range(want)]
+                asked = []
+                for _ in range(want):
+                    grid = self.enqueue_next(study, grid)
+                    asked.append(study.ask(fixed_distributions=space))
                 batch = [(t.number, dict(t.params), t) for t in asked]
+            self.write_trials(study)  # the batch shows as running while it runs
             returns += self.run_batch(study, batch, fixed, url)
             done += len(batch)
             self.write_trials(study)
         self.write_results(study)
         return returns
+
+    @staticmethod
+    def enqueue_next(study: Any, grid: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        """Enqueue the first grid point the study has not tried yet (one per trial asked, so a study
+        holds no waiting trials beyond n_trials); the grid points left after it."""
+        while grid:
+            point, grid = grid[0], grid[1:]
+            before = len(study.get_trials(deepcopy=False))
+            study.enqueue_trial(point, skip_if_exists=True)
+            if len(study.get_trials(deepcopy=False)) > before:
+                break
+        return grid
 
     def overrides(self, number: int, params: Dict[str, Any], fixed: Dict[str, str], url: str) -> List[str]:
         return ([f"{k}={encode(v)}" for k, v in params.items()] + [f"{k}={v}" for k, v in fixed.items()]
