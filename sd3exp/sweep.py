@@ -127,7 +127,8 @@ def trial_number(record: Dict[str, Any]) -> Optional[int]:
 def trial_row(record: Dict[str, Any], run_dir: Path, trials: Dict[str, Any], plan: Optional[Dict[str, int]],
               best: Optional[Dict[str, Any]], steps: int) -> Optional[Dict[str, Any]]:
     """An Optuna trial's state (complete, pruned, failed, running), the step the pruner or early stop
-    stopped it at, steps trained against planned, its best checkpoint and score."""
+    stopped it at, steps trained (the trainer's last step, which may lie past the last checkpoint)
+    against planned, its best checkpoint and score."""
     from sd3exp.live.state import stop_of
 
     number = trial_number(record)
@@ -138,6 +139,9 @@ def trial_row(record: Dict[str, Any], run_dir: Path, trials: Dict[str, Any], pla
     stop = stop_of(run_dir)
     planned = plan["max_train_steps"] if plan else None
     complete = state == "complete" and not stop and planned is not None
+    summary_path = RunLayout(run_dir).training_summary
+    if summary_path.is_file():  # the trainer's last step: past the last checkpoint when it was stopped
+        steps = max(steps, int((read_json(summary_path).get("progress") or {}).get("step") or 0))
     return {"number": number, "state": state, "value": told.get("value"),
             "stopped_at_step": stop["step"] if stop else None,
             "steps_trained": planned if complete else steps, "steps_planned": planned,
