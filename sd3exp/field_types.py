@@ -111,6 +111,19 @@ def misfit(key: str, value: Any) -> Optional[Tuple[str, List[Any]]]:
     return kind, [c for c in candidates if _fits(key, c)][:1]
 
 
+def _values(override: Any) -> List[Any]:
+    """The values an override sets: a sweep's every value, an interval's bounds; none for a glob (it
+    picks config files, not values)."""
+    from hydra.core.override_parser.types import Glob, IntervalSweep
+
+    value = override.value()
+    if isinstance(value, Glob):
+        return []
+    if isinstance(value, IntervalSweep):
+        return [value.start, value.end]
+    return list(override.sweep_iterator()) if override.is_sweep_override() else [value]
+
+
 def check_overrides(argv: Sequence[str]) -> None:
     """ConfigError for the first override (`key=value`, a sweep's every value) of the wrong type; the
     fix is the same command line with a value that fits."""
@@ -124,7 +137,7 @@ def check_overrides(argv: Sequence[str]) -> None:
             override = parser.parse_override(arg)
         except Exception:  # noqa: BLE001 - Hydra reports its own grammar errors
             continue
-        values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
+        values = _values(override)
         for bad in values:
             if (found := misfit(override.key_or_group, bad)) is None:
                 continue

@@ -10,7 +10,7 @@ from typing import Any, Callable, List, Tuple
 
 from sd3exp import captions, holdout
 from sd3exp.buckets import MAX_MINIMUM_MEGAPIXELS, minimum_megapixels
-from sd3exp.errors import ConfigError
+from sd3exp.errors import ConfigError, ConfigErrors
 from sd3exp.plan import bucket_rule
 from sd3exp.schedule import SCHEDULES
 from sd3exp.schema import ExperimentConfig
@@ -101,7 +101,7 @@ def check_schedule(cfg: ExperimentConfig) -> None:
     if s.warmup_steps is not None:
         _positive("schedule.warmup_steps", s.warmup_steps, "use 0 for no warmup", strict=False)
     if s.warmup_fraction is not None and not 0 <= s.warmup_fraction < 1:
-        raise ConfigError("schedule.warmup_fraction", s.warmup_fraction, "must be in [0, 1)", "e.g. 0.05 for 5%")
+        raise ConfigError("schedule.warmup_fraction", s.warmup_fraction, "must be in [0, 1)", "e.g. schedule.warmup_fraction=0.05 for 5%")
     if not 0 <= s.final_lr < cfg.optimizer.lr:
         raise ConfigError("schedule.final_lr", s.final_lr, f"must be >= 0 and below optimizer.lr={cfg.optimizer.lr}",
                           "use 0 to decay to zero")
@@ -176,7 +176,7 @@ def check_concepts(cfg: ExperimentConfig) -> None:
                               "use a short name such as 'fantasy'")
         if c.repeats < 1:
             raise ConfigError(f"concepts[{i}].repeats", c.repeats,
-                              "must be >= 1 (passes per epoch: 1 = each image once)", "use repeats: 1 for no repetition")
+                              "must be >= 1 (passes per epoch: 1 = each image once)", f"concepts.{i}.repeats=1 for no repetition")
         if c.repeats > MAX_REPEATS:
             raise ConfigError(f"concepts[{i}].repeats", c.repeats, f"more than {MAX_REPEATS} passes per epoch",
                               "use the passes per epoch you mean (e.g. 10), and training.epochs for the length")
@@ -257,12 +257,20 @@ def check_eval(cfg: ExperimentConfig) -> None:
 
 
 CHECKS: List[Callable[[ExperimentConfig], None]] = [
-    check_finite, check_model, check_training, check_schedule, check_checkpointing, check_concepts, check_captioner, check_eval,
+    check_model, check_training, check_schedule, check_checkpointing, check_concepts, check_captioner, check_eval,
 ]
 
 
 def validate(cfg: ExperimentConfig, need_data: bool = False) -> None:
-    for check in CHECKS:
-        check(cfg)
-    if need_data:
-        check_dataset_paths(cfg)
+    """Every check; independent problems are reported together (as torchtune's `tune validate`)."""
+    check_finite(cfg)  # first and alone: an inf or nan would mislead the checks that compare numbers
+    errors: List[ConfigError] = []
+    for check in [*CHECKS, *([check_dataset_paths] if need_data else [])]:
+        try:
+            check(cfg)
+        except ConfigError as err:
+            errors.append(err)
+    if len(errors) > 1:
+        raise ConfigErrors(errors)
+    if errors:
+        raise errors[0]
