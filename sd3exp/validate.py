@@ -128,6 +128,8 @@ def check_model(cfg: ExperimentConfig) -> None:
         if cfg.lora.rank < 1:
             raise ConfigError("lora.rank", cfg.lora.rank, "must be >= 1", "e.g. lora.rank=16")
         _positive("lora.alpha", cfg.lora.alpha, "e.g. lora.alpha equal to the rank")
+        _choice("lora.type", cfg.lora.type, ("standard", "lycoris"))
+        _choice("lora.format", cfg.lora.format, ("diffusers", "comfyui"))
     check_resolution(cfg)
     _choice("trainer.config_backend", cfg.trainer.config_backend, ("json", "env"))
     _choice("trainer.cpu_shim", cfg.trainer.cpu_shim, ("auto", "never"))
