@@ -31,8 +31,8 @@ from typing import Dict, List, Optional, Tuple
 
 from PIL import Image
 
-from sd3exp import captions, holdout
-from sd3exp.captions import estimate_clip_tokens
+from sd3exp import tag_shuffle, holdout
+from sd3exp.tag_shuffle import estimate_clip_tokens
 from sd3exp.buckets import BucketRule, target_size
 from sd3exp.images import IMAGE_EXTENSIONS, image_size, list_images, problem
 from sd3exp.io import dumps_json, write_if_changed
@@ -140,7 +140,7 @@ def _check_caption(a: ConceptAudit, c: ConceptConfig, name: str, text: str, tags
         a.lacking_trigger.append(name)
     elif not re.match(rf"\s*{trigger}(?!\w)", text):
         a.trigger_not_first.append(name)
-    found = captions.split_tags(text, captions.tag_separator(c))
+    found = tag_shuffle.split_tags(text, tag_shuffle.tag_separator(c))
     tags.update(found)
     if len(found) < c.captions.keep_tags:
         a.too_few_tags[name] = len(found)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from sd3exp import __version__, captions, envfile, holdout
+from sd3exp import __version__, envfile, holdout, tag_shuffle
 from sd3exp.errors import ConfigError, UnsafeValueError
 from sd3exp.io import dumps_json
 from sd3exp.layout import RunLayout
@@ -194,12 +194,12 @@ def dataset_entry(c: ConceptConfig, cfg: ExperimentConfig, cache: Path, run_dir:
         "caption_strategy": c.caption_strategy, "metadata_backend": "discovery",
         "resolution": whole(ds.resolution), "resolution_type": ds.resolution_type,
         "crop": ds.crop, "crop_style": ds.crop_style, "crop_aspect": ds.crop_aspect,
-        "repeats": captions.simpletuner_repeats(c), "probability": c.probability,
+        "repeats": tag_shuffle.simpletuner_repeats(c), "probability": c.probability,
         "cache_dir_vae": run_relative(cache / "vae" / c.id, run_dir),
     }
     if ds.minimum_image_size is not None:
         entry["minimum_image_size"] = whole(ds.minimum_image_size)
-    shuffle = captions.native_shuffle_block(c, cfg.seed)
+    shuffle = tag_shuffle.native_shuffle_block(c, cfg.seed)
     if shuffle:
         entry["caption_shuffle"] = shuffle
     return entry

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
-from sd3exp import captions, estimate
+from sd3exp import tag_shuffle, estimate
 from sd3exp import schedule as lr_schedule
 from sd3exp.buckets import BucketRule, BucketTrainer, bucket_fate, bucket_of, repeats_needed
 from sd3exp.errors import ConfigError
@@ -110,8 +110,8 @@ def plan_concept(c: ConceptConfig, sizes: Optional[Sequence[Size]], rule: Bucket
         counts, skipped, source = Counter({"1.00": (c.num_images or 0) - c.holdout}), 0, "declared"
     else:
         (counts, skipped), source = bucket_counts(sizes, rule), "disk"
-    st_repeats = captions.simpletuner_repeats(c)
-    copies = 1 if st_repeats or not captions.materialized(c) else c.repeats
+    st_repeats = tag_shuffle.simpletuner_repeats(c)
+    copies = 1 if st_repeats or not tag_shuffle.materialized(c) else c.repeats
     by_fate: Dict[str, Dict[str, int]] = {"kept": {}, "padded": {}, "pruned": {}, "aborts": {}}
     batches = 0
     for key in sorted(counts, key=float):
@@ -227,7 +227,7 @@ def limits_check(cfg: ExperimentConfig, concepts: List[ConceptPlan], count: int)
                           f"plans {count} checkpoints (more than {MAX_CHECKPOINTS})",
                           "save less often, or check training.epochs / max_steps and concepts[].repeats")
     for i, (c, cp) in enumerate(zip(cfg.concepts, concepts)):
-        if captions.materialized(c) and cp.images * c.repeats > MAX_COPIES:
+        if tag_shuffle.materialized(c) and cp.images * c.repeats > MAX_COPIES:
             raise ConfigError(f"concepts[{i}].repeats", c.repeats,
                               f"captions.mode=materialized would place {cp.images * c.repeats} image files "
                               f"(more than {MAX_COPIES})", f"use concepts[{i}].captions.mode=native, or fewer repeats")

@@ -6,7 +6,7 @@ which the compiler points instance_data_dir at. The source folder is only read.
 
 - native mode, or shuffle off: every image once, with its caption as is.
 - materialized mode: R = repeats copies ``name_<i>.<ext>`` + ``name_<i>.txt``
-  (i = 1..R), each caption shuffled with its own seed (sd3exp.captions).
+  (i = 1..R), each caption shuffled with its own seed (sd3exp.tag_shuffle).
 
 Images are placed with the first method that works: hard link (no image bytes),
 symlink, reflink, byte copy. Captions are small and always written, never
@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Union
 
 
-from sd3exp import captions, console, holdout
+from sd3exp import tag_shuffle, console, holdout
 from sd3exp.errors import ConfigError, DatasetError, human_bytes
 from sd3exp.images import IMAGE_EXTENSIONS, list_images
 from sd3exp.io import atomic_dir, read_json, recover_dir, remove_stale_temporaries, write_json
@@ -208,12 +208,12 @@ class Layout:
 
 def _copies(concept: ConceptConfig, image: Path, text: str, seed: int) -> Dict[str, Want]:
     """Materialized mode: name_<i>.<ext> + name_<i>.txt, i = 1..repeats, each caption shuffled on its own."""
-    sep, keep, files = captions.tag_separator(concept), concept.captions.keep_tags, {}
-    tags = captions.split_tags(text, sep)  # once per image, not per copy
+    sep, keep, files = tag_shuffle.tag_separator(concept), concept.captions.keep_tags, {}
+    tags = tag_shuffle.split_tags(text, sep)  # once per image, not per copy
     for i in range(1, concept.repeats + 1):
-        rng = random.Random(captions.copy_seed(seed, concept.id, image.name, i))
+        rng = random.Random(tag_shuffle.copy_seed(seed, concept.id, image.name, i))
         files[f"{image.stem}_{i}{image.suffix}"] = image
-        files[f"{image.stem}_{i}.txt"] = captions.shuffle_tags(tags, keep, rng, sep).encode("utf-8")
+        files[f"{image.stem}_{i}.txt"] = tag_shuffle.shuffle_tags(tags, keep, rng, sep).encode("utf-8")
     return files
 
 
@@ -240,7 +240,7 @@ def layout(concept: ConceptConfig, seed: int, generated: Optional[Dict[str, str]
 
 def _build_layout(concept: ConceptConfig, seed: int, images: List[Path], texts: Dict[str, Optional[bytes]]) -> Layout:
     held = set(holdout.held_out(concept, [p.name for p in images], seed))
-    seed = captions.shuffle_seed(concept, seed)
+    seed = tag_shuffle.shuffle_seed(concept, seed)
     files: Dict[str, Want] = {}
     held_files: Dict[str, Want] = {}
     missing, from_trigger = [], []
@@ -251,7 +251,7 @@ def _build_layout(concept: ConceptConfig, seed: int, images: List[Path], texts: 
             data = concept.trigger.encode("utf-8")
         if image.name in held:
             held_files[image.name], held_files[image.stem + ".txt"] = image, data
-        elif captions.materialized(concept):
+        elif tag_shuffle.materialized(concept):
             files.update(_copies(concept, image, _decode(concept, image, data), seed))
         else:
             files[image.name], files[image.stem + ".txt"] = image, data
@@ -366,11 +366,11 @@ def _prepare_held_out(target: Path, summary: ConceptSummary, files: Dict[str, Wa
 def _record(concept: ConceptConfig, seed: int, summary: ConceptSummary) -> dict:
     cap = concept.captions
     return {"source": str(Path(concept.path).absolute()), "mode": summary.mode, "passes": concept.repeats,
-            "simpletuner_repeats": captions.simpletuner_repeats(concept),
+            "simpletuner_repeats": tag_shuffle.simpletuner_repeats(concept),
             "copies_per_image": concept.repeats if summary.mode == "materialized" else 1,
             "shuffle": cap.shuffle, "keep_tags": cap.keep_tags, "separator": cap.separator,
-            "seed": captions.shuffle_seed(concept, seed),
-            "caption_shuffle": captions.native_shuffle_block(concept, seed),
+            "seed": tag_shuffle.shuffle_seed(concept, seed),
+            "caption_shuffle": tag_shuffle.native_shuffle_block(concept, seed),
             "images": summary.images, "files": summary.files,
             "captions_from_trigger": summary.captions_from_trigger, "state": PREPARED,
             **({"held_out": summary.held_out, "held_out_seed": seed} if summary.held_out else {})}
@@ -466,7 +466,7 @@ def prepare(cfg: ExperimentConfig, progress: bool = True) -> PrepareSummary:
             plans.append((c, None, inputs, _summary_of(c, was, len(generated))))  # as the last prepare left it
             continue
         lay = layout(c, cfg.seed, generated)
-        mode = "materialized" if captions.materialized(c) else "native"
+        mode = "materialized" if tag_shuffle.materialized(c) else "native"
         files = sum(not isinstance(w, bytes) for w in lay.files.values())
         summary = ConceptSummary(c.id, mode, lay.images, files, captions_from_trigger=lay.captions_from_trigger,
                                  captions_generated=len(generated),

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any, Callable, List, Tuple
 
-from sd3exp import captions, holdout
+from sd3exp import tag_shuffle, holdout
 from sd3exp.buckets import MAX_MINIMUM_MEGAPIXELS, minimum_megapixels
 from sd3exp.errors import ConfigError, ConfigErrors
 from sd3exp.plan import bucket_rule
@@ -189,8 +189,8 @@ def check_concepts(cfg: ExperimentConfig) -> None:
         cap = c.captions
         _choice(f"concepts[{i}].captions.mode", cap.mode, ("native", "materialized"))
         _positive(f"concepts[{i}].captions.keep_tags", cap.keep_tags, "use 0 to shuffle every tag", strict=False)
-        captions.tag_separator(c, where=f"concepts[{i}]")
-        captions.native_shuffle_block(c, cfg.seed, where=f"concepts[{i}]")
+        tag_shuffle.tag_separator(c, where=f"concepts[{i}]")
+        tag_shuffle.native_shuffle_block(c, cfg.seed, where=f"concepts[{i}]")
 
 
 def check_holdout(cfg: ExperimentConfig, c: Any, i: int) -> None:
@@ -225,8 +225,8 @@ def check_trigger(c: Any, i: int) -> None:
     if not c.trigger.strip():
         raise ConfigError(f"concepts[{i}].trigger", c.trigger, "empty: captions would not be tied to the concept",
                           "set the concept's trigger word, e.g. k4s4")
-    sep = captions.tag_separator(c, where=f"concepts[{i}]")
-    pieces = len(captions.split_tags(c.trigger, sep))
+    sep = tag_shuffle.tag_separator(c, where=f"concepts[{i}]")
+    pieces = len(tag_shuffle.split_tags(c.trigger, sep))
     if c.captions.shuffle and pieces > max(1, c.captions.keep_tags):
         raise ConfigError(f"concepts[{i}].trigger", c.trigger,
                           f"the tag separator {sep!r} splits it into {pieces} tags, and the caption shuffle moves "

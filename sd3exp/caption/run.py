@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 
-from sd3exp import captions, console
+from sd3exp import tag_shuffle, console
 from sd3exp.caption.client import Answer, CaptionError, ChatClient, ImageFailed
 from sd3exp.caption.command import command_words, run_command
 from sd3exp.caption.post import PostSettings, postprocess
@@ -125,7 +125,7 @@ def _user_tags(concept: ConceptConfig, caption: Path) -> Tuple[bool, List[str]]:
     if not caption.is_file():
         return False, []
     text = caption.read_bytes().decode("utf-8", "replace")
-    return True, captions.split_tags(text, captions.tag_separator(concept))
+    return True, tag_shuffle.split_tags(text, tag_shuffle.tag_separator(concept))
 
 
 def plan_tasks(cfg: ExperimentConfig, backend: Backend, summary: Summary) -> List[Task]:
