@@ -32,12 +32,12 @@ from typing import Dict, List, Optional, Tuple
 from PIL import Image
 
 from sd3exp import captions, holdout
-from sd3exp.captions import estimate_clip_tokens
 from sd3exp.buckets import BucketRule, target_size
+from sd3exp.captions import estimate_clip_tokens
 from sd3exp.images import IMAGE_EXTENSIONS, image_size, list_images, problem
 from sd3exp.io import dumps_json, write_if_changed
-from sd3exp.prepare import shared_stems
 from sd3exp.plan import bucket_rule
+from sd3exp.prepare import shared_stems
 from sd3exp.schema import ConceptConfig, DatasetConfig, ExperimentConfig
 from sd3exp.sourcefacts import SourceFacts
 

@@ -15,8 +15,8 @@ from omegaconf import DictConfig
 
 from sd3exp import argv
 from sd3exp.added_keys import check_added
-from sd3exp.field_types import check_experiment_file, check_overrides
 from sd3exp.errors import DiskFullError, Interrupted, RunConflictError, Sd3expError, no_space_message
+from sd3exp.field_types import check_experiment_file, check_overrides
 from sd3exp.project import CONF_DIR, register
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Collection, Dict, List, Tuple
@@ -60,7 +61,7 @@ def readable_sizes(folder: Path, skip: Collection[str] = ()) -> Tuple[List[Tuple
         if p.name in skip:
             continue
         try:
-            sizes.append(tuple(facts.fact(p, "header", lambda: image_size(p))))
+            sizes.append(tuple(facts.fact(p, "header", functools.partial(image_size, p))))
         except DatasetError as err:
             unreadable[p.name] = problem(p, err.__cause__)
     facts.save()

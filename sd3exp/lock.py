@@ -21,9 +21,9 @@ from omegaconf import OmegaConf
 from sd3exp import console
 from sd3exp.compile import config_hash
 from sd3exp.io import atomic_dir, write_text
-from sd3exp.project import ROOT
 from sd3exp.job import compiled_files, compose_job
 from sd3exp.layout import RunLayout
+from sd3exp.project import ROOT
 
 PLACEHOLDER_ROOT = "/sd3exp-root"
 LOCK_DIR = "compiled"

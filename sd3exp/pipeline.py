@@ -21,6 +21,7 @@ from sd3exp.plan import Plan, render_table
 from sd3exp.signals import Stopped, sigterm_raises, stopped
 from sd3exp.stage_table import STAGES
 
+
 def record_of(job: Job) -> runfolder.RunRecord:
     return runfolder.RunRecord(job.cfg.name, job.overrides, job.config_hash, __version__)
 

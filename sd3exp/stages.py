@@ -11,13 +11,12 @@ from sd3exp.compile import trainer_args, user_extra_args
 from sd3exp.errors import ConfigError, DatasetError, EvalError
 from sd3exp.hub import require_model, token_source
 from sd3exp.job import Invocation, Job
-from sd3exp.runfolder import checkpoint_dirs, claim_training_dir, set_aside_unfinished
 from sd3exp.plan import Plan
+from sd3exp.runfolder import checkpoint_dirs, claim_training_dir, set_aside_unfinished
 from sd3exp.schema import ExperimentConfig
 from sd3exp.signals import stopped
 from sd3exp.stage_table import STAGES
 from sd3exp.trainer_env import trainer_for
-
 
 ONE_OFF = ("stage=", "trainer.new_run=", "trainer.force=")
 

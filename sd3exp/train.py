@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
-
 from sd3exp import console, hub
 from sd3exp.errors import DiskFullError, Interrupted, RunConflictError, TrainerError, no_space_message
 from sd3exp.io import read_json, write_json

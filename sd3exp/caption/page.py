@@ -20,10 +20,10 @@ from PIL import Image, ImageOps
 from sd3exp import console
 from sd3exp.audit import AuditReport, ConceptAudit
 from sd3exp.captions import estimate_clip_tokens
-from sd3exp.layout import RunLayout
-from sd3exp.project import TEMPLATES
 from sd3exp.evaluate.report import href
 from sd3exp.io import write_bytes, write_text
+from sd3exp.layout import RunLayout
+from sd3exp.project import TEMPLATES
 from sd3exp.schema import ConceptConfig, ExperimentConfig
 
 TEMPLATE = "review.html.j2"

@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
-
 from sd3exp import captions, console
 from sd3exp.caption.client import Answer, CaptionError, ChatClient, ImageFailed
 from sd3exp.caption.command import command_words, run_command

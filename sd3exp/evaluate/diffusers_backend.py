@@ -23,8 +23,17 @@ from typing import Any, Callable, Collection, Iterator, Mapping, Optional, Seque
 from sd3exp import console
 from sd3exp.errors import EvalError
 from sd3exp.evaluate.axes import DIFFUSERS_SAMPLERS, DIFFUSERS_SCHEDULERS
-from sd3exp.evaluate.cells import (BASE_LABEL, IMAGE_NAME, PLAIN, Cell, RenderJob, Sampling, SweepInterrupted,
-                                   Variant, cell_key)
+from sd3exp.evaluate.cells import (
+    BASE_LABEL,
+    IMAGE_NAME,
+    PLAIN,
+    Cell,
+    RenderJob,
+    Sampling,
+    SweepInterrupted,
+    Variant,
+    cell_key,
+)
 from sd3exp.evaluate.checkpoints import Checkpoint
 from sd3exp.io import write_json
 from sd3exp.layout import EvalLayout

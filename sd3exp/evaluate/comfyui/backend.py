@@ -17,6 +17,7 @@ from sd3exp.evaluate.comfyui.workflow import Graph, load_workflow, with_inputs
 from sd3exp.layout import RunLayout
 from sd3exp.schema import ExperimentConfig
 
+
 def run_name(cfg: ExperimentConfig, run_dir: Path) -> str:
     """The run's folder name inside ComfyUI's models folders."""
     try:

@@ -20,8 +20,16 @@ from sd3exp.evaluate.checkpoints import BASE_LABEL, Checkpoint
 from sd3exp.evaluate.comfyui.client import ComfyClient, Watcher
 from sd3exp.evaluate.comfyui.names import closest, match_names, norm_name
 from sd3exp.evaluate.comfyui.protocol import ImageRef, Outcome, parse_history
-from sd3exp.evaluate.comfyui.workflow import (LOADERS, Graph, base_workflow, filename_prefix, find_nodes,
-                                              new_sweep_id, patch_graph, shift_node)
+from sd3exp.evaluate.comfyui.workflow import (
+    LOADERS,
+    Graph,
+    base_workflow,
+    filename_prefix,
+    find_nodes,
+    new_sweep_id,
+    patch_graph,
+    shift_node,
+)
 
 log = logging.getLogger(__name__)
 
