@@ -167,7 +167,7 @@ def stage_report(job: Job, plan: Plan) -> None:
 def summary(job: Job) -> str:
     """What a full run produced, and where."""
     run = job.layout
-    steps = list(checkpoint_dirs(run.training_dir))
+    steps = list(checkpoint_dirs(run.training))
     rows = [("run folder", run.run_dir), ("compiled", run.config_dir), ("plan", run.plan),
             ("checkpoints", f"{len(steps)} (steps {', '.join(map(str, steps))})" if steps else "none"),
             ("train log", run.train_log)]
