@@ -127,7 +127,7 @@ def stage_train(job: Job, plan: Plan) -> None:
                                             offline=model.state in ("local", "cached"))
     next_command = command_for(job, "eval") if cfg.stage == "train" else None
     console.info(f"cache: {plan.cache_dir} (shared by the runs on the same data; sd3exp/cache.py)")
-    with cache.filling(Path(plan.cache_dir)) as caches_complete, live.watching(cfg, run_dir):
+    with cache.filling(plan.cache_folder) as caches_complete, live.watching(cfg, run_dir):
         train.run_training(env.train_command(), run_dir, training_dir, process_env, plan.max_train_steps,
                            plan.checkpoint_steps, next_command, resume_command=command_for(job, cfg.stage),
                            on_first_step=caches_complete, model_type=cfg.model.type,
