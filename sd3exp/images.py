@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import Collection, Dict, List, Tuple
+from typing import Collection, Dict, List, Optional, Tuple
 
 from sd3exp.errors import DatasetError
 
@@ -22,7 +22,7 @@ def list_images(folder: Path) -> List[Path]:
     return [folder / name for name in names]
 
 
-def problem(path: Path, err: Exception) -> str:
+def problem(path: Path, err: Optional[BaseException]) -> str:
     """What is wrong with an image file, in words."""
     from PIL import Image  # Pillow only where an image is read
 

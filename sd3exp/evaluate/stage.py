@@ -67,8 +67,9 @@ def render_settings(cfg: ExperimentConfig) -> dict:
     ev = cfg.eval
     data: dict = {"backend": ev.backend, "sampling": asdict(Sampling.of(ev))}
     if ev.backend == "comfyui":
-        workflow = Path(ev.workflow)
-        data["workflow"] = [hashlib.sha256(workflow.read_bytes()).hexdigest() if workflow.is_file() else ev.workflow,
+        workflow = Path(ev.workflow) if ev.workflow else None
+        data["workflow"] = [hashlib.sha256(workflow.read_bytes()).hexdigest() if workflow and workflow.is_file()
+                            else ev.workflow,
                             ev.workflow_inputs, dict(ev.nodes)]
     else:
         model = cfg.model.path

@@ -125,7 +125,7 @@ class _Sweep:
         graphs = [self.graph(i, names) for i in range(len(self.cells))]  # all patch errors before queueing
         for index, graph in enumerate(graphs):
             prompt_id, problem = self.client.queue_prompt(graph)
-            if problem is None:
+            if problem is None and prompt_id is not None:
                 self.queued[prompt_id] = index
                 continue
             if prompt_id:  # 200 with node_errors: part of it was queued anyway
