@@ -27,7 +27,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Collection, Dict, List, Optional, Tuple
 
 from PIL import Image
 
@@ -125,6 +125,7 @@ def _check_images(a: ConceptAudit, images: List[Path], rule: BucketRule, facts: 
         if error:
             a.unreadable[name] = error
             continue
+        assert size is not None, name  # a header read without an error gave the size
         a.sizes.append(tuple(size))
         if upscaled(tuple(size), rule):
             a.too_small[name] = tuple(size)
@@ -220,7 +221,7 @@ def _names(items) -> str:
     return ", ".join(names[:LIST_LIMIT]) + more
 
 
-def _rules(a: ConceptAudit, c: ConceptConfig, ds: DatasetConfig) -> List[Tuple[bool, object, str, str]]:
+def _rules(a: ConceptAudit, c: ConceptConfig, ds: DatasetConfig) -> List[Tuple[bool, Collection[Any], str, str]]:
     """(stops training?, offending items, what they are, the fix) for one concept."""
     cap, lenient = c.captions, c.captions.allow_missing
     return [

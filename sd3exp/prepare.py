@@ -479,13 +479,13 @@ def prepare(cfg: ExperimentConfig, progress: bool = True) -> PrepareSummary:
     manifest = {"format": FORMAT, "seed": cfg.seed, "concepts": dict(sorted(records.items()))}
     remove_stale_temporaries(root)  # a manifest write cut short by a kill
     if manifest != old:  # first the folders are claimed (the guards above), marked as not prepared yet
-        write_json(root / MANIFEST, _marked(manifest, [c.id for c, lay, _, _ in plans if lay], PREPARING))
-    for c, lay, inputs, summary in plans:
-        if lay is None:
+        write_json(root / MANIFEST, _marked(manifest, [c.id for c, planned, _, _ in plans if planned], PREPARING))
+    for c, planned, inputs, summary in plans:
+        if planned is None:
             continue
-        _prepare_concept(root / c.id, summary, lay.files, progress)
+        _prepare_concept(root / c.id, summary, planned.files, progress)
         ours = "held_out" in old.get("concepts", {}).get(c.id, {})
-        _prepare_held_out(root / holdout.folder_name(c.id), summary, lay.held_out, ours, progress)
+        _prepare_held_out(root / holdout.folder_name(c.id), summary, planned.held_out, ours, progress)
         if inputs is not None:
             checked[c.id] = _verified(root, c, inputs, records[c.id])
     if manifest != old:

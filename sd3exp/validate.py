@@ -6,7 +6,7 @@ import dataclasses
 import difflib
 import math
 from pathlib import Path
-from typing import Any, Callable, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 from sd3exp import captions, holdout
 from sd3exp.buckets import MAX_MINIMUM_MEGAPIXELS, minimum_megapixels
@@ -163,7 +163,7 @@ def check_concepts(cfg: ExperimentConfig) -> None:
         raise ConfigError("concepts", [], "an experiment needs at least one concept",
                           "add a concept with id, path, trigger and repeats")
     for kind in ("id", "trigger"):
-        seen = {}
+        seen: Dict[str, int] = {}
         for i, c in enumerate(cfg.concepts):
             value = getattr(c, kind)
             if value in seen:

@@ -42,8 +42,8 @@ def thumbnail(image: Path, out: Path) -> Optional[Path]:
     try:
         if out.is_file() and out.stat().st_mtime_ns >= image.stat().st_mtime_ns:
             return out
-        with Image.open(image) as im:
-            im = ImageOps.exif_transpose(im).convert("RGB")
+        with Image.open(image) as opened:
+            im = ImageOps.exif_transpose(opened).convert("RGB")
             im.thumbnail((THUMB, THUMB))
             buffer = io.BytesIO()
             im.save(buffer, "JPEG", quality=85)
