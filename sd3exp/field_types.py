@@ -21,11 +21,12 @@ from omegaconf.errors import OmegaConfBaseException
 from omegaconf.nodes import BooleanNode, FloatNode, IntegerNode
 
 from sd3exp.errors import ConfigError
+from sd3exp.experiment import to_dict
 from sd3exp.schema import ExperimentConfig
 
-KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
-LISTS = {int: "a list of integers", float: "a list of numbers", bool: "a list of booleans", str: "a list of strings"}
-NODE_TYPES = {IntegerNode: int, FloatNode: float, BooleanNode: bool}
+KINDS: Dict[Any, str] = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+LISTS: Dict[Any, str] = {int: "a list of integers", float: "a list of numbers", bool: "a list of booleans", str: "a list of strings"}
+NODE_TYPES: Dict[type, type] = {IntegerNode: int, FloatNode: float, BooleanNode: bool}
 
 
 @functools.lru_cache(maxsize=None)
@@ -88,7 +89,7 @@ def _kind(node: DictConfig, leaf: str) -> Tuple[str, Optional[Any]]:
     if isinstance(field, ListConfig):
         return LISTS.get(field._metadata.element_type, "a list"), []
     kind = NODE_TYPES.get(type(field)) if field is not None else node._metadata.element_type
-    return KINDS.get(kind, "a value of its type"), kind() if kind in KINDS else None
+    return KINDS.get(kind, "a value of its type"), kind() if kind is not None and kind in KINDS else None
 
 
 def misfit(key: str, value: Any) -> Optional[Tuple[str, List[Any]]]:
@@ -106,7 +107,7 @@ def misfit(key: str, value: Any) -> Optional[Tuple[str, List[Any]]]:
     except (TypeError, ValueError):
         pass
     if leaf in node and not OmegaConf.is_missing(node, leaf):
-        candidates.append(OmegaConf.to_container(node)[leaf])
+        candidates.append(to_dict(node)[leaf])
     candidates.append(example)
     return kind, [c for c in candidates if _fits(key, c)][:1]
 

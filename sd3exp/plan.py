@@ -18,9 +18,9 @@ import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from sd3exp import tag_shuffle, estimate
+from sd3exp import estimate, tag_shuffle
 from sd3exp import schedule as lr_schedule
 from sd3exp.buckets import BucketRule, BucketTrainer, bucket_fate, bucket_of, repeats_needed
 from sd3exp.errors import ConfigError
@@ -67,11 +67,18 @@ class Plan:
     naive_steps_per_epoch: float
     naive_max_train_steps: float
     lr: float
-    schedule: Dict[str, object]
+    schedule: Dict[str, Any]
     lr_curve: List[Tuple[int, float]]
     warnings: List[str] = field(default_factory=list)
     cache_dir: Optional[str] = None  # the shared text-embed/VAE cache (sd3exp/cache.py)
     estimate: Optional[dict] = None  # GPU memory and disk in GiB (sd3exp/estimate.py); None: model shape unknown
+
+    @property
+    def cache_folder(self) -> Path:
+        """cache_dir as a path; a job's plan has one (sd3exp/job.py)."""
+        if self.cache_dir is None:
+            raise ValueError("the plan has no cache_dir")
+        return Path(self.cache_dir)
 
     def to_dict(self) -> dict:
         """The plan as plan.json records it (a concept's held_out and bucket notes only when not empty)."""

@@ -37,23 +37,23 @@ import errno
 import os
 import random
 import shutil
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
-
-from sd3exp import tag_shuffle, console, holdout
+from sd3exp import console, holdout, tag_shuffle
 from sd3exp.errors import ConfigError, DatasetError, human_bytes
 from sd3exp.images import IMAGE_EXTENSIONS, list_images
 from sd3exp.io import atomic_dir, read_json, recover_dir, remove_stale_temporaries, write_json
 from sd3exp.schema import ConceptConfig, ExperimentConfig
 
-try:
-    import fcntl
-except ImportError:  # not on Windows: reflink is skipped there
+if sys.platform == "win32":  # no fcntl on Windows: reflink is skipped there
     fcntl = None
+else:
+    import fcntl
 
 MANIFEST = "sd3exp-prepare.json"
 PREPARED, PREPARING = "prepared", "preparing (stopped before its folder was complete)"  # a concept's "state"
@@ -208,7 +208,8 @@ class Layout:
 
 def _copies(concept: ConceptConfig, image: Path, text: str, seed: int) -> Dict[str, Want]:
     """Materialized mode: name_<i>.<ext> + name_<i>.txt, i = 1..repeats, each caption shuffled on its own."""
-    sep, keep, files = tag_shuffle.tag_separator(concept), concept.captions.keep_tags, {}
+    sep, keep = tag_shuffle.tag_separator(concept), concept.captions.keep_tags
+    files: Dict[str, Want] = {}
     tags = tag_shuffle.split_tags(text, sep)  # once per image, not per copy
     for i in range(1, concept.repeats + 1):
         rng = random.Random(tag_shuffle.copy_seed(seed, concept.id, image.name, i))
@@ -243,7 +244,8 @@ def _build_layout(concept: ConceptConfig, seed: int, images: List[Path], texts: 
     seed = tag_shuffle.shuffle_seed(concept, seed)
     files: Dict[str, Want] = {}
     held_files: Dict[str, Want] = {}
-    missing, from_trigger = [], []
+    missing: List[str] = []
+    from_trigger: List[str] = []
     for image in images:
         data = texts[image.name]
         if data is None:
@@ -458,7 +460,8 @@ def prepare(cfg: ExperimentConfig, progress: bool = True) -> PrepareSummary:
     root = Path(cfg.dataset.prepared_dir).absolute()
     old = _read_manifest(root / MANIFEST)
     _check_paths(cfg, root, old.get("concepts", {}))
-    plans, records, checked = [], dict(old.get("concepts", {})), _read_checked(root)
+    plans: List[Tuple[ConceptConfig, Optional[Layout], Optional[str], ConceptSummary]] = []
+    records, checked = dict(old.get("concepts", {})), _read_checked(root)
     for c in cfg.concepts:
         generated = generated_captions(c, cfg.captioner)
         inputs, was = inputs_digest(c, cfg.seed, generated), old.get("concepts", {}).get(c.id, {})
@@ -476,13 +479,13 @@ def prepare(cfg: ExperimentConfig, progress: bool = True) -> PrepareSummary:
     manifest = {"format": FORMAT, "seed": cfg.seed, "concepts": dict(sorted(records.items()))}
     remove_stale_temporaries(root)  # a manifest write cut short by a kill
     if manifest != old:  # first the folders are claimed (the guards above), marked as not prepared yet
-        write_json(root / MANIFEST, _marked(manifest, [c.id for c, lay, _, _ in plans if lay], PREPARING))
-    for c, lay, inputs, summary in plans:
-        if lay is None:
+        write_json(root / MANIFEST, _marked(manifest, [c.id for c, planned, _, _ in plans if planned], PREPARING))
+    for c, planned, inputs, summary in plans:
+        if planned is None:
             continue
-        _prepare_concept(root / c.id, summary, lay.files, progress)
+        _prepare_concept(root / c.id, summary, planned.files, progress)
         ours = "held_out" in old.get("concepts", {}).get(c.id, {})
-        _prepare_held_out(root / holdout.folder_name(c.id), summary, lay.held_out, ours, progress)
+        _prepare_held_out(root / holdout.folder_name(c.id), summary, planned.held_out, ours, progress)
         if inputs is not None:
             checked[c.id] = _verified(root, c, inputs, records[c.id])
     if manifest != old:

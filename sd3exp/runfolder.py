@@ -51,7 +51,7 @@ def training_overrides(task: List[str]) -> str:
     """The command line's overrides that change what is trained, `k=v,k2=v2`, sorted: they name the
     run folder and are recorded in its files (eval.*, stage, paths.* and the like are left out)."""
     parsed = OverridesParser.create().parse_overrides(list(task))
-    return ",".join(sorted(o.input_line for o in parsed if is_setting(o.key_or_group)))
+    return ",".join(sorted(o.input_line for o in parsed if o.input_line is not None and is_setting(o.key_or_group)))
 
 
 # The locks: folder locked, inside the run folder -> what its holder is doing (the stages that take

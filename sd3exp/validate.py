@@ -6,9 +6,9 @@ import dataclasses
 import difflib
 import math
 from pathlib import Path
-from typing import Any, Callable, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
-from sd3exp import tag_shuffle, holdout
+from sd3exp import holdout, tag_shuffle
 from sd3exp.buckets import MAX_MINIMUM_MEGAPIXELS, minimum_megapixels
 from sd3exp.errors import ConfigError, ConfigErrors
 from sd3exp.plan import bucket_rule
@@ -165,7 +165,7 @@ def check_concepts(cfg: ExperimentConfig) -> None:
         raise ConfigError("concepts", [], "an experiment needs at least one concept",
                           "add a concept with id, path, trigger and repeats")
     for kind in ("id", "trigger"):
-        seen = {}
+        seen: Dict[str, int] = {}
         for i, c in enumerate(cfg.concepts):
             value = getattr(c, kind)
             if value in seen:

@@ -20,8 +20,8 @@ import io
 import json
 import os
 import socket
-import sys
 import struct
+import sys
 import threading
 import time
 import uuid

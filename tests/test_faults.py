@@ -28,9 +28,9 @@ from typing import Callable, Dict, List, Optional
 import pytest
 import yaml
 
-from sd3exp.project import ROOT
 from sd3exp.demo import DEMO_COUNTS
 from sd3exp.demo_data import make_demo_dataset
+from sd3exp.project import ROOT
 from sd3exp.runfolder import checkpoint_dirs, exclusive, training_elsewhere
 from sd3exp.train import run_processes
 from tests.comfy_standin import StandIn

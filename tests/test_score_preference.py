@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
 
-from sd3exp import holdout
 from sd3exp.errors import ConfigError
 from sd3exp.evaluate import models
 from sd3exp.evaluate.cells import Cell

@@ -13,10 +13,10 @@ from urllib.parse import quote
 
 import jinja2
 
-from sd3exp.project import TEMPLATES
 from sd3exp.evaluate.cells import Cell, cell_image, column_title
 from sd3exp.io import read_json, write_text
 from sd3exp.layout import EvalLayout, RunLayout
+from sd3exp.project import TEMPLATES
 
 TEMPLATE = "report.html.j2"
 
