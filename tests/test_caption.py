@@ -257,7 +257,6 @@ def test_caption_store_never_goes_into_an_image_folder(tmp_path, where):
 
 
 @needs_trainer
-@pytest.mark.trainer
 @pytest.mark.slow
 def test_demo_trains_on_generated_captions(tmp_path):
     """The demo dataset without captions: caption it, then the real SimpleTuner trains on the prepared copy."""

@@ -37,7 +37,7 @@ from tests.comfy_standin import StandIn
 from tests.helpers import needs_trainer, run_cli
 from tests.test_user_safety import small_disk
 
-pytestmark = [needs_trainer, pytest.mark.trainer, pytest.mark.slow]
+pytestmark = [needs_trainer, pytest.mark.slow]
 
 EPOCHS = 16  # 96 steps (6 a epoch), a checkpoint every 2: SimpleTuner takes seconds to stop, and trains on meanwhile
 STEPS = 96

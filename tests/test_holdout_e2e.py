@@ -13,7 +13,7 @@ from sd3exp.demo import DEMO_COUNTS
 from sd3exp.project import ROOT
 from tests.helpers import needs_trainer, run_cli
 
-pytestmark = [needs_trainer, pytest.mark.slow, pytest.mark.trainer]
+pytestmark = [needs_trainer, pytest.mark.slow]
 
 
 def digests(folder: Path) -> dict:

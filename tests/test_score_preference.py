@@ -22,7 +22,7 @@ from tests.helpers import compose_experiment, needs_trainer, reference_scores, r
 from tests.test_eval_cli import PROMPTS, fake_lora_run
 
 TINY = Path(__file__).with_name("tiny_preference.py")
-pytestmark = [pytest.mark.trainer, needs_trainer]
+pytestmark = [needs_trainer]
 
 
 @pytest.fixture(scope="module")
