@@ -28,7 +28,10 @@ demo: trainer
 demo-grid: demo
 	$(BIN)/python docs/demo_grid.py outputs/demo docs/demo-grid.png
 
+# Lint and type-check first ([tool.ruff] and [tool.mypy] in pyproject.toml), then the suite.
 test: trainer browser
+	$(BIN)/ruff check sd3exp tests benchmarks docs
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 # What benchmarks/gpu_check.py needs beyond a bare torch/transformers/accelerate/peft GPU image, for

@@ -157,7 +157,7 @@ def main() -> None:
             ("", "baseline", "sd3exp", "ratio", "goal"),
             (f"materialized, {n} x 64 px, R={args.repeats}", f"{big['base']:.2f} s", f"{big['ours']:.2f} s",
              ratio(big["base"], big["ours"]) + " faster", ">= 5x faster"),
-            (f"  images/s", f"{n / big['base']:.0f}", f"{n / big['ours']:.0f}", "", ""),
+            ("  images/s", f"{n / big['base']:.0f}", f"{n / big['ours']:.0f}", "", ""),
             (f"materialized, {args.images} x {args.side} px", f"{few['base']:.2f} s", f"{few['ours']:.2f} s",
              ratio(few["base"], few["ours"]) + " faster", ">= 20x faster"),
             ("  bytes written", human_bytes(few["base_bytes"]), human_bytes(few["ours_bytes"]),

@@ -47,11 +47,11 @@ def scoring_seconds(run: Path, overrides: List[str]) -> float:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from sd3exp.project import CONF_DIR, register
     from sd3exp.evaluate.cells import read_cells_json
     from sd3exp.evaluate.score import choose_best
     from sd3exp.io import read_json
     from sd3exp.job import absolute_paths
+    from sd3exp.project import CONF_DIR, register
 
     register()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):

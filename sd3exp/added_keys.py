@@ -26,9 +26,9 @@ def schema_keys(cls: type = ExperimentConfig, prefix: str = "") -> Keys:
     for f in dataclasses.fields(cls):
         key, kind = prefix + f.name, hints[f.name]
         args = typing.get_args(kind)
-        if dataclasses.is_dataclass(kind):
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind):
             sub = schema_keys(kind, key + ".")
-        elif typing.get_origin(kind) is list and args and dataclasses.is_dataclass(args[0]):
+        elif typing.get_origin(kind) is list and args and isinstance(args[0], type) and dataclasses.is_dataclass(args[0]):
             sub = schema_keys(args[0], key + ".N.")
         elif typing.get_origin(kind) is dict:
             sub = ([key], [key])

@@ -27,19 +27,19 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Collection, Dict, List, Optional, Tuple
 
 from PIL import Image
 
-from sd3exp import captions, holdout
-from sd3exp.captions import estimate_clip_tokens
+from sd3exp import holdout, tag_shuffle
 from sd3exp.buckets import BucketRule, target_size
 from sd3exp.images import IMAGE_EXTENSIONS, image_size, list_images, problem
 from sd3exp.io import dumps_json, write_if_changed
-from sd3exp.prepare import shared_stems
 from sd3exp.plan import bucket_rule
+from sd3exp.prepare import shared_stems
 from sd3exp.schema import ConceptConfig, DatasetConfig, ExperimentConfig
 from sd3exp.sourcefacts import SourceFacts
+from sd3exp.tag_shuffle import estimate_clip_tokens
 
 Size = Tuple[int, int]
 # Files sd3exp and SimpleTuner keep beside the images themselves (manifests, bucket caches).
@@ -125,6 +125,7 @@ def _check_images(a: ConceptAudit, images: List[Path], rule: BucketRule, facts: 
         if error:
             a.unreadable[name] = error
             continue
+        assert size is not None, name  # a header read without an error gave the size
         a.sizes.append(tuple(size))
         if upscaled(tuple(size), rule):
             a.too_small[name] = tuple(size)
@@ -140,7 +141,7 @@ def _check_caption(a: ConceptAudit, c: ConceptConfig, name: str, text: str, tags
         a.lacking_trigger.append(name)
     elif not re.match(rf"\s*{trigger}(?!\w)", text):
         a.trigger_not_first.append(name)
-    found = captions.split_tags(text, captions.tag_separator(c))
+    found = tag_shuffle.split_tags(text, tag_shuffle.tag_separator(c))
     tags.update(found)
     if len(found) < c.captions.keep_tags:
         a.too_few_tags[name] = len(found)
@@ -220,7 +221,7 @@ def _names(items) -> str:
     return ", ".join(names[:LIST_LIMIT]) + more
 
 
-def _rules(a: ConceptAudit, c: ConceptConfig, ds: DatasetConfig) -> List[Tuple[bool, object, str, str]]:
+def _rules(a: ConceptAudit, c: ConceptConfig, ds: DatasetConfig) -> List[Tuple[bool, Collection[Any], str, str]]:
     """(stops training?, offending items, what they are, the fix) for one concept."""
     cap, lenient = c.captions, c.captions.allow_missing
     return [

@@ -66,6 +66,8 @@ MAX_MINIMUM_MEGAPIXELS = 5  # SimpleTuner refuses a larger area minimum
 def minimum_megapixels(rule: BucketRule) -> float:
     """A set minimum_image_size as SimpleTuner compares it for the area rules (pixel_area is converted)."""
     m = rule.minimum_image_size
+    if m is None:
+        raise ValueError("minimum_megapixels: the rule has no minimum_image_size")
     return (m * m) / 1_000_000 if rule.resolution_type == "pixel_area" else m
 
 

@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from sd3exp import captions
+from sd3exp import tag_shuffle
 from sd3exp.errors import DatasetError
 from sd3exp.runfolder import waiting_lock
 from sd3exp.schema import ConceptConfig, ExperimentConfig
@@ -76,7 +76,7 @@ def key_data(cfg: ExperimentConfig) -> dict:
                    "crop": ds.crop, "crop_style": ds.crop_style, "crop_aspect": ds.crop_aspect},
         "caption_dropout": ds.caption_dropout,
         "concepts": [{"id": c.id, "caption_strategy": c.caption_strategy,
-                      "caption_shuffle": captions.native_shuffle_block(c, cfg.seed),
+                      "caption_shuffle": tag_shuffle.native_shuffle_block(c, cfg.seed),
                       "files": concept_digest(c, cfg.seed)} for c in cfg.concepts],
     }
 

@@ -7,7 +7,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, NoReturn, Optional, cast
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -15,12 +15,12 @@ from omegaconf import DictConfig
 
 from sd3exp import argv
 from sd3exp.added_keys import check_added
-from sd3exp.field_types import check_experiment_file, check_overrides
 from sd3exp.errors import DiskFullError, Interrupted, RunConflictError, Sd3expError, no_space_message
+from sd3exp.field_types import check_experiment_file, check_overrides
 from sd3exp.project import CONF_DIR, register
 
 
-def fail(err: Sd3expError) -> None:
+def fail(err: Sd3expError) -> NoReturn:
     if os.environ.get("SD3EXP_DEBUG") == "1":  # the code path behind the message (as HYDRA_FULL_ERROR=1)
         traceback.print_exception(err, file=sys.stderr)
     print(f"sd3exp: error: {err}", file=sys.stderr)
@@ -32,7 +32,7 @@ def _hydra_main(cfg: DictConfig) -> Optional[float]:
     from sd3exp.job import Invocation, located
     from sd3exp.pipeline import run
 
-    invocation = Invocation.of(HydraConfig.get())
+    invocation = Invocation.of(cast(DictConfig, HydraConfig.get()))  # typed as HydraConf; a DictConfig at run time
     cfg = located(cfg, invocation)
     try:
         try:

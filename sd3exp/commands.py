@@ -10,7 +10,7 @@ from sd3exp import console, trainer_env
 from sd3exp.best import best_main
 from sd3exp.lock import lock_main
 from sd3exp.project import ROOT
-from sd3exp.review import diff_main
+from sd3exp.rundiff import diff_main
 
 
 def setup_trainer(argv: List[str]) -> int:

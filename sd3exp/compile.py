@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from sd3exp import __version__, captions, envfile, holdout
+from sd3exp import __version__, envfile, holdout, tag_shuffle
 from sd3exp.errors import ConfigError, UnsafeValueError
 from sd3exp.io import dumps_json
 from sd3exp.layout import RunLayout
@@ -104,7 +104,7 @@ def _length_args(cfg: ExperimentConfig, plan: Plan) -> List[Arg]:
     if plan.checkpoint_interval_steps:
         field = "checkpointing.round_to" if ck.round_to else "checkpointing.every_steps"
         args.append(Arg("checkpoint_step_interval", plan.checkpoint_interval_steps, field, "CHECKPOINTING_STEPS"))
-    else:
+    elif plan.checkpoint_interval_epochs is not None:  # validate.py: exactly one interval is set
         args.append(Arg("checkpoint_epoch_interval", plan.checkpoint_interval_epochs, "checkpointing.every_epochs",
                         "CHECKPOINT_EPOCH_INTERVAL"))
     return args + [Arg("checkpoints_total_limit", ck.keep, "checkpointing.keep", "CHECKPOINTING_LIMIT"),
@@ -186,7 +186,7 @@ def trainer_args(cfg: ExperimentConfig, plan: Plan, run_dir: Path) -> List[Arg]:
 
 def dataset_entry(c: ConceptConfig, cfg: ExperimentConfig, cache: Path, run_dir: Path) -> dict:
     ds = cfg.dataset
-    entry = {
+    entry: Dict[str, Any] = {
         "id": c.id, "type": "local",
         # absolute: SimpleTuner names a latent <cache_dir_vae>/<image folder minus instance_data_dir>/<name>,
         # so a relative one would put the run folder's path into the shared cache's file names
@@ -194,12 +194,12 @@ def dataset_entry(c: ConceptConfig, cfg: ExperimentConfig, cache: Path, run_dir:
         "caption_strategy": c.caption_strategy, "metadata_backend": "discovery",
         "resolution": whole(ds.resolution), "resolution_type": ds.resolution_type,
         "crop": ds.crop, "crop_style": ds.crop_style, "crop_aspect": ds.crop_aspect,
-        "repeats": captions.simpletuner_repeats(c), "probability": c.probability,
+        "repeats": tag_shuffle.simpletuner_repeats(c), "probability": c.probability,
         "cache_dir_vae": run_relative(cache / "vae" / c.id, run_dir),
     }
     if ds.minimum_image_size is not None:
         entry["minimum_image_size"] = whole(ds.minimum_image_size)
-    shuffle = captions.native_shuffle_block(c, cfg.seed)
+    shuffle = tag_shuffle.native_shuffle_block(c, cfg.seed)
     if shuffle:
         entry["caption_shuffle"] = shuffle
     return entry
@@ -221,7 +221,7 @@ def held_out_entry(c: ConceptConfig, cfg: ExperimentConfig, cache: Path, run_dir
 def data_backends(cfg: ExperimentConfig, plan: Plan, run_dir: Path) -> List[dict]:
     """The multibackend.json list: one image dataset per concept + the text-embed cache, both
     in the dataset's shared cache folder (plan.cache_dir, sd3exp/cache.py)."""
-    cache = Path(plan.cache_dir)
+    cache = plan.cache_folder
     entries = [dataset_entry(c, cfg, cache, run_dir) for c in cfg.concepts]
     entries += [held_out_entry(c, cfg, cache, run_dir) for c in cfg.concepts if c.holdout]
     entries.append({"id": TEXT_EMBEDS_ID, "type": "local", "dataset_type": "text_embeds", "default": True,
@@ -325,7 +325,7 @@ def compile_inputs(cfg: ExperimentConfig, plan: Plan, run_dir: Path, config_sha:
     args = trainer_args(cfg, plan, run_dir) + user_extra_args(cfg)
     check_extra_args(args)
     json_backend = cfg.trainer.config_backend == "json"
-    header = {"experiment": cfg.name, "overrides": overrides or "(none)", "version": __version__,
+    header: Dict[str, Any] = {"experiment": cfg.name, "overrides": overrides or "(none)", "version": __version__,
               "config_hash": config_sha, "backend": cfg.trainer.config_backend}
     if header["overrides"] != " ".join(header["overrides"].split()) or "\n" in overrides:
         raise UnsafeValueError("overrides", overrides, "cannot be recorded in a config.env comment", "simplify them")

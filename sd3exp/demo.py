@@ -6,8 +6,8 @@ from pathlib import Path
 
 from sd3exp import console, trainer_env
 from sd3exp.demo_data import make_demo_dataset, outdated, set_aside
-from sd3exp.runfolder import waiting_lock
 from sd3exp.errors import ConfigError
+from sd3exp.runfolder import waiting_lock
 from sd3exp.schema import ExperimentConfig
 from sd3exp.tinymodel import MARKER, build_tiny_model
 

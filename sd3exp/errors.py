@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 
 class Sd3expError(Exception):
@@ -20,6 +20,16 @@ class ConfigError(Sd3expError):
     def __init__(self, field: str, value: Any, problem: str, fix: str) -> None:
         self.field, self.value, self.problem, self.fix = field, value, problem, fix
         super().__init__(f"{field}={value!r}: {problem}. Fix: {fix}")
+
+
+class ConfigErrors(ConfigError):
+    """Several independent experiment values are invalid: every one of them, a line each."""
+
+    def __init__(self, errors: Sequence[ConfigError]) -> None:
+        first = errors[0]
+        self.errors = list(errors)
+        self.field, self.value, self.problem, self.fix = first.field, first.value, first.problem, first.fix
+        Sd3expError.__init__(self, f"{len(errors)} problems in the experiment:\n" + "\n".join(f"  {e}" for e in errors))
 
 
 class UnsafeValueError(ConfigError):

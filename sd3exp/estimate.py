@@ -160,7 +160,8 @@ def estimate(cfg: ExperimentConfig, checkpoints_kept: int, c: Optional[dict] = N
     saved = trained * (train_bytes if lora else act_bytes)
     per_ckpt = saved + trained * state
     memory = [weights / GIB, grads / GIB, opt / GIB, acts / GIB]
-    return Estimate(params, trained, tokens, GpuMemory(*_r(memory), total=_r1(sum(memory))),
+    gib_weights, gib_grads, gib_opt, gib_acts = _r(memory)
+    return Estimate(params, trained, tokens, GpuMemory(gib_weights, gib_grads, gib_opt, gib_acts, total=_r1(sum(memory))),
                     Disk(_r1(per_ckpt / GIB), _r1(per_ckpt * checkpoints_kept / GIB),
                          _r1((per_ckpt * checkpoints_kept + saved) / GIB)))
 
@@ -228,10 +229,11 @@ def with_preset(cfg: ExperimentConfig, conf_dir: Path, name: str) -> ExperimentC
     from omegaconf import OmegaConf
 
     from sd3exp import project
+    from sd3exp.experiment import to_experiment
 
     project.register()
     merged = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.load(conf_dir / "memory" / f"{name}.yaml"))
-    return OmegaConf.to_object(merged)
+    return to_experiment(merged)
 
 
 def fitting_preset(cfg: ExperimentConfig, conf_dir: Path, gpu_gib: float, kept: int, c: dict) -> Optional[str]:
@@ -249,10 +251,10 @@ def memory_warnings(cfg: ExperimentConfig, conf_dir: Path, kept: int) -> List[st
     c = model_config(cfg.model.path, cfg.model.flavour)
     gpu = cfg.training.gpu_memory_gib
     est = estimate(cfg, kept, c) if c else None
-    if est is None or gpu is None:
+    if est is None or gpu is None or not c or memory_warning(est, gpu, None) is None:
         return []
-    warning = memory_warning(est, gpu, None)
-    return [memory_warning(est, gpu, fitting_preset(cfg, conf_dir, gpu, kept, c))] if warning else []
+    warning = memory_warning(est, gpu, fitting_preset(cfg, conf_dir, gpu, kept, c))
+    return [warning] if warning else []
 
 
 def from_dict(data: Optional[dict]) -> Optional[Estimate]:

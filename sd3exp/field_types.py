@@ -21,11 +21,12 @@ from omegaconf.errors import OmegaConfBaseException
 from omegaconf.nodes import BooleanNode, FloatNode, IntegerNode
 
 from sd3exp.errors import ConfigError
+from sd3exp.experiment import to_dict
 from sd3exp.schema import ExperimentConfig
 
-KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
-LISTS = {int: "a list of integers", float: "a list of numbers", bool: "a list of booleans", str: "a list of strings"}
-NODE_TYPES = {IntegerNode: int, FloatNode: float, BooleanNode: bool}
+KINDS: Dict[Any, str] = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+LISTS: Dict[Any, str] = {int: "a list of integers", float: "a list of numbers", bool: "a list of booleans", str: "a list of strings"}
+NODE_TYPES: Dict[type, type] = {IntegerNode: int, FloatNode: float, BooleanNode: bool}
 
 
 @functools.lru_cache(maxsize=None)
@@ -88,7 +89,7 @@ def _kind(node: DictConfig, leaf: str) -> Tuple[str, Optional[Any]]:
     if isinstance(field, ListConfig):
         return LISTS.get(field._metadata.element_type, "a list"), []
     kind = NODE_TYPES.get(type(field)) if field is not None else node._metadata.element_type
-    return KINDS.get(kind, "a value of its type"), kind() if kind in KINDS else None
+    return KINDS.get(kind, "a value of its type"), kind() if kind is not None and kind in KINDS else None
 
 
 def misfit(key: str, value: Any) -> Optional[Tuple[str, List[Any]]]:
@@ -106,9 +107,22 @@ def misfit(key: str, value: Any) -> Optional[Tuple[str, List[Any]]]:
     except (TypeError, ValueError):
         pass
     if leaf in node and not OmegaConf.is_missing(node, leaf):
-        candidates.append(OmegaConf.to_container(node)[leaf])
+        candidates.append(to_dict(node)[leaf])
     candidates.append(example)
     return kind, [c for c in candidates if _fits(key, c)][:1]
+
+
+def _values(override: Any) -> List[Any]:
+    """The values an override sets: a sweep's every value, an interval's bounds; none for a glob (it
+    picks config files, not values)."""
+    from hydra.core.override_parser.types import Glob, IntervalSweep
+
+    value = override.value()
+    if isinstance(value, Glob):
+        return []
+    if isinstance(value, IntervalSweep):
+        return [value.start, value.end]
+    return list(override.sweep_iterator()) if override.is_sweep_override() else [value]
 
 
 def check_overrides(argv: Sequence[str]) -> None:
@@ -124,7 +138,7 @@ def check_overrides(argv: Sequence[str]) -> None:
             override = parser.parse_override(arg)
         except Exception:  # noqa: BLE001 - Hydra reports its own grammar errors
             continue
-        values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
+        values = _values(override)
         for bad in values:
             if (found := misfit(override.key_or_group, bad)) is None:
                 continue

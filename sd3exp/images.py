@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
-from typing import Collection, Dict, List, Tuple
+from typing import Collection, Dict, List, Optional, Tuple
 
 from sd3exp.errors import DatasetError
 
@@ -21,7 +22,7 @@ def list_images(folder: Path) -> List[Path]:
     return [folder / name for name in names]
 
 
-def problem(path: Path, err: Exception) -> str:
+def problem(path: Path, err: Optional[BaseException]) -> str:
     """What is wrong with an image file, in words."""
     from PIL import Image  # Pillow only where an image is read
 
@@ -60,7 +61,7 @@ def readable_sizes(folder: Path, skip: Collection[str] = ()) -> Tuple[List[Tuple
         if p.name in skip:
             continue
         try:
-            sizes.append(tuple(facts.fact(p, "header", lambda: image_size(p))))
+            sizes.append(tuple(facts.fact(p, "header", functools.partial(image_size, p))))
         except DatasetError as err:
             unreadable[p.name] = problem(p, err.__cause__)
     facts.save()

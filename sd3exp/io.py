@@ -39,7 +39,7 @@ def write_bytes(path: Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         if err.errno == errno.ENOSPC:
             raise DiskFullError(f"{no_space_message(path)}; writing {path.name} failed, "
-                                f"{'its earlier version is unchanged' if path.exists() else 'nothing was written'}")
+                                f"{'its earlier version is unchanged' if path.exists() else 'nothing was written'}") from err
         raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, cast
 
 import yaml
 from hydra import compose, initialize_config_dir
@@ -22,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from sd3exp import cache, console, holdout, runfolder
 from sd3exp.compile import Compiled, compile_experiment, compile_inputs, config_hash
 from sd3exp.errors import ConfigError, Sd3expError
+from sd3exp.experiment import to_dict, to_experiment
 from sd3exp.io import dumps_json
 from sd3exp.layout import RunLayout
 from sd3exp.plan import Plan, make_plan
@@ -74,9 +75,9 @@ class Job:
 
 def located(cfg: DictConfig, invocation: Invocation) -> DictConfig:
     """`cfg` with paths.run_dir at the invocation's output folder where it is left at its default."""
-    if invocation.output_dir is None or OmegaConf.to_container(cfg.paths)["run_dir"] != RUN_DIR_DEFAULT:
+    if invocation.output_dir is None or to_dict(cfg.paths)["run_dir"] != RUN_DIR_DEFAULT:
         return cfg
-    return OmegaConf.merge(cfg, {"paths": {"run_dir": str(invocation.output_dir)}})
+    return cast(DictConfig, OmegaConf.merge(cfg, {"paths": {"run_dir": str(invocation.output_dir)}}))
 
 
 def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -103,10 +104,10 @@ def dump_yaml(data: dict) -> str:
 
 def load(cfg: DictConfig, invocation: Optional[Invocation] = None) -> Job:
     """Resolve, type-check and validate a composed config."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = to_dict(cfg, resolve=True)
     sha = config_hash(resolved)
     resolved_yaml = dump_yaml(record_view(resolved))
-    exp = absolute_paths(OmegaConf.to_object(cfg))
+    exp = absolute_paths(to_experiment(cfg))
     validate(exp)
     if exp.demo:
         from sd3exp.demo import ensure_demo_assets
@@ -162,9 +163,10 @@ def concept_names(cfg: ExperimentConfig, sizes: Dict[str, Optional[List[Tuple[in
 
     held, out = held_out_images(cfg), {}
     for c in cfg.concepts:
-        if sizes.get(c.id) is not None:
+        got = sizes.get(c.id)
+        if got is not None:
             names = [p.name for p in list_images(Path(c.path)) if p.name not in held.get(c.id, ())]
-            if len(names) == len(sizes[c.id]):
+            if len(names) == len(got):
                 out[c.id] = names
     return out
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Optional, Tuple
+from typing import ClassVar, Optional, Tuple, cast
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,11 @@ class RunLayout:
         object.__setattr__(self, "training_dir", Path(self.training_dir or self.run_dir / self.TRAINING))
 
     @property
+    def training(self) -> Path:
+        """training_dir, which __post_init__ has set (never None)."""
+        return cast(Path, self.training_dir)
+
+    @property
     def config_dir(self) -> Path:
         return self.run_dir / self.CONFIG
 
@@ -183,8 +188,8 @@ class RunLayout:
 
     @property
     def owner(self) -> Path:
-        return self.training_dir / self.OWNER
+        return self.training / self.OWNER
 
     @property
     def unfinished(self) -> Path:
-        return self.training_dir / self.UNFINISHED
+        return self.training / self.UNFINISHED

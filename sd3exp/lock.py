@@ -20,10 +20,11 @@ from omegaconf import OmegaConf
 
 from sd3exp import console
 from sd3exp.compile import config_hash
+from sd3exp.experiment import to_dict
 from sd3exp.io import atomic_dir, write_text
-from sd3exp.project import ROOT
 from sd3exp.job import compiled_files, compose_job
 from sd3exp.layout import RunLayout
+from sd3exp.project import ROOT
 
 PLACEHOLDER_ROOT = "/sd3exp-root"
 LOCK_DIR = "compiled"
@@ -46,7 +47,7 @@ def snapshot(conf_dir: Path, experiment: str) -> Dict[str, str]:
         overrides = [f"experiment={experiment}", "~local", f"paths.root_dir={root}"]
         job = compose_job(conf_dir, overrides, Path(root) / "outputs" / experiment)
         resolved = job.resolved_yaml.replace(root, PLACEHOLDER_ROOT)
-        sha = config_hash(OmegaConf.to_container(OmegaConf.create(resolved)))
+        sha = config_hash(to_dict(OmegaConf.create(resolved)))
         files = compiled_files(replace(job, overrides="", config_hash=sha))  # the lock's own overrides are not settings
         return {rel: files[rel].replace(root, PLACEHOLDER_ROOT) for rel in RunLayout.SETTINGS_FILES}
 

@@ -19,11 +19,12 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 from omegaconf import OmegaConf
 
 from sd3exp.errors import ConfigError
+from sd3exp.experiment import to_dict
 from sd3exp.io import atomic_dir
 from sd3exp.schema import SCHEMA_VERSION
 
@@ -43,7 +44,7 @@ V1_CONCEPT_RENAMES = [("num_repeats", "repeats"), ("instance_prompt", "trigger")
 def move(data: dict, old: str, new: str) -> bool:
     """Move the value at dotted path `old` to `new`; False when `old` is absent."""
     *parents, leaf = old.split(".")
-    node = data
+    node: Any = data
     for key in parents:
         node = node.get(key) if isinstance(node, dict) else None
     if not isinstance(node, dict) or leaf not in node:
@@ -93,7 +94,7 @@ def migrate_text(path: Path, text: str) -> Tuple[str, List[str]]:
     """The file migrated to SCHEMA_VERSION, and what changed (leading comment lines are kept)."""
     version = file_version(text)
     check_version(path, version)
-    data = OmegaConf.to_container(OmegaConf.create(text))
+    data = to_dict(OmegaConf.create(text))
     notes = []
     for step in range(version, SCHEMA_VERSION):
         notes += MIGRATIONS[step](data)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -20,6 +20,7 @@ from sd3exp.layout import RunLayout
 from sd3exp.plan import Plan, render_table
 from sd3exp.signals import Stopped, sigterm_raises, stopped
 from sd3exp.stage_table import STAGES
+
 
 def record_of(job: Job) -> runfolder.RunRecord:
     return runfolder.RunRecord(job.cfg.name, job.overrides, job.config_hash, __version__)
@@ -58,7 +59,7 @@ def claim(job: Job, cfg: DictConfig, plan: Plan) -> Job:
     if run_dir == job.run_dir:
         return job
     console.info(f"trainer.new_run: starting a new run folder {run_dir}")
-    return load(OmegaConf.merge(cfg, {"paths": {"run_dir": str(run_dir)}}), job.invocation)
+    return load(cast(DictConfig, OmegaConf.merge(cfg, {"paths": {"run_dir": str(run_dir)}})), job.invocation)
 
 
 def write_run(job: Job, plan: Plan, compiled: Compiled) -> List[str]:

@@ -18,9 +18,9 @@ import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from sd3exp import captions, estimate
+from sd3exp import estimate, tag_shuffle
 from sd3exp import schedule as lr_schedule
 from sd3exp.buckets import BucketRule, BucketTrainer, bucket_fate, bucket_of, repeats_needed
 from sd3exp.errors import ConfigError
@@ -67,11 +67,18 @@ class Plan:
     naive_steps_per_epoch: float
     naive_max_train_steps: float
     lr: float
-    schedule: Dict[str, object]
+    schedule: Dict[str, Any]
     lr_curve: List[Tuple[int, float]]
     warnings: List[str] = field(default_factory=list)
     cache_dir: Optional[str] = None  # the shared text-embed/VAE cache (sd3exp/cache.py)
     estimate: Optional[dict] = None  # GPU memory and disk in GiB (sd3exp/estimate.py); None: model shape unknown
+
+    @property
+    def cache_folder(self) -> Path:
+        """cache_dir as a path; a job's plan has one (sd3exp/job.py)."""
+        if self.cache_dir is None:
+            raise ValueError("the plan has no cache_dir")
+        return Path(self.cache_dir)
 
     def to_dict(self) -> dict:
         """The plan as plan.json records it (a concept's held_out and bucket notes only when not empty)."""
@@ -110,8 +117,8 @@ def plan_concept(c: ConceptConfig, sizes: Optional[Sequence[Size]], rule: Bucket
         counts, skipped, source = Counter({"1.00": (c.num_images or 0) - c.holdout}), 0, "declared"
     else:
         (counts, skipped), source = bucket_counts(sizes, rule), "disk"
-    st_repeats = captions.simpletuner_repeats(c)
-    copies = 1 if st_repeats or not captions.materialized(c) else c.repeats
+    st_repeats = tag_shuffle.simpletuner_repeats(c)
+    copies = 1 if st_repeats or not tag_shuffle.materialized(c) else c.repeats
     by_fate: Dict[str, Dict[str, int]] = {"kept": {}, "padded": {}, "pruned": {}, "aborts": {}}
     batches = 0
     for key in sorted(counts, key=float):
@@ -227,7 +234,7 @@ def limits_check(cfg: ExperimentConfig, concepts: List[ConceptPlan], count: int)
                           f"plans {count} checkpoints (more than {MAX_CHECKPOINTS})",
                           "save less often, or check training.epochs / max_steps and concepts[].repeats")
     for i, (c, cp) in enumerate(zip(cfg.concepts, concepts)):
-        if captions.materialized(c) and cp.images * c.repeats > MAX_COPIES:
+        if tag_shuffle.materialized(c) and cp.images * c.repeats > MAX_COPIES:
             raise ConfigError(f"concepts[{i}].repeats", c.repeats,
                               f"captions.mode=materialized would place {cp.images * c.repeats} image files "
                               f"(more than {MAX_COPIES})", f"use concepts[{i}].captions.mode=native, or fewer repeats")

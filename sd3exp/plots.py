@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from typing import Mapping, Optional, Sequence, Tuple
 
 import matplotlib
@@ -13,6 +14,8 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from sd3exp.evaluate.cells import column_title  # noqa: E402
 from sd3exp.evaluate.select import MEASURES, Candidate  # noqa: E402
+from sd3exp.io import read_json, write_bytes  # noqa: E402
+from sd3exp.layout import RunLayout  # noqa: E402
 
 LINE, MARK, TICK = "#c82828", "#176b2c", "#d2d2d2"
 DPI = 100
@@ -109,3 +112,20 @@ def training_plot(records: Sequence[Mapping], best_step: Optional[int]) -> bytes
                       fontsize=10)
     fig.tight_layout()
     return png(fig)
+
+
+def render_plan(plan: dict) -> bytes:
+    """PNG bytes of a plan.json's LR curve (byte-identical for the same plan)."""
+    return lr_curve(plan["lr_curve"], plan["checkpoint_steps"], f"{plan['experiment']}: {plan['schedule']['scheduler']}")
+
+
+def draw_lr_curve(run_dir: Path) -> Optional[Path]:
+    """Draw `<run>/lr_curve.png` (the planned LR against step, checkpoints marked) from `<run>/plan.json`
+    when it is missing or older than plan.json; its path (None without plan.json). Drawn where it is
+    shown, the report, and only when plan.json changed: a compile loads no plotting library."""
+    layout = RunLayout(run_dir)
+    if not layout.plan.is_file():
+        return None
+    if not layout.lr_curve.is_file() or layout.lr_curve.stat().st_mtime_ns < layout.plan.stat().st_mtime_ns:
+        write_bytes(layout.lr_curve, render_plan(read_json(layout.plan)))
+    return layout.lr_curve

@@ -10,7 +10,7 @@ import platform
 import re
 import subprocess
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Any, Dict, List, Sequence
 
 from sd3exp.compile import Arg
 from sd3exp.errors import TrainerError
@@ -54,7 +54,7 @@ def field_for(error: str, args: Sequence[Arg]) -> str:
     return ""
 
 
-def mismatches(parsed: Dict[str, object], args: Sequence[Arg]) -> List[str]:
+def mismatches(parsed: Dict[str, Any], args: Sequence[Arg]) -> List[str]:
     """Arguments SimpleTuner read differently from what was compiled."""
     out = []
     for a in args:

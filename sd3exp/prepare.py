@@ -6,7 +6,7 @@ which the compiler points instance_data_dir at. The source folder is only read.
 
 - native mode, or shuffle off: every image once, with its caption as is.
 - materialized mode: R = repeats copies ``name_<i>.<ext>`` + ``name_<i>.txt``
-  (i = 1..R), each caption shuffled with its own seed (sd3exp.captions).
+  (i = 1..R), each caption shuffled with its own seed (sd3exp.tag_shuffle).
 
 Images are placed with the first method that works: hard link (no image bytes),
 symlink, reflink, byte copy. Captions are small and always written, never
@@ -37,23 +37,23 @@ import errno
 import os
 import random
 import shutil
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
-
-from sd3exp import captions, console, holdout
+from sd3exp import console, holdout, tag_shuffle
 from sd3exp.errors import ConfigError, DatasetError, human_bytes
 from sd3exp.images import IMAGE_EXTENSIONS, list_images
 from sd3exp.io import atomic_dir, read_json, recover_dir, remove_stale_temporaries, write_json
 from sd3exp.schema import ConceptConfig, ExperimentConfig
 
-try:
-    import fcntl
-except ImportError:  # not on Windows: reflink is skipped there
+if sys.platform == "win32":  # no fcntl on Windows: reflink is skipped there
     fcntl = None
+else:
+    import fcntl
 
 MANIFEST = "sd3exp-prepare.json"
 PREPARED, PREPARING = "prepared", "preparing (stopped before its folder was complete)"  # a concept's "state"
@@ -208,12 +208,13 @@ class Layout:
 
 def _copies(concept: ConceptConfig, image: Path, text: str, seed: int) -> Dict[str, Want]:
     """Materialized mode: name_<i>.<ext> + name_<i>.txt, i = 1..repeats, each caption shuffled on its own."""
-    sep, keep, files = captions.tag_separator(concept), concept.captions.keep_tags, {}
-    tags = captions.split_tags(text, sep)  # once per image, not per copy
+    sep, keep = tag_shuffle.tag_separator(concept), concept.captions.keep_tags
+    files: Dict[str, Want] = {}
+    tags = tag_shuffle.split_tags(text, sep)  # once per image, not per copy
     for i in range(1, concept.repeats + 1):
-        rng = random.Random(captions.copy_seed(seed, concept.id, image.name, i))
+        rng = random.Random(tag_shuffle.copy_seed(seed, concept.id, image.name, i))
         files[f"{image.stem}_{i}{image.suffix}"] = image
-        files[f"{image.stem}_{i}.txt"] = captions.shuffle_tags(tags, keep, rng, sep).encode("utf-8")
+        files[f"{image.stem}_{i}.txt"] = tag_shuffle.shuffle_tags(tags, keep, rng, sep).encode("utf-8")
     return files
 
 
@@ -240,10 +241,11 @@ def layout(concept: ConceptConfig, seed: int, generated: Optional[Dict[str, str]
 
 def _build_layout(concept: ConceptConfig, seed: int, images: List[Path], texts: Dict[str, Optional[bytes]]) -> Layout:
     held = set(holdout.held_out(concept, [p.name for p in images], seed))
-    seed = captions.shuffle_seed(concept, seed)
+    seed = tag_shuffle.shuffle_seed(concept, seed)
     files: Dict[str, Want] = {}
     held_files: Dict[str, Want] = {}
-    missing, from_trigger = [], []
+    missing: List[str] = []
+    from_trigger: List[str] = []
     for image in images:
         data = texts[image.name]
         if data is None:
@@ -251,7 +253,7 @@ def _build_layout(concept: ConceptConfig, seed: int, images: List[Path], texts: 
             data = concept.trigger.encode("utf-8")
         if image.name in held:
             held_files[image.name], held_files[image.stem + ".txt"] = image, data
-        elif captions.materialized(concept):
+        elif tag_shuffle.materialized(concept):
             files.update(_copies(concept, image, _decode(concept, image, data), seed))
         else:
             files[image.name], files[image.stem + ".txt"] = image, data
@@ -366,11 +368,11 @@ def _prepare_held_out(target: Path, summary: ConceptSummary, files: Dict[str, Wa
 def _record(concept: ConceptConfig, seed: int, summary: ConceptSummary) -> dict:
     cap = concept.captions
     return {"source": str(Path(concept.path).absolute()), "mode": summary.mode, "passes": concept.repeats,
-            "simpletuner_repeats": captions.simpletuner_repeats(concept),
+            "simpletuner_repeats": tag_shuffle.simpletuner_repeats(concept),
             "copies_per_image": concept.repeats if summary.mode == "materialized" else 1,
             "shuffle": cap.shuffle, "keep_tags": cap.keep_tags, "separator": cap.separator,
-            "seed": captions.shuffle_seed(concept, seed),
-            "caption_shuffle": captions.native_shuffle_block(concept, seed),
+            "seed": tag_shuffle.shuffle_seed(concept, seed),
+            "caption_shuffle": tag_shuffle.native_shuffle_block(concept, seed),
             "images": summary.images, "files": summary.files,
             "captions_from_trigger": summary.captions_from_trigger, "state": PREPARED,
             **({"held_out": summary.held_out, "held_out_seed": seed} if summary.held_out else {})}
@@ -458,7 +460,8 @@ def prepare(cfg: ExperimentConfig, progress: bool = True) -> PrepareSummary:
     root = Path(cfg.dataset.prepared_dir).absolute()
     old = _read_manifest(root / MANIFEST)
     _check_paths(cfg, root, old.get("concepts", {}))
-    plans, records, checked = [], dict(old.get("concepts", {})), _read_checked(root)
+    plans: List[Tuple[ConceptConfig, Optional[Layout], Optional[str], ConceptSummary]] = []
+    records, checked = dict(old.get("concepts", {})), _read_checked(root)
     for c in cfg.concepts:
         generated = generated_captions(c, cfg.captioner)
         inputs, was = inputs_digest(c, cfg.seed, generated), old.get("concepts", {}).get(c.id, {})
@@ -466,7 +469,7 @@ def prepare(cfg: ExperimentConfig, progress: bool = True) -> PrepareSummary:
             plans.append((c, None, inputs, _summary_of(c, was, len(generated))))  # as the last prepare left it
             continue
         lay = layout(c, cfg.seed, generated)
-        mode = "materialized" if captions.materialized(c) else "native"
+        mode = "materialized" if tag_shuffle.materialized(c) else "native"
         files = sum(not isinstance(w, bytes) for w in lay.files.values())
         summary = ConceptSummary(c.id, mode, lay.images, files, captions_from_trigger=lay.captions_from_trigger,
                                  captions_generated=len(generated),
@@ -476,13 +479,13 @@ def prepare(cfg: ExperimentConfig, progress: bool = True) -> PrepareSummary:
     manifest = {"format": FORMAT, "seed": cfg.seed, "concepts": dict(sorted(records.items()))}
     remove_stale_temporaries(root)  # a manifest write cut short by a kill
     if manifest != old:  # first the folders are claimed (the guards above), marked as not prepared yet
-        write_json(root / MANIFEST, _marked(manifest, [c.id for c, lay, _, _ in plans if lay], PREPARING))
-    for c, lay, inputs, summary in plans:
-        if lay is None:
+        write_json(root / MANIFEST, _marked(manifest, [c.id for c, planned, _, _ in plans if planned], PREPARING))
+    for c, planned, inputs, summary in plans:
+        if planned is None:
             continue
-        _prepare_concept(root / c.id, summary, lay.files, progress)
+        _prepare_concept(root / c.id, summary, planned.files, progress)
         ours = "held_out" in old.get("concepts", {}).get(c.id, {})
-        _prepare_held_out(root / holdout.folder_name(c.id), summary, lay.held_out, ours, progress)
+        _prepare_held_out(root / holdout.folder_name(c.id), summary, planned.held_out, ours, progress)
         if inputs is not None:
             checked[c.id] = _verified(root, c, inputs, records[c.id])
     if manifest != old:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -50,9 +50,9 @@ def lora_only(model_type: str, value: str, otherwise: str = "no_change") -> str:
 def register() -> None:
     """Schema and resolvers; safe to call more than once."""
     schema.register()
-    for name, fn in {"sd3exp.root": project_root, "sd3exp.name": experiment_name,
-                     "sd3exp.run_suffix": run_suffix, "sd3exp.run_dir": run_dir,
-                     "sd3exp.stages": stage_table.names,
-                     "sd3exp.lora_only": lora_only}.items():
+    resolvers: Dict[str, Callable[..., Any]] = {
+        "sd3exp.root": project_root, "sd3exp.name": experiment_name, "sd3exp.run_suffix": run_suffix,
+        "sd3exp.run_dir": run_dir, "sd3exp.stages": stage_table.names, "sd3exp.lora_only": lora_only}
+    for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

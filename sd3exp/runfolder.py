@@ -22,7 +22,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from sd3exp import console
 from sd3exp.errors import DiskFullError, RunConflictError, no_space_message
-from sd3exp.io import read_json, write_bytes, write_if_changed, write_json
+from sd3exp.io import atomic_dir, read_json, write_bytes, write_if_changed, write_json
 from sd3exp.layout import RunLayout
 from sd3exp.stage_table import CONFIG_FOLDER, RUN_FOLDER, STAGES
 
@@ -51,7 +51,7 @@ def training_overrides(task: List[str]) -> str:
     """The command line's overrides that change what is trained, `k=v,k2=v2`, sorted: they name the
     run folder and are recorded in its files (eval.*, stage, paths.* and the like are left out)."""
     parsed = OverridesParser.create().parse_overrides(list(task))
-    return ",".join(sorted(o.input_line for o in parsed if is_setting(o.key_or_group)))
+    return ",".join(sorted(o.input_line for o in parsed if o.input_line is not None and is_setting(o.key_or_group)))
 
 
 # The locks: folder locked, inside the run folder -> what its holder is doing (the stages that take
@@ -292,18 +292,21 @@ def archive(run_dir: Path, previous: RunRecord) -> None:
     """Copy the earlier compiled files under history/<config>/, each whole or not at all."""
     dest = RunLayout(run_dir).history(previous.config_hash)
     for name in RunLayout.ARCHIVED:
-        src, tmp = run_dir / name, dest / f".{name}.tmp"
-        if src.exists() and not (dest / name).exists():
-            dest.mkdir(parents=True, exist_ok=True)
-            try:
-                (shutil.copytree if src.is_dir() else shutil.copy2)(src, tmp)
-                os.rename(tmp, dest / name)
-            except (OSError, shutil.Error) as err:
-                (shutil.rmtree if tmp.is_dir() else Path.unlink)(tmp) if tmp.exists() else None
-                if "No space left on device" not in str(err) and getattr(err, "errno", None) != errno.ENOSPC:
-                    raise
-                raise DiskFullError(f"{no_space_message(dest)}; archiving the earlier {name} failed, "
-                                    "the run's files are unchanged") from err
+        src = run_dir / name
+        if not src.exists() or (dest / name).exists():
+            continue
+        try:
+            if src.is_dir():
+                with atomic_dir(dest / name, replace=False) as build:
+                    shutil.copytree(src, build, dirs_exist_ok=True)
+            else:
+                write_bytes(dest / name, src.read_bytes())
+        except (OSError, shutil.Error, DiskFullError) as err:
+            if not isinstance(err, DiskFullError) and "No space left on device" not in str(err) \
+                    and getattr(err, "errno", None) != errno.ENOSPC:
+                raise
+            raise DiskFullError(f"{no_space_message(dest)}; archiving the earlier {name} failed, "
+                                "the run's files are unchanged") from err
 
 
 def write_record(run_dir: Path, record: RunRecord) -> None:

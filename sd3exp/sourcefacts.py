@@ -37,8 +37,9 @@ class SourceFacts:
         except (OSError, ValueError):
             data = {}
         data = data if isinstance(data, dict) else {}
-        self.entries: Dict[str, Dict[str, Any]] = data.get("images") if isinstance(data.get("images"), dict) else {}
-        self.digests: Dict[str, str] = data.get("digests") if isinstance(data.get("digests"), dict) else {}
+        images, digests = data.get("images"), data.get("digests")
+        self.entries: Dict[str, Dict[str, Any]] = images if isinstance(images, dict) else {}
+        self.digests: Dict[str, str] = digests if isinstance(digests, dict) else {}
         self.changed = False
 
     def entry(self, image: Path) -> Dict[str, Any]:

@@ -11,13 +11,12 @@ from sd3exp.compile import trainer_args, user_extra_args
 from sd3exp.errors import ConfigError, DatasetError, EvalError
 from sd3exp.hub import require_model, token_source
 from sd3exp.job import Invocation, Job
-from sd3exp.runfolder import checkpoint_dirs, claim_training_dir, set_aside_unfinished
 from sd3exp.plan import Plan
+from sd3exp.runfolder import checkpoint_dirs, claim_training_dir, set_aside_unfinished
 from sd3exp.schema import ExperimentConfig
 from sd3exp.signals import stopped
 from sd3exp.stage_table import STAGES
 from sd3exp.trainer_env import trainer_for
-
 
 ONE_OFF = ("stage=", "trainer.new_run=", "trainer.force=")
 
@@ -128,7 +127,7 @@ def stage_train(job: Job, plan: Plan) -> None:
                                             offline=model.state in ("local", "cached"))
     next_command = command_for(job, "eval") if cfg.stage == "train" else None
     console.info(f"cache: {plan.cache_dir} (shared by the runs on the same data; sd3exp/cache.py)")
-    with cache.filling(Path(plan.cache_dir)) as caches_complete, live.watching(cfg, run_dir):
+    with cache.filling(plan.cache_folder) as caches_complete, live.watching(cfg, run_dir):
         train.run_training(env.train_command(), run_dir, training_dir, process_env, plan.max_train_steps,
                            plan.checkpoint_steps, next_command, resume_command=command_for(job, cfg.stage),
                            on_first_step=caches_complete, model_type=cfg.model.type,
@@ -168,7 +167,7 @@ def stage_report(job: Job, plan: Plan) -> None:
 def summary(job: Job) -> str:
     """What a full run produced, and where."""
     run = job.layout
-    steps = list(checkpoint_dirs(run.training_dir))
+    steps = list(checkpoint_dirs(run.training))
     rows = [("run folder", run.run_dir), ("compiled", run.config_dir), ("plan", run.plan),
             ("checkpoints", f"{len(steps)} (steps {', '.join(map(str, steps))})" if steps else "none"),
             ("train log", run.train_log)]

@@ -22,9 +22,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from sd3exp import console
-from sd3exp.project import TEMPLATES
 from sd3exp.io import dumps_json, read_json, write_json, write_text
 from sd3exp.layout import EvalLayout, RunLayout
+from sd3exp.project import TEMPLATES
 from sd3exp.runfolder import checkpoint_dirs
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ def failure(job_return: JobReturn) -> Optional[str]:
     if job_return.status != JobStatus.FAILED:
         return None
     try:
-        job_return.return_value  # raises the job's exception
+        _ = job_return.return_value  # raises the job's exception
     except Exception as err:  # noqa: BLE001 - any job exception is reported, not handled
         return f"{type(err).__name__}: {err}"
     return None

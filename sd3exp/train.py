@@ -13,8 +13,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
-
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from sd3exp import console, hub
 from sd3exp.errors import DiskFullError, Interrupted, RunConflictError, TrainerError, no_space_message
@@ -82,7 +81,7 @@ def trainer_error(lines: List[str], keep: int = 2 * TAIL_SHOWN) -> List[str]:
     starts = [i for i, t in enumerate(clean) if _EXCEPTION.match(t) and not t.split(":", 1)[0].endswith(_LAUNCHER)]
     if not starts:
         return []
-    block = []
+    block: List[str] = []
     for t in clean[starts[-1]:]:
         if t.startswith(_TRACE_START) or (block and _EXCEPTION.match(t)):
             break
@@ -132,7 +131,7 @@ def trainer_environment(bin_dir: Path, run_dir: Path, cpu: bool, offline: bool) 
     return env
 
 
-def _lines(stream, log) -> "iter[str]":
+def _lines(stream, log) -> Iterator[str]:
     """Yield output lines split on \\n and \\r (tqdm), copying raw bytes to the log."""
     pending = b""
     for chunk in iter(lambda: stream.read1(65536), b""):
@@ -388,7 +387,7 @@ def run_training(cmd: List[str], run_dir: Path, training_dir: Path, env: Dict[st
     try:
         write_json(RunLayout(run_dir).training_summary, result.to_dict())
     except DiskFullError as err:
-        console.warn(err)
+        console.warn(str(err))
     if result.early_stop and result.stopped_by is None:
         console.info(report(result, planned, total, next_command))
         console.info(f"stopped early at step {result.early_stop['step']}: {result.early_stop['reason']}")
@@ -402,8 +401,8 @@ def run_training(cmd: List[str], run_dir: Path, training_dir: Path, env: Dict[st
     short = result.exit_code == 0 and not is_complete(run_dir, training_dir, model_type, total)
     console.info(report(result, planned, total, None if short else next_command))
     if result.exit_code != 0 or short:
-        err = TrainerError(short_of_plan(result, total) if short else
-                           failure_message(result, resume_command, training_dir))
-        err.exit_code = result.exit_code or 1
-        raise err
+        failed = TrainerError(short_of_plan(result, total) if short else
+                              failure_message(result, resume_command, training_dir))
+        failed.exit_code = result.exit_code or 1
+        raise failed
     return result

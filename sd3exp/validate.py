@@ -6,11 +6,11 @@ import dataclasses
 import difflib
 import math
 from pathlib import Path
-from typing import Any, Callable, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
-from sd3exp import captions, holdout
+from sd3exp import holdout, tag_shuffle
 from sd3exp.buckets import MAX_MINIMUM_MEGAPIXELS, minimum_megapixels
-from sd3exp.errors import ConfigError
+from sd3exp.errors import ConfigError, ConfigErrors
 from sd3exp.plan import bucket_rule
 from sd3exp.schedule import SCHEDULES
 from sd3exp.schema import ExperimentConfig
@@ -101,7 +101,7 @@ def check_schedule(cfg: ExperimentConfig) -> None:
     if s.warmup_steps is not None:
         _positive("schedule.warmup_steps", s.warmup_steps, "use 0 for no warmup", strict=False)
     if s.warmup_fraction is not None and not 0 <= s.warmup_fraction < 1:
-        raise ConfigError("schedule.warmup_fraction", s.warmup_fraction, "must be in [0, 1)", "e.g. 0.05 for 5%")
+        raise ConfigError("schedule.warmup_fraction", s.warmup_fraction, "must be in [0, 1)", "e.g. schedule.warmup_fraction=0.05 for 5%")
     if not 0 <= s.final_lr < cfg.optimizer.lr:
         raise ConfigError("schedule.final_lr", s.final_lr, f"must be >= 0 and below optimizer.lr={cfg.optimizer.lr}",
                           "use 0 to decay to zero")
@@ -128,6 +128,8 @@ def check_model(cfg: ExperimentConfig) -> None:
         if cfg.lora.rank < 1:
             raise ConfigError("lora.rank", cfg.lora.rank, "must be >= 1", "e.g. lora.rank=16")
         _positive("lora.alpha", cfg.lora.alpha, "e.g. lora.alpha equal to the rank")
+        _choice("lora.type", cfg.lora.type, ("standard", "lycoris"))
+        _choice("lora.format", cfg.lora.format, ("diffusers", "comfyui"))
     check_resolution(cfg)
     _choice("trainer.config_backend", cfg.trainer.config_backend, ("json", "env"))
     _choice("trainer.cpu_shim", cfg.trainer.cpu_shim, ("auto", "never"))
@@ -163,7 +165,7 @@ def check_concepts(cfg: ExperimentConfig) -> None:
         raise ConfigError("concepts", [], "an experiment needs at least one concept",
                           "add a concept with id, path, trigger and repeats")
     for kind in ("id", "trigger"):
-        seen = {}
+        seen: Dict[str, int] = {}
         for i, c in enumerate(cfg.concepts):
             value = getattr(c, kind)
             if value in seen:
@@ -176,7 +178,7 @@ def check_concepts(cfg: ExperimentConfig) -> None:
                               "use a short name such as 'fantasy'")
         if c.repeats < 1:
             raise ConfigError(f"concepts[{i}].repeats", c.repeats,
-                              "must be >= 1 (passes per epoch: 1 = each image once)", "use repeats: 1 for no repetition")
+                              "must be >= 1 (passes per epoch: 1 = each image once)", f"concepts.{i}.repeats=1 for no repetition")
         if c.repeats > MAX_REPEATS:
             raise ConfigError(f"concepts[{i}].repeats", c.repeats, f"more than {MAX_REPEATS} passes per epoch",
                               "use the passes per epoch you mean (e.g. 10), and training.epochs for the length")
@@ -187,8 +189,8 @@ def check_concepts(cfg: ExperimentConfig) -> None:
         cap = c.captions
         _choice(f"concepts[{i}].captions.mode", cap.mode, ("native", "materialized"))
         _positive(f"concepts[{i}].captions.keep_tags", cap.keep_tags, "use 0 to shuffle every tag", strict=False)
-        captions.tag_separator(c, where=f"concepts[{i}]")
-        captions.native_shuffle_block(c, cfg.seed, where=f"concepts[{i}]")
+        tag_shuffle.tag_separator(c, where=f"concepts[{i}]")
+        tag_shuffle.native_shuffle_block(c, cfg.seed, where=f"concepts[{i}]")
 
 
 def check_holdout(cfg: ExperimentConfig, c: Any, i: int) -> None:
@@ -223,8 +225,8 @@ def check_trigger(c: Any, i: int) -> None:
     if not c.trigger.strip():
         raise ConfigError(f"concepts[{i}].trigger", c.trigger, "empty: captions would not be tied to the concept",
                           "set the concept's trigger word, e.g. k4s4")
-    sep = captions.tag_separator(c, where=f"concepts[{i}]")
-    pieces = len(captions.split_tags(c.trigger, sep))
+    sep = tag_shuffle.tag_separator(c, where=f"concepts[{i}]")
+    pieces = len(tag_shuffle.split_tags(c.trigger, sep))
     if c.captions.shuffle and pieces > max(1, c.captions.keep_tags):
         raise ConfigError(f"concepts[{i}].trigger", c.trigger,
                           f"the tag separator {sep!r} splits it into {pieces} tags, and the caption shuffle moves "
@@ -257,12 +259,20 @@ def check_eval(cfg: ExperimentConfig) -> None:
 
 
 CHECKS: List[Callable[[ExperimentConfig], None]] = [
-    check_finite, check_model, check_training, check_schedule, check_checkpointing, check_concepts, check_captioner, check_eval,
+    check_model, check_training, check_schedule, check_checkpointing, check_concepts, check_captioner, check_eval,
 ]
 
 
 def validate(cfg: ExperimentConfig, need_data: bool = False) -> None:
-    for check in CHECKS:
-        check(cfg)
-    if need_data:
-        check_dataset_paths(cfg)
+    """Every check; independent problems are reported together (as torchtune's `tune validate`)."""
+    check_finite(cfg)  # first and alone: an inf or nan would mislead the checks that compare numbers
+    errors: List[ConfigError] = []
+    for check in [*CHECKS, *([check_dataset_paths] if need_data else [])]:
+        try:
+            check(cfg)
+        except ConfigError as err:
+            errors.append(err)
+    if len(errors) > 1:
+        raise ConfigErrors(errors)
+    if errors:
+        raise errors[0]

@@ -1,6 +1,6 @@
 """A stand-in ComfyUI server for tests: real HTTP + websocket on 127.0.0.1, stdlib only.
 
-Follows /work/shared/reference/comfyui-api.md: /prompt validation (400 with
+Follows ComfyUI's own server (Comfy-Org/ComfyUI: server.py, execution.py): /prompt validation (400 with
 node_errors), /object_info in list or COMBO shape, /history empty until done,
 websocket events in ComfyUI's order (executing node=null only after history is
 written, binary preview frames), /view with ComfyUI's path checks, /queue,
@@ -20,8 +20,8 @@ import io
 import json
 import os
 import socket
-import sys
 import struct
+import sys
 import threading
 import time
 import uuid

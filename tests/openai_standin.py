@@ -73,11 +73,11 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:  # quiet
         pass
 
-    def _send(self, status: int, body: bytes, ctype: str = "application/json", headers: Dict[str, str] = {}) -> None:
+    def _send(self, status: int, body: bytes, ctype: str = "application/json", headers: Optional[Dict[str, str]] = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
-        for k, v in headers.items():
+        for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.end_headers()
         try:

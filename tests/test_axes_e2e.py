@@ -4,6 +4,7 @@ strengths x two CFG values, then once more with a third strength (only the new c
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest

@@ -3,14 +3,14 @@ backend, the caption store and preparation on generated captions."""
 
 from __future__ import annotations
 
-import json
 import hashlib
+import json
 import re
 import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import pytest
 from PIL import Image
@@ -24,7 +24,7 @@ from tests.test_prepare import source_state
 TRIGGER = "k4s4"  # the demo experiment's trigger
 
 
-def make_images(folder: Path, n: int, captioned: Dict[int, str] = {}) -> List[Path]:
+def make_images(folder: Path, n: int, captioned: Optional[Dict[int, str]] = None) -> List[Path]:
     """n distinct 64x64 PNGs img00.png ...; the indices in `captioned` get the user's caption."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -32,7 +32,7 @@ def make_images(folder: Path, n: int, captioned: Dict[int, str] = {}) -> List[Pa
         path = folder / f"img{i:02d}.png"
         Image.new("RGB", (64, 64), (i * 6 % 256, 255 - i * 5 % 256, 40)).save(path)
         paths.append(path)
-        if i in captioned:
+        if captioned and i in captioned:
             path.with_suffix(".txt").write_text(captioned[i], encoding="utf-8")
     return paths
 
@@ -218,7 +218,6 @@ def test_prompt_template_errors_name_the_field(tmp_path, prompt, problem):
 
 def test_interrupt_keeps_every_caption_received_and_says_how_to_continue(tmp_path):
     import signal
-    import subprocess
     import time
 
     src, run = tmp_path / "src", tmp_path / "run"
@@ -258,7 +257,6 @@ def test_caption_store_never_goes_into_an_image_folder(tmp_path, where):
 
 
 @needs_trainer
-@pytest.mark.trainer
 @pytest.mark.slow
 def test_demo_trains_on_generated_captions(tmp_path):
     """The demo dataset without captions: caption it, then the real SimpleTuner trains on the prepared copy."""

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from sd3exp.captions import estimate_clip_tokens
 from sd3exp.caption.client import ImageFailed, answer_of
 from sd3exp.caption.post import PostSettings, postprocess, starts_with_trigger, strip_boilerplate
 from sd3exp.caption.prompts import PRESETS, compile_prompt, render
-from sd3exp.captions import split_tags
 from sd3exp.errors import ConfigError
+from sd3exp.tag_shuffle import estimate_clip_tokens, split_tags
 
 COMMA = PostSettings("k4s4", ",")
 

@@ -97,3 +97,17 @@ def test_a_value_of_the_wrong_type_in_an_experiment_file_names_file_field_and_fi
                     f"Fix: write batch_size: 2 under training in {mine}")
     mine.write_text(text.format("2"))
     assert run_cli(*args).returncode == 0
+
+
+def test_independent_config_errors_are_shown_together_before_any_write(tmp_path):
+    run_dir = tmp_path / "run"
+    out = run_cli("experiment=demo_quick", "lora.rank=0", "schedule.warmup_fraction=2", "concepts.0.repeats=0",
+                  f"hydra.run.dir={run_dir}", "stage=plan")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "3 problems in the experiment" in out.stderr
+    for field in ("lora.rank=0", "schedule.warmup_fraction=2", "concepts[0].repeats=0"):
+        assert field in out.stderr
+    assert not run_dir.exists()
+    # one problem alone keeps its one-line message
+    out = run_cli("experiment=demo_quick", "lora.rank=0", f"hydra.run.dir={run_dir}", "stage=plan")
+    assert out.returncode == 2 and out.stderr.rstrip().splitlines()[-1].startswith("sd3exp: error: lora.rank=0: ")

@@ -204,8 +204,8 @@ def test_training_dir_with_another_runs_checkpoints_is_refused(tmp_path):
 
 
 def test_simpletuner_errors_are_mapped_to_experiment_fields():
-    from sd3exp.preflight import field_for
     from sd3exp.compile import Arg
+    from sd3exp.preflight import field_for
 
     args = [Arg("learning_rate", 1e-4, "optimizer.lr", "LEARNING_RATE"), Arg("optimizer", "nope", "optimizer.name"),
             Arg("lora_rank", 4, "lora.rank")]

@@ -133,7 +133,6 @@ def same(a: Path, b: Path) -> bool:
     return ImageChops.difference(Image.open(a).convert("RGB"), Image.open(b).convert("RGB")).getbbox() is None
 
 
-@pytest.mark.trainer
 @pytest.mark.slow
 @needs_trainer
 def test_end_to_end_on_the_tiny_model(tiny_run):
@@ -164,7 +163,6 @@ def test_end_to_end_on_the_tiny_model(tiny_run):
     assert "SafetensorError" in report.read_text() and grids == [run / "eval" / "grid.png"]
 
 
-@pytest.mark.trainer
 @pytest.mark.slow
 @needs_trainer
 def test_skipped_cells_are_left_out(tiny_run):
@@ -180,7 +178,6 @@ def test_skipped_cells_are_left_out(tiny_run):
                                                         "checkpoint-200_p1_s7.png"]
 
 
-@pytest.mark.trainer
 @pytest.mark.slow
 @needs_trainer
 def test_lora_checkpoint_and_final_render_alike_at_the_trained_scale(tiny_run):

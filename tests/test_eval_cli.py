@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sd3exp.project import ROOT
-from sd3exp.evaluate.checkpoints import Checkpoint
 from sd3exp.errors import EvalError
+from sd3exp.evaluate.checkpoints import Checkpoint
 from sd3exp.evaluate.comfyui import ComfyClient, SweepSpec, find_nodes, load_workflow, run_sweep
+from sd3exp.project import ROOT
 from sd3exp.runfolder import exclusive
 from tests.comfy_standin import StandIn, save_safetensors
 from tests.helpers import compose_experiment, run_cli
@@ -32,7 +32,8 @@ def lora_tensors(seed: int, rank: int = 4, width: int = 8) -> dict:
     """One attention projection's lora_A/lora_B in SimpleTuner's (diffusers) key names."""
     rng = random.Random(seed)
     key = "transformer.transformer_blocks.0.attn.to_q"
-    values = lambda n: struct.pack(f"<{n}f", *(rng.gauss(0, 1) for _ in range(n)))
+    def values(n):
+        return struct.pack(f"<{n}f", *(rng.gauss(0, 1) for _ in range(n)))
     return {f"{key}.lora_A.weight": ([rank, width], values(rank * width)),
             f"{key}.lora_B.weight": ([width, rank], values(rank * width))}
 
@@ -58,7 +59,8 @@ def colour(path: Path) -> tuple:
 def test_comfyui_sweep_with_a_base_column_and_a_failing_cell(tmp_path):
     run, models = tmp_path / "run", tmp_path / "comfy-models"
     fake_lora_run(run)
-    fail = lambda g: "CUDA out of memory" if ("checkpoint-4-" in json.dumps(g) and PROMPTS[1] in json.dumps(g)) else None
+    def fail(g):
+        return "CUDA out of memory" if ("checkpoint-4-" in json.dumps(g) and PROMPTS[1] in json.dumps(g)) else None
     with StandIn(tmp_path / "comfy-out", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"],
                  error_if=fail) as server:
         out = run_cli("experiment=demo_lora", "stage=eval", "demo=false", "concepts.0.num_images=16",
@@ -84,7 +86,8 @@ def test_comfyui_sweep_with_a_base_column_and_a_failing_cell(tmp_path):
 def test_a_second_evaluation_renders_only_what_changed(tmp_path):
     run, models = tmp_path / "run", tmp_path / "comfy-models"
     fake_lora_run(run)
-    fail = lambda g: "CUDA out of memory" if ("checkpoint-4-" in json.dumps(g) and PROMPTS[1] in json.dumps(g)) else None
+    def fail(g):
+        return "CUDA out of memory" if ("checkpoint-4-" in json.dumps(g) and PROMPTS[1] in json.dumps(g)) else None
     common = ["experiment=demo_lora", "stage=eval", "demo=false", "concepts.0.num_images=16", f"hydra.run.dir={run}",
               "eval.backend=comfyui", f"eval.models_dir={models}", "eval.include_final=false", "eval.include_base=true"]
     with StandIn(tmp_path / "comfy-out", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"],
@@ -237,8 +240,9 @@ def test_failed_cells_are_retried_and_the_exit_status_stays_3_while_any_fails(tm
     run, models = tmp_path / "run", tmp_path / "comfy-models"
     fake_lora_run(run, steps=(2, 4))
     failing = {"on": True}
-    fail = lambda g: "CUDA out of memory" if failing["on"] and "checkpoint-4-" in json.dumps(g) \
-        and PROMPTS[1] in json.dumps(g) else None
+    def fail(g):
+        return "CUDA out of memory" if failing["on"] and "checkpoint-4-" in json.dumps(g) \
+            and PROMPTS[1] in json.dumps(g) else None
     with StandIn(tmp_path / "comfy-out", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"],
                  error_if=fail) as server:
         first = comfy_eval(run, models, server.url)

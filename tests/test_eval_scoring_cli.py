@@ -48,7 +48,8 @@ def test_eval_scores_cells_writes_best_json_and_rescoring_scores_only_new_cells(
     records = [{"schema_version": 1, "timestamp": "t", "step": s, "metrics": {"train_loss": 1 / s, "learning_rate": 1e-4}}
                for s in range(1, 7)]  # as SimpleTuner 4.10.1's local_metrics.py appends them (report_to=simpletuner)
     (run / "training" / "training_metrics.jsonl").write_text("\n".join(map(json.dumps, records)) + "\n{half a line")
-    fail = lambda g: "CUDA out of memory" if ("checkpoint-4-" in json.dumps(g) and PROMPTS[1] in json.dumps(g)) else None
+    def fail(g):
+        return "CUDA out of memory" if ("checkpoint-4-" in json.dumps(g) and PROMPTS[1] in json.dumps(g)) else None
     common = ["experiment=demo_quick", "stage=eval", "demo=false", f"concepts.0.path={concept}", f"hydra.run.dir={run}",
               "eval.backend=comfyui", f"eval.models_dir={tmp_path / 'models'}", "eval.include_final=false",
               "eval.include_base=true"]

@@ -28,16 +28,16 @@ from typing import Callable, Dict, List, Optional
 import pytest
 import yaml
 
-from sd3exp.project import ROOT
 from sd3exp.demo import DEMO_COUNTS
 from sd3exp.demo_data import make_demo_dataset
+from sd3exp.project import ROOT
 from sd3exp.runfolder import checkpoint_dirs, exclusive, training_elsewhere
 from sd3exp.train import run_processes
 from tests.comfy_standin import StandIn
 from tests.helpers import needs_trainer, run_cli
 from tests.test_user_safety import small_disk
 
-pytestmark = [needs_trainer, pytest.mark.trainer, pytest.mark.slow]
+pytestmark = [needs_trainer, pytest.mark.slow]
 
 EPOCHS = 16  # 96 steps (6 a epoch), a checkpoint every 2: SimpleTuner takes seconds to stop, and trains on meanwhile
 STEPS = 96

@@ -10,13 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sd3exp import hub, train
 from sd3exp.errors import ConfigError, EvalError
-from sd3exp.project import ROOT
 from sd3exp.evaluate import diffusers_backend as backend
 from sd3exp.evaluate.checkpoints import Checkpoint
+from sd3exp.project import ROOT
 from sd3exp.workers.render_device import DEVICES, DTYPES, pick_device, pick_dtype
 from tests.helpers import needs_trainer, trainer_python
 

@@ -10,14 +10,15 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sd3exp import holdout, job
-from sd3exp.project import ROOT
 from sd3exp import prepare as prep
 from sd3exp.compile import data_backends, trainer_args
 from sd3exp.demo import DEMO_COUNTS
 from sd3exp.plan import make_plan
+from sd3exp.project import ROOT
 from sd3exp.schema import ConceptConfig
 from tests.helpers import compose_experiment, run_cli
 from tests.test_prepare import source_state, write_dataset

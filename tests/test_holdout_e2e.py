@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from sd3exp.project import ROOT
 from sd3exp.demo import DEMO_COUNTS
+from sd3exp.project import ROOT
 from tests.helpers import needs_trainer, run_cli
 
-pytestmark = [needs_trainer, pytest.mark.slow, pytest.mark.trainer]
+pytestmark = [needs_trainer, pytest.mark.slow]
 
 
 def digests(folder: Path) -> dict:

@@ -82,10 +82,10 @@ def live_run(tmp_path_factory):
     proc = start(run, "experiment=demo_quick", "stage=train", "eval.live=true")
     seen: dict = {"cells": [], "best": []}
     for step in (2, 4):
-        wait_for(lambda: (run / "training" / f"checkpoint-{step}").is_dir() and run_processes(run), proc)
+        wait_for(lambda step=step: (run / "training" / f"checkpoint-{step}").is_dir() and run_processes(run), proc)
         paused = pause_trainer(run, signal.SIGSTOP)
         try:
-            wait_for(lambda: f"checkpoint-{step}" in cells_labels(run), proc)
+            wait_for(lambda step=step: f"checkpoint-{step}" in cells_labels(run), proc)
             assert run_processes(run) and all(pid in run_processes(run) for pid in paused)
             for name in seen:
                 seen[name].append(digest(run / "eval" / f"{name}.json"))

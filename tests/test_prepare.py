@@ -18,10 +18,10 @@ import pytest
 from PIL import Image
 
 from sd3exp import prepare as prep
-from sd3exp.captions import split_tags
 from sd3exp.errors import ConfigError, DatasetError
 from sd3exp.project import ROOT
 from sd3exp.schema import CaptionsConfig, ConceptConfig, DatasetConfig, ExperimentConfig
+from sd3exp.tag_shuffle import split_tags
 
 VOCAB = [f"tag{i}" for i in range(40)]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sd3exp.evaluate import models
-from sd3exp.evaluate.score import scoring_key, training_sets
+from sd3exp.evaluate.score import scoring_key
 from sd3exp.layout import RunLayout
 from tests.helpers import compose_experiment
 

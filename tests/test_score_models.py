@@ -83,7 +83,6 @@ def tiny_models(tmp_path_factory):
     return out
 
 
-@pytest.mark.trainer
 @pytest.mark.slow
 @needs_trainer
 def test_clip_t_equals_torchmetrics_and_clip_i_dino_i_equal_direct_cosines(tiny_models, tmp_path):

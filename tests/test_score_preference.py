@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
 
-from sd3exp import holdout
 from sd3exp.errors import ConfigError
 from sd3exp.evaluate import models
 from sd3exp.evaluate.cells import Cell
@@ -24,7 +22,7 @@ from tests.helpers import compose_experiment, needs_trainer, reference_scores, r
 from tests.test_eval_cli import PROMPTS, fake_lora_run
 
 TINY = Path(__file__).with_name("tiny_preference.py")
-pytestmark = [pytest.mark.trainer, needs_trainer]
+pytestmark = [needs_trainer]
 
 
 @pytest.fixture(scope="module")

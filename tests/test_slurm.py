@@ -104,7 +104,6 @@ def two_trials(tmp_path_factory):
 
 
 @needs_trainer
-@pytest.mark.trainer
 def test_a_two_trial_sweep_trains_and_evaluates_each_trial(two_trials):
     tmp_path, out = two_trials
     queue_drains()
@@ -142,7 +141,6 @@ def files_of(folder: Path) -> dict:
 
 
 @needs_trainer
-@pytest.mark.trainer
 def test_a_preempted_trial_is_requeued_and_resumes_from_its_latest_checkpoint(tmp_path):
     """Slurm's preemption / time-limit signal (USR2, as `--signal=USR2@...` sends it) through scancel:
     submitit checkpoints the Hydra job and requeues it; the rerun resumes SimpleTuner."""
@@ -182,7 +180,6 @@ def latents_computed(train_log: str) -> int:
 
 
 @needs_trainer
-@pytest.mark.trainer
 def test_the_trials_share_one_cache_filled_once(two_trials):
     sweep_dir, _ = two_trials
     runs = [sweep_dir / j["run_dir"] for j in jobs_of(sweep_dir)]

@@ -66,7 +66,6 @@ FAST = ["experiment=demo", "training.epochs=0", "training.max_steps=2", "checkpo
         "eval.width=32", "eval.height=32", "eval.prompts=[\"k4s4, red circle\"]"]
 
 
-@pytest.mark.trainer
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # 2 x (train 2 steps + evaluate): about 3 min on 2 idle cores
 @needs_trainer
@@ -83,7 +82,6 @@ def test_a_two_job_demo_sweep_is_ranked_by_the_objective(tmp_path):
     assert html.count('alt="best render of job') == 2
 
 
-@pytest.mark.trainer
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 @needs_trainer

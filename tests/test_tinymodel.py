@@ -16,7 +16,7 @@ from sd3exp.tinymodel import OFFLINE_ENV, build_tiny_model
 from tests.helpers import compose_experiment, needs_trainer, trainer_python
 
 PYTHON = trainer_python()
-pytestmark = [pytest.mark.trainer, needs_trainer]
+pytestmark = [needs_trainer]
 
 LOAD_CHECK = """
 import sys, torch

@@ -90,7 +90,6 @@ def pixel_error(render: Path, reference: Path) -> float:
     return sum(ImageStat.Stat(ImageChops.difference(a, b)).mean) / 3
 
 
-@pytest.mark.trainer
 def test_the_demo_learns_its_training_images(demo_run):
     """Each eval prompt that is a training caption: the final render is much closer to that image than the base
     model's render (at most 60% of its error), and every later checkpoint is closer than the first one."""
@@ -120,7 +119,6 @@ def mean_score(cells: list, label: str, measure: str) -> float:
     return sum(values) / len(values)
 
 
-@pytest.mark.trainer
 def test_the_demo_learns_and_names_a_best_checkpoint_that_beats_the_base_model(demo_run):
     """Issue 13's demo must-shows: best.json chooses a checkpoint after the first, the last checkpoint's
     pixel_fidelity beats the base model's by FIDELITY_MARGIN, the report shows scores.png, and the run's

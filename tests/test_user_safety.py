@@ -157,6 +157,8 @@ def test_full_disk_is_named_and_earlier_files_are_kept(tmp_path, images):
     ("eval.cfg=-inf", "eval.cfg=-inf: not a finite number", "not inf or nan"),
     ("optimizer.max_grad_norm=nan", "optimizer.max_grad_norm=nan", "not inf or nan"),
     ("trainer.cpu_shim=nevr", "trainer.cpu_shim='nevr'", "use one of auto, never"),
+    ("lora.format=comfy", "lora.format='comfy'", "use one of diffusers, comfyui"),
+    ("lora.type=lycoriss", "lora.type='lycoriss'", "use one of standard, lycoris"),
 ])
 def test_bad_values_are_named_before_anything_is_written(tmp_path, override, named, fix):
     outputs = tmp_path / "outputs"

@@ -19,8 +19,17 @@ from PIL import Image
 
 
 def build(out: Path) -> None:
-    from transformers import (BitImageProcessor, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor,
-                              CLIPTextModel, CLIPTokenizer, Dinov2Config, Dinov2Model)
+    from transformers import (
+        BitImageProcessor,
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTextModel,
+        CLIPTokenizer,
+        Dinov2Config,
+        Dinov2Model,
+    )
 
     torch.manual_seed(0)
     chars = [c for c in string.printable if not c.isspace()]

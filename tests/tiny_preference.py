@@ -109,7 +109,7 @@ class ResizeMaxSize(torch.nn.Module):
 def reference(job: dict) -> dict:
     import open_clip
     import torchvision.transforms as T
-    from transformers import AutoModel, AutoImageProcessor, AutoProcessor, CLIPModel
+    from transformers import AutoImageProcessor, AutoModel, AutoProcessor, CLIPModel
 
     def rgb(path):
         return Image.open(path).convert("RGB")

@@ -13,7 +13,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -87,7 +87,7 @@ class ChatClient:
 
     def __init__(self, url: str, model: Optional[str], *, timeout_s: float, retries: int, backoff_s: float,
                  api_key: Optional[str] = None, pool: int = 4) -> None:
-        self.url, self.model, self.timeout = url.rstrip("/"), model, timeout_s
+        self.url, self.model, self.timeout, self.retries = url.rstrip("/"), model, timeout_s, retries
         self.retry = Retry(total=retries, connect=retries, read=retries, status=retries, other=0,
                            backoff_factor=backoff_s, status_forcelist=RETRY_STATUS,
                            allowed_methods=frozenset({"GET", "POST"}), raise_on_status=False,
@@ -138,7 +138,7 @@ class ChatClient:
                           f"use captioner.model={served[0]}" if served else "load a model into the server")
 
     def caption(self, image: Path, system: str, prompt: str, max_new_tokens: int, temperature: float) -> Answer:
-        body = {"model": self.model, "max_tokens": max_new_tokens, "temperature": temperature,
+        body: Dict[str, Any] = {"model": self.model, "max_tokens": max_new_tokens, "temperature": temperature,
                 "messages": [{"role": "system", "content": system},
                              {"role": "user", "content": [{"type": "text", "text": prompt},
                                                           {"type": "image_url", "image_url": {"url": data_url(image)}}]}]}
@@ -148,7 +148,7 @@ class ChatClient:
             raise ImageFailed("server error", f"still failing after {self.retry.total} retries: {e}",
                               "check the server's log; lower captioner.workers if it is overloaded") from None
         except (requests.ConnectionError, requests.Timeout) as e:
-            tries = f"{self.retry.total + 1} tries"
+            tries = f"{self.retries + 1} tries"
             if isinstance(e, requests.Timeout) or "timed out" in str(e).lower():
                 raise ImageFailed("timeout", f"no answer within captioner.timeout_s={self.timeout:g} s ({tries})",
                                   "raise captioner.timeout_s or lower captioner.workers") from None

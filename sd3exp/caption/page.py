@@ -19,12 +19,12 @@ from PIL import Image, ImageOps
 
 from sd3exp import console
 from sd3exp.audit import AuditReport, ConceptAudit
-from sd3exp.captions import estimate_clip_tokens
-from sd3exp.layout import RunLayout
-from sd3exp.project import TEMPLATES
 from sd3exp.evaluate.report import href
 from sd3exp.io import write_bytes, write_text
+from sd3exp.layout import RunLayout
+from sd3exp.project import TEMPLATES
 from sd3exp.schema import ConceptConfig, ExperimentConfig
+from sd3exp.tag_shuffle import estimate_clip_tokens
 
 TEMPLATE = "review.html.j2"
 THUMB = 256
@@ -42,8 +42,8 @@ def thumbnail(image: Path, out: Path) -> Optional[Path]:
     try:
         if out.is_file() and out.stat().st_mtime_ns >= image.stat().st_mtime_ns:
             return out
-        with Image.open(image) as im:
-            im = ImageOps.exif_transpose(im).convert("RGB")
+        with Image.open(image) as opened:
+            im = ImageOps.exif_transpose(opened).convert("RGB")
             im.thumbnail((THUMB, THUMB))
             buffer = io.BytesIO()
             im.save(buffer, "JPEG", quality=85)

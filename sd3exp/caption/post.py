@@ -3,7 +3,7 @@
 1. quotes around the whole answer and boilerplate openings ("This image shows", "In
    this picture,", "Sure! Here is a caption:") are stripped, case-insensitively;
 2. the text is split into tags on the concept's separator and line breaks and joined
-   again with it (sd3exp.captions: one line, SimpleTuner's delimiters);
+   again with it (sd3exp.tag_shuffle: one line, SimpleTuner's delimiters);
 3. the trigger word is put first unless the caption already starts with it (the
    audit's rule: the trigger as a whole word at the start);
 4. with `max_length`, whole tags are dropped from the end while the audit's CLIP
@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import List, Optional
 
-from sd3exp.captions import estimate_clip_tokens, join_tags, split_tags
+from sd3exp.tag_shuffle import estimate_clip_tokens, join_tags, split_tags
 
 _SUBJECT = r"(?:this|the|in\s+this|in\s+the)\s+(?:image|picture|photo(?:graph)?|illustration|artwork|drawing|painting|scene)"
 BOILERPLATE = [
@@ -35,7 +35,7 @@ class PostSettings:
     """What post-processing depends on (recorded with every stored caption)."""
 
     trigger: str
-    separator: str  # normalised (sd3exp.captions.tag_separator)
+    separator: str  # normalised (sd3exp.tag_shuffle.tag_separator)
     add_trigger: bool = True
     max_length: Optional[int] = None
 

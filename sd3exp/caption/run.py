@@ -15,8 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
-
-from sd3exp import captions, console
+from sd3exp import console, tag_shuffle
 from sd3exp.caption.client import Answer, CaptionError, ChatClient, ImageFailed
 from sd3exp.caption.command import command_words, run_command
 from sd3exp.caption.post import PostSettings, postprocess
@@ -72,12 +71,12 @@ class Backend(Protocol):
 
 
 class ServerBackend:
-    def __init__(self, c: CaptionerConfig) -> None:
+    def __init__(self, c: CaptionerConfig, url: str) -> None:
         key = os.environ.get(c.api_key_env) if c.api_key_env else None
         if c.api_key_env and not key:
             raise ConfigError("captioner.api_key_env", c.api_key_env, "names an environment variable that is not set",
                               f"export {c.api_key_env}=<the server's API key>, or captioner.api_key_env=null")
-        self.c, self.client = c, ChatClient(c.url, c.model, timeout_s=c.timeout_s, retries=c.retries,
+        self.c, self.client = c, ChatClient(url, c.model, timeout_s=c.timeout_s, retries=c.retries,
                                             backoff_s=c.backoff_s, api_key=key, pool=c.workers)
         model = self.client.check_model()
         self.base = {"backend": "openai", "model": model, "system": c.system,
@@ -88,8 +87,8 @@ class ServerBackend:
 
 
 class CommandBackend:
-    def __init__(self, c: CaptionerConfig) -> None:
-        self.words, self.timeout = command_words(c.command), c.timeout_s
+    def __init__(self, c: CaptionerConfig, command: str) -> None:
+        self.words, self.timeout = command_words(command), c.timeout_s
         self.base = {"backend": "command", "command": c.command}
 
     def ask(self, task: Task) -> Answer:
@@ -102,9 +101,9 @@ def backend_for(c: CaptionerConfig) -> Backend:
         raise ConfigError("captioner.command", c.command, f"both captioner.url ({c.url}) and a command are set",
                           "keep one: captioner.url=null or captioner.command=null")
     if c.url:
-        return ServerBackend(c)
+        return ServerBackend(c, c.url)
     if c.command:
-        return CommandBackend(c)
+        return CommandBackend(c, c.command)
     raise ConfigError("captioner.url", None, "stage=caption needs a captioning server or program",
                       "add captioner.url=http://127.0.0.1:8000/v1 (an OpenAI-compatible vision server, e.g. "
                       "`vllm serve fancyfeast/llama-joycaption-beta-one-hf-llava`) or captioner.command='python tag.py'")
@@ -125,7 +124,7 @@ def _user_tags(concept: ConceptConfig, caption: Path) -> Tuple[bool, List[str]]:
     if not caption.is_file():
         return False, []
     text = caption.read_bytes().decode("utf-8", "replace")
-    return True, captions.split_tags(text, captions.tag_separator(concept))
+    return True, tag_shuffle.split_tags(text, tag_shuffle.tag_separator(concept))
 
 
 def plan_tasks(cfg: ExperimentConfig, backend: Backend, summary: Summary) -> List[Task]:

@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Dict
 
-from sd3exp import captions
+from sd3exp import tag_shuffle
 from sd3exp.caption.store import Store, file_sha256
 from sd3exp.images import list_images
 from sd3exp.schema import CaptionerConfig, ConceptConfig
@@ -22,7 +22,7 @@ from sd3exp.schema import CaptionerConfig, ConceptConfig
 def post_settings(concept: ConceptConfig, c: CaptionerConfig):
     from sd3exp.caption.post import PostSettings
 
-    return PostSettings(concept.trigger, captions.tag_separator(concept), c.add_trigger, c.max_length)
+    return PostSettings(concept.trigger, tag_shuffle.tag_separator(concept), c.add_trigger, c.max_length)
 
 
 def current_caption(record, concept: ConceptConfig, c: CaptionerConfig) -> str:

@@ -166,7 +166,8 @@ def cell_image(cell: Cell) -> Union[Path, bytes, None]:
 
 def store_images(cells: Sequence[Cell], folder: Path | str) -> list[Cell]:
     """Copies of the cells whose in-memory images are written (atomically) to `folder/image_name(...)`."""
-    stored, files = [], {}
+    stored: list[Cell] = []
+    files: Dict[Path, bytes] = {}
     for cell in cells:
         paths = [Path(folder) / image_name(cell.label, cell.prompt_index, cell.seed, n, cell.variant)
                  for n in range(len(cell.images))]

@@ -107,10 +107,10 @@ def discover(
     folders = _scan_steps(out_dir, result.problems)
     for step in select_steps(list(folders), every_k, min_step, max_step):
         kind, path, problem = weights_of(folders[step])
-        if problem:
-            result.problems.append(problem)
-        else:
+        if kind is not None and path is not None:
             result.checkpoints.append(Checkpoint(step, f"checkpoint-{step}", kind, path))
+        elif problem:
+            result.problems.append(problem)
     if include_final:
         final, problem = _final(out_dir)
         result.checkpoints.extend([final] if final else [])

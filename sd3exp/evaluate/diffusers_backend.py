@@ -23,8 +23,17 @@ from typing import Any, Callable, Collection, Iterator, Mapping, Optional, Seque
 from sd3exp import console
 from sd3exp.errors import EvalError
 from sd3exp.evaluate.axes import DIFFUSERS_SAMPLERS, DIFFUSERS_SCHEDULERS
-from sd3exp.evaluate.cells import (BASE_LABEL, IMAGE_NAME, PLAIN, Cell, RenderJob, Sampling, SweepInterrupted,
-                                   Variant, cell_key)
+from sd3exp.evaluate.cells import (
+    BASE_LABEL,
+    IMAGE_NAME,
+    PLAIN,
+    Cell,
+    RenderJob,
+    Sampling,
+    SweepInterrupted,
+    Variant,
+    cell_key,
+)
 from sd3exp.evaluate.checkpoints import Checkpoint
 from sd3exp.io import write_json
 from sd3exp.layout import EvalLayout
@@ -58,9 +67,9 @@ def job_checkpoints(checkpoints: Sequence[Checkpoint], include_base: bool,
                     variants: Optional[Mapping[str, Sequence[Variant]]] = None) -> list[dict[str, Any]]:
     """The worker's checkpoint list; the base model (kind "base") first when asked for. Every LoRA
     variant gets its scale (alpha/rank of training, 1.0 when not given, x the strength multiplier)."""
-    base = [{"label": BASE_LABEL, "step": None, "kind": "base", "path": None}] if include_base else []
+    base: list[dict[str, Any]] = [{"label": BASE_LABEL, "step": None, "kind": "base", "path": None}] if include_base else []
     scales, variants = scales or {}, variants or {}
-    entries = base + [{"label": c.label, "step": c.step, "kind": c.kind, "path": str(Path(c.path).resolve())}
+    entries: list[dict[str, Any]] = base + [{"label": c.label, "step": c.step, "kind": c.kind, "path": str(Path(c.path).resolve())}
                       for c in checkpoints]
     for entry in entries:
         trained = scales.get(entry["label"], 1.0) if entry["kind"] == "lora" else None
@@ -123,7 +132,13 @@ def _lines(stream: Any) -> Iterator[str]:
     """The stream's lines, read by a helper thread: the main thread never blocks in a read for long, so
     Ctrl-C and SIGTERM (which the OS may hand to any thread) are acted on within WAKE_S."""
     lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: ([lines.put(line) for line in stream], lines.put(None)), daemon=True).start()
+
+    def pump() -> None:
+        for line in stream:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
     while True:
         try:
             line = lines.get(timeout=WAKE_S)
@@ -154,9 +169,13 @@ class Watchdog:
         self.proc, self.timeout_s, self.fired = proc, timeout_s, threading.Event()
         self.timer: Optional[threading.Timer] = None
 
+    def fire(self) -> None:
+        self.fired.set()
+        self.proc.kill()
+
     def restart(self) -> None:
         self.cancel()
-        self.timer = threading.Timer(self.timeout_s, lambda: (self.fired.set(), self.proc.kill()))
+        self.timer = threading.Timer(self.timeout_s, self.fire)
         self.timer.daemon = True
         self.timer.start()
 
@@ -224,7 +243,7 @@ def base_folder(value: str, python: Path) -> Path:
     from sd3exp.hub import model_fix, model_state
 
     state = model_state(value, python)
-    if state.state in ("local", "cached"):
+    if state.state in ("local", "cached") and state.folder:
         return Path(state.folder)
     raise EvalError(f"model.path={value!r}: the diffusers evaluation renders from a local folder or the Hugging "
                     f"Face cache, and this model is {state.line()}. Fix: "

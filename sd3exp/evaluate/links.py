@@ -134,7 +134,7 @@ def link_checkpoints(checkpoints: Sequence[Checkpoint], models_dir: Path | str, 
     folders = {link.parent for link in wanted}
     actions = plan_links(wanted, existing, [p for f in sorted(folders) for p in broken_links(f)])
     for action in actions:
-        if action.action == "create":
+        if action.action == "create" and action.target is not None:  # a create always has its target
             action.link.parent.mkdir(parents=True, exist_ok=True)
             action.link.symlink_to(action.target)
     for c in checkpoints:

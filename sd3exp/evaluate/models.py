@@ -71,10 +71,11 @@ def model_folder(key: str, value: str) -> Path:
     field = f"eval.scoring.{key}"
     folder = Path(value).expanduser()
     if not folder.is_dir():
-        folder = hf_cache_snapshot(value) if value.count("/") == 1 else None
-        if folder is None:
+        snapshot = hf_cache_snapshot(value) if value.count("/") == 1 else None
+        if snapshot is None:
             raise ConfigError(field, value, "no such folder (nor a model in the Hugging Face cache); sd3exp never "
                               "downloads models", _fix(key))
+        folder = snapshot
     accepted, wanted = KINDS[key]
     if accepted is None:  # a processor: checked when the worker loads it
         return folder.resolve()
@@ -163,10 +164,11 @@ def scoring_models(sc: ScoringConfig) -> Dict[str, Path]:
         found["pickscore_processor"] = model_folder("pickscore_processor", sc.pickscore_processor or sc.pickscore)
     if sc.aesthetic:
         found["aesthetic"] = model_file("aesthetic", sc.aesthetic)
-        if not (sc.aesthetic_clip or sc.clip):
+        aesthetic_clip = sc.aesthetic_clip or sc.clip
+        if not aesthetic_clip:
             raise ConfigError("eval.scoring.aesthetic_clip", None, "the aesthetic predictor needs a CLIP ViT-L/14",
                               _fix("aesthetic_clip"))
-        found["aesthetic_clip"] = model_folder("aesthetic_clip", sc.aesthetic_clip or sc.clip)
+        found["aesthetic_clip"] = model_folder("aesthetic_clip", aesthetic_clip)
     if sc.hps:
         found["hps"] = model_file("hps", sc.hps)
     return found

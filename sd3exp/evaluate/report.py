@@ -13,11 +13,10 @@ from urllib.parse import quote
 
 import jinja2
 
-from sd3exp import lrplot
-from sd3exp.project import TEMPLATES
 from sd3exp.evaluate.cells import Cell, cell_image, column_title
 from sd3exp.io import read_json, write_text
 from sd3exp.layout import EvalLayout, RunLayout
+from sd3exp.project import TEMPLATES
 
 TEMPLATE = "report.html.j2"
 
@@ -111,6 +110,8 @@ def write_report(run_dir: Path | str, cells: Sequence[Cell], grids: Sequence[Pat
     """Write `<run>/eval/report.html` (or `out`) atomically; return its path."""
     run_dir = Path(run_dir)
     out = Path(out) if out else RunLayout(run_dir).eval.report
-    lrplot.draw(run_dir)  # shown here: drawn here, when plan.json changed
+    from sd3exp.plots import draw_lr_curve  # matplotlib only when a report is written
+
+    draw_lr_curve(run_dir)  # shown here: drawn here, when plan.json changed
     write_text(out, render_report(report_context(run_dir, cells, grids, out.parent, title)))
     return out

@@ -25,7 +25,7 @@ import math
 import subprocess
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -141,7 +141,8 @@ def score_cells(cfg: ExperimentConfig, cells: Sequence[Cell], work_dir: Optional
     key = scoring_key(cfg, sets, folders, held)
     base = {(c.prompt_index, c.seed, _sampling_of(c)): c for c in cells if c.label == BASE_LABEL}
     todo = [i for i, c in enumerate(cells) if c.status == "ok" and c.scored_with != key]
-    out, pools = list(cells), {}
+    out = list(cells)
+    pools: Dict[Tuple[str, ...], Any] = {}
     for i in console.progress(todo, desc="scoring", unit="cell", disable=not todo):
         cell = cells[i]
         image = _image(cell, sc.thumbnail)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from sd3exp.errors import ConfigError
 from sd3exp.evaluate.digits import fmt
@@ -64,7 +64,7 @@ class Candidate:
     failed: int  # cells left out: failed renders or unreadable images
     memorised: int  # scored cells flagged as near-copies
     variant: str = ""  # the combination's name ("" when there is one)
-    axes: Mapping[str, object] = field(default_factory=dict)  # axis -> value (sd3exp/evaluate/axes.py)
+    axes: Mapping[str, Any] = field(default_factory=dict)  # axis -> value (sd3exp/evaluate/axes.py)
 
     def to_dict(self) -> dict:
         return {"label": self.label, "step": self.step, "scores": dict(self.scores), "cells": self.cells,

@@ -15,23 +15,29 @@ from sd3exp import console
 from sd3exp.errors import ConfigError, EvalError
 from sd3exp.evaluate import axes as axismod
 from sd3exp.evaluate import cells as cellio
-from sd3exp.evaluate import reuse
-from sd3exp.evaluate.checkpoints import BASE_LABEL, Checkpoint, discover
+from sd3exp.evaluate import lora_scale, reuse
 from sd3exp.evaluate.cells import Cell, RenderJob, Sampling, SweepInterrupted, Variant, cell_key
+from sd3exp.evaluate.checkpoints import BASE_LABEL, Checkpoint, discover
 from sd3exp.evaluate.grid import write_grids
-from sd3exp.evaluate import lora_scale
 from sd3exp.evaluate.lora_scale import Strength
 from sd3exp.evaluate.report import write_report
-from sd3exp.evaluate.score import (best_label, best_variant, check_scoring, choose_best, print_best,
-                                   scoring_request, summary_line, unscored_by_models)
+from sd3exp.evaluate.score import (
+    best_label,
+    best_variant,
+    check_scoring,
+    choose_best,
+    print_best,
+    scoring_request,
+    summary_line,
+    unscored_by_models,
+)
 from sd3exp.hub import is_repo_id
 from sd3exp.io import write_json
-from sd3exp.workers.render_device import DEVICES, DTYPES
 from sd3exp.layout import EvalLayout, RunLayout
 from sd3exp.runfolder import training_elsewhere
 from sd3exp.schema import ExperimentConfig
 from sd3exp.signals import Stopped, sigterm_raises
-
+from sd3exp.workers.render_device import DEVICES, DTYPES
 
 SHIPPED_WORKFLOWS = {"full": "sd3_api.json", "lora": "sd3_lora_api.json"}  # model.type -> conf/workflows/
 
@@ -61,8 +67,9 @@ def render_settings(cfg: ExperimentConfig) -> dict:
     ev = cfg.eval
     data: dict = {"backend": ev.backend, "sampling": asdict(Sampling.of(ev))}
     if ev.backend == "comfyui":
-        workflow = Path(ev.workflow)
-        data["workflow"] = [hashlib.sha256(workflow.read_bytes()).hexdigest() if workflow.is_file() else ev.workflow,
+        workflow = Path(ev.workflow) if ev.workflow else None
+        data["workflow"] = [hashlib.sha256(workflow.read_bytes()).hexdigest() if workflow and workflow.is_file()
+                            else ev.workflow,
                             ev.workflow_inputs, dict(ev.nodes)]
     else:
         model = cfg.model.path

@@ -39,7 +39,7 @@ def stalled(points: Sequence[Point], direction: str, patience: int, min_delta: f
     since = 0
     for point in sorted(points, key=lambda p: p.step):
         if point.value is not None and math.isfinite(point.value) and (
-                best is None or sign * (point.value - best.value) > min_delta):
+                best is None or best.value is None or sign * (point.value - best.value) > min_delta):
             best, since = point, 0
         else:
             since += 1
@@ -98,7 +98,7 @@ class Watcher:
 
         ev = self.cfg.eval
         found = discover(self.cfg.paths.training_dir, ev.every_k, ev.min_step, ev.max_step, include_final=False)
-        return [c.step for c in found.checkpoints if c.step not in self.done]
+        return [c.step for c in found.checkpoints if c.step is not None and c.step not in self.done]
 
     def loop(self) -> None:
         while True:

@@ -49,7 +49,10 @@ def experiment_id(client: MlflowClient, uri: str, name: str, output_root: str) -
     try:
         return client.create_experiment(name, artifact_location=location)
     except MlflowException:  # another job made it meanwhile
-        return client.get_experiment_by_name(name).experiment_id
+        made = client.get_experiment_by_name(name)
+        if made is None:
+            raise
+        return made.experiment_id
 
 
 def _ids(path: Path) -> Dict[str, Any]:

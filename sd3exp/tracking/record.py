@@ -121,7 +121,7 @@ def run_record(cfg: ExperimentConfig, run_dir: Path, config_hash: str, overrides
     if best:
         tags[f"{TAG}objective"] = best["rule"]["objective"]
     metrics = score_metrics(cells, final_step) + training_metrics(training)
-    if chosen:
+    if chosen and best:
         metrics.append(("objective", float(chosen["scores"][best["rule"]["objective"]]), int(chosen["step"] or final_step)))
     grids = sorted(ev.folder.glob("grid*.png"))
     artifacts = [(p, "eval") for p in [*grids, ev.report, ev.scores_plot, ev.training_plot, ev.best, ev.cells]

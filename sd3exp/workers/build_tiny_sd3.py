@@ -19,8 +19,8 @@ latents. --vae-steps 0 keeps a random VAE (every render is noise).
 from __future__ import annotations
 
 import argparse
-import json
 import hashlib
+import json
 import math
 import os
 import shutil

@@ -9,12 +9,32 @@ stage's entry, the same `render(cfg, job, run_dir, images) -> list[Cell]` every 
 from sd3exp.evaluate.comfyui.backend import render
 from sd3exp.evaluate.comfyui.client import SAFETY_POLL_S, ComfyClient, Watcher
 from sd3exp.evaluate.comfyui.names import closest, listed_names, match_names
-from sd3exp.evaluate.comfyui.protocol import (EventLog, ImageRef, Outcome, node_errors_text, parse_history,
-                                              prompt_rejection, render_seconds, ws_url)
+from sd3exp.evaluate.comfyui.protocol import (
+                                              EventLog,
+                                              ImageRef,
+                                              Outcome,
+                                              node_errors_text,
+                                              parse_history,
+                                              prompt_rejection,
+                                              render_seconds,
+                                              ws_url,
+)
 from sd3exp.evaluate.comfyui.sweep import SweepSpec, resolve_names, run_sweep
-from sd3exp.evaluate.comfyui.workflow import (LOADERS, Graph, NodeIds, base_workflow, check_api_format,
-                                              filename_prefix, find_nodes, load_workflow, new_sweep_id,
-                                              node_override, patch_graph, with_inputs, without_node)
+from sd3exp.evaluate.comfyui.workflow import (
+                                              LOADERS,
+                                              Graph,
+                                              NodeIds,
+                                              base_workflow,
+                                              check_api_format,
+                                              filename_prefix,
+                                              find_nodes,
+                                              load_workflow,
+                                              new_sweep_id,
+                                              node_override,
+                                              patch_graph,
+                                              with_inputs,
+                                              without_node,
+)
 
 __all__ = ["LOADERS", "SAFETY_POLL_S", "ComfyClient", "EventLog", "Graph", "ImageRef", "NodeIds", "Outcome", "SweepSpec",
            "Watcher", "base_workflow", "check_api_format", "closest", "filename_prefix", "find_nodes",

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, List, Mapping
+from typing import Any, List, Mapping, cast
 
 from sd3exp import console
+from sd3exp.errors import ConfigError
 from sd3exp.evaluate import cells as cellio
 from sd3exp.evaluate import links
 from sd3exp.evaluate.cells import Cell, RenderJob, Sampling
@@ -16,6 +17,7 @@ from sd3exp.evaluate.comfyui.sweep import SweepSpec, resolve_names, run_sweep
 from sd3exp.evaluate.comfyui.workflow import Graph, load_workflow, with_inputs
 from sd3exp.layout import RunLayout
 from sd3exp.schema import ExperimentConfig
+
 
 def run_name(cfg: ExperimentConfig, run_dir: Path) -> str:
     """The run's folder name inside ComfyUI's models folders."""
@@ -30,7 +32,10 @@ def render(cfg: ExperimentConfig, job: RenderJob, run_dir: Path, images: Path) -
     """The job's cells rendered by the ComfyUI server at eval.url; their images stored in `images`."""
     ev, checkpoints = cfg.eval, job.checkpoints
     name, training = run_name(cfg, run_dir), Path(cfg.paths.training_dir)
-    mode = ev.link_mode
+    mode = cast(links.LinkMode, ev.link_mode)  # one of them: sd3exp/validate.py
+    if not ev.url:  # checked before rendering (sd3exp/evaluate/stage.py)
+        raise ConfigError("eval.url", ev.url, "eval.backend=comfyui needs the ComfyUI server's address",
+                          "add eval.url=http://127.0.0.1:8188")
     if mode == "symlink" and ev.models_dir:
         problems = [a.message for a in links.link_checkpoints(checkpoints, ev.models_dir, name) if a.problem]
         for p in problems:

@@ -142,8 +142,8 @@ class Watcher:
     def settled(self, pending: Sequence[str], wait_s: float) -> list[str]:
         """Prompt ids among `pending` that finished (history written) or left the queue."""
         if self.socket is not None:
-            done = self._receive(wait_s)
-            if done in pending:
+            done = self._receive(self.socket, wait_s)
+            if done is not None and done in pending:
                 return [done]
             if time.monotonic() - self.last_poll < SAFETY_POLL_S:
                 return []
@@ -151,10 +151,10 @@ class Watcher:
             time.sleep(max(0.0, min(self.poll_s, wait_s)))
         return self._poll(pending)
 
-    def _receive(self, wait_s: float) -> Optional[str]:
+    def _receive(self, socket: websocket.WebSocket, wait_s: float) -> Optional[str]:
         try:
-            self.socket.settimeout(max(0.01, wait_s))
-            return self.events.add(self.socket.recv())
+            socket.settimeout(max(0.01, wait_s))
+            return self.events.add(socket.recv())
         except websocket.WebSocketTimeoutException:
             return None
         except (OSError, ValueError, websocket.WebSocketException) as exc:

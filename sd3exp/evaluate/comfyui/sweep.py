@@ -20,8 +20,16 @@ from sd3exp.evaluate.checkpoints import BASE_LABEL, Checkpoint
 from sd3exp.evaluate.comfyui.client import ComfyClient, Watcher
 from sd3exp.evaluate.comfyui.names import closest, match_names, norm_name
 from sd3exp.evaluate.comfyui.protocol import ImageRef, Outcome, parse_history
-from sd3exp.evaluate.comfyui.workflow import (LOADERS, Graph, base_workflow, filename_prefix, find_nodes,
-                                              new_sweep_id, patch_graph, shift_node)
+from sd3exp.evaluate.comfyui.workflow import (
+    LOADERS,
+    Graph,
+    base_workflow,
+    filename_prefix,
+    find_nodes,
+    new_sweep_id,
+    patch_graph,
+    shift_node,
+)
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +125,7 @@ class _Sweep:
         graphs = [self.graph(i, names) for i in range(len(self.cells))]  # all patch errors before queueing
         for index, graph in enumerate(graphs):
             prompt_id, problem = self.client.queue_prompt(graph)
-            if problem is None:
+            if problem is None and prompt_id is not None:
                 self.queued[prompt_id] = index
                 continue
             if prompt_id:  # 200 with node_errors: part of it was queued anyway

@@ -21,8 +21,10 @@ LOADERS = {"full": ("UNETLoader", "unet_name", "unet"), "lora": ("LoraLoaderMode
 LOADERS["base"] = LOADERS["full"]  # the base model: the workflow's own unet_name
 
 
-def load_workflow(path: Path | str) -> Graph:
-    """Read an API-format workflow ("Save (API Format)" in ComfyUI)."""
+def load_workflow(path: Path | str | None) -> Graph:
+    """Read an API-format workflow ("Save (API Format)" in ComfyUI); None: eval.workflow is not set."""
+    if path is None:
+        raise EvalError("eval.workflow is not set; eval.backend=comfyui needs an API-format workflow")
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:

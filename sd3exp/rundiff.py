@@ -24,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from sd3exp.compile import trainer_args, user_extra_args
 from sd3exp.errors import Sd3expError
+from sd3exp.experiment import to_experiment
 from sd3exp.job import absolute_paths, compiled_files, compose_job, concept_sizes
 from sd3exp.layout import RunLayout
 from sd3exp.plan import make_plan
@@ -169,7 +170,7 @@ def yaml_fields(files: Dict[str, str]) -> Dict[str, str]:
     """`<file>:<SimpleTuner key>` -> the YAML field it is compiled from ({} if it cannot be rebuilt)."""
     data = yaml.safe_load(files[RunLayout.RESOLVED])
     try:
-        cfg: ExperimentConfig = absolute_paths(OmegaConf.to_object(
+        cfg: ExperimentConfig = absolute_paths(to_experiment(
             OmegaConf.merge(OmegaConf.structured(ExperimentConfig), data)))
         plan = make_plan(cfg, concept_sizes(cfg))
     except (Sd3expError, OmegaConfBaseException):  # a YAML that no longer fits the schema: no annotations
