@@ -30,7 +30,7 @@ demo-grid: demo
 
 # Lint and type-check first ([tool.ruff] and [tool.mypy] in pyproject.toml), then the suite.
 test: trainer browser
-	$(BIN)/ruff check sd3exp tests benchmarks docs
+	$(BIN)/ruff check sd3exp hydra_plugins tests benchmarks docs
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
 

@@ -13,8 +13,15 @@ from hypothesis import strategies as st
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from sd3exp.errors import ConfigError
-from sd3exp.optuna_sweep import (PRUNED_ATTR, PRUNER_ATTR, OptunaSweeper, grid_points, make_pruner, pruner_config,
-                                 search_space)
+from sd3exp.optuna_sweep import (
+    PRUNED_ATTR,
+    PRUNER_ATTR,
+    OptunaSweeper,
+    grid_points,
+    make_pruner,
+    pruner_config,
+    search_space,
+)
 from sd3exp.optuna_sweep.job import TrialReporter
 from sd3exp.schema import OptunaTrialConfig
 from sd3exp.sweep import steps_saved, trial_number

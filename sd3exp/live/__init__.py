@@ -19,13 +19,16 @@ import signal
 import threading
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence
+from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence
 
 from sd3exp import console
 from sd3exp.io import write_text
 from sd3exp.layout import RunLayout
 from sd3exp.live.state import LIVE_FILE, LiveState, Point, early_stop_of, pruned_of, stop_of  # noqa: F401 - the package's API
 from sd3exp.schema import ExperimentConfig
+
+if TYPE_CHECKING:
+    from sd3exp.optuna_sweep.job import TrialReporter
 
 POLL_S = 1.0  # how often the training folder is looked at
 REFRESH_S = 10  # report.html reloads itself this often while training runs
@@ -91,7 +94,7 @@ class Watcher:
         self.closing = threading.Event()
         self.last_pass = True  # False when training was interrupted: no pass after it
         self.thread = threading.Thread(target=self.loop, name="sd3exp-live", daemon=True)
-        self.reporter = None  # the Optuna trial this job reports to (sweep.optuna.trial), connected on first use
+        self.reporter: Optional[TrialReporter] = None  # the Optuna trial this job reports to (sweep.optuna.trial), connected on first use
 
     def new_steps(self) -> List[int]:
         from sd3exp.evaluate.checkpoints import discover
@@ -158,22 +161,23 @@ class Watcher:
                 from sd3exp.optuna_sweep.job import TrialReporter
 
                 self.reporter = TrialReporter(where)
+            reporter = self.reporter
             for point in sorted(points, key=lambda p: p.step):
-                self.reporter.report(point.step, point.value)
-            prune = self.reporter.should_prune()
+                reporter.report(point.step, point.value)
+            prune = reporter.should_prune()
         except Exception as err:  # the study unreachable: training goes on, the summary names it
             self.state.failures.append(f"optuna trial {where.trial}: {err}")
             console.warn(f"reporting to Optuna trial {where.trial} failed ({err}); training goes on")
             return
         if not prune or self.closing.is_set():
             return
-        last = max(self.reporter.reported)
+        last = max(reporter.reported)
         value = next(p.value for p in points if p.step == last)
         self.state.pruned = {"step": last, "objective": objective, "value": value, "trial": where.trial,
-                             "reason": f"Optuna's {self.reporter.pruner} pruned trial {where.trial} at step {last} "
+                             "reason": f"Optuna's {reporter.pruner} pruned trial {where.trial} at step {last} "
                                        f"({objective} {value:.6g})"}
         self.state.save(self.path)  # before the trainer exits: run_training reads it then
-        self.reporter.mark_pruned(self.state.pruned)
+        reporter.mark_pruned(self.state.pruned)
         console.info(f"pruned at step {last}: {self.state.pruned['reason']}; stopping the trainer "
                      "(every checkpoint and score is kept)")
         from sd3exp.train import stop_run

@@ -23,12 +23,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Literal, Optional, Sequence, Tuple, cast
 
 from omegaconf import DictConfig, OmegaConf
 
 from sd3exp import console
 from sd3exp.errors import ConfigError
+
+if TYPE_CHECKING:
+    import optuna
 
 PRUNED_ATTR = "sd3exp_pruned"  # trial user attribute the job sets when the pruner stopped it
 PRUNER_ATTR = "sd3exp_pruner"  # study user attribute: the pruner's config, read by each job
@@ -69,10 +72,11 @@ def search_space(params: Dict[str, Any], arguments: Sequence[str]) -> Tuple[Dict
     (the command line wins for the same key)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    lines = {}
+    lines: Dict[str, str] = {}
     for line in [f"{k}={v}" for k, v in params.items()] + list(arguments):
         lines[line.split("=", 1)[0]] = line
-    space, fixed = {}, {}
+    space: Dict[str, Any] = {}
+    fixed: Dict[str, Any] = {}
     for override in OverridesParser.create().parse_overrides(list(lines.values())):
         found = distribution(override)
         (fixed if isinstance(found, str) else space)[override.get_key_element()] = found
@@ -180,16 +184,22 @@ def encode(value: Any) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
+def _plain(options: Any) -> Dict[str, Any]:
+    """A sweeper option as a plain dict (resolved; {} when unset)."""
+    from sd3exp.experiment import to_dict
+
+    return to_dict(options, resolve=True) if isinstance(options, DictConfig) else dict(options or {})
+
+
 class OptunaSweeper:
     """Hydra sweeper: Optuna ask/tell over Hydra's launcher, studies in an Optuna storage, pruning."""
 
     def __init__(self, direction: str = "maximize", study_name: Optional[str] = None, storage: Optional[str] = None,
                  n_trials: int = 8, n_jobs: int = 1, sampler: Any = None, pruner: Any = None,
                  params: Any = None) -> None:
-        plain = (lambda x: OmegaConf.to_container(x, resolve=True) if isinstance(x, DictConfig) else (x or {}))
         self.direction, self.study_name, self.storage = direction, study_name or "sd3exp", storage
         self.n_trials, self.n_jobs = int(n_trials), max(1, int(n_jobs))
-        self.sampler_options, self.pruner_options, self.params = plain(sampler), plain(pruner), plain(params)
+        self.sampler_options, self.pruner_options, self.params = _plain(sampler), _plain(pruner), _plain(params)
         pruner_config(self.pruner_options)  # refuse a bad pruner before anything runs
         if direction not in ("maximize", "minimize"):
             raise ConfigError("hydra.sweeper.direction", direction, "must be maximize or minimize",
@@ -233,7 +243,7 @@ class OptunaSweeper:
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         url = self.storage_url()
         study = optuna.create_study(storage=url, study_name=self.study_name, load_if_exists=True,
-                                    direction=self.direction, sampler=make_sampler(self.sampler_options),
+                                    direction=cast(Literal["minimize", "maximize"], self.direction), sampler=make_sampler(self.sampler_options),
                                     pruner=make_pruner(self.pruner_options))
         study.set_user_attr(PRUNER_ATTR, self.pruner_options)
         study.set_user_attr("sd3exp_sampler", self.sampler_options)
@@ -249,6 +259,7 @@ class OptunaSweeper:
         done = len(finished)
         self.write_trials(study)
         while done < self.n_trials:
+            batch: List[Tuple[int, Dict[str, Any], Optional["optuna.trial.Trial"]]]
             if resume:
                 batch = [(t.number, dict(t.params), None) for t in resume[:self.n_jobs]]
                 resume = resume[self.n_jobs:]

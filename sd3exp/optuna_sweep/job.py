@@ -24,8 +24,9 @@ class TrialReporter:
         from sd3exp.optuna_sweep import PRUNER_ATTR, make_pruner
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        probe = optuna.load_study(study_name=where.study, storage=where.storage)
-        self.study = optuna.load_study(study_name=where.study, storage=where.storage,
+        storage = where.storage or ""  # the sweeper sets it with the trial; Optuna refuses "" and the summary names it
+        probe = optuna.load_study(study_name=where.study, storage=storage)
+        self.study = optuna.load_study(study_name=where.study, storage=storage,
                                        sampler=optuna.samplers.RandomSampler(),
                                        pruner=make_pruner(probe.user_attrs.get(PRUNER_ATTR)))
         frozen = next((t for t in self.study.get_trials(deepcopy=False) if t.number == where.trial), None)
