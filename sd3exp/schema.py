@@ -268,7 +268,7 @@ class TrackingConfig:
 class OptunaTrialConfig:
     """The Optuna trial a sweep job reports to (set by the sd3exp Optuna sweeper, sd3exp/optuna_sweep/)."""
 
-    storage: Optional[str] = None  # the study's Optuna storage URL
+    storage: Optional[str] = None  # the study's Optuna storage URL, or env:NAME (the URL in NAME: one with a password)
     study: Optional[str] = None  # the study's name
     trial: Optional[int] = None  # the trial's number; null: not an Optuna trial
 

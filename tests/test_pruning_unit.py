@@ -183,3 +183,53 @@ def test_a_pruner_without_scores_is_refused_before_any_trial(tmp_path):
     assert out.returncode == 2 and "sd3exp: error: hydra.sweeper.pruner.name=" in out.stderr
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "optuna.db").exists()
+
+
+def test_a_storage_password_is_masked_and_an_env_storage_is_read_from_the_environment(tmp_path, monkeypatch):
+    from sd3exp.optuna_sweep import has_password, masked, resolve_storage
+
+    url = "mysql+pymysql://optuna:s3cr3t-pw@db.example:3306/optuna"
+    assert masked(url) == "mysql+pymysql://optuna:***@db.example:3306/optuna" and has_password(url)
+    assert masked("sqlite:////x/optuna.db") == "sqlite:////x/optuna.db" and not has_password("sqlite:////x/optuna.db")
+    assert masked("env:MY_STORAGE") == "env:MY_STORAGE" and "s3cr3t" not in masked("not a url s3cr3t")
+    monkeypatch.delenv("MY_STORAGE", raising=False)
+    with pytest.raises(ConfigError) as err:
+        resolve_storage("env:MY_STORAGE", "sweep.optuna.storage")
+    assert err.value.field == "sweep.optuna.storage" and "MY_STORAGE" in str(err.value)
+    # a job given `env:NAME` (what the sweeper passes for a URL with a password) reaches its trial
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(storage=storage, study_name="s")
+    trial = study.ask()
+    monkeypatch.setenv("MY_STORAGE", storage)
+    job = TrialReporter(OptunaTrialConfig(storage="env:MY_STORAGE", study="s", trial=trial.number))
+    job.report(10, 1.5)
+    assert optuna.load_study(study_name="s", storage=storage).trials[0].intermediate_values == {10: 1.5}
+
+
+def test_a_storage_password_is_in_no_file_of_the_sweep_folder_and_no_output(tmp_path):
+    """A sweep through submitit (jobs pickled into .submitit/) with a storage URL holding a password
+    (tests/sqlite_password.py): the console, trials.json, sweep.json, Hydra's configs and overrides,
+    the run folders and submitit's pickles hold it masked or as `env:SD3EXP_OPTUNA_STORAGE`, never the
+    password; the study is in the storage."""
+    import subprocess
+    import sys
+
+    from sd3exp.project import ROOT
+    from tests import sqlite_password
+
+    secret = "Pw-9f3kQ2zLx7"
+    url = f"sqlite+pwtest://optuna:{secret}@/{tmp_path / 'optuna.db'}"
+    sweep = tmp_path / "sweep"
+    out = subprocess.run([sys.executable, "-c", "import tests.sqlite_password as m; m.main()", "-m",
+                          "experiment=demo", "hparams_search=demo_pruned", "stage=compile", "hydra.sweeper.n_trials=1",
+                          "hydra/launcher=submitit_local", f"hydra.sweeper.storage='{url}'", f"hydra.sweep.dir={sweep}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert secret not in out.stdout + out.stderr and "optuna:***@" in out.stdout + out.stderr
+    files = [p for p in sweep.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".pkl" for p in files) and (sweep / "0_demo" / "resolved.yaml").is_file()
+    assert [p for p in files if secret.encode() in p.read_bytes()] == []
+    assert json.loads((sweep / "sweep.json").read_text())["optuna"]["storage"].startswith("sqlite+pwtest://optuna:***@")
+    assert "sweep.optuna.storage='env:SD3EXP_OPTUNA_STORAGE'" in json.loads((sweep / ".sweep" / "0.json").read_text())["overrides"]
+    sqlite_password.register()
+    assert len(optuna.load_study(study_name="demo_pruned", storage=url).trials) == 1

@@ -11,6 +11,12 @@ evaluated checkpoint's objective to that trial and stops when the study's pruner
 (sd3exp/optuna_sweep/job.py, called by the live watcher). A pruned trial keeps its checkpoints and
 scores; the job sets the trial's user attribute `sd3exp_pruned` and the sweeper tells the study PRUNED.
 
+A storage URL's password is never printed nor written (docs/sweeps.md "Sharing a study on a cluster"):
+the console, trials.json and Hydra's own config (hydra.yaml, the job pickles submitit writes) get the
+URL with `***` for it, and jobs get `sweep.optuna.storage=env:SD3EXP_OPTUNA_STORAGE`, the environment
+variable the sweeper sets to the full URL (Slurm hands the submitting process's environment to its
+jobs, requeued ones included). `hydra.sweeper.storage=env:NAME` reads the URL from NAME instead.
+
 Trials already finished in the storage (complete, pruned, failed) count toward `n_trials`, so the same
 command run again continues the study. Trials left RUNNING by a sweep process that died (SIGKILL, a
 lost login node) are resumed, not failed: launched again with the same trial number, parameters and
@@ -35,6 +41,9 @@ if TYPE_CHECKING:
 
 PRUNED_ATTR = "sd3exp_pruned"  # trial user attribute the job sets when the pruner stopped it
 PRUNER_ATTR = "sd3exp_pruner"  # study user attribute: the pruner's config, read by each job
+
+STORAGE_ENV = "SD3EXP_OPTUNA_STORAGE"  # the full storage URL, for the jobs, when it holds a password
+ENV_PREFIX = "env:"  # a storage given as `env:NAME`: the URL is NAME's value
 
 PRUNERS = ("none", "median", "successive_halving", "hyperband")
 SAMPLERS = ("tpe", "random", "grid")
@@ -173,6 +182,43 @@ def grid_points(options: Optional[Dict[str, Any]], space: Dict[str, Any]) -> Lis
     return [dict(zip(keys, combo)) for combo in itertools.product(*(space[k].choices for k in keys))]
 
 
+def masked(url: str) -> str:
+    """The storage URL to show or write: its password replaced by `***` (an `env:NAME` as it is)."""
+    if url.startswith(ENV_PREFIX):
+        return url
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy parses: nothing of it is shown (Optuna will refuse it, unnamed)
+        return "<the storage URL, not shown: SQLAlchemy cannot parse it>"
+
+
+def has_password(url: str) -> bool:
+    if url.startswith(ENV_PREFIX):
+        return False
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).password is not None
+    except Exception:
+        return True  # unparsed: treated as secret
+
+
+def resolve_storage(storage: str, field: str) -> str:
+    """The URL of `storage`: itself, or with `env:NAME` NAME's value (refused, naming `field`, when unset)."""
+    import os
+
+    if not storage.startswith(ENV_PREFIX):
+        return storage
+    name = storage[len(ENV_PREFIX):]
+    value = os.environ.get(name)
+    if not value:
+        raise ConfigError(field, storage, f"the environment variable {name} is not set in this process",
+                          f"export {name}=<storage URL> where the sweep (and its jobs) start")
+    return value
+
+
 def quoted(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
@@ -200,6 +246,7 @@ class OptunaSweeper:
         self.direction, self.study_name, self.storage = direction, study_name or "sd3exp", storage
         self.n_trials, self.n_jobs = int(n_trials), max(1, int(n_jobs))
         self.sampler_options, self.pruner_options, self.params = _plain(sampler), _plain(pruner), _plain(params)
+        self.job_storage: Optional[str] = None  # what jobs get as `sweep.optuna.storage` when not the URL (hide_password)
         pruner_config(self.pruner_options)  # refuse a bad pruner before anything runs
         if direction not in ("maximize", "minimize"):
             raise ConfigError("hydra.sweeper.direction", direction, "must be maximize or minimize",
@@ -213,6 +260,33 @@ class OptunaSweeper:
                                                                 task_function=task_function)
         self.sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         self.check_objective()
+        self.hide_password()
+
+    def hide_password(self) -> None:
+        """A storage URL with a password: Hydra's config (saved in each job's .hydra/hydra.yaml and
+        pickled by submitit with the jobs) gets it masked, and the full URL goes to the jobs through
+        the environment variable SD3EXP_OPTUNA_STORAGE. `hydra.sweeper.storage=env:NAME`: jobs read NAME."""
+        import os
+
+        if not self.storage or not has_password(self.storage):
+            return
+        shown = masked(self.storage)
+        os.environ[STORAGE_ENV] = self.storage
+        self.job_storage = ENV_PREFIX + STORAGE_ENV
+        from hydra.core.hydra_config import HydraConfig
+        from omegaconf import read_write
+
+        configs = [self.config]
+        if HydraConfig.initialized():
+            configs.append(HydraConfig.instance().cfg)  # type: ignore[arg-type]  # pickled with the jobs (Singleton state)
+        for cfg in configs:
+            with read_write(cfg.hydra):
+                if OmegaConf.select(cfg, "hydra.sweeper.storage") is not None:
+                    cfg.hydra.sweeper.storage = shown
+                lines = OmegaConf.select(cfg, "hydra.overrides.hydra") or []
+                cfg.hydra.overrides.hydra = [f"{line.split('=', 1)[0]}={quoted(shown)}"
+                                             if line.split("=", 1)[0].lstrip("+~") == "hydra.sweeper.storage" else line
+                                             for line in lines]
 
     def check_objective(self) -> None:
         """Pruning needs scored checkpoints, and the study's direction must be the objective's."""
@@ -233,7 +307,10 @@ class OptunaSweeper:
                                   f"hydra.sweeper.direction={wanted}")
 
     def storage_url(self) -> str:
-        return self.storage or f"sqlite:///{self.sweep_dir / 'optuna.db'}"
+        """The full URL (`env:NAME` resolved): for Optuna only, never shown (masked() is)."""
+        if not self.storage:
+            return f"sqlite:///{self.sweep_dir / 'optuna.db'}"
+        return resolve_storage(self.storage, "hydra.sweeper.storage")
 
     def sweep(self, arguments: List[str]) -> List[Any]:
         import optuna
@@ -247,7 +324,9 @@ class OptunaSweeper:
                                     pruner=make_pruner(self.pruner_options))
         study.set_user_attr(PRUNER_ATTR, self.pruner_options)
         study.set_user_attr("sd3exp_sampler", self.sampler_options)
-        console.info(f"optuna: study {self.study_name!r} in {url} (`optuna-dashboard {url}` shows it)")
+        shown = masked(self.storage if self.storage and self.storage.startswith(ENV_PREFIX) else url)
+        console.info(f"optuna: study {self.study_name!r} in {shown} (`optuna-dashboard {masked(url)}` shows it"
+                     + (", with the password" if has_password(url) else "") + ")")
         trials = study.get_trials(deepcopy=False)
         finished = [t for t in trials if t.state.is_finished()]
         resume = [t for t in trials if t.state == TrialState.RUNNING]
@@ -291,7 +370,8 @@ class OptunaSweeper:
 
     def overrides(self, number: int, params: Dict[str, Any], fixed: Dict[str, str], url: str) -> List[str]:
         return ([f"{k}={encode(v)}" for k, v in params.items()] + [f"{k}={v}" for k, v in fixed.items()]
-                + [f"sweep.optuna.storage={quoted(url)}", f"sweep.optuna.study={quoted(self.study_name)}",
+                + [f"sweep.optuna.storage={quoted(self.job_storage or self.storage or url)}",
+                   f"sweep.optuna.study={quoted(self.study_name)}",
                    f"sweep.optuna.trial={number}"])
 
     def run_batch(self, study: Any, batch: List[Tuple[int, Dict[str, Any], Any]], fixed: Dict[str, str],
@@ -335,7 +415,7 @@ class OptunaSweeper:
         states = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running",
                   "WAITING": "waiting"}
         write_json(self.sweep_dir / TRIALS, {
-            "study": self.study_name, "storage": self.storage_url(), "direction": self.direction,
+            "study": self.study_name, "storage": masked(self.storage or self.storage_url()), "direction": self.direction,
             "pruner": self.pruner_options, "sampler": self.sampler_options, "n_trials": self.n_trials,
             "trials": {str(t.number): {"state": states[t.state.name], "value": t.value, "params": t.params,
                                        "pruned": t.user_attrs.get(PRUNED_ATTR)}

@@ -4,7 +4,8 @@ objective to the trial (`sweep.optuna.*`, appended by the sweeper) and ask the s
 The job reconnects to the trial the sweeper asked for with `optuna.trial.Trial(study, trial_id)` (what
 `Study.ask` itself returns; the study loaded with `optuna.load_study` and the pruner the sweeper stored in
 the study's user attribute `sd3exp_pruner`, so both sides prune alike). The sampler is a RandomSampler:
-the trial's parameters are already set, nothing is sampled here.
+the trial's parameters are already set, nothing is sampled here. `sweep.optuna.storage=env:NAME` (what
+the sweeper passes when the URL holds a password) is the URL in the environment variable NAME.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ class TrialReporter:
     def __init__(self, where: OptunaTrialConfig) -> None:
         import optuna
 
-        from sd3exp.optuna_sweep import PRUNER_ATTR, make_pruner
+        from sd3exp.optuna_sweep import PRUNER_ATTR, make_pruner, masked, resolve_storage
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        storage = where.storage or ""  # the sweeper sets it with the trial; Optuna refuses "" and the summary names it
+        # the sweeper sets it with the trial; Optuna refuses "" and the summary names it
+        storage = resolve_storage(where.storage or "", "sweep.optuna.storage")
         probe = optuna.load_study(study_name=where.study, storage=storage)
         self.study = optuna.load_study(study_name=where.study, storage=storage,
                                        sampler=optuna.samplers.RandomSampler(),
@@ -33,7 +35,7 @@ class TrialReporter:
         if frozen is None:
             from sd3exp.errors import ConfigError
 
-            raise ConfigError("sweep.optuna.trial", where.trial, f"no such trial in study {where.study!r} ({where.storage})",
+            raise ConfigError("sweep.optuna.trial", where.trial, f"no such trial in study {where.study!r} ({masked(storage)})",
                               "leave sweep.optuna.* to the sd3exp Optuna sweeper")
         self.trial = optuna.trial.Trial(self.study, frozen._trial_id)
         self.number = where.trial
