@@ -7,6 +7,11 @@
 #                                        until `sinfo` shows the node idle
 #   tests/slurm/cluster.sh stop  [DIR]   stop every daemon it started, by the PIDs it recorded
 #   tests/slurm/cluster.sh env   [DIR]   the variables a shell needs: eval "$(tests/slurm/cluster.sh env)"
+#   tests/slurm/cluster.sh optuna-db [DIR]  create (once) a database `optuna` and a user `optuna` with a
+#                                        random password (kept in DIR/optuna.password, mode 600) on the
+#                                        cluster's MariaDB, and print the Optuna storage URL for it:
+#                                        hydra.sweeper.storage=env:OPTUNA_STORAGE after
+#                                        export OPTUNA_STORAGE=$(tests/slurm/cluster.sh optuna-db)
 #
 # DIR defaults to $SD3EXP_SLURM_DIR or /tmp/sd3exp-slurm. Client commands (sbatch, squeue, sacct,
 # the submitit launcher) find this cluster through SLURM_CONF=DIR/slurm.conf. Accounting (slurmdbd on
@@ -157,9 +162,24 @@ stop() {
   done
 }
 
+optuna_db() {  # a database for an Optuna study shared by the sweep and its jobs (docs/sweeps.md)
+  local password port
+  [ -S "$DIR/mysql.sock" ] || { log "no MariaDB at $DIR/mysql.sock: run $0 start first"; exit 1; }
+  if [ ! -s "$DIR/optuna.password" ]; then
+    (umask 077; head -c 18 /dev/urandom | base64 | tr -d '/+=' > "$DIR/optuna.password")
+  fi
+  password=$(cat "$DIR/optuna.password")
+  port=$(sed -n 's/^StoragePort=//p' "$DIR/slurmdbd.conf")   # MariaDB's port, as `start` chose it
+  mariadb --no-defaults --socket="$DIR/mysql.sock" -e "CREATE DATABASE IF NOT EXISTS optuna; \
+    CREATE USER IF NOT EXISTS 'optuna'@'127.0.0.1' IDENTIFIED BY '$password'; \
+    GRANT ALL ON optuna.* TO 'optuna'@'127.0.0.1'; FLUSH PRIVILEGES;"
+  echo "mysql+pymysql://optuna:$password@127.0.0.1:$port/optuna"
+}
+
 case "$CMD" in
   start) start ;;
   stop) stop ;;
   env) echo "export SLURM_CONF=$DIR/slurm.conf" ;;
-  *) echo "usage: $0 start|stop|env [DIR]" >&2; exit 2 ;;
+  optuna-db) optuna_db ;;
+  *) echo "usage: $0 start|stop|env|optuna-db [DIR]" >&2; exit 2 ;;
 esac
