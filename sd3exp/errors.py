@@ -21,6 +21,9 @@ class ConfigError(Sd3expError):
         self.field, self.value, self.problem, self.fix = field, value, problem, fix
         super().__init__(f"{field}={value!r}: {problem}. Fix: {fix}")
 
+    def __reduce__(self) -> Any:  # pickled with a failed job's result (submitit, Slurm): rebuilt from its fields
+        return type(self), (self.field, self.value, self.problem, self.fix)
+
 
 class ConfigErrors(ConfigError):
     """Several independent experiment values are invalid: every one of them, a line each."""
@@ -30,6 +33,9 @@ class ConfigErrors(ConfigError):
         self.errors = list(errors)
         self.field, self.value, self.problem, self.fix = first.field, first.value, first.problem, first.fix
         Sd3expError.__init__(self, f"{len(errors)} problems in the experiment:\n" + "\n".join(f"  {e}" for e in errors))
+
+    def __reduce__(self) -> Any:
+        return type(self), (self.errors,)
 
 
 class UnsafeValueError(ConfigError):
@@ -58,7 +64,11 @@ class Interrupted(Sd3expError):
 
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
+        self.signum = signum
         self.exit_code = 128 + signum
+
+    def __reduce__(self) -> Any:
+        return type(self), (self.args[0], self.signum)
 
 
 class DiskFullError(Sd3expError):

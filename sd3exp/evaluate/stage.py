@@ -61,6 +61,9 @@ class EvalInterrupted(EvalError):
         super().__init__(message)
         self.exit_code = exit_code
 
+    def __reduce__(self) -> Any:  # pickled with a failed job's result (submitit)
+        return type(self), (self.args[0], self.exit_code)
+
 
 def render_settings(cfg: ExperimentConfig) -> dict:
     """Everything a cell's pixels depend on besides its checkpoint, prompt and seed."""
