@@ -110,8 +110,9 @@ def write_report(run_dir: Path | str, cells: Sequence[Cell], grids: Sequence[Pat
     """Write `<run>/eval/report.html` (or `out`) atomically; return its path."""
     run_dir = Path(run_dir)
     out = Path(out) if out else RunLayout(run_dir).eval.report
-    from sd3exp.plots import draw_lr_curve  # matplotlib only when a report is written
+    if RunLayout(run_dir).lr_curve_outdated():  # shown here: drawn here, when plan.json changed
+        from sd3exp.plots import draw_lr_curve  # matplotlib (0.2 s to import) only when there is a chart to draw
 
-    draw_lr_curve(run_dir)  # shown here: drawn here, when plan.json changed
+        draw_lr_curve(run_dir)
     write_text(out, render_report(report_context(run_dir, cells, grids, out.parent, title)))
     return out
