@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-from dataclasses import replace
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote
@@ -13,7 +12,7 @@ import jinja2
 import pytest
 from PIL import Image
 
-from sd3exp.evaluate.cells import Cell, ImageWriter, Resolver, read_cells_json, store_images, write_cells_json
+from sd3exp.evaluate.cells import Cell, Resolver, read_cells_json, store_images, write_cells_json
 from sd3exp.evaluate.grid import write_grids
 from sd3exp.evaluate.report import TEMPLATE, _environment, render_report, report_context, write_report
 from sd3exp.io import write_json
@@ -165,26 +164,6 @@ def test_store_images_writes_many_at_once_atomically_and_reports_a_failure(tmp_p
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(OSError):
         store_images(cells[:3], tmp_path / "file")
-
-
-def test_an_image_writer_stores_cells_as_they_finish_as_store_images_does(tmp_path, monkeypatch):
-    cells = [Cell(f"checkpoint-{i}", i, 0, "p", 0, "ok", images=[png((i, 0, 0))]) for i in range(12)]
-    cells.append(Cell("checkpoint-99", 99, 0, "p", 0, "error", error="boom"))
-    with ImageWriter(tmp_path / "images") as writer:
-        for cell in cells[:-2]:  # one ok cell never handed over: written by stored()
-            writer.add(cell)
-        writer.wait()
-        first = {p: p.stat().st_mtime_ns for p in (tmp_path / "images").iterdir()}
-        assert len(first) == 11
-        stored = writer.stored(cells)
-    assert stored == [replace(c, images=[], paths=[tmp_path / "images" / f"{c.label}_p0_s0.png"]) if c.images else c
-                      for c in cells]
-    assert all(p.stat().st_mtime_ns == t for p, t in first.items())  # not written twice
-    assert [p.read_bytes() for c in stored for p in c.paths] == [c.images[0] for c in cells[:-1]]
-    with pytest.raises(OSError), ImageWriter(tmp_path / "file") as failing:  # a write failed: stored() raises it
-        (tmp_path / "file").write_text("not a folder")
-        failing.add(cells[0])
-        failing.stored(cells[:1])
 
 
 def test_the_resolver_gives_path_resolve_s_paths(tmp_path):

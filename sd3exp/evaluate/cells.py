@@ -9,23 +9,20 @@ cell with status "error" and its error text, so grids and reports show it.
 from __future__ import annotations
 
 import signal
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 from sd3exp.evaluate.checkpoints import BASE_LABEL, Checkpoint
 from sd3exp.evaluate.lora_scale import Strength
-from sd3exp.io import read_json, write_bytes, write_json, write_many
+from sd3exp.io import read_json, write_json, write_many
 
 if TYPE_CHECKING:
     from sd3exp.schema import EvalConfig
 
-__all__ = ["BASE_LABEL", "Cell", "CellKey", "CellSpec", "IMAGE_NAME", "ImageWriter", "RenderJob", "Resolver",
-           "Sampling",
-           "SweepInterrupted", "Variant", "cell_image", "cell_key", "column_title", "image_files", "image_name",
-           "plan_cells", "read_cells_json", "store_images", "write_cells_json"]
+__all__ = ["BASE_LABEL", "Cell", "CellKey", "CellSpec", "IMAGE_NAME", "RenderJob", "Resolver", "Sampling",
+           "SweepInterrupted", "Variant", "cell_image", "cell_key", "column_title", "image_name", "plan_cells",
+           "read_cells_json", "store_images", "write_cells_json"]
 
 CellKey = Tuple[str, int, int, str]  # label, prompt index, seed, variant (sd3exp/evaluate/axes.py slug)
 
@@ -167,59 +164,17 @@ def cell_image(cell: Cell) -> Union[Path, bytes, None]:
     return cell.images[0] if cell.images else None
 
 
-def image_files(cell: Cell, folder: Path | str) -> Dict[Path, bytes]:
-    """Where store_images writes the cell's in-memory images: `folder/image_name(...)` -> bytes."""
-    return {Path(folder) / image_name(cell.label, cell.prompt_index, cell.seed, n, cell.variant): data
-            for n, data in enumerate(cell.images)}
-
-
-def store_images(cells: Sequence[Cell], folder: Path | str, written: Mapping[Path, bytes] = MappingProxyType({})
-                 ) -> list[Cell]:
-    """Copies of the cells whose in-memory images are written (atomically) to `folder/image_name(...)`;
-    a file `written` already holds with the same bytes (an ImageWriter's) is not written again."""
+def store_images(cells: Sequence[Cell], folder: Path | str) -> list[Cell]:
+    """Copies of the cells whose in-memory images are written (atomically) to `folder/image_name(...)`."""
     stored: list[Cell] = []
     files: Dict[Path, bytes] = {}
     for cell in cells:
-        found = image_files(cell, folder)
-        files.update(found)
-        stored.append(replace(cell, images=[], paths=list(cell.paths) + list(found)) if found else cell)
-    write_many({path: data for path, data in files.items() if written.get(path) != data})
+        paths = [Path(folder) / image_name(cell.label, cell.prompt_index, cell.seed, n, cell.variant)
+                 for n in range(len(cell.images))]
+        files.update(zip(paths, cell.images))
+        stored.append(replace(cell, images=[], paths=list(cell.paths) + paths) if paths else cell)
+    write_many(files)
     return stored
-
-
-class ImageWriter:
-    """store_images while a sweep goes on: each finished cell's images written (atomically, as
-    store_images writes them) in the background as the cell comes in (`add`), so the writes and their
-    fsyncs overlap the rest of the sweep instead of following it; `stored` waits for them (raising the
-    first failure) and returns what store_images would. Leaving the `with` block waits for every write."""
-
-    def __init__(self, folder: Path | str, threads: int = 8) -> None:
-        self.folder = Path(folder)
-        self.written: Dict[Path, bytes] = {}
-        self._pool = ThreadPoolExecutor(threads)
-        self._pending: list[Future[None]] = []
-
-    def add(self, cell: Cell) -> None:
-        for path, data in image_files(cell, self.folder).items():
-            self._pending.append(self._pool.submit(write_bytes, path, data))
-            self.written[path] = data
-
-    def wait(self) -> None:
-        """Every write finished; the first that failed raised."""
-        self._pool.shutdown(wait=True)
-        for future in self._pending:
-            future.result()
-
-    def stored(self, cells: Sequence[Cell]) -> list[Cell]:
-        """The cells as store_images returns them, their images on disk (what `add` missed written now)."""
-        self.wait()
-        return store_images(cells, self.folder, self.written)
-
-    def __enter__(self) -> "ImageWriter":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._pool.shutdown(wait=True)  # nothing is left writing into a folder the caller may remove
 
 
 class Resolver:

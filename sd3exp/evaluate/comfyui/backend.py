@@ -56,8 +56,8 @@ def render(cfg: ExperimentConfig, job: RenderJob, run_dir: Path, images: Path) -
     warn_strength_override(workflow, ev.workflow_inputs, strengths)
     spec = SweepSpec(workflow, checkpoints, names, ev.prompts, ev.seeds, Sampling.of(ev), dict(ev.nodes),
                      include_base=job.include_base, skip=job.skip, strengths=strengths, variants=job.variants)
-    with cellio.ImageWriter(images) as writer:  # each cell's images written as it finishes
-        return writer.stored(run_sweep(client, spec, timeout_s=ev.timeout_s, on_cell=writer.add))
+    result = run_sweep(client, spec, timeout_s=ev.timeout_s)
+    return cellio.store_images(result, images)
 
 
 def warn_strength_override(workflow: Graph, inputs: Mapping[str, Any], strengths: Mapping[str, float]) -> None:

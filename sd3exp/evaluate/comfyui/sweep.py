@@ -11,7 +11,7 @@ import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Collection, Mapping, Optional, Sequence
+from typing import Any, Collection, Mapping, Optional, Sequence
 
 from sd3exp import console
 from sd3exp.errors import EvalError
@@ -73,9 +73,8 @@ class _Sweep:
 
     bar: console.Bar  # set by run_sweep once the names are known to be loadable
 
-    def __init__(self, client: ComfyClient, spec: SweepSpec, save_dir: Optional[Path],
-                 on_cell: Optional[Callable[[Cell], None]] = None) -> None:
-        self.client, self.spec, self.save_dir, self.on_cell = client, spec, save_dir, on_cell
+    def __init__(self, client: ComfyClient, spec: SweepSpec, save_dir: Optional[Path]) -> None:
+        self.client, self.spec, self.save_dir = client, spec, save_dir
         self.nodes = {k: find_nodes(spec.workflow, k, spec.nodes) for k in {c.kind for c in spec.checkpoints}}
         self.graphs = {k: spec.workflow for k in self.nodes}
         checkpoints = list(spec.checkpoints)
@@ -135,8 +134,6 @@ class _Sweep:
 
     def record(self, index: int, cell: Cell) -> None:
         self.results[index] = cell
-        if self.on_cell is not None:
-            self.on_cell(cell)
         self.bar.update(1)
         self.bar.set_postfix_str(f"{cell.label} {cell.status}")
 
@@ -210,17 +207,15 @@ def run_sweep(
     timeout_s: float = 3600.0,
     poll_s: float = 0.5,
     progress: bool = True,
-    on_cell: Optional[Callable[[Cell], None]] = None,
 ) -> list[Cell]:
     """Render the cells; one Cell per checkpoint x prompt x seed not in spec.skip, checkpoint-major.
 
-    Model names are checked against /object_info before anything is queued. `on_cell` is handed each
-    cell as it finishes (cells.ImageWriter.add: its images written while the sweep goes on).
+    Model names are checked against /object_info before anything is queued.
     Ctrl-C (or Stopped) deletes our queued prompts and interrupts ours running, then raises
     SweepInterrupted with the cells finished so far.
     """
     deadline = time.monotonic() + timeout_s
-    sweep = _Sweep(client, spec, save_dir, on_cell)  # workflow problems surface before any request
+    sweep = _Sweep(client, spec, save_dir)  # workflow problems surface before any request
     names = resolve_names(client, spec.checkpoints, spec.model_names) | sweep.base_name()
     if save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
