@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator, List, Mapping, Union
@@ -18,9 +19,14 @@ from sd3exp.errors import DiskFullError, no_space_message
 _TEMPORARY = re.compile(r"\..+\.(\d+)\.[^.]+\.tmp")  # write_bytes' temporary file: .<name>.<pid>.<random>.tmp
 
 
+_UMASK_LOCK = threading.Lock()
+
+
 def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
+    """The process's umask (read by setting it: locked, or two writer threads could leave it at 0)."""
+    with _UMASK_LOCK:
+        mask = os.umask(0)
+        os.umask(mask)
     return mask
 
 

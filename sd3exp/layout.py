@@ -148,6 +148,13 @@ class RunLayout:
     def lr_curve(self) -> Path:
         return self.run_dir / self.LR_CURVE
 
+    def lr_curve_outdated(self) -> bool:
+        """Whether lr_curve.png is to be drawn: plan.json is there and the chart is missing or older (the
+        test sd3exp.plots.draw_lr_curve makes, asked without loading matplotlib)."""
+        if not self.plan.is_file():
+            return False
+        return not self.lr_curve.is_file() or self.lr_curve.stat().st_mtime_ns < self.plan.stat().st_mtime_ns
+
     @property
     def train_log(self) -> Path:
         return self.run_dir / self.TRAIN_LOG

@@ -126,6 +126,6 @@ def draw_lr_curve(run_dir: Path) -> Optional[Path]:
     layout = RunLayout(run_dir)
     if not layout.plan.is_file():
         return None
-    if not layout.lr_curve.is_file() or layout.lr_curve.stat().st_mtime_ns < layout.plan.stat().st_mtime_ns:
+    if layout.lr_curve_outdated():
         write_bytes(layout.lr_curve, render_plan(read_json(layout.plan)))
     return layout.lr_curve

@@ -12,7 +12,7 @@ import jinja2
 import pytest
 from PIL import Image
 
-from sd3exp.evaluate.cells import Cell, read_cells_json, store_images, write_cells_json
+from sd3exp.evaluate.cells import Cell, Resolver, read_cells_json, store_images, write_cells_json
 from sd3exp.evaluate.grid import write_grids
 from sd3exp.evaluate.report import TEMPLATE, _environment, render_report, report_context, write_report
 from sd3exp.io import write_json
@@ -164,3 +164,16 @@ def test_store_images_writes_many_at_once_atomically_and_reports_a_failure(tmp_p
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(OSError):
         store_images(cells[:3], tmp_path / "file")
+
+
+def test_the_resolver_gives_path_resolve_s_paths(tmp_path):
+    real, link = tmp_path / "real", tmp_path / "link"
+    (real / "sub").mkdir(parents=True)
+    link.symlink_to(real)
+    (real / "a.png").write_bytes(b"a")
+    (real / "elsewhere.png").write_bytes(b"e")
+    (real / "sub" / "b.png").symlink_to(real / "elsewhere.png")  # a file that is itself a link
+    resolve = Resolver()
+    for path in [link / "a.png", link / "sub" / "b.png", link / "missing.png", link / "sub" / "..", link / ".",
+                 Path("relative.png"), link / "a.png"]:
+        assert resolve(path) == path.resolve(), path

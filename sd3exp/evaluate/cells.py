@@ -11,7 +11,7 @@ from __future__ import annotations
 import signal
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, FrozenSet, Literal, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 from sd3exp.evaluate.checkpoints import BASE_LABEL, Checkpoint
 from sd3exp.evaluate.lora_scale import Strength
@@ -20,7 +20,7 @@ from sd3exp.io import read_json, write_json, write_many
 if TYPE_CHECKING:
     from sd3exp.schema import EvalConfig
 
-__all__ = ["BASE_LABEL", "Cell", "CellKey", "CellSpec", "IMAGE_NAME", "RenderJob", "Sampling",
+__all__ = ["BASE_LABEL", "Cell", "CellKey", "CellSpec", "IMAGE_NAME", "RenderJob", "Resolver", "Sampling",
            "SweepInterrupted", "Variant", "cell_image", "cell_key", "column_title", "image_name", "plan_cells",
            "read_cells_json", "store_images", "write_cells_json"]
 
@@ -177,25 +177,42 @@ def store_images(cells: Sequence[Cell], folder: Path | str) -> list[Cell]:
     return stored
 
 
-def _relative(path: Path, base: Path) -> str:
+class Resolver:
+    """Path.resolve() for many files in a few folders: each folder resolved once (its symlinks followed
+    once, not once per file), a file that is itself a symlink in full; the same paths as Path.resolve()."""
+
+    def __init__(self) -> None:
+        self.folders: Dict[Path, Path] = {}
+
+    def __call__(self, path: Path | str) -> Path:
+        path = Path(path)
+        if path.name in ("", ".", "..") or path.is_symlink():
+            return path.resolve()
+        folder = self.folders.get(path.parent)
+        if folder is None:
+            folder = self.folders[path.parent] = path.parent.resolve()
+        return folder / path.name
+
+
+def _relative(path: Path, base: Path, resolve: Callable[[Path], Path] = Path.resolve) -> str:
     try:
-        return Path(path).resolve().relative_to(base.resolve()).as_posix()
+        return resolve(path).relative_to(resolve(base)).as_posix()
     except ValueError:
-        return str(Path(path).resolve())
+        return str(resolve(path))
 
 
-def cell_record(cell: Cell, base: Path) -> dict:
+def cell_record(cell: Cell, base: Path, resolve: Callable[[Path], Path] = Path.resolve) -> dict:
     """A cell as JSON data: image bytes left out, paths relative to `base` when inside it."""
     record = {f.name: getattr(cell, f.name) for f in fields(cell) if f.name != "images"}
-    record["paths"] = [_relative(p, base) for p in cell.paths]
+    record["paths"] = [_relative(Path(p), base, resolve) for p in cell.paths]
     record["seconds"] = round(cell.seconds, 3)
     return record
 
 
 def write_cells_json(cells: Sequence[Cell], path: Path | str) -> None:
     """Write `cells.json` atomically: one record per cell, image paths relative to its folder."""
-    path = Path(path)
-    write_json(path, [cell_record(c, path.parent) for c in cells])
+    path, resolve = Path(path), Resolver()
+    write_json(path, [cell_record(c, path.parent, resolve) for c in cells])
 
 
 def read_cells_json(path: Path | str) -> list[Cell]:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 from urllib.parse import quote
 
 import jinja2
 
-from sd3exp.evaluate.cells import Cell, cell_image, column_title
+from sd3exp.evaluate.cells import Cell, Resolver, cell_image, column_title
 from sd3exp.io import read_json, write_text
 from sd3exp.layout import EvalLayout, RunLayout
 from sd3exp.project import TEMPLATES
@@ -21,16 +21,16 @@ from sd3exp.project import TEMPLATES
 TEMPLATE = "report.html.j2"
 
 
-def href(target: Path, page_dir: Path) -> str:
+def href(target: Path, page_dir: Path, resolve: Callable[[Path], Path] = Path.resolve) -> str:
     """A URL-quoted relative link from a page in `page_dir` to `target`."""
-    return quote(Path(os.path.relpath(Path(target).resolve(), Path(page_dir).resolve())).as_posix())
+    return quote(Path(os.path.relpath(resolve(Path(target)), resolve(Path(page_dir)))).as_posix())
 
 
 def _link(target: Path, page_dir: Path) -> dict[str, Any]:
     return {"name": target.name, "href": href(target, page_dir), "exists": target.is_file()}
 
 
-def cell_row(cell: Cell, page_dir: Path) -> dict[str, Any]:
+def cell_row(cell: Cell, page_dir: Path, resolve: Callable[[Path], Path] = Path.resolve) -> dict[str, Any]:
     """One table row: what was rendered, how long it took, how it went."""
     source = cell_image(cell)
     return {
@@ -42,7 +42,7 @@ def cell_row(cell: Cell, page_dir: Path) -> dict[str, Any]:
         "seconds": f"{cell.seconds:.1f}",
         "status": cell.status,
         "error": cell.error,
-        "image": href(source, page_dir) if isinstance(source, Path) and source.is_file() else None,
+        "image": href(source, page_dir, resolve) if isinstance(source, Path) and source.is_file() else None,
         "scores": {name: f"{value:.4g}" for name, value in cell.scores.items()},
         "memorised": cell.memorised,
     }
@@ -57,12 +57,12 @@ def read_plan(run_dir: Path) -> Optional[dict[str, Any]]:
 def report_context(run_dir: Path, cells: Sequence[Cell], grids: Sequence[Path], page_dir: Path,
                    title: Optional[str] = None) -> dict[str, Any]:
     """Everything the template shows, links relative to `page_dir`."""
-    plan = read_plan(run_dir)
+    plan, resolve = read_plan(run_dir), Resolver()
     lr_curve = RunLayout(run_dir).lr_curve
     return {
         "title": title or (plan or {}).get("experiment") or run_dir.name,
         "grids": [_link(g, page_dir) for g in grids],
-        "cells": [cell_row(c, page_dir) for c in cells],
+        "cells": [cell_row(c, page_dir, resolve) for c in cells],
         "n_ok": sum(c.status == "ok" for c in cells),
         "n_error": sum(c.status != "ok" for c in cells),
         "total_seconds": f"{sum(c.seconds for c in cells):.1f}",
@@ -110,8 +110,9 @@ def write_report(run_dir: Path | str, cells: Sequence[Cell], grids: Sequence[Pat
     """Write `<run>/eval/report.html` (or `out`) atomically; return its path."""
     run_dir = Path(run_dir)
     out = Path(out) if out else RunLayout(run_dir).eval.report
-    from sd3exp.plots import draw_lr_curve  # matplotlib only when a report is written
+    if RunLayout(run_dir).lr_curve_outdated():  # shown here: drawn here, when plan.json changed
+        from sd3exp.plots import draw_lr_curve  # matplotlib (0.2 s to import) only when there is a chart to draw
 
-    draw_lr_curve(run_dir)  # shown here: drawn here, when plan.json changed
+        draw_lr_curve(run_dir)
     write_text(out, render_report(report_context(run_dir, cells, grids, out.parent, title)))
     return out

@@ -131,6 +131,7 @@ class Watcher:
     def __init__(self, client: ComfyClient, poll_s: float) -> None:
         self.client, self.poll_s = client, poll_s
         self.socket = client.open_socket()
+        self.timeout_s: Optional[float] = None  # the socket's, as last set
         self.last_poll = time.monotonic()
         self.events = EventLog()
 
@@ -153,7 +154,10 @@ class Watcher:
 
     def _receive(self, socket: websocket.WebSocket, wait_s: float) -> Optional[str]:
         try:
-            socket.settimeout(max(0.01, wait_s))
+            timeout_s = max(0.01, wait_s)
+            if timeout_s != self.timeout_s:  # almost always the same 1 s: each set costs two fcntl calls
+                socket.settimeout(timeout_s)
+                self.timeout_s = timeout_s
             return self.events.add(socket.recv())
         except websocket.WebSocketTimeoutException:
             return None
