@@ -143,6 +143,9 @@ def stage_eval(job: Job, plan: Plan) -> None:
     from sd3exp.tracking import log_run
 
     evaluate(job.cfg, job.run_dir, command_for(job, "eval"))
+    from sd3exp.live import report_trial
+
+    report_trial(job.cfg, job.run_dir)  # an Optuna trial: the checkpoints its watcher did not report
     task = list(job.invocation.task) if job.invocation else []
     records = training_metrics(Path(job.cfg.paths.training_dir))
     for line in log_run(job.cfg, job.run_dir, job.config_hash, task, records, command_for(job, "eval")):

@@ -233,3 +233,44 @@ def test_a_storage_password_is_in_no_file_of_the_sweep_folder_and_no_output(tmp_
     assert "sweep.optuna.storage='env:SD3EXP_OPTUNA_STORAGE'" in json.loads((sweep / ".sweep" / "0.json").read_text())["overrides"]
     sqlite_password.register()
     assert len(optuna.load_study(study_name="demo_pruned", storage=url).trials) == 1
+
+
+def test_after_its_evaluation_a_job_reports_what_its_watcher_did_not(tmp_path, monkeypatch):
+    """A trial's job requeued after its training had ended trains nothing (no watcher): stage=eval's
+    report_trial reports the scored checkpoints the trial lacks; a pruned run nothing past its stop."""
+    from sd3exp import live
+    from sd3exp.live.state import LIVE_FILE, LiveState, Point
+    from tests.helpers import compose_experiment
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(storage=url, study_name="s", direction="maximize")
+    study.set_user_attr(PRUNER_ATTR, {"name": "median"})
+    trial = study.ask()
+    trial.report(1.0, 4)  # reported by the job before its preemption
+    cfg = compose_experiment("demo_quick", [f"sweep.optuna.storage={url}", "sweep.optuna.study=s",
+                                            f"sweep.optuna.trial={trial.number}"])
+    monkeypatch.setattr(live, "objectives", lambda run_dir, objective: [Point(4, 9.0), Point(8, 2.0), Point(12, None)])
+    run = tmp_path / "run"
+    run.mkdir()
+    live.report_trial(cfg, run)
+    assert optuna.load_study(study_name="s", storage=url).trials[0].intermediate_values == {4: 1.0, 8: 2.0}
+    LiveState(pruned={"step": 8}).save(run / LIVE_FILE)
+    monkeypatch.setattr(live, "objectives", lambda run_dir, objective: [Point(16, 3.0)])
+    live.report_trial(cfg, run)
+    assert 16 not in optuna.load_study(study_name="s", storage=url).trials[0].intermediate_values
+
+
+def test_sd3exp_errors_survive_pickling():
+    """submitit pickles a failed Slurm job's exception into its result: unpickling it in the sweep's
+    process must give the error back, not a TypeError that ends the sweep."""
+    import pickle
+
+    from sd3exp.errors import ConfigErrors, Interrupted
+    from sd3exp.evaluate.stage import EvalInterrupted
+
+    one = ConfigError("concepts[0].repeats", 1, "fewer than one batch", "concepts.0.repeats=8")
+    for err in (one, ConfigErrors([one, ConfigError("lora.rank", 0, "must be > 0", "lora.rank=4")]),
+                Interrupted("stopped", 15), EvalInterrupted("kept 3 cells", 130)):
+        back = pickle.loads(pickle.dumps(err))
+        assert type(back) is type(err) and str(back) == str(err) and back.exit_code == err.exit_code
+    assert pickle.loads(pickle.dumps(one)).field == "concepts[0].repeats"

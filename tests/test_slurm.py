@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import List, Optional
 
@@ -130,6 +131,16 @@ def wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.5)
 
 
+def start_requeued(job: str) -> None:
+    """Once submitit has requeued `job` (PENDING), start it now rather than 2 minutes later (Slurm's
+    delay for a requeued job), but only after its first run has ended and a second has passed: a job
+    started within the second its credential was revoked is killed ("Job credential revoked")."""
+    wait_for(lambda: "PENDING" in queue(), 120, "the job to be requeued")
+    wait_for(lambda: slurm("sinfo", "-h", "-N", "-o", "%t").strip() == "idle", 60, "the node to be idle")
+    time.sleep(2)
+    slurm("scontrol", "update", f"JobId={job}", "StartTime=now")
+
+
 def saved(training: Path) -> List[int]:
     """Steps of the checkpoints whose save finished (SimpleTuner writes `.guard` last)."""
     return [s for s, p in checkpoint_dirs(training).items() if (p / ".guard").is_file()]
@@ -154,8 +165,7 @@ def test_a_preempted_trial_is_requeued_and_resumes_from_its_latest_checkpoint(tm
         first = {s: files_of(training / f"checkpoint-{s}") for s in saved(training)}
         job = queue().split()[0]
         slurm("scancel", "--signal=USR2", job)
-        wait_for(lambda: "PENDING" in queue(), 120, "the job to be requeued")
-        slurm("scontrol", "update", f"JobId={job}", "StartTime=now")  # else eligible 2 minutes later
+        start_requeued(job)
         output, _ = sweep_cmd.communicate(timeout=900)
     finally:
         sweep_cmd.kill()
@@ -196,3 +206,89 @@ def test_the_trials_share_one_cache_filled_once(two_trials):
     assert len(list((cache / "text").glob("*.pt"))) == len(captions)
     assert any("waiting for another sd3exp job is filling the shared cache" in p.read_text()
                for p in (sweep_dir / ".submitit").glob("*/*_log.out"))
+
+
+@pytest.fixture(scope="module")
+def optuna_storage() -> str:
+    """The cluster's Optuna database (`cluster.sh optuna-db`): a MariaDB URL with a password."""
+    folder = Path(os.environ["SLURM_CONF"]).parent
+    return slurm(str(CLUSTER), "optuna-db", str(folder)).strip()
+
+
+def intermediate_steps(storage: str, study: str, number: int) -> List[int]:
+    import optuna
+
+    try:
+        trials = optuna.load_study(study_name=study, storage=storage).trials
+    except KeyError:  # the sweep has not created the study yet
+        return []
+    return sorted(trials[number].intermediate_values) if len(trials) > number else []
+
+
+@needs_trainer
+def test_a_pruned_search_shares_a_mariadb_study_and_a_preempted_trial_reports_to_the_same_trial(tmp_path, optuna_storage):
+    """The pruned search (hparams_search=demo_pruned) through Slurm with its study in the cluster's MariaDB:
+    trial 0 (lr 1e-5) is preempted (USR2) once it has reported its first checkpoint, requeued by
+    submitit, resumes from its checkpoint and goes on reporting to trial 0; trial 1 (an lr far too
+    large) is pruned at its first checkpoint and keeps its checkpoints and scores. The storage's
+    password is in no file of the sweep folder and in no output."""
+    import optuna
+    from sqlalchemy.engine import make_url
+
+    password = make_url(optuna_storage).password
+    assert password and len(password) >= 12
+    study_name = f"slurm_pruned_{uuid.uuid4().hex[:12]}"  # one database for every test run: a study of its own
+    # 20 steps of 8 micro-batches (repeats 8: enough samples for one): trial 0 still trains when its
+    # first checkpoint's score reaches the study (a LoRA step alone is faster than an evaluation)
+    args = ["-m", "experiment=demo", "hparams_search=demo_pruned", *CPU_LAUNCHER, *SMALL,
+            "training.max_steps=20", "checkpointing.every_steps=4", "training.gradient_accumulation=8", "concepts.0.repeats=8",
+            "optimizer.lr=choice(1.0e-5, 2.0e-1)",
+            "hydra.sweeper.n_trials=2", f"hydra.sweeper.study_name={study_name}",
+            f"hydra.sweeper.storage='{optuna_storage}'", f"hydra.sweep.dir={tmp_path}",
+            f"dataset.cache_dir={tmp_path}/cache"]
+    with open(tmp_path.parent / f"{tmp_path.name}.out", "w+") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "sd3exp", *args], cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT, text=True)
+        job = None
+        try:
+            wait_for(lambda: intermediate_steps(optuna_storage, study_name, 0) or proc.poll() is not None, 600,
+                     "trial 0's first reported checkpoint")
+            before = intermediate_steps(optuna_storage, study_name, 0)
+            job = queue().split()[0]
+            slurm("scancel", "--signal=USR2", job)
+            start_requeued(job)
+            proc.wait(timeout=900)
+        finally:
+            proc.kill()
+            if job:
+                subprocess.run(["scancel", job], check=False, capture_output=True)
+        out.seek(0)
+        output = out.read()
+    assert proc.returncode == 0, output[-3000:]
+    queue_drains()
+    # one study, two trials: trial 0 reported before and after its preemption, no trial was added
+    study = optuna.load_study(study_name=study_name, storage=optuna_storage)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED]
+    first, second = study.trials
+    assert before and max(before) < 20 and set(before) < set(first.intermediate_values)
+    assert sorted(first.intermediate_values) == [4, 8, 12, 16, 20]
+    log = "".join(p.read_text() for p in sorted((tmp_path / ".submitit").glob("*/*_log.*")))
+    assert "Requeued job" in log
+    resumed = [int(s) for s in re.findall(r"resuming from checkpoint-(\d+)", log)]
+    assert resumed and resumed[0] >= max(before)
+    summary = json.loads((tmp_path / "0_demo" / "training_summary.json").read_text())
+    assert summary["start_step"] == resumed[0] > 0 and summary["progress"]["step"] == 20
+    # trial 1: pruned at its first checkpoint, its checkpoints and scores kept
+    stop = second.user_attrs["sd3exp_pruned"]["step"]
+    assert max(second.intermediate_values) == stop < 20 and second.params == {"optimizer.lr": 0.2}
+    jobs = {j["trial"]["number"]: j for j in json.loads((tmp_path / "sweep.json").read_text())["jobs"]}
+    assert [jobs[n]["trial"]["state"] for n in (0, 1)] == ["complete", "pruned"]
+    run = tmp_path / jobs[1]["run_dir"]
+    assert stop in checkpoint_dirs(run / "training") and jobs[1]["trial"]["best_score"] is not None
+    cells = json.loads((run / "eval" / "cells.json").read_text())
+    cells = cells["cells"] if isinstance(cells, dict) else cells
+    assert stop in {c["step"] for c in cells if c["status"] == "ok" and c["scores"].get("pixel_fidelity") is not None}
+    # the password: in no output and no file of the sweep folder (Hydra's configs and submitit's pickles included)
+    assert password not in output and "optuna:***@127.0.0.1" in output
+    leaks = [p for p in tmp_path.rglob("*") if p.is_file() and password.encode() in p.read_bytes()]
+    assert not leaks and json.loads((tmp_path / "sweep.json").read_text())["optuna"]["storage"].startswith("mysql+pymysql://optuna:***@")

@@ -185,6 +185,25 @@ class Watcher:
         stop_run(self.run_dir, ((signal.SIGTERM, 10), (signal.SIGKILL, 5)))
 
 
+def report_trial(cfg: ExperimentConfig, run_dir: Path) -> None:
+    """After a run's evaluation, in an Optuna sweep: report each scored checkpoint the trial has not
+    had yet (no pruning: training is over). A job requeued after its training had ended (Slurm
+    preemption during the last evaluations: `training already complete`) trains nothing, so no watcher
+    reports its later checkpoints; this does. A pruned trial reports nothing past its stop."""
+    where = cfg.sweep.optuna
+    if where.trial is None or cfg.eval.backend == "none" or pruned_of(run_dir):
+        return
+    objective = cfg.eval.select.objective
+    try:
+        from sd3exp.optuna_sweep.job import TrialReporter
+
+        reporter = TrialReporter(where)
+        for point in sorted(objectives(run_dir, objective), key=lambda p: p.step):
+            reporter.report(point.step, point.value)
+    except Exception as err:  # the study unreachable or the trial already told: the job's result stands
+        console.warn(f"reporting to Optuna trial {where.trial} failed ({err})")
+
+
 def check(cfg: ExperimentConfig) -> None:
     """Refuse an early-stopping set-up that could never stop, before training starts."""
     from sd3exp.errors import ConfigError
