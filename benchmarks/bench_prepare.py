@@ -11,6 +11,9 @@ shuffle the rest with the unseeded global random, write name_<i>.txt. Rows (issu
 - `python -m sd3exp stage=prepare` on the large set, first and again with nothing changed (goal < 5 s)
 
 Every set is generated in a temporary folder (removed after); $XDG_CACHE_HOME points there too.
+Nothing is deleted until every row has run (about 7 GB at the defaults): on ext4 without a journal,
+creating files is up to 30x slower for a minute or more after many were deleted (the kernel skips
+recently freed inodes one by one), so deleting one row's output would slow the next row down.
 
     python benchmarks/bench_prepare.py [--images 500] [--side 512] [--images-large 20000] [--repeats 10] [--keep 2]
 """
@@ -104,17 +107,17 @@ def config(src: Path, prepared: Path, repeats: int, keep: int, mode: str) -> Exp
 
 
 def against_script(work: Path, src: Path, repeats: int, keep: int) -> dict:
-    """Materialized prepare and the source's script on `src`: times, bytes written, extra disk, re-runs."""
+    """Materialized prepare and the source's script on `src`: times, bytes written, extra disk, re-runs.
+    Their folders are left in `work` (see the module's docstring)."""
     out = {}
-    out["base"], out["base_bytes"] = timed(lambda: source_style(src, work / "baseline", repeats, keep))
-    out["base_disk"] = extra_disk(work / "baseline", src)
-    out["base_rerun"], _ = timed(lambda: source_style(src, work / "baseline", repeats, keep))
-    shutil.rmtree(work / "baseline")
-    cfg = config(src, work / "prepared", repeats, keep, "materialized")
+    baseline, prepared = work / f"baseline-{src.name}", work / f"prepared-{src.name}"
+    out["base"], out["base_bytes"] = timed(lambda: source_style(src, baseline, repeats, keep))
+    out["base_disk"] = extra_disk(baseline, src)
+    out["base_rerun"], _ = timed(lambda: source_style(src, baseline, repeats, keep))
+    cfg = config(src, prepared, repeats, keep, "materialized")
     out["ours"], out["ours_bytes"] = timed(lambda: prepare(cfg, progress=False).total("bytes_written"))
-    out["ours_disk"] = extra_disk(work / "prepared", src)
+    out["ours_disk"] = extra_disk(prepared, src)
     out["ours_rerun"], _ = timed(lambda: prepare(cfg, progress=False).total("bytes_written"))
-    shutil.rmtree(work / "prepared")
     return out
 
 
@@ -139,6 +142,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder, removed after")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-prepare-", dir=args.workdir))
+    os.environ["XDG_CACHE_HOME"] = str(work / "xdg")  # prepare()'s notes too: a first run, as a user's
     try:
         small, large = work / "src", work / "large"
         make_source(small, args.images, args.side)

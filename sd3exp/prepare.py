@@ -33,6 +33,7 @@ The seed and settings are recorded in ``<prepared_dir>/sd3exp-prepare.json``.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import errno
 import os
 import random
@@ -60,7 +61,8 @@ PREPARED, PREPARING = "prepared", "preparing (stopped before its folder was comp
 FORMAT = 1
 FICLONE = 0x40049409  # Linux ioctl: share the source's blocks (btrfs, xfs, ...)
 PROGRESS_MIN_FILES = 200
-Want = Union[Path, bytes]  # an image's source file, or a caption's content
+Want = Union[Path, bytes]
+StrPath = Union[str, Path]  # an image's source file, or a caption's content
 
 
 @dataclass
@@ -107,17 +109,17 @@ class PrepareSummary:
 
 # -- placing images ---------------------------------------------------------
 
-def _hardlink(src: Path, dst: Path) -> int:
+def _hardlink(src: Path, dst: StrPath) -> int:
     os.link(src, dst)
     return 0
 
 
-def _symlink(src: Path, dst: Path) -> int:
+def _symlink(src: Path, dst: StrPath) -> int:
     os.symlink(os.path.abspath(src), dst)
     return 0
 
 
-def _reflink(src: Path, dst: Path) -> int:
+def _reflink(src: Path, dst: StrPath) -> int:
     if fcntl is None:
         raise OSError(errno.ENOTSUP, "reflink needs fcntl")
     with open(src, "rb") as s, open(dst, "xb") as d:
@@ -126,12 +128,12 @@ def _reflink(src: Path, dst: Path) -> int:
     return 0
 
 
-def _copy(src: Path, dst: Path) -> int:
+def _copy(src: Path, dst: StrPath) -> int:
     shutil.copy2(src, dst)
-    return dst.stat().st_size
+    return os.stat(dst).st_size
 
 
-PLACERS: Dict[str, Callable[[Path, Path], int]] = {
+PLACERS: Dict[str, Callable[[Path, StrPath], int]] = {
     "hardlink": _hardlink, "symlink": _symlink, "reflink": _reflink, "copy": _copy}
 # errors meaning "this method does not work here" (other errors, e.g. a vanished source, are raised)
 UNSUPPORTED = {errno.EXDEV, errno.EPERM, errno.EACCES, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP,
@@ -146,7 +148,7 @@ class Linker:
         self.used: Counter = Counter()
         self.bytes = 0
 
-    def place(self, src: Path, dst: Path) -> None:
+    def place(self, src: Path, dst: StrPath) -> None:
         while True:
             mode = self.modes[0]
             try:
@@ -156,7 +158,8 @@ class Linker:
             except OSError as e:
                 if len(self.modes) == 1 or e.errno not in UNSUPPORTED:
                     raise
-                dst.unlink(missing_ok=True)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(dst)
                 self.modes.pop(0)
 
 
@@ -211,10 +214,12 @@ def _copies(concept: ConceptConfig, image: Path, text: str, seed: int) -> Dict[s
     sep, keep = tag_shuffle.tag_separator(concept), concept.captions.keep_tags
     files: Dict[str, Want] = {}
     tags = tag_shuffle.split_tags(text, sep)  # once per image, not per copy
+    name, stem, suffix = image.name, image.stem, image.suffix
+    rng = random.Random(0)
     for i in range(1, concept.repeats + 1):
-        rng = random.Random(tag_shuffle.copy_seed(seed, concept.id, image.name, i))
-        files[f"{image.stem}_{i}{image.suffix}"] = image
-        files[f"{image.stem}_{i}.txt"] = tag_shuffle.shuffle_tags(tags, keep, rng, sep).encode("utf-8")
+        rng.seed(tag_shuffle.copy_seed(seed, concept.id, name, i))  # as random.Random(that seed)
+        files[f"{stem}_{i}{suffix}"] = image
+        files[f"{stem}_{i}.txt"] = tag_shuffle.shuffle_tags(tags, keep, rng, sep).encode("utf-8")
     return files
 
 
@@ -314,26 +319,44 @@ def _matches(want: Want, path: Path) -> bool:
 
 def _build(build: Path, target: Path, files: Dict[str, Want], reusable: set, summary: ConceptSummary,
            progress: bool) -> None:
-    """Fill `build` with `files`, reusing the unchanged ones of `target` by hard link."""
+    """Fill `build` with `files`, reusing the unchanged ones of `target` by hard link. Captions are
+    written through raw file descriptors relative to the build folder, neither atomically nor fsynced:
+    the whole folder is renamed into place when complete (a kill leaves it under its building name)."""
     linker = Linker()
     bar = console.progress(files.items(), desc=f"prepare {summary.id}", unit="file", leave=False,
                disable=not progress or len(files) < PROGRESS_MIN_FILES)
-    for name, want in bar:
-        dst = build / name
-        if name in reusable and _relink(target / name, dst):
-            summary.reused += 1
-        elif isinstance(want, bytes):
-            dst.write_bytes(want)
-            summary.bytes_written += len(want)
-            summary.created += 1
-        else:
-            linker.place(want, dst)
-            summary.created += 1
-    summary.bytes_written += linker.bytes
-    summary.link_modes = dict(Counter(summary.link_modes) + linker.used)
+    here, there = os.fspath(build) + os.sep, os.fspath(target) + os.sep
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    created = written = reused = 0
+    folder = os.open(build, os.O_RDONLY) if os.open in os.supports_dir_fd else None
+    try:
+        for name, want in bar:
+            if name in reusable and _relink(there + name, here + name):
+                reused += 1
+            elif isinstance(want, bytes):
+                fd = os.open(name, flags, 0o666, dir_fd=folder) if folder is not None else \
+                    os.open(here + name, flags, 0o666)
+                try:
+                    view = memoryview(want)
+                    while view:
+                        view = view[os.write(fd, view):]
+                finally:
+                    os.close(fd)
+                written += len(want)
+                created += 1
+            else:
+                linker.place(want, here + name)
+                created += 1
+    finally:
+        if folder is not None:
+            os.close(folder)
+        summary.reused += reused
+        summary.created += created
+        summary.bytes_written += written + linker.bytes
+        summary.link_modes = dict(Counter(summary.link_modes) + linker.used)
 
 
-def _relink(existing: Path, dst: Path) -> bool:
+def _relink(existing: str, dst: str) -> bool:
     """Reuse a file of the current folder (a symlink stays a symlink)."""
     try:
         os.link(existing, dst, follow_symlinks=False)
