@@ -133,7 +133,6 @@ def check_model(cfg: ExperimentConfig) -> None:
     check_resolution(cfg)
     _choice("trainer.config_backend", cfg.trainer.config_backend, ("json", "env"))
     _choice("trainer.cpu_shim", cfg.trainer.cpu_shim, ("auto", "never"))
-    _choice("stage", cfg.stage, tuple(STAGES))
 
 
 def _size(field: str, value: Any, resolution_type: str) -> None:
@@ -266,6 +265,7 @@ CHECKS: List[Callable[[ExperimentConfig], None]] = [
 def validate(cfg: ExperimentConfig, need_data: bool = False) -> None:
     """Every check; independent problems are reported together (as torchtune's `tune validate`)."""
     check_finite(cfg)  # first and alone: an inf or nan would mislead the checks that compare numbers
+    _choice("stage", cfg.stage, tuple(STAGES))  # first and alone too: the other checks look the stage up
     errors: List[ConfigError] = []
     for check in [*CHECKS, *([check_dataset_paths] if need_data else [])]:
         try:
