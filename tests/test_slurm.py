@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -18,6 +20,7 @@ import pytest
 
 from sd3exp.project import ROOT
 from sd3exp.runfolder import checkpoint_dirs
+from sd3exp.train import run_processes
 from tests.helpers import needs_trainer, run_cli
 
 CLUSTER = Path(__file__).resolve().parent / "slurm" / "cluster.sh"
@@ -225,6 +228,29 @@ def intermediate_steps(storage: str, study: str, number: int) -> List[int]:
     return sorted(trials[number].intermediate_values) if len(trials) > number else []
 
 
+def hold_until_pruned(run: Path, storage: str, study: str, proc: subprocess.Popen) -> None:
+    """Trial 1's trainer paused (SIGSTOP) from its first checkpoint until the pruner's decision is in
+    the study: a trainer slower than the evaluation, as on a GPU, not a race with the CPU's load (on a
+    busy machine the 20 steps could end before the first checkpoint's score reached the study)."""
+    import optuna
+
+    def pruned() -> bool:
+        trials = optuna.load_study(study_name=study, storage=storage).trials
+        return len(trials) > 1 and "sd3exp_pruned" in trials[1].user_attrs
+
+    wait_for(lambda: ((run / "training" / "checkpoint-4").is_dir() and bool(run_processes(run)))
+             or proc.poll() is not None, 900, "trial 1's first checkpoint")
+    paused = run_processes(run)
+    for pid in paused:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: pruned() or proc.poll() is not None, 600, "the pruner's decision on trial 1")
+    finally:
+        for pid in paused:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
 @needs_trainer
 def test_a_pruned_search_shares_a_mariadb_study_and_a_preempted_trial_reports_to_the_same_trial(tmp_path, optuna_storage):
     """The pruned search (hparams_search=demo_pruned) through Slurm with its study in the cluster's MariaDB:
@@ -257,6 +283,7 @@ def test_a_pruned_search_shares_a_mariadb_study_and_a_preempted_trial_reports_to
             job = queue().split()[0]
             slurm("scancel", "--signal=USR2", job)
             start_requeued(job)
+            hold_until_pruned(tmp_path / "1_demo", optuna_storage, study_name, proc)
             proc.wait(timeout=900)
         finally:
             proc.kill()
