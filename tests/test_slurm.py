@@ -139,7 +139,8 @@ def start_requeued(job: str) -> None:
     delay for a requeued job), but only after its first run has ended and a second has passed: a job
     started within the second its credential was revoked is killed ("Job credential revoked")."""
     wait_for(lambda: "PENDING" in queue(), 120, "the job to be requeued")
-    wait_for(lambda: slurm("sinfo", "-h", "-N", "-o", "%t").strip() == "idle", 60, "the node to be idle")
+    wait_for(lambda: slurm("sinfo", "-h", "-N", "-o", "%t").strip() == "idle", 180,
+             f"the node to be idle (when the wait began: {slurm('sinfo', '-h', '-N', '-o', '%t %E').strip()!r})")
     time.sleep(2)
     slurm("scontrol", "update", f"JobId={job}", "StartTime=now")
 
