@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from sd3exp.buckets import BucketRule, bucket_of
 from sd3exp.errors import ConfigError
-from sd3exp.plan import checkpoint_steps, make_plan
+from sd3exp.plan import MAX_CHECKPOINTS, checkpoint_steps, make_plan
 from sd3exp.validate import validate
 from tests.helpers import compose_experiment
 
@@ -90,11 +90,16 @@ def test_two_concepts_add_up():
 
 
 @settings(max_examples=200, deadline=None)
+@example(n=334, passes=12, batch=1, epochs=5)  # 10,020 checkpoints: over the limit (found by hypothesis)
 @given(n=st.integers(1, 400), passes=st.integers(1, 12), batch=st.integers(1, 8), epochs=st.integers(1, 5))
 def test_single_bucket_formula(n, passes, batch, epochs):
     cfg = _with(_demo_cfg(), batch=batch, epochs=epochs, passes=passes)
     if n * passes < batch:
         with pytest.raises(ConfigError):
+            make_plan(cfg, {"shapes": [(64, 64)] * n})
+        return
+    if epochs * math.ceil(n * passes / batch) // 2 > MAX_CHECKPOINTS:  # a checkpoint every 2 steps: refused
+        with pytest.raises(ConfigError, match="checkpointing.every_steps=2: plans"):
             make_plan(cfg, {"shapes": [(64, 64)] * n})
         return
     plan = make_plan(cfg, {"shapes": [(64, 64)] * n})
