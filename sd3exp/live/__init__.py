@@ -141,11 +141,16 @@ class Watcher:
         if reason and not self.closing.is_set():
             last = self.state.points[-1].step
             self.state.early_stop = {"step": last, "objective": objective, "reason": reason}
-            self.state.save(self.path)  # before the trainer exits: run_training reads it then
-            console.info(f"early stop at step {last}: {reason}; stopping the trainer (every checkpoint is kept)")
-            from sd3exp.train import stop_run
+            self.stop_trainer(f"early stop at step {last}: {reason}; stopping the trainer (every checkpoint is kept)")
 
-            stop_run(self.run_dir, ((signal.SIGTERM, 10), (signal.SIGKILL, 5)))
+    def stop_trainer(self, message: str) -> None:
+        """Stop the trainer as SIGTERM does, once the stop is recorded in live.json (run_training reads it
+        when the trainer exits)."""
+        from sd3exp.train import stop_run
+
+        self.state.save(self.path)
+        console.info(message)
+        stop_run(self.run_dir, ((signal.SIGTERM, 10), (signal.SIGKILL, 5)))
 
 
     def check_prune(self) -> None:
@@ -162,8 +167,7 @@ class Watcher:
 
                 self.reporter = TrialReporter(where)
             reporter = self.reporter
-            for point in sorted(points, key=lambda p: p.step):
-                reporter.report(point.step, point.value)
+            reporter.report_all(points)
             prune = reporter.should_prune()
         except Exception as err:  # the study unreachable: training goes on, the summary names it
             self.state.failures.append(f"optuna trial {where.trial}: {err}")
@@ -176,13 +180,9 @@ class Watcher:
         self.state.pruned = {"step": last, "objective": objective, "value": value, "trial": where.trial,
                              "reason": f"Optuna's {reporter.pruner} pruned trial {where.trial} at step {last} "
                                        f"({objective} {value:.6g})"}
-        self.state.save(self.path)  # before the trainer exits: run_training reads it then
         reporter.mark_pruned(self.state.pruned)
-        console.info(f"pruned at step {last}: {self.state.pruned['reason']}; stopping the trainer "
-                     "(every checkpoint and score is kept)")
-        from sd3exp.train import stop_run
-
-        stop_run(self.run_dir, ((signal.SIGTERM, 10), (signal.SIGKILL, 5)))
+        self.stop_trainer(f"pruned at step {last}: {self.state.pruned['reason']}; stopping the trainer "
+                          "(every checkpoint and score is kept)")
 
 
 def report_trial(cfg: ExperimentConfig, run_dir: Path) -> None:
@@ -197,9 +197,7 @@ def report_trial(cfg: ExperimentConfig, run_dir: Path) -> None:
     try:
         from sd3exp.optuna_sweep.job import TrialReporter
 
-        reporter = TrialReporter(where)
-        for point in sorted(objectives(run_dir, objective), key=lambda p: p.step):
-            reporter.report(point.step, point.value)
+        TrialReporter(where).report_all(objectives(run_dir, objective))
     except Exception as err:  # the study unreachable or the trial already told: the job's result stands
         console.warn(f"reporting to Optuna trial {where.trial} failed ({err})")
 
@@ -212,7 +210,7 @@ def check(cfg: ExperimentConfig) -> None:
     if cfg.sweep.optuna.trial is not None and cfg.eval.backend == "none":
         raise ConfigError("eval.backend", "none", "an Optuna trial reports each checkpoint's score, "
                           f"which eval.backend=none does not compute (trial {cfg.sweep.optuna.trial})",
-                          "use eval.backend=diffusers (or comfyui), or hydra.sweeper.pruner.name=none with stage=train")
+                          "use eval.backend=diffusers (or comfyui): a trial's value is its best checkpoint's score")
     stop = cfg.training.early_stop
     if stop.patience < 0:
         raise ConfigError("training.early_stop.patience", stop.patience, "must be 0 (off) or more",

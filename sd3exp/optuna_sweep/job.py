@@ -11,9 +11,12 @@ the sweeper passes when the URL holds a password) is the URL in the environment 
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence
 
 from sd3exp.schema import OptunaTrialConfig
+
+if TYPE_CHECKING:
+    from sd3exp.live.state import Point
 
 
 class TrialReporter:
@@ -54,6 +57,11 @@ class TrialReporter:
             return
         self.trial.report(float(value), step)
         self.reported.add(step)
+
+    def report_all(self, points: Sequence[Point]) -> None:
+        """Every checkpoint's objective not reported yet, in step order."""
+        for point in sorted(points, key=lambda p: p.step):
+            self.report(point.step, point.value)
 
     def should_prune(self) -> bool:
         return bool(self.reported) and self.trial.should_prune()
