@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, cast
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import yaml
 from hydra import compose, initialize_config_dir
@@ -74,10 +74,11 @@ class Job:
 
 
 def located(cfg: DictConfig, invocation: Invocation) -> DictConfig:
-    """`cfg` with paths.run_dir at the invocation's output folder where it is left at its default."""
-    if invocation.output_dir is None or to_dict(cfg.paths)["run_dir"] != RUN_DIR_DEFAULT:
-        return cfg
-    return cast(DictConfig, OmegaConf.merge(cfg, {"paths": {"run_dir": str(invocation.output_dir)}}))
+    """`cfg` with paths.run_dir at the invocation's output folder where it is left at its default: the
+    job's own config (Hydra's copy without its hydra node) set in place, not merged into a copy."""
+    if invocation.output_dir is not None and to_dict(cfg.paths)["run_dir"] == RUN_DIR_DEFAULT:
+        cfg.paths.run_dir = str(invocation.output_dir)
+    return cfg
 
 
 def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:

@@ -1,0 +1,90 @@
+"""sd3exp's default sweeper composes each job of a multirun once (sd3exp/compose_once.py), where Hydra's
+basic sweeper composes it twice (the batch check, then the launch): the same job folders, half the
+compositions, and a batch with a job that cannot be composed still refused before any job runs."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.types import RunMode
+
+from sd3exp.compose_once import ComposedOnce
+from sd3exp.project import CONF_DIR, ROOT
+
+# Counts Hydra's own job compositions (ConfigLoaderImpl.load_sweep_config), then runs the CLI.
+COUNTING = textwrap.dedent("""
+    import atexit, sys
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    composed = []
+    hydras = ConfigLoaderImpl.load_sweep_config
+    def counted(self, master_config, sweep_overrides):
+        composed.append(sweep_overrides)
+        return hydras(self, master_config, sweep_overrides)
+    ConfigLoaderImpl.load_sweep_config = counted
+    atexit.register(lambda: print(f"jobs composed: {len(composed)}", file=sys.stderr))
+    sys.argv = ["sd3exp", *sys.argv[1:]]
+    from sd3exp.cli import main
+    main()
+""")
+
+
+def sweep(*args: str) -> Tuple[subprocess.CompletedProcess, int]:
+    done = subprocess.run([sys.executable, "-c", COUNTING, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    counts = [int(line.split(": ")[1]) for line in done.stderr.splitlines() if line.startswith("jobs composed: ")]
+    return done, counts[-1]
+
+
+def compiled(job: Path) -> Dict[str, bytes]:
+    """The job's compiled files, its sweep folder's path written as SWEEP (the files name their run folder)."""
+    here = str(job.parent).encode()
+    return {str(p.relative_to(job)): p.read_bytes().replace(here, b"SWEEP")
+            for p in sorted((job / "config").rglob("*")) if p.is_file()}
+
+
+def job_folders(sweep_dir: Path) -> List[Path]:
+    return sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def test_each_job_is_composed_once_and_compiles_what_hydras_basic_sweeper_compiles(tmp_path):
+    grid = ["-m", "experiment=fantasy_art_lora", "lora.rank=4,8,16", "optimizer.lr=1e-4,2e-4", "stage=compile"]
+    ours, ours_composed = sweep(*grid, f"hydra.sweep.dir={tmp_path / 'ours'}")
+    hydras, hydras_composed = sweep(*grid, "hydra/sweeper=basic", f"hydra.sweep.dir={tmp_path / 'basic'}")
+    assert ours.returncode == 0, ours.stderr
+    assert hydras.returncode == 0, hydras.stderr
+    assert (ours_composed, hydras_composed) == (6, 12)
+    ours_jobs, hydras_jobs = job_folders(tmp_path / "ours"), job_folders(tmp_path / "basic")
+    assert [p.name for p in ours_jobs] == [p.name for p in hydras_jobs] and len(ours_jobs) == 6
+    for mine, theirs in zip(ours_jobs, hydras_jobs):
+        assert compiled(mine) and compiled(mine) == compiled(theirs), mine.name
+
+
+def test_a_job_that_cannot_be_composed_stops_the_batch_before_any_job_runs(tmp_path):
+    done, composed = sweep("-m", "experiment=fantasy_art_lora", "model=tiny_sd3,no_such_model", "stage=compile",
+                           f"hydra.sweep.dir={tmp_path}")
+    assert done.returncode != 0
+    assert "no_such_model" in done.stderr
+    assert composed == 2  # the batch check reached the second job, and nothing was launched
+    assert job_folders(tmp_path) == []
+
+
+def test_a_loader_sent_to_a_job_process_carries_no_kept_configs():
+    """submitit pickles the launcher's config loader into every job; the kept batch must not go with it."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        loader = ComposedOnce(GlobalHydra.instance().config_loader())
+        master = loader.load_configuration("config", ["experiment=fantasy_art_lora"], RunMode.MULTIRUN)
+        loader.check(master, [["lora.rank=4"], ["lora.rank=8"]])
+        assert len(loader.checked) == 2
+        sent = pickle.loads(pickle.dumps(loader))
+        assert sent.checked == {}
+        assert sent.load_sweep_config(master, ["lora.rank=8"]).lora.rank == 8
+        assert loader.load_sweep_config(master, ["lora.rank=8"]) is not None and len(loader.checked) == 1
+    GlobalHydra.instance().clear()
