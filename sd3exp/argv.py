@@ -6,9 +6,9 @@ import difflib
 import os
 import shlex
 from pathlib import Path
-from typing import Iterable, List
+from typing import Iterable, List, Sequence
 
-from sd3exp.errors import Sd3expError
+from sd3exp.errors import ConfigError, Sd3expError
 
 PATH_KEYS = ("hydra.run.dir", "hydra.sweep.dir", "paths.")  # keys whose value is a folder
 
@@ -28,6 +28,44 @@ def unknown_word(word: str, rest: List[str], subcommands: Iterable[str], conf_di
     fix = f"sd3exp {close[0]}{tail}" if close else "sd3exp --help (it lists the subcommands and experiments)"
     return UsageError(f"'{word}' is not a subcommand (they are {', '.join(subcommands)}) nor an override "
                       f"(key=value). Fix: {fix}")
+
+
+def group_options(group: str, dirs: Sequence[Path]) -> List[str]:
+    """The config files of a config group in `dirs` (its sub-folders' as `sub/name`), without .yaml."""
+    return sorted({p.relative_to(d / group).with_suffix("").as_posix() for d in dirs if (d / group).is_dir()
+                   for p in (d / group).rglob("*.yaml")})
+
+
+def check_choices(argv: Sequence[str], conf_dir: Path) -> None:
+    """ConfigError for an override that picks a config file its group does not have (`model=sd3_mediun`,
+    a sweep's every value), naming the group's files and the same command line with the closest one.
+    Left to Hydra where its search path is extended (hydra.searchpath), which this does not follow."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from sd3exp.field_types import override_values
+    from sd3exp.migrate import config_dirs_in
+
+    dirs = [*config_dirs_in(argv), conf_dir]
+    if any("searchpath" in a for a in argv) or any("searchpath" in p.read_text(errors="replace")
+                                                   for d in dirs for p in d.glob("local/*.yaml")):
+        return
+    parser = OverridesParser.create()
+    for i, arg in enumerate(argv):
+        if arg.startswith(("-", "~", "hydra")) or "=" not in arg:
+            continue
+        try:
+            override = parser.parse_override(arg)
+        except Exception:  # noqa: BLE001 - Hydra reports its own grammar errors
+            continue
+        group, options = override.key_or_group, group_options(override.key_or_group, dirs)
+        values = [v for v in override_values(override) if v is not None]
+        if override.package is not None or not options or not values:
+            continue
+        for bad in (v for v in values if str(v) not in options):
+            key, close = arg.split("=", 1)[0], difflib.get_close_matches(str(bad), options, n=1, cutoff=0)[0]
+            picked = ",".join(dict.fromkeys(close if v == bad else str(v) for v in values))
+            fix = "sd3exp " + " ".join(shlex.quote(a) for a in [*argv[:i], f"{key}={picked}", *argv[i + 1:]])
+            raise ConfigError(key, bad, f"{group} has no config file {bad}.yaml (it has {', '.join(options)})", fix)
 
 
 def versions() -> str:

@@ -79,6 +79,7 @@ def main() -> None:
     sys.argv = argv.expand_home(sys.argv)
     try:
         check_added(sys.argv[1:], CONF_DIR)
+        argv.check_choices(sys.argv[1:], CONF_DIR)
         check_overrides(sys.argv[1:])
         check_experiment_file(sys.argv[1:], CONF_DIR)
         sys.argv = migrate.prepare_argv(sys.argv, CONF_DIR)

@@ -112,7 +112,7 @@ def misfit(key: str, value: Any) -> Optional[Tuple[str, List[Any]]]:
     return kind, [c for c in candidates if _fits(key, c)][:1]
 
 
-def _values(override: Any) -> List[Any]:
+def override_values(override: Any) -> List[Any]:
     """The values an override sets: a sweep's every value, an interval's bounds; none for a glob (it
     picks config files, not values)."""
     from hydra.core.override_parser.types import Glob, IntervalSweep
@@ -138,7 +138,7 @@ def check_overrides(argv: Sequence[str]) -> None:
             override = parser.parse_override(arg)
         except Exception:  # noqa: BLE001 - Hydra reports its own grammar errors
             continue
-        values = _values(override)
+        values = override_values(override)
         for bad in values:
             if (found := misfit(override.key_or_group, bad)) is None:
                 continue

@@ -84,6 +84,27 @@ def test_an_override_of_the_wrong_type_names_the_field_and_a_command_that_works(
     assert run_cli(*fix[1:]).returncode == 0
 
 
+@pytest.mark.parametrize("choice, bad, meant", [
+    ("model=sd3_mediun", "sd3_mediun", "model=sd3_medium"),
+    ("optimizer=adamww", "adamww", "optimizer=adamw"),
+    ("model=tiny_sd3,sd35_mediun", "sd35_mediun", "model=tiny_sd3,sd35_medium"),  # a sweep's every value
+    ("schedule=warmup_cosine", "warmup_cosine", "schedule=cosine"),
+])
+def test_a_config_file_a_group_lacks_is_named_with_the_groups_files_and_a_command_that_works(tmp_path, choice, bad,
+                                                                                               meant):
+    args = ["experiment=demo_quick", choice, f"hydra.sweep.dir={tmp_path / 'sweep'}", "stage=plan"]
+    args = ["-m", *args] if "," in choice else args
+    out = run_cli(*args)
+    last = out.stderr.rstrip().splitlines()[-1]
+    group = choice.split("=")[0]
+    assert out.returncode == 2 and "Could not find" not in out.stderr, out.stderr
+    assert not (tmp_path / "sweep").exists()  # refused before Hydra made any folder
+    assert last.startswith(f"sd3exp: error: {group}={bad!r}: {group} has no config file {bad}.yaml (it has ")
+    fix = shlex.split(last.split("Fix: ", 1)[1])
+    assert fix == ["sd3exp", *[meant if a == choice else a for a in args]]
+    assert run_cli(*fix[1:]).returncode == 0
+
+
 def test_a_value_of_the_wrong_type_in_an_experiment_file_names_file_field_and_fix(tmp_path):
     mine = tmp_path / "conf" / "experiment" / "mine.yaml"
     mine.parent.mkdir(parents=True)

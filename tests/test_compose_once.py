@@ -67,12 +67,15 @@ def test_each_job_is_composed_once_and_compiles_what_hydras_basic_sweeper_compil
 
 
 def test_a_job_that_cannot_be_composed_stops_the_batch_before_any_job_runs(tmp_path):
-    done, composed = sweep("-m", "experiment=fantasy_art_lora", "model=tiny_sd3,no_such_model", "stage=compile",
-                           f"hydra.sweep.dir={tmp_path}")
+    broken = tmp_path / "conf" / "model" / "broken.yaml"  # a model file with a key the schema lacks
+    broken.parent.mkdir(parents=True)
+    broken.write_text("family: sd3\nno_such_key: 1\n")
+    done, composed = sweep("-m", "--config-dir", str(tmp_path / "conf"), "experiment=fantasy_art_lora",
+                           "model=tiny_sd3,broken", "stage=compile", f"hydra.sweep.dir={tmp_path / 'sweep'}")
     assert done.returncode != 0
-    assert "no_such_model" in done.stderr
+    assert "no_such_key" in done.stderr
     assert composed == 2  # the batch check reached the second job, and nothing was launched
-    assert job_folders(tmp_path) == []
+    assert job_folders(tmp_path / "sweep") == []
 
 
 def test_a_loader_sent_to_a_job_process_carries_no_kept_configs():
