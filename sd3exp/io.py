@@ -12,7 +12,7 @@ import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator, List, Mapping, Union
+from typing import Any, Iterator, List, Mapping, Sequence, Union
 
 from sd3exp.errors import DiskFullError, no_space_message
 
@@ -30,8 +30,9 @@ def _umask() -> int:
     return mask
 
 
-def write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder and rename it into place."""
+def write_bytes(path: Path, data: bytes, sync: bool = True) -> None:
+    """Write via a temporary file in the same folder and rename it into place; fsynced before the
+    rename unless `sync` is false (the caller makes it durable later: `synced`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
@@ -39,7 +40,8 @@ def write_bytes(path: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as err:
         Path(tmp).unlink(missing_ok=True)
@@ -52,11 +54,44 @@ def write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def write_many(files: Mapping[Path, bytes], threads: int = 8) -> None:
+def write_many(files: Mapping[Path, bytes], threads: int = 8, sync: bool = True) -> None:
     """write_bytes for each file, several at a time: their fsyncs overlap (the file system commits
     them together), ten times faster than one after another for a hundred small images."""
     with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(lambda item: write_bytes(*item), files.items()))
+        list(pool.map(lambda item: write_bytes(item[0], item[1], sync=sync), files.items()))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as err:  # a delayed allocation can find the disk full only now
+        if err.errno == errno.ENOSPC:
+            raise DiskFullError(f"{no_space_message(path)}; {path.name} could not be written to the disk") from err
+        raise
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def synced(paths: Sequence[Path], threads: int = 8) -> Iterator[None]:
+    """The files made durable (fsync, several at a time) in background threads while the block runs:
+    on the disk, or the first error raised, when it ends. For files written with sync=False whose
+    names are recorded only after the block (cells.json after the grid is drawn)."""
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="sd3exp-fsync")
+    try:
+        syncs = [pool.submit(_fsync, p) for p in paths]
+        yield
+        for done in syncs:
+            done.result()
+    finally:
+        pool.shutdown(wait=True)
+
+
+def fsync_all(paths: Sequence[Path]) -> None:
+    """The files made durable, several at a time."""
+    with synced(paths):
+        pass
 
 
 def _alive(pid: int) -> bool:

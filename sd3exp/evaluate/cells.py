@@ -164,8 +164,9 @@ def cell_image(cell: Cell) -> Union[Path, bytes, None]:
     return cell.images[0] if cell.images else None
 
 
-def store_images(cells: Sequence[Cell], folder: Path | str) -> list[Cell]:
-    """Copies of the cells whose in-memory images are written (atomically) to `folder/image_name(...)`."""
+def store_images(cells: Sequence[Cell], folder: Path | str, sync: bool = True) -> list[Cell]:
+    """Copies of the cells whose in-memory images are written (atomically) to `folder/image_name(...)`;
+    fsynced unless `sync` is false (then sd3exp.io.synced before anything names them)."""
     stored: list[Cell] = []
     files: Dict[Path, bytes] = {}
     for cell in cells:
@@ -173,7 +174,7 @@ def store_images(cells: Sequence[Cell], folder: Path | str) -> list[Cell]:
                  for n in range(len(cell.images))]
         files.update(zip(paths, cell.images))
         stored.append(replace(cell, images=[], paths=list(cell.paths) + paths) if paths else cell)
-    write_many(files)
+    write_many(files, sync=sync)
     return stored
 
 

@@ -32,7 +32,7 @@ from sd3exp.evaluate.score import (
     unscored_by_models,
 )
 from sd3exp.hub import is_repo_id
-from sd3exp.io import write_json
+from sd3exp.io import fsync_all, synced, write_json
 from sd3exp.layout import EvalLayout, RunLayout
 from sd3exp.runfolder import training_elsewhere
 from sd3exp.schema import ExperimentConfig
@@ -295,6 +295,7 @@ def keep_partial(run_dir: Path, staging: Path, all_cells: Sequence[reuse.CellKey
     """Ctrl-C or SIGTERM: record the finished cells (cells.json partial, in grid order) and say how to
     continue."""
     done = {cell_key(c): c for c in cellio.store_images(stop.cells, EvalLayout(staging).images) if c.status == "ok"}
+    fsync_all(image_paths(list(done.values())))  # a backend may have written them unsynced
     by_key = {**reused, **done}
     cells = [by_key[key] for key in all_cells if key in by_key]
     if done:
@@ -310,14 +311,19 @@ def keep_partial(run_dir: Path, staging: Path, all_cells: Sequence[reuse.CellKey
                           f"Continue with: {again}", 128 + stop.signum) from stop
 
 
+def image_paths(cells: Sequence[Cell]) -> List[Path]:
+    return [p for c in cells for p in c.paths]
+
+
 def finish(cfg: ExperimentConfig, run_dir: Path, cells: List[Cell], record: dict, staging: Path,
            strengths: Optional[Mapping[str, Strength]] = None) -> Path:
     """Grid(s), cells.json, report.html and request.json written in staging, which then becomes eval/."""
     eval_dir = RunLayout(run_dir).eval.folder
     comfy = {label: s.comfy_strength for label, s in (strengths or {}).items()}
-    cells, choice = choose_best(cfg, run_dir, cells, record, out_dir=staging, strengths=comfy)
-    grids = write_grids(cells, staging, cfg.eval.max_grid_pixels, best=best_label(choice),
-                        best_variant=best_variant(choice))
+    with synced(image_paths(cells)):  # the renders reach the disk while they are scored and drawn
+        cells, choice = choose_best(cfg, run_dir, cells, record, out_dir=staging, strengths=comfy)
+        grids = write_grids(cells, staging, cfg.eval.max_grid_pixels, best=best_label(choice),
+                            best_variant=best_variant(choice))
     cellio.write_cells_json(cells, EvalLayout(staging).cells)
     write_report(run_dir, cells, grids, out=EvalLayout(staging).report, title=cfg.name)
     write_json(EvalLayout(staging).request, record)

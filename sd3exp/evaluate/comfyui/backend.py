@@ -57,7 +57,7 @@ def render(cfg: ExperimentConfig, job: RenderJob, run_dir: Path, images: Path) -
     spec = SweepSpec(workflow, checkpoints, names, ev.prompts, ev.seeds, Sampling.of(ev), dict(ev.nodes),
                      include_base=job.include_base, skip=job.skip, strengths=strengths, variants=job.variants)
     result = run_sweep(client, spec, timeout_s=ev.timeout_s)
-    return cellio.store_images(result, images)
+    return cellio.store_images(result, images, sync=False)  # made durable while the grid is drawn (stage.finish)
 
 
 def warn_strength_override(workflow: Graph, inputs: Mapping[str, Any], strengths: Mapping[str, float]) -> None:

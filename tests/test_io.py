@@ -1,0 +1,63 @@
+"""Durable writes: an evaluation's images are on the disk (fsynced) before cells.json names them, also
+where they were written unsynced and synced while the grid was drawn (sd3exp.io.synced)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from sd3exp.evaluate.stage import evaluate
+from sd3exp.io import synced, write_bytes
+from tests.comfy_standin import StandIn
+from tests.helpers import compose_experiment
+from tests.test_eval_cli import fake_lora_run
+
+
+def test_synced_runs_the_block_then_raises_the_first_error(tmp_path):
+    ran = []
+    with pytest.raises(FileNotFoundError):
+        with synced([tmp_path / "missing.png"]):
+            ran.append(True)
+    assert ran == [True]
+
+
+def test_an_unsynced_write_leaves_the_same_file_as_a_synced_one(tmp_path):
+    write_bytes(tmp_path / "a.png", b"\x89PNG data")
+    write_bytes(tmp_path / "b.png", b"\x89PNG data", sync=False)
+    a, b = (tmp_path / "a.png").stat(), (tmp_path / "b.png").stat()
+    assert (tmp_path / "b.png").read_bytes() == b"\x89PNG data"
+    assert stat.S_IMODE(a.st_mode) == stat.S_IMODE(b.st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]  # no temporary file left
+
+
+def test_every_image_cells_json_names_was_fsynced_before_cells_json_was_written(tmp_path, monkeypatch):
+    """os.fsync spied on (the standard library's, not sd3exp's): each call records the file it flushed."""
+    flushed, order = set(), []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        real_fsync(fd)
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        flushed.add((path.stat().st_dev, path.stat().st_ino))
+        order.append(path.name)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    run, models = tmp_path / "run", tmp_path / "models"
+    fake_lora_run(run, steps=(2, 4))
+    with StandIn(tmp_path / "comfy", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"],
+                 delay_s=0.0) as server:
+        cfg = compose_experiment("demo_lora", [
+            "demo=false", "concepts.0.num_images=16", "eval.backend=comfyui", f"eval.url={server.url}",
+            f"eval.models_dir={models}", "eval.include_final=false", "eval.include_base=false",
+            "eval.scoring.enabled=false", "tracking.mlflow.enabled=false", "eval.seeds=[1,2]"], str(run))
+        evaluate(cfg, run)
+    cells_json = run / "eval" / "cells.json"
+    named = [run / "eval" / p for cell in json.loads(cells_json.read_text()) for p in cell["paths"]]
+    assert len(named) == 2 * 2 * len(cfg.eval.prompts)
+    assert all((p.stat().st_dev, p.stat().st_ino) in flushed for p in named)
+    written = [n for n in order if n.startswith(".cells.json.")]
+    assert written and all(order.index(p.name) < order.index(written[0]) for p in named)
