@@ -59,10 +59,17 @@ def check_choices(argv: Sequence[str], conf_dir: Path) -> None:
             continue
         group, options = override.key_or_group, group_options(override.key_or_group, dirs)
         values = [v for v in override_values(override) if v is not None]
-        if override.package is not None or not options or not values:
+        if override.package is not None or not options:
+            continue
+        key = arg.split("=", 1)[0]
+        if override.value() is None:  # group=null: Hydra fails with a traceback; ~group is how it drops a group's choice
+            fix = "sd3exp " + " ".join(shlex.quote(a) for a in [*argv[:i], f"~{key.lstrip('+')}", *argv[i + 1:]])
+            raise ConfigError(key, arg.split("=", 1)[1], f"Hydra does not take null for the config group {group}; "
+                              f"~{key.lstrip('+')} drops its choice", fix)
+        if not values:  # a glob: Hydra expands it
             continue
         for bad in (v for v in values if str(v) not in options):
-            key, close = arg.split("=", 1)[0], difflib.get_close_matches(str(bad), options, n=1, cutoff=0)[0]
+            close = difflib.get_close_matches(str(bad), options, n=1, cutoff=0)[0]
             picked = ",".join(dict.fromkeys(close if v == bad else str(v) for v in values))
             fix = "sd3exp " + " ".join(shlex.quote(a) for a in [*argv[:i], f"{key}={picked}", *argv[i + 1:]])
             raise ConfigError(key, bad, f"{group} has no config file {bad}.yaml (it has {', '.join(options)})", fix)

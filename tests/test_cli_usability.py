@@ -105,6 +105,20 @@ def test_a_config_file_a_group_lacks_is_named_with_the_groups_files_and_a_comman
     assert run_cli(*fix[1:]).returncode == 0
 
 
+@pytest.mark.parametrize("group", ["memory", "hparams_search"])  # a null default, and one that is not
+def test_a_config_group_set_to_null_is_refused_with_the_tilde_that_drops_it(tmp_path, group):
+    """Hydra fails with a traceback on group=null; `~group` is how Hydra drops a group's choice."""
+    args = ["experiment=demo_quick", f"{group}=null", f"hydra.run.dir={tmp_path / 'run'}", "stage=plan"]
+    out = run_cli(*args)
+    last = out.stderr.rstrip().splitlines()[-1]
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert last.startswith(f"sd3exp: error: {group}='null': Hydra does not take null for the config group {group}")
+    fix = shlex.split(last.split("Fix: ", 1)[1])
+    assert fix == ["sd3exp", *[f"~{group}" if a == f"{group}=null" else a for a in args]]
+    assert not (tmp_path / "run").exists()
+    assert run_cli(*fix[1:]).returncode == 0
+
+
 def test_a_value_of_the_wrong_type_in_an_experiment_file_names_file_field_and_fix(tmp_path):
     mine = tmp_path / "conf" / "experiment" / "mine.yaml"
     mine.parent.mkdir(parents=True)

@@ -11,7 +11,9 @@ import textwrap
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from hydra import initialize_config_dir
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.types import RunMode
 
@@ -91,3 +93,24 @@ def test_a_loader_sent_to_a_job_process_carries_no_kept_configs():
         assert sent.load_sweep_config(master, ["lora.rank=8"]).lora.rank == 8
         assert loader.load_sweep_config(master, ["lora.rank=8"]) is not None and len(loader.checked) == 1
     GlobalHydra.instance().clear()
+
+
+def sweeper_named(search: Path) -> str:
+    """The sweeper an hparams_search file chooses (its `override /hydra/sweeper: X`), as its _target_."""
+    choice = next(line.split(":", 1)[1].split("#")[0].strip() for line in search.read_text().splitlines()
+                  if line.strip().startswith("- override /hydra/sweeper:"))
+    sweeper = yaml.safe_load((CONF_DIR / "hydra" / "sweeper" / f"{choice}.yaml").read_text())
+    return sweeper["_target_"]
+
+
+@pytest.mark.parametrize("search", sorted(p.stem for p in (CONF_DIR / "hparams_search").glob("*.yaml")))
+def test_the_sweeper_an_hparams_search_file_chooses_is_the_one_hydra_runs(search):
+    """An override of hydra/sweeper in the root config beats one in an hparams_search file (Hydra keeps the
+    first): the default sweeper is chosen by the default hparams_search, so each file's choice stands."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = compose("config", [f"hparams_search={search}"], return_hydra_config=True)
+        default = compose("config", [], return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    assert cfg.hydra.sweeper._target_ == sweeper_named(CONF_DIR / "hparams_search" / f"{search}.yaml")
+    assert default.hydra.sweeper._target_ == "hydra_plugins.sd3exp_basic.BasicSweeper"
