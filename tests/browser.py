@@ -3,13 +3,16 @@ and report which images loaded and what the console said."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, Iterator, List, Sequence
 
 import requests
 import websocket
@@ -72,27 +75,57 @@ class Page:
         return out
 
 
+@contextlib.contextmanager
+def chromium_page(*flags: str) -> Iterator[Page]:
+    """The first page of a headless Chromium with a throwaway profile. On exit the browser's whole
+    process group is stopped before the profile is removed: its helpers outlive the main process for a
+    moment and still write there (CI once failed removing the profile: "Directory not empty: 'Default'")."""
+    profile = Path(tempfile.mkdtemp(prefix="sd3exp-test-chromium-"))
+    proc = subprocess.Popen([chromium(), *FLAGS, *flags, f"--user-data-dir={profile}", "about:blank"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        port = _devtools_port(profile, proc)
+        target = next(t for t in requests.get(f"http://127.0.0.1:{port}/json", timeout=10).json()
+                      if t["type"] == "page")
+        yield Page(target["webSocketDebuggerUrl"])
+    finally:
+        _stop_group(proc)
+        _remove(profile)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the browser's process group, then, once the browser is gone (10 s at most), SIGKILL
+    to whatever of the group is left (the storage service writes the profile's Default/)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(10)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+
+
+def _remove(profile: Path, tries: int = 50) -> None:
+    """Remove the profile, retrying while a helper that was already exiting still writes to it."""
+    for _ in range(tries - 1):
+        try:
+            return shutil.rmtree(profile)
+        except OSError:
+            time.sleep(0.1)
+    shutil.rmtree(profile)
+
+
 def open_page(path: Path, evaluate: Sequence[str] = ()) -> Dict[str, object]:
     """{'images': [[src, loaded], ...], 'errors': [...], 'values': [...]} for a file opened from disk;
     `values` are the results of the `evaluate` expressions, run in order after the load."""
-    with tempfile.TemporaryDirectory() as profile:
-        proc = subprocess.Popen([chromium(), *FLAGS, f"--user-data-dir={profile}", "about:blank"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            port = _devtools_port(Path(profile), proc)
-            target = next(t for t in requests.get(f"http://127.0.0.1:{port}/json", timeout=10).json()
-                          if t["type"] == "page")
-            page = Page(target["webSocketDebuggerUrl"])
-            for domain in ("Page", "Runtime", "Log"):
-                page.call(f"{domain}.enable")
-            page.call("Page.navigate", url=path.resolve().as_uri())
-            page.wait_for("Page.loadEventFired")
-            time.sleep(0.5)
-            images = json.loads(page.call("Runtime.evaluate", expression=IMAGES_JS)["result"]["value"])
-            values = [page.call("Runtime.evaluate", expression=e, returnByValue=True)["result"].get("value")
-                      for e in evaluate]
-            page.call("Runtime.evaluate", expression="1")
-            return {"images": images, "errors": page.errors(), "values": values}
-        finally:
-            proc.terminate()
-            proc.wait(10)
+    with chromium_page() as page:
+        for domain in ("Page", "Runtime", "Log"):
+            page.call(f"{domain}.enable")
+        page.call("Page.navigate", url=path.resolve().as_uri())
+        page.wait_for("Page.loadEventFired")
+        time.sleep(0.5)
+        images = json.loads(page.call("Runtime.evaluate", expression=IMAGES_JS)["result"]["value"])
+        values = [page.call("Runtime.evaluate", expression=e, returnByValue=True)["result"].get("value")
+                  for e in evaluate]
+        page.call("Runtime.evaluate", expression="1")
+        return {"images": images, "errors": page.errors(), "values": values}

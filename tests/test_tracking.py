@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from statistics import fmean
@@ -237,30 +236,18 @@ def test_the_local_default_store_and_the_mlflow_ui_show_the_run(trained, tmp_pat
 def open_url(url: str, until: str, timeout: float = 120) -> tuple:
     """The page's text once it shows `until` (a single-page app renders after the load event) and a
     PNG screenshot, through Chromium's DevTools protocol."""
-    with tempfile.TemporaryDirectory() as profile:
-        proc = subprocess.Popen([browser.chromium(), *browser.FLAGS, "--window-size=1600,1000",
-                                 f"--user-data-dir={profile}", "about:blank"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            port = browser._devtools_port(Path(profile), proc)
-            target = next(t for t in requests.get(f"http://127.0.0.1:{port}/json", timeout=10).json()
-                          if t["type"] == "page")
-            page = browser.Page(target["webSocketDebuggerUrl"])
-            page.call("Page.enable")
-            page.call("Page.navigate", url=url)
-            deadline, text = time.monotonic() + timeout, ""
-            while time.monotonic() < deadline:
-                text = page.call("Runtime.evaluate", expression="document.body ? document.body.innerText : ''",
-                                 returnByValue=True)["result"].get("value") or ""
-                if until in text and "pixel_fidelity" in text:
-                    break
-                time.sleep(1)
-            time.sleep(2)  # charts and images settle
-            shot = base64.b64decode(page.call("Page.captureScreenshot", format="png")["data"])
-            return text, shot
-        finally:
-            proc.terminate()
-            proc.wait(10)
+    with browser.chromium_page("--window-size=1600,1000") as page:
+        page.call("Page.enable")
+        page.call("Page.navigate", url=url)
+        deadline, text = time.monotonic() + timeout, ""
+        while time.monotonic() < deadline:
+            text = page.call("Runtime.evaluate", expression="document.body ? document.body.innerText : ''",
+                             returnByValue=True)["result"].get("value") or ""
+            if until in text and "pixel_fidelity" in text:
+                break
+            time.sleep(1)
+        time.sleep(2)  # charts and images settle
+        return text, base64.b64decode(page.call("Page.captureScreenshot", format="png")["data"])
 
 
 def test_a_tracking_server_that_is_down_fails_nothing_and_the_next_run_catches_up(trained, server):
