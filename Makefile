@@ -28,11 +28,14 @@ demo: trainer
 demo-grid: demo
 	$(BIN)/python docs/demo_grid.py outputs/demo docs/demo-grid.png
 
-# Lint and type-check first ([tool.ruff] and [tool.mypy] in pyproject.toml), then the suite.
+# Lint and type-check first ([tool.ruff] and [tool.mypy] in pyproject.toml), then the suite in
+# TEST_WORKERS processes (pytest-xdist), a test file per worker at a time: a file's fixtures (a trained
+# run, a server) are built once and shared by its tests. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 test: trainer browser
 	$(BIN)/ruff check sd3exp hydra_plugins tests benchmarks docs
 	$(BIN)/mypy
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 # What benchmarks/gpu_check.py needs beyond a bare torch/transformers/accelerate/peft GPU image, for
 # an offline install there (it reaches no registry): diffusers, as wheels in benchmarks/wheelhouse/
