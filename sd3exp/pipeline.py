@@ -108,7 +108,7 @@ def run(cfg: DictConfig, invocation: Optional[Invocation] = None) -> Optional[fl
     when nothing was chosen) after an evaluation, so Hydra sweepers can optimise it. SIGTERM
     stops every stage the way Ctrl-C does."""
     run_dir = Path(cfg.paths.run_dir)
-    with sigterm_raises(Stopped, unless_handled=True):
+    with sigterm_raises(Stopped):
         try:
             job = load(cfg, invocation)
             if not STAGES[job.cfg.stage].compiles:

@@ -35,13 +35,14 @@ def stopped(exc: KeyboardInterrupt, doing: str, kept: str, again: str) -> Interr
 
 
 @contextlib.contextmanager
-def sigterm_raises(make: Callable[[int], BaseException], unless_handled: bool = False) -> Iterator[None]:
-    """Within: SIGTERM raises `make(signum)`; outside the main thread signals are left alone, and with
-    `unless_handled` so is a handler someone else installed (submitit's, under Slurm)."""
+def sigterm_raises(make: Callable[[int], BaseException]) -> Iterator[None]:
+    """Within: SIGTERM raises `make(signum)`, unless a handler is installed already (an outer stage's,
+    or submitit's under Slurm, which requeues a preempted job and would otherwise see its job stopped);
+    outside the main thread signals are left alone."""
     def handler(signum: int, frame: Any) -> None:
         raise make(signum)
 
-    if unless_handled and signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
+    if signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
         yield
         return
     try:

@@ -268,7 +268,7 @@ def launch(cmd: List[str], run_dir: Path, training_dir: Path, env: Dict[str, str
     log_path = RunLayout(run_dir).train_log
     progress, started = Progress(step=start_step), time.monotonic()
     stopped_by = killed_by = None
-    with sigterm_raises(Stopped, unless_handled=True), open(log_path, "ab") as log:
+    with sigterm_raises(Stopped), open(log_path, "ab") as log:
         log.write(f"\n===== sd3exp: {' '.join(cmd)} (cwd {run_dir}) =====\n".encode())
         proc = subprocess.Popen(cmd, cwd=run_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True)
