@@ -85,4 +85,7 @@ def main() -> None:
         sys.argv = migrate.prepare_argv(sys.argv, CONF_DIR)
     except Sd3expError as err:
         fail(err)
+    from sd3exp.compose_once import compose_runs_once
+
+    compose_runs_once()
     _hydra_main()

@@ -1,4 +1,9 @@
-"""Each job of a sweep composed once, not twice.
+"""Each run and each job of a sweep composed once, not twice.
+
+Before a run, Hydra composes the whole config to read `hydra.mode` (Hydra.get_mode), then composes it again
+to run it. sd3exp's get_mode composes it as the run would and keeps it: the run that follows takes that
+composition, with the `hydra.mode=RUN` override Hydra adds applied to it. Anything else (a multirun, a
+command line the run composition refuses) composes as Hydra does.
 
 Hydra's basic sweeper composes every job of a batch to check that all of them can be composed before the
 first one runs (Sweeper.validate_batch_is_legal), then its launcher composes each job again to run it
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from hydra._internal.hydra import Hydra
 from hydra.core.config_loader import ConfigLoader
 from hydra.core.config_search_path import ConfigSearchPath
 from hydra.core.object_type import ObjectType
@@ -20,6 +26,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 Key = Tuple[int, Tuple[str, ...]]
+RUN_MODE = "hydra.mode=RUN"  # what Hydra adds to a run's overrides when no config sets hydra.mode
 
 
 class ComposedOnce(ConfigLoader):
@@ -28,11 +35,18 @@ class ComposedOnce(ConfigLoader):
     def __init__(self, loader: ConfigLoader) -> None:
         self.loader = loader
         self.checked: Dict[Key, DictConfig] = {}
+        self.run: Optional[Tuple[Optional[str], Tuple[str, ...], DictConfig]] = None
 
     def __getstate__(self) -> Dict[str, Any]:
         """A launcher that pickles the loader for its jobs (submitit, Slurm) sends none of the kept configs:
         a job composed in another process composes itself there, as with Hydra's own sweeper."""
-        return {"loader": self.loader, "checked": {}}
+        return {"loader": self.loader, "checked": {}, "run": None}
+
+    def compose_run(self, config_name: Optional[str], overrides: List[str]) -> DictConfig:
+        """The run's composition, kept for the run's own load_configuration."""
+        cfg = self.loader.load_configuration(config_name, overrides, RunMode.RUN)
+        self.run = (config_name, tuple(overrides), cfg)
+        return cfg
 
     def check(self, master_config: DictConfig, batch: Sequence[Sequence[str]]) -> None:
         """Compose every job of the batch (raising the first error before any job runs) and keep each, in
@@ -48,6 +62,15 @@ class ComposedOnce(ConfigLoader):
 
     def load_configuration(self, config_name: Optional[str], overrides: List[str], run_mode: RunMode,
                            from_shell: bool = True, validate_sweep_overrides: bool = True) -> DictConfig:
+        kept, self.run = self.run, None
+        if kept and run_mode == RunMode.RUN and from_shell and validate_sweep_overrides and kept[0] == config_name:
+            _, before, cfg = kept
+            if tuple(overrides) == before:  # a config set hydra.mode=RUN: Hydra added nothing
+                return cfg
+            if tuple(overrides) == (*before, RUN_MODE):
+                cfg.hydra.mode = RunMode.RUN
+                cfg.hydra.overrides.hydra.append(RUN_MODE)
+                return cfg
         return self.loader.load_configuration(config_name, overrides, run_mode, from_shell, validate_sweep_overrides)
 
     def get_search_path(self) -> ConfigSearchPath:
@@ -67,3 +90,21 @@ class ComposedOnce(ConfigLoader):
                               run_mode: RunMode) -> Any:
         return self.loader.compute_defaults_list(config_name, overrides, run_mode)
 
+
+
+HYDRAS_GET_MODE = Hydra.get_mode
+
+
+def get_mode(self: Hydra, config_name: Optional[str], overrides: List[str]) -> Any:
+    """Hydra.get_mode through a composition the run reuses; Hydra's own where the run composition fails
+    (sweep values without -m: Hydra's run then names the problem)."""
+    if not isinstance(self.config_loader, ComposedOnce):
+        self.config_loader = ComposedOnce(self.config_loader)
+    try:
+        return self.config_loader.compose_run(config_name, overrides).hydra.mode
+    except Exception:
+        return HYDRAS_GET_MODE(self, config_name, overrides)
+
+
+def compose_runs_once() -> None:
+    Hydra.get_mode = get_mode  # type: ignore[method-assign]

@@ -1,10 +1,13 @@
-"""sd3exp's default sweeper composes each job of a multirun once (sd3exp/compose_once.py), where Hydra's
-basic sweeper composes it twice (the batch check, then the launch): the same job folders, half the
-compositions, and a batch with a job that cannot be composed still refused before any job runs."""
+"""sd3exp composes a run once and its default sweeper each job of a multirun once (sd3exp/compose_once.py),
+where Hydra composes a run twice (to read hydra.mode, then to run it) and its basic sweeper each job twice
+(the batch check, then the launch): the same run and job folders, half the compositions, and a batch with a
+job that cannot be composed still refused before any job runs."""
 
 from __future__ import annotations
 
+import os
 import pickle
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -20,28 +23,41 @@ from hydra.types import RunMode
 from sd3exp.compose_once import ComposedOnce
 from sd3exp.project import CONF_DIR, ROOT
 
-# Counts Hydra's own job compositions (ConfigLoaderImpl.load_sweep_config), then runs the CLI.
+# Counts Hydra's own compositions of jobs (ConfigLoaderImpl.load_sweep_config) and of whole configs
+# (load_configuration), then runs the CLI; HYDRAS_RUN=1: without sd3exp's get_mode (Hydra's two compositions).
 COUNTING = textwrap.dedent("""
-    import atexit, sys
+    import atexit, os, sys
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
-    composed = []
-    hydras = ConfigLoaderImpl.load_sweep_config
-    def counted(self, master_config, sweep_overrides):
-        composed.append(sweep_overrides)
-        return hydras(self, master_config, sweep_overrides)
-    ConfigLoaderImpl.load_sweep_config = counted
-    atexit.register(lambda: print(f"jobs composed: {len(composed)}", file=sys.stderr))
+    import sd3exp.compose_once
+    composed = {"jobs": 0, "configs": 0}
+    def counting(method, what):
+        def counted(*args, **kwargs):
+            composed[what] += 1
+            return method(*args, **kwargs)
+        return counted
+    ConfigLoaderImpl.load_sweep_config = counting(ConfigLoaderImpl.load_sweep_config, "jobs")
+    ConfigLoaderImpl.load_configuration = counting(ConfigLoaderImpl.load_configuration, "configs")
+    if os.environ.get("HYDRAS_RUN") == "1":
+        sd3exp.compose_once.compose_runs_once = lambda: None
+    atexit.register(lambda: print(f"jobs composed: {composed['jobs']}", file=sys.stderr))
+    atexit.register(lambda: print(f"configs composed: {composed['configs']}", file=sys.stderr))
     sys.argv = ["sd3exp", *sys.argv[1:]]
     from sd3exp.cli import main
     main()
 """)
 
 
-def sweep(*args: str) -> Tuple[subprocess.CompletedProcess, int]:
+def counted(*args: str, hydras_run: bool = False) -> Tuple[subprocess.CompletedProcess, Dict[str, int]]:
     done = subprocess.run([sys.executable, "-c", COUNTING, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-    counts = [int(line.split(": ")[1]) for line in done.stderr.splitlines() if line.startswith("jobs composed: ")]
-    return done, counts[-1]
+                          timeout=300, env={**os.environ, "HYDRAS_RUN": "1" if hydras_run else "0"})
+    counts = {line.split(" composed: ")[0]: int(line.split(": ")[1]) for line in done.stderr.splitlines()
+              if " composed: " in line}
+    return done, counts
+
+
+def sweep(*args: str) -> Tuple[subprocess.CompletedProcess, int]:
+    done, counts = counted(*args)
+    return done, counts["jobs"]
 
 
 def compiled(job: Path) -> Dict[str, bytes]:
@@ -78,6 +94,31 @@ def test_a_job_that_cannot_be_composed_stops_the_batch_before_any_job_runs(tmp_p
     assert "no_such_key" in done.stderr
     assert composed == 2  # the batch check reached the second job, and nothing was launched
     assert job_folders(tmp_path / "sweep") == []
+
+
+def test_a_run_is_composed_once_and_writes_what_hydras_two_compositions_write(tmp_path):
+    run = ["experiment=fantasy_art", "stage=compile", f"hydra.run.dir={tmp_path / 'run'}",
+           f"paths.output_root={tmp_path / 'out'}"]
+    folders = {}
+    for hydras_run in (False, True):  # the same paths, one after the other: the files name their run folder
+        done, counts = counted(*run, hydras_run=hydras_run)
+        assert done.returncode == 0, done.stderr
+        folders[hydras_run] = {str(p.relative_to(tmp_path / "run")): p.read_bytes()
+                               for p in sorted((tmp_path / "run").rglob("*")) if p.is_file()}
+        assert counts["configs"] == (2 if hydras_run else 1)
+        shutil.rmtree(tmp_path / "run")
+    assert "config/config.env" in folders[False] and folders[False] == folders[True]
+
+
+def test_sweep_values_without_multirun_get_hydras_own_refusal(tmp_path):
+    args = ["experiment=fantasy_art", "optimizer.lr=1e-4,2e-4", "stage=compile", f"hydra.run.dir={tmp_path / 'run'}"]
+    ours, _ = counted(*args)
+    hydras, _ = counted(*args, hydras_run=True)
+    assert ours.returncode == hydras.returncode != 0
+    assert "Ambiguous value for argument 'optimizer.lr=1e-4,2e-4'" in ours.stderr
+    refusal = [line for line in ours.stderr.splitlines() if " composed: " not in line]
+    assert refusal == [line for line in hydras.stderr.splitlines() if " composed: " not in line]
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_loader_sent_to_a_job_process_carries_no_kept_configs():
