@@ -28,14 +28,17 @@ demo: trainer
 demo-grid: demo
 	$(BIN)/python docs/demo_grid.py outputs/demo docs/demo-grid.png
 
-# Lint and type-check first ([tool.ruff] and [tool.mypy] in pyproject.toml), then the suite in
-# TEST_WORKERS processes (pytest-xdist), a test file per worker at a time: a file's fixtures (a trained
-# run, a server) are built once and shared by its tests. TEST_WORKERS=0: one process.
+# Lint and type-check first ([tool.ruff] and [tool.mypy] in pyproject.toml), then the suite: all but the
+# Slurm tests in TEST_WORKERS processes (pytest-xdist), a test file per process at a time (a file's
+# fixtures, a trained run or a server, are built once); then the Slurm tests alone, whose one-node
+# cluster runs trainings of its own. TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 test: trainer browser
 	$(BIN)/ruff check sd3exp hydra_plugins tests benchmarks docs
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=25
+	$(BIN)/python -m pytest -m "not slurm" -n $(TEST_WORKERS) --dist loadfile --durations=25; rest=$$?; \
+	$(BIN)/python -m pytest -m slurm --durations=5; slurm=$$?; \
+	exit $$(( rest != 0 ? rest : slurm ))
 
 # What benchmarks/gpu_check.py needs beyond a bare torch/transformers/accelerate/peft GPU image, for
 # an offline install there (it reaches no registry): diffusers, as wheels in benchmarks/wheelhouse/
