@@ -30,13 +30,13 @@ demo-grid: demo
 
 # Lint and type-check first ([tool.ruff] and [tool.mypy] in pyproject.toml), then the suite: all but the
 # Slurm tests in TEST_WORKERS processes (pytest-xdist), a test file per process at a time (a file's
-# fixtures, a trained run or a server, are built once); then the Slurm tests alone, whose one-node
+# fixtures, a trained run or a server, are built once), the slowest files first (tests/conftest.py); then the Slurm tests alone, whose one-node
 # cluster runs trainings of its own. TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 test: trainer browser
 	$(BIN)/ruff check sd3exp hydra_plugins tests benchmarks docs
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -m "not slurm" -n $(TEST_WORKERS) --dist loadfile --durations=25; rest=$$?; \
+	$(BIN)/python -m pytest -m "not slurm" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25; rest=$$?; \
 	$(BIN)/python -m pytest -m slurm --durations=5; slurm=$$?; \
 	exit $$(( rest != 0 ? rest : slurm ))
 
