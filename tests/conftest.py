@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import signal
 
 import pytest
 
-from tests.helpers import NO_TRAINER
+from tests.helpers import NO_TRAINER, compose_experiment
 
 # The files whose fixtures train, slowest first (setup and calls in a `make test` of 2026-12-06: test_train_e2e
 # about 18 minutes, test_faults 7, test_pruning and test_gpu_hf 5 each, ...). With one file per test process
@@ -38,3 +39,19 @@ def pytest_collection_modifyitems(items: list) -> None:
     keeps each file's tests together and in order)."""
     rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Before a trainer test and its fixtures: the demo's tiny SD3 (models/tiny-sd3), which tests that train
+    or render with demo=false use and do not build. Built once per machine; sd3exp's lock makes a second
+    test process wait for it. (With the slowest files first, test_faults once ran before any test built it.)"""
+    if item.get_closest_marker("trainer") is not None and not NO_TRAINER:
+        _demo_model()
+
+
+@functools.lru_cache(maxsize=1)
+def _demo_model() -> None:
+    from sd3exp.demo import ensure_demo_assets
+
+    ensure_demo_assets(compose_experiment("demo_quick"), with_model=True)
