@@ -30,8 +30,8 @@ demo-grid: demo
 
 # Lint and type-check first ([tool.ruff] and [tool.mypy] in pyproject.toml), then the suite: all but the
 # Slurm tests in TEST_WORKERS processes (pytest-xdist), a test file per process at a time (a file's
-# fixtures, a trained run or a server, are built once), the slowest files first (tests/conftest.py); then the Slurm tests alone, whose one-node
-# cluster runs trainings of its own. TEST_WORKERS=0: one process.
+# fixtures, a trained run or a server, are built once), the slowest files first (tests/conftest.py);
+# then the Slurm tests alone, whose one-node cluster runs trainings of its own. TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 test: trainer browser
 	$(BIN)/ruff check sd3exp hydra_plugins tests benchmarks docs

@@ -91,7 +91,6 @@ class ComposedOnce(ConfigLoader):
         return self.loader.compute_defaults_list(config_name, overrides, run_mode)
 
 
-
 HYDRAS_GET_MODE = Hydra.get_mode
 
 
