@@ -11,19 +11,30 @@ first one runs (Sweeper.validate_batch_is_legal), then its launcher composes eac
 sd3exp's config tree a composition is most of what a compile costs, so the checked composition is kept and
 handed to the launcher: the whole batch is still checked before the first job starts, and each job runs the
 config composed at that check (when the sweep started), not a second composition of the same files.
+
+Jobs that differ only in values (`key=value` where the key is no config group: an lr x rank grid) differ only
+after Hydra has composed their config groups, where it applies each value to the composed config
+(ConfigLoaderImpl._apply_overrides_to_config). Such jobs share one composition of their groups, and each job is
+a copy of it with its own values applied by that same Hydra function, its override list and override_dirname
+set as Hydra sets them. A job with any other override (`+`, `++`, `~`, a package, a hydra override) or a config
+that sets hydra.searchpath is composed whole, as Hydra composes it.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from hydra._internal.config_loader_impl import ConfigLoaderImpl, get_overrides_dirname
 from hydra._internal.hydra import Hydra
 from hydra.core.config_loader import ConfigLoader
 from hydra.core.config_search_path import ConfigSearchPath
 from hydra.core.object_type import ObjectType
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override, OverrideType
 from hydra.plugins.config_source import ConfigSource
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 Key = Tuple[int, Tuple[str, ...]]
 RUN_MODE = "hydra.mode=RUN"  # what Hydra adds to a run's overrides when no config sets hydra.mode
@@ -52,9 +63,22 @@ class ComposedOnce(ConfigLoader):
         """Compose every job of the batch (raising the first error before any job runs) and keep each, in
         place of the previous batch's (a launcher that composed its jobs elsewhere took none of them)."""
         self.checked = {}
+        groups_composed: Dict[Tuple[str, ...], DictConfig] = {}
         for overrides in batch:
             key = (id(master_config), tuple(overrides))
-            self.checked[key] = self.loader.load_sweep_config(master_config, list(overrides))
+            self.checked[key] = self.compose_job(master_config, list(overrides), groups_composed)
+
+    def compose_job(self, master_config: DictConfig, overrides: List[str],
+                    groups_composed: Dict[Tuple[str, ...], DictConfig]) -> DictConfig:
+        """The job's config: its config groups' composition (shared with the batch's other jobs of the same
+        groups) with its values applied, or Hydra's whole composition where values_apart finds other overrides."""
+        apart = values_apart(self.loader, master_config, overrides)
+        if apart is None:
+            return self.loader.load_sweep_config(master_config, overrides)
+        groups, parsed, values = apart
+        if groups not in groups_composed:
+            groups_composed[groups] = self.loader.load_sweep_config(master_config, list(groups))
+        return with_values(groups_composed[groups], master_config, parsed, values)
 
     def load_sweep_config(self, master_config: DictConfig, sweep_overrides: List[str]) -> DictConfig:
         kept = self.checked.pop((id(master_config), tuple(sweep_overrides)), None)
@@ -89,6 +113,41 @@ class ComposedOnce(ConfigLoader):
     def compute_defaults_list(self, config_name: Optional[str], overrides: List[str],
                               run_mode: RunMode) -> Any:
         return self.loader.compute_defaults_list(config_name, overrides, run_mode)
+
+
+def values_apart(loader: ConfigLoader, master_config: DictConfig,
+                 overrides: List[str]) -> Optional[Tuple[Tuple[str, ...], List[Override], List[Override]]]:
+    """(the job's config group overrides, all its overrides parsed, its value overrides), in the job's order
+    (a dict or a key that is no config group is a value, as defaults_list.Overrides sorts them); None where the job
+    has an override of another kind or its groups could come from a search path the config sets."""
+    repository = getattr(loader, "repository", None)
+    if repository is None or master_config.hydra.searchpath:
+        return None
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    groups: List[str] = []
+    values: List[Override] = []
+    for override in parsed:
+        if override.type != OverrideType.CHANGE or override.package is not None or override.is_hydra_override():
+            return None
+        if isinstance(override.value(), dict) or not repository.group_exists(override.key_or_group):
+            values.append(override)
+        else:
+            groups.append(str(override.input_line))
+    return tuple(groups), parsed, values
+
+
+def with_values(composed: DictConfig, master_config: DictConfig, parsed: List[Override],
+                values: List[Override]) -> DictConfig:
+    """A copy of the groups' composition with the job's values applied, its overrides recorded, as
+    ConfigLoaderImpl._load_configuration_impl and load_sweep_config do after composing."""
+    cfg = copy.deepcopy(composed)
+    ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
+    cfg.hydra.overrides.task = [override.input_line for override in parsed]
+    dirname = cfg.hydra.job.config.override_dirname
+    cfg.hydra.job.override_dirname = get_overrides_dirname(overrides=parsed, exclude_keys=list(dirname.exclude_keys),
+                                                           item_sep=dirname.item_sep, kv_sep=dirname.kv_sep)
+    OmegaConf.copy_cache(from_config=master_config, to_config=cfg)
+    return cfg
 
 
 HYDRAS_GET_MODE = Hydra.get_mode

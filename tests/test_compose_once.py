@@ -1,7 +1,8 @@
-"""sd3exp composes a run once and its default sweeper each job of a multirun once (sd3exp/compose_once.py),
+"""sd3exp composes a run once and its default sweeper each job of a multirun at most once (sd3exp/compose_once.py),
 where Hydra composes a run twice (to read hydra.mode, then to run it) and its basic sweeper each job twice
-(the batch check, then the launch): the same run and job folders, half the compositions, and a batch with a
-job that cannot be composed still refused before any job runs."""
+(the batch check, then the launch); jobs that differ only in values share one composition of their config
+groups. The same run and job folders and configs, and a batch with a job that cannot be composed still
+refused before any job runs."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import ConfigCompositionException
 from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
 
 from sd3exp.compose_once import ComposedOnce
 from sd3exp.project import CONF_DIR, ROOT
@@ -71,13 +74,13 @@ def job_folders(sweep_dir: Path) -> List[Path]:
     return sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def test_each_job_is_composed_once_and_compiles_what_hydras_basic_sweeper_compiles(tmp_path):
+def test_a_grid_of_values_is_composed_once_and_compiles_what_hydras_basic_sweeper_compiles(tmp_path):
     grid = ["-m", "experiment=fantasy_art_lora", "lora.rank=4,8,16", "optimizer.lr=1e-4,2e-4", "stage=compile"]
     ours, ours_composed = sweep(*grid, f"hydra.sweep.dir={tmp_path / 'ours'}")
     hydras, hydras_composed = sweep(*grid, "hydra/sweeper=basic", f"hydra.sweep.dir={tmp_path / 'basic'}")
     assert ours.returncode == 0, ours.stderr
     assert hydras.returncode == 0, hydras.stderr
-    assert (ours_composed, hydras_composed) == (6, 12)
+    assert (ours_composed, hydras_composed) == (1, 12)  # the groups once for 6 jobs, against each job twice
     ours_jobs, hydras_jobs = job_folders(tmp_path / "ours"), job_folders(tmp_path / "basic")
     assert [p.name for p in ours_jobs] == [p.name for p in hydras_jobs] and len(ours_jobs) == 6
     for mine, theirs in zip(ours_jobs, hydras_jobs):
@@ -134,6 +137,76 @@ def test_a_loader_sent_to_a_job_process_carries_no_kept_configs():
         assert sent.load_sweep_config(master, ["lora.rank=8"]).lora.rank == 8
         assert loader.load_sweep_config(master, ["lora.rank=8"]) is not None and len(loader.checked) == 1
     GlobalHydra.instance().clear()
+
+
+class CountingLoader:
+    """Hydra's own config loader, counting its compositions of a job (load_sweep_config)."""
+
+    def __init__(self, loader) -> None:
+        self.loader, self.repository, self.composed = loader, loader.repository, 0
+
+    def load_sweep_config(self, master: DictConfig, overrides: List[str]) -> DictConfig:
+        self.composed += 1
+        return self.loader.load_sweep_config(master, overrides)
+
+
+def flags(cfg: DictConfig) -> List[Tuple[str, object, object]]:
+    """Each node's struct and readonly flags, by key."""
+    nodes = [("", cfg)]
+    out = []
+    while nodes:
+        key, node = nodes.pop()
+        out.append((key, OmegaConf.is_struct(node), OmegaConf.is_readonly(node)))
+        if isinstance(node, DictConfig):
+            nodes += [(f"{key}.{k}", node._get_node(k)) for k in node.keys() if OmegaConf.is_config(node._get_node(k))]
+    return sorted(out)
+
+
+GRID = ["experiment=fantasy_art_lora", "stage=compile"]
+BATCHES = {  # batch -> sd3exp's compositions
+    "values": ([[*GRID, f"lora.rank={r}", f"optimizer.lr={lr}"] for r in (4, 8) for lr in (1e-4, 2e-4)], 1),
+    "groups and values": ([[f"experiment={e}", f"lora.rank={r}", "stage=compile"]
+                           for e in ("fantasy_art_lora", "demo_lora") for r in (4, 8)], 2),
+    "a dict value": ([[*GRID, "eval.select={objective: clip_t}", f"lora.rank={r}"] for r in (4, 8)], 1),
+    "a group deleted": ([[*GRID, "~hparams_search", f"lora.rank={r}"] for r in (4, 8)], 2),  # each composed whole
+    "a hydra override": ([[*GRID, f"hydra.job.name=r{r}", f"lora.rank={r}"] for r in (4, 8)], 2),
+}
+
+
+@pytest.mark.parametrize("name", list(BATCHES))
+def test_each_checked_job_is_the_config_hydra_composes_for_it(name):
+    """The batch check's configs against Hydra's own composition of each job (load_sweep_config): the same
+    YAML, hydra node included (its override list and override_dirname), and the same struct/readonly flags."""
+    batch, compositions = BATCHES[name]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        hydras = GlobalHydra.instance().config_loader()
+        master = hydras.load_configuration("config", ["hydra.mode=MULTIRUN"], RunMode.MULTIRUN)
+        counting = CountingLoader(hydras)
+        ours = ComposedOnce(counting)
+        ours.check(master, batch)
+        assert counting.composed == compositions
+        for job in batch:
+            mine, theirs = ours.checked[(id(master), tuple(job))], hydras.load_sweep_config(master, job)
+            assert OmegaConf.to_yaml(mine) == OmegaConf.to_yaml(theirs), job
+            assert mine.hydra.overrides.task == [o for o in job if not o.startswith("hydra.")]
+            assert flags(mine) == flags(theirs), job
+    GlobalHydra.instance().clear()
+
+
+@pytest.mark.parametrize("bad", ["lora.no_such_key=1", "lora.rank=abc", "eval.select={no_such: 1}"])
+def test_a_value_hydra_refuses_is_refused_with_hydras_own_error(bad):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        hydras = GlobalHydra.instance().config_loader()
+        master = hydras.load_configuration("config", ["hydra.mode=MULTIRUN"], RunMode.MULTIRUN)
+        with pytest.raises(ConfigCompositionException) as theirs:
+            hydras.load_sweep_config(master, [*GRID, bad])
+        with pytest.raises(ConfigCompositionException) as mine:
+            ComposedOnce(hydras).check(master, [[*GRID, "lora.rank=4"], [*GRID, bad]])
+    GlobalHydra.instance().clear()
+    assert str(mine.value) == str(theirs.value)
+    assert str(mine.value.__cause__) == str(theirs.value.__cause__)
 
 
 def sweeper_named(search: Path) -> str:

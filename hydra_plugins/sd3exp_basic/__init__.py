@@ -18,8 +18,10 @@ class BasicSweeper(HydraBasicSweeper):
     """Hydra's basic sweeper (same settings: max_batch_size, params); the launcher runs the checked configs."""
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
-        once = HydraContext(config_loader=ComposedOnce(hydra_context.config_loader), callbacks=hydra_context.callbacks)
-        super().setup(hydra_context=once, task_function=task_function, config=config)
+        loader = hydra_context.config_loader  # sd3exp's get_mode has made it a ComposedOnce already
+        once = loader if isinstance(loader, ComposedOnce) else ComposedOnce(loader)
+        context = HydraContext(config_loader=once, callbacks=hydra_context.callbacks)
+        super().setup(hydra_context=context, task_function=task_function, config=config)
 
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
         assert self.hydra_context is not None and self.config is not None
