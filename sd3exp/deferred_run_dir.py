@@ -31,6 +31,10 @@ class DeferRunDir(Callback):
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if self.run_dir is None:
             return
-        with read_write(config.hydra), open_dict(config.hydra.runtime):
-            config.hydra.run.dir = config.hydra.runtime.output_dir = self.run_dir
-        HydraConfig.instance().set_config(config)
+        kept = HydraConfig.instance().cfg  # run_job's copy of this config's hydra node, made just before
+        mirror = kept is not None and kept.hydra._get_parent() is config  # type: ignore[attr-defined]
+        for node in (config.hydra, kept.hydra) if mirror else (config.hydra,):  # type: ignore[union-attr]
+            with read_write(node), open_dict(node.runtime):
+                node.run.dir = node.runtime.output_dir = self.run_dir
+        if not mirror:
+            HydraConfig.instance().set_config(config)  # a copy of the whole node (10-20 ms)

@@ -16,8 +16,9 @@ import typing
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf, ValidationError
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf._utils import get_yaml_loader
 from omegaconf.nodes import BooleanNode, FloatNode, IntegerNode
 
 from sd3exp.errors import ConfigError
@@ -34,10 +35,9 @@ def _hints(cls: type) -> Dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _field(key: str) -> Optional[Tuple[DictConfig, str]]:
-    """(a fresh node holding `key`'s schema field alone, the field's name), or None where the key is
-    not a schema field (Hydra reports those) or is a config group. Only that field is built: the
-    whole schema takes OmegaConf 75 ms."""
+def _walk(key: str) -> Optional[Tuple[Any, Any, Tuple[Any, ...], List[str]]]:
+    """(the dataclass holding `key`'s field, the field's type, its type arguments, the key from the field's
+    name on), or None where the key is not a schema field."""
     cls: Any = ExperimentConfig
     rest = key.split(".")
     while rest[0] in _hints(cls):
@@ -47,9 +47,18 @@ def _field(key: str) -> Optional[Tuple[DictConfig, str]]:
         elif args and dataclasses.is_dataclass(args[0]) and len(rest) > 2 and rest[1].isdigit():
             cls, rest = args[0], rest[2:]  # concepts.0.repeats
         else:
-            break
-    else:
+            return cls, kind, args, rest
+    return None
+
+
+def _field(key: str) -> Optional[Tuple[DictConfig, str]]:
+    """(a fresh node holding `key`'s schema field alone, the field's name), or None where the key is
+    not a schema field (Hydra reports those) or is a config group. Only that field is built: the
+    whole schema takes OmegaConf 75 ms."""
+    found = _walk(key)
+    if found is None:
         return None
+    cls, kind, args, rest = found
     opens = typing.get_origin(kind) is dict and len(rest) == 2  # eval.select.at_least.clip_t
     if dataclasses.is_dataclass(kind) or (args and dataclasses.is_dataclass(args[0])) or (len(rest) > 1 and not opens):
         return None
@@ -58,9 +67,28 @@ def _field(key: str) -> Optional[Tuple[DictConfig, str]]:
     return (node[rest[0]], rest[1]) if opens else (node, rest[0])
 
 
+PLAIN: Dict[Any, Tuple[type, ...]] = {int: (int,), float: (int, float), str: (str,), bool: (bool,)}
+
+
+def _plainly_fits(key: str, value: Any) -> bool:
+    """Whether `value` is plainly of the type of `key`'s field (an int for an int or a float, a string for a
+    string, None for an Optional), which OmegaConf takes as it is: no field node need be built."""
+    found = _walk(key)
+    if found is None or len(found[3]) != 1:
+        return False
+    kind, args = found[1], found[2]
+    if typing.get_origin(kind) is typing.Union and type(None) in args:
+        if value is None:
+            return True
+        kind = next(a for a in args if a is not type(None)) if len(args) == 2 else None
+    return type(value) in PLAIN.get(kind, ())
+
+
 def _fits(key: str, value: Any) -> bool:
     """Whether OmegaConf takes `value` for `key` (on a fresh node: a failed try changes nothing); a
     key that is no schema field is Hydra's to judge."""
+    if _plainly_fits(key, value):
+        return True
     found = _field(key)
     if found is None:
         return True
@@ -96,8 +124,10 @@ def misfit(key: str, value: Any) -> Optional[Tuple[str, List[Any]]]:
     """None where `value` fits `key`'s schema field (or `key` is none); else what the field takes, in
     words, and a value that fits (none where sd3exp knows none): the number `value` rounds to, the
     schema's default, or any value of the type."""
+    if _fits(key, value):
+        return None
     found = _field(key)
-    if found is None or _fits(key, value):
+    if found is None:
         return None
     node, leaf = found
     kind, example = _kind(node, leaf)
@@ -172,9 +202,9 @@ def check_experiment_file(argv: Sequence[str], conf_dir: Path) -> None:
     path = next((f for f in files if f.is_file()), None)
     if path is None:
         return
-    try:  # OmegaConf's YAML reading (1e-4 is a number), as Hydra reads the file
-        data = OmegaConf.to_container(OmegaConf.load(path))
-    except (OmegaConfBaseException, ValueError, UnicodeDecodeError):
+    try:  # OmegaConf's YAML loader (1e-4 is a number), as Hydra reads the file
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=get_yaml_loader())
+    except (yaml.YAMLError, ValueError):
         return  # Hydra reports a file it cannot read
     for key, value in _leaves({k: v for k, v in data.items() if k != "defaults"} if isinstance(data, dict) else {}):
         if (found := misfit(key, value)) is None:
