@@ -9,12 +9,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional, Tuple
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from sd3exp.cli import main
 from sd3exp.project import CONF_DIR, ROOT, register
@@ -79,3 +79,15 @@ def reference_scores(script: Path, job: dict, tmp: Path) -> dict:
                          capture_output=True, text=True, env={**os.environ, **OFFLINE_ENV}, timeout=600)
     assert ref.returncode == 0, ref.stderr[-3000:]
     return json.loads((tmp / "ref.json").read_text())
+
+
+def node_flags(cfg: DictConfig) -> List[Tuple[str, Any, Any, str]]:
+    """Every node's struct and readonly flags and node type, by key: what YAML does not show of a config."""
+    nodes: List[Tuple[str, Any]] = [("", cfg)]
+    out = []
+    while nodes:
+        key, node = nodes.pop()
+        out.append((key, OmegaConf.is_struct(node), OmegaConf.is_readonly(node), type(node).__name__))
+        if isinstance(node, DictConfig):
+            nodes += [(f"{key}.{k}", node._get_node(k)) for k in node.keys()]
+    return sorted(out)

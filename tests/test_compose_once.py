@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sd3exp.compose_once import ComposedOnce
 from sd3exp.project import CONF_DIR, ROOT
+from tests.helpers import node_flags
 
 # Counts Hydra's own compositions of jobs (ConfigLoaderImpl.load_sweep_config) and of whole configs
 # (load_configuration), then runs the CLI; HYDRAS_RUN=1: without sd3exp's get_mode (Hydra's two compositions).
@@ -150,18 +151,6 @@ class CountingLoader:
         return self.loader.load_sweep_config(master, overrides)
 
 
-def flags(cfg: DictConfig) -> List[Tuple[str, object, object]]:
-    """Each node's struct and readonly flags, by key."""
-    nodes = [("", cfg)]
-    out = []
-    while nodes:
-        key, node = nodes.pop()
-        out.append((key, OmegaConf.is_struct(node), OmegaConf.is_readonly(node)))
-        if isinstance(node, DictConfig):
-            nodes += [(f"{key}.{k}", node._get_node(k)) for k in node.keys() if OmegaConf.is_config(node._get_node(k))]
-    return sorted(out)
-
-
 GRID = ["experiment=fantasy_art_lora", "stage=compile"]
 BATCHES = {  # batch -> sd3exp's compositions
     "values": ([[*GRID, f"lora.rank={r}", f"optimizer.lr={lr}"] for r in (4, 8) for lr in (1e-4, 2e-4)], 1),
@@ -190,7 +179,7 @@ def test_each_checked_job_is_the_config_hydra_composes_for_it(name):
             mine, theirs = ours.checked[(id(master), tuple(job))], hydras.load_sweep_config(master, job)
             assert OmegaConf.to_yaml(mine) == OmegaConf.to_yaml(theirs), job
             assert mine.hydra.overrides.task == [o for o in job if not o.startswith("hydra.")]
-            assert flags(mine) == flags(theirs), job
+            assert node_flags(mine) == node_flags(theirs), job
     GlobalHydra.instance().clear()
 
 

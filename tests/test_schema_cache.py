@@ -17,25 +17,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from sd3exp import field_types
 from sd3exp.schema import ExperimentConfig, schema_cache, schema_node
-from tests.helpers import run_cli
-
-
-def flags(cfg: DictConfig) -> List[Tuple[str, Any, Any]]:
-    nodes: List[Tuple[str, Any]] = [("", cfg)]
-    out = []
-    while nodes:
-        key, node = nodes.pop()
-        out.append((key, OmegaConf.is_struct(node), OmegaConf.is_readonly(node), type(node).__name__))
-        if isinstance(node, DictConfig):
-            nodes += [(f"{key}.{k}", node._get_node(k)) for k in node.keys()]
-    return sorted(out)
+from tests.helpers import node_flags, run_cli
 
 
 def same_as_built(node: DictConfig) -> None:
     built = OmegaConf.structured(ExperimentConfig)
     assert OmegaConf.get_type(node) is ExperimentConfig
     assert OmegaConf.to_yaml(node) == OmegaConf.to_yaml(built)
-    assert flags(node) == flags(built)
+    assert node_flags(node) == node_flags(built)
 
 
 def test_the_schema_is_built_once_then_read_from_the_users_cache(tmp_path, monkeypatch):
