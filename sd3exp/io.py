@@ -104,15 +104,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def stale_temporary(path: Path) -> bool:
+    """Whether `path` is a temporary file a write_bytes left when its process was killed
+    (`.<name>.<pid>.<random>.tmp` of a pid that is gone)."""
+    m = _TEMPORARY.fullmatch(path.name)
+    return m is not None and not _alive(int(m.group(1)))
+
+
 def remove_stale_temporaries(folder: Path) -> List[Path]:
-    """Remove the temporary files that writes in `folder` left when their process was killed
-    (`.<name>.<pid>.<random>.tmp` of a pid that is gone); returns them."""
-    stale = []
-    for tmp in folder.glob(".*.tmp") if folder.is_dir() else []:
-        m = _TEMPORARY.fullmatch(tmp.name)
-        if m and not _alive(int(m.group(1))):
-            tmp.unlink(missing_ok=True)
-            stale.append(tmp)
+    """Remove the temporary files that writes in `folder` left when their process was killed; returns them."""
+    stale = [tmp for tmp in (folder.glob(".*.tmp") if folder.is_dir() else []) if stale_temporary(tmp)]
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
     return stale
 
 

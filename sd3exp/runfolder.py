@@ -22,7 +22,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from sd3exp import console
 from sd3exp.errors import DiskFullError, RunConflictError, no_space_message
-from sd3exp.io import atomic_dir, read_json, write_bytes, write_if_changed, write_json
+from sd3exp.io import atomic_dir, read_json, stale_temporary, write_bytes, write_if_changed, write_json
 from sd3exp.layout import RunLayout
 from sd3exp.stage_table import CONFIG_FOLDER, RUN_FOLDER, STAGES
 
@@ -158,11 +158,18 @@ def _listing(folder: Path, limit: int = 6) -> str:
     return ", ".join(names[:limit]) + (f" ... and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def own_record_left(path: Path) -> bool:
+    """The temporary run.json of an sd3exp killed while it wrote it, the first file it writes in a new run
+    folder (write_run): a folder holding only that is sd3exp's, and the next write_run removes it."""
+    return path.name.startswith(f".{RunLayout.RECORD}.") and stale_temporary(path)
+
+
 def check_not_foreign(run_dir: Path, training_dir: Optional[Path] = None) -> None:
     """Refuse a run folder that holds files but no sd3exp run record: they are the user's. Evaluation
     passes `training_dir`: checkpoints it only reads may be all that a folder holds."""
     read_only = {training_dir.resolve()} if training_dir else set()
-    if run_dir.is_dir() and read_record(run_dir) is None and any(p.resolve() not in read_only for p in run_dir.iterdir()):
+    if run_dir.is_dir() and read_record(run_dir) is None and any(
+            p.resolve() not in read_only and not own_record_left(p) for p in run_dir.iterdir()):
         raise RunConflictError(
             f"the run folder {run_dir} is not empty and is not an sd3exp run folder (no {RunLayout.RECORD}); it holds "
             f"{_listing(run_dir)}, which sd3exp would overwrite. Fix: point hydra.run.dir at a new or empty "

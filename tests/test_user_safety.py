@@ -51,6 +51,36 @@ def test_folder_with_other_files_is_refused_and_kept(tmp_path, images):
     assert tree(h) == {"plan.json": b'{"my":"plan"}', "resolved.yaml": b"notes\n"}
 
 
+def dead_pid() -> int:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    return gone.pid
+
+
+def test_a_run_folder_left_by_a_kill_inside_its_first_write_is_taken_up(tmp_path, images):
+    """SIGKILL while sd3exp wrote run.json, the first file of a new run folder, leaves only its temporary
+    (CI: a pruned sweep killed at that moment refused job 1's folder as not sd3exp's when run again)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    left = run / f".run.json.{dead_pid()}.k2x9a1.tmp"
+    left.write_text('{"half')
+    out = user_demo(images, f"hydra.run.dir={run}", "stage=compile")
+    assert out.returncode == 0, out.stderr
+    assert (run / "run.json").is_file() and not left.exists()
+
+
+@pytest.mark.parametrize("name", ["plan.json.{dead}.k2x9a1.tmp", "run.json.{alive}.k2x9a1.tmp", "run.json.bak"])
+def test_other_hidden_files_still_make_a_folder_foreign(tmp_path, images, name):
+    """Only run.json's temporary of a process that is gone: another file, or one a live process is writing."""
+    run = tmp_path / "run"
+    run.mkdir()
+    left = run / ("." + name.format(dead=dead_pid(), alive=os.getpid()))
+    left.write_text("mine")
+    out = user_demo(images, f"hydra.run.dir={run}", "stage=compile")
+    assert out.returncode != 0 and "is not an sd3exp run folder" in out.stderr, out.stderr
+    assert tree(run) == {left.name: b"mine"}
+
+
 def test_run_folder_of_sd3exp_is_reused(tmp_path, images):
     run = tmp_path / "run"
     assert user_demo(images, f"hydra.run.dir={run}", "stage=compile").returncode == 0
