@@ -35,7 +35,7 @@ def test_v1_experiment_compiles_like_its_v2_counterpart_with_a_notice(tmp_path):
 
 def test_current_experiments_are_not_migrated(tmp_path):
     out = run_cli("experiment=fantasy_art", "stage=plan", env={"XDG_CACHE_HOME": str(tmp_path)})
-    assert out.returncode == 0 and "migration" not in out.stderr and not (tmp_path / "sd3exp").exists()
+    assert out.returncode == 0 and "migration" not in out.stderr and not (tmp_path / "sd3exp" / "migrated-conf").exists()
 
 
 def test_a_newer_schema_version_fails_clearly(tmp_path):
