@@ -269,8 +269,9 @@ def test_a_pruned_search_shares_a_mariadb_study_and_a_preempted_trial_reports_to
     """The pruned search (hparams_search=demo_pruned) through Slurm with its study in the cluster's MariaDB:
     trial 0 (lr 1e-5) is preempted (USR2) once it has reported its first checkpoint, requeued by
     submitit, resumes from its checkpoint and goes on reporting to trial 0; trial 1 (an lr far too
-    large) is pruned at the first checkpoint it scores below trial 0 (the MedianPruner's rule with one
-    completed trial; on the CPU's tiny model it may not) and keeps its checkpoints and scores. The storage's
+    large) is pruned only at a checkpoint where its best score so far is below trial 0's, once trial 0 has
+    completed (the MedianPruner's rule with one completed trial; on the CPU's tiny model it may not be), and
+    keeps its checkpoints and scores. The storage's
     password is in no file of the sweep folder and in no output."""
     import optuna
     from sqlalchemy.engine import make_url
@@ -310,12 +311,17 @@ def test_a_pruned_search_shares_a_mariadb_study_and_a_preempted_trial_reports_to
     # one study, two trials: trial 0 reported before and after its preemption, no trial was added
     study = optuna.load_study(study_name=study_name, storage=optuna_storage)
     first, second = study.trials
-    # the MedianPruner's rule with one completed trial: trial 1 pruned at the first step it scored below trial 0
-    below = [n for n in sorted(second.intermediate_values) if second.intermediate_values[n] < first.intermediate_values[n]]
+    # the MedianPruner's rule with one completed trial: trial 1 is pruned at a step where its best score so far is
+    # below trial 0's score at that step, once trial 0 has completed (n_startup_trials=1; the trials run side by
+    # side, so when that is depends on the cluster). Its first score was judged by Optuna's own pruner on the
+    # study as the job saw it (hold_until_judged)
+    scores = second.intermediate_values
+    below = [n for n in sorted(scores) if max(v for m, v in scores.items() if m <= n) < first.intermediate_values[n]]
     stop = second.user_attrs.get("sd3exp_pruned", {}).get("step")
-    assert stop == (below[0] if below else None) and prunes == (below[:1] == [min(second.intermediate_values)])
-    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE,
-                                               optuna.trial.TrialState.PRUNED if below else optuna.trial.TrialState.COMPLETE]
+    assert stop is None or stop in below, (stop, below)
+    assert not prunes or stop == min(second.intermediate_values), (prunes, stop)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.COMPLETE
+                                               if stop is None else optuna.trial.TrialState.PRUNED]
     assert before and max(before) < 20 and set(before) < set(first.intermediate_values)
     assert sorted(first.intermediate_values) == [4, 8, 12, 16, 20]
     log = "".join(p.read_text() for p in sorted((tmp_path / ".submitit").glob("*/*_log.*")))
@@ -326,8 +332,8 @@ def test_a_pruned_search_shares_a_mariadb_study_and_a_preempted_trial_reports_to
     assert summary["start_step"] == resumed[0] > 0 and summary["progress"]["step"] == 20
     jobs = {j["trial"]["number"]: j for j in json.loads((tmp_path / "sweep.json").read_text())["jobs"]}
     assert second.params == {"optimizer.lr": 0.2}
-    assert [jobs[n]["trial"]["state"] for n in (0, 1)] == ["complete", "pruned" if below else "complete"]
-    if below:  # trial 1: pruned at that checkpoint, its checkpoints and scores kept
+    assert [jobs[n]["trial"]["state"] for n in (0, 1)] == ["complete", "complete" if stop is None else "pruned"]
+    if stop is not None:  # trial 1: pruned at that checkpoint, its checkpoints and scores kept
         assert max(second.intermediate_values) == stop < 20
         run = tmp_path / jobs[1]["run_dir"]
         assert stop in checkpoint_dirs(run / "training") and jobs[1]["trial"]["best_score"] is not None
