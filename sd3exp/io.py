@@ -22,6 +22,11 @@ _TEMPORARY = re.compile(r"\..+\.(\d+)\.[^.]+\.tmp")  # write_bytes' temporary fi
 _UMASK_LOCK = threading.Lock()
 
 
+def user_cache() -> Path:
+    """sd3exp's folder in the user's cache: $XDG_CACHE_HOME/sd3exp, ~/.cache/sd3exp where it is unset or empty."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sd3exp"
+
+
 def _umask() -> int:
     """The process's umask (read by setting it: locked, or two writer threads could leave it at 0)."""
     with _UMASK_LOCK:

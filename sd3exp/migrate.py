@@ -15,7 +15,6 @@ current.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ from omegaconf import OmegaConf
 
 from sd3exp.errors import ConfigError
 from sd3exp.experiment import to_dict
-from sd3exp.io import atomic_dir
+from sd3exp.io import atomic_dir, user_cache
 from sd3exp.schema import SCHEMA_VERSION
 
 Migration = Callable[[dict], List[str]]  # edits the experiment mapping in place, returns what changed
@@ -122,8 +121,7 @@ def outdated(config_dirs: Sequence[Path]) -> List[Tuple[Path, Path]]:
 
 
 def cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "sd3exp" / "migrated-conf"
+    return user_cache() / "migrated-conf"
 
 
 def generated_files(conf_dir: Path, old: List[Tuple[Path, Path]]) -> Dict[str, str]:

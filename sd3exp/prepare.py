@@ -48,7 +48,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 from sd3exp import console, holdout, tag_shuffle
 from sd3exp.errors import ConfigError, DatasetError, human_bytes
 from sd3exp.images import IMAGE_EXTENSIONS, list_images
-from sd3exp.io import atomic_dir, read_json, recover_dir, remove_stale_temporaries, write_json
+from sd3exp.io import atomic_dir, read_json, recover_dir, remove_stale_temporaries, user_cache, write_json
 from sd3exp.schema import ConceptConfig, ExperimentConfig
 
 if sys.platform == "win32":  # no fcntl on Windows: reflink is skipped there
@@ -406,8 +406,7 @@ def _checked_file(root: Path) -> Path:
     ($XDG_CACHE_HOME/sd3exp/prepared/), not the prepared folder: equal settings give equal prepared folders."""
     import hashlib
 
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "sd3exp" / "prepared" / f"{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:32]}.json"
+    return user_cache() / "prepared" / f"{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:32]}.json"
 
 
 def _read_checked(root: Path) -> dict:

@@ -318,14 +318,14 @@ def schema_cache() -> Path:
     """The schema's pickle in the user's cache, named by this file's bytes and the OmegaConf and Python
     versions (any change to the schema is a new name)."""
     import hashlib
-    import os
     import sys
 
     import omegaconf
 
+    from sd3exp.io import user_cache
+
     key = hashlib.sha256(Path(__file__).read_bytes() + f"{omegaconf.__version__} {sys.version}".encode()).hexdigest()
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "sd3exp" / "schema" / f"{key[:20]}.pickle"
+    return user_cache() / "schema" / f"{key[:20]}.pickle"
 
 
 def schema_node() -> DictConfig:

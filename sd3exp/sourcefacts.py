@@ -11,20 +11,18 @@ the plan and the audit share it.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Any, Callable, Dict
 
 from sd3exp.caption.store import file_sha256
-from sd3exp.io import read_json, write_json
+from sd3exp.io import read_json, user_cache, write_json
 
 KEEP = 16
 
 
 def _cache_file(folder: Path) -> Path:
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     key = hashlib.sha256(str(folder.resolve()).encode("utf-8")).hexdigest()[:32]
-    return base / "sd3exp" / "sources" / f"{key}.json"
+    return user_cache() / "sources" / f"{key}.json"
 
 
 class SourceFacts:

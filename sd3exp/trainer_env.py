@@ -20,6 +20,7 @@ from typing import List, Optional
 
 from sd3exp import console
 from sd3exp.errors import TrainerError
+from sd3exp.io import user_cache
 from sd3exp.schema import ExperimentConfig
 
 DEFAULT_VERSION = "4.10.1"
@@ -50,8 +51,7 @@ class TrainerEnv:
 def default_home() -> Path:
     if os.environ.get("SD3EXP_TRAINER_HOME"):
         return Path(os.environ["SD3EXP_TRAINER_HOME"])
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache) / "sd3exp" / "trainers"
+    return user_cache() / "trainers"
 
 
 def managed_root(version: str, home: Optional[Path]) -> Path:

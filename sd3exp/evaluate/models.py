@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from sd3exp.errors import ConfigError, EvalError
-from sd3exp.io import read_json, write_json, write_text
+from sd3exp.io import read_json, user_cache, write_json, write_text
 from sd3exp.project import WORKERS
 from sd3exp.schema import ScoringConfig
 from sd3exp.tinymodel import OFFLINE_ENV
@@ -106,7 +106,7 @@ def model_file(key: str, value: str) -> Path:
 
 
 def _hash_cache() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sd3exp" / "file-hashes.json"
+    return user_cache() / "file-hashes.json"
 
 
 def content_hashes(paths: Sequence[Path]) -> List[str]:
@@ -202,7 +202,7 @@ def cache_dir(configured: Optional[str]) -> Path:
     """eval.scoring.cache_dir, or ~/.cache/sd3exp/embeddings (XDG_CACHE_HOME respected)."""
     if configured:
         return Path(configured).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sd3exp" / "embeddings"
+    return user_cache() / "embeddings"
 
 
 def make_job(folders: Mapping[str, Path], training: Mapping[str, Sequence[tuple]],
