@@ -2,7 +2,8 @@
 
 Before a run, Hydra composes the whole config to read `hydra.mode` (Hydra.get_mode), then composes it again
 to run it. sd3exp's get_mode composes it as the run would and keeps it: the run that follows takes that
-composition, with the `hydra.mode=RUN` override Hydra adds applied to it. Anything else (a multirun, a
+composition (read back from the user's cache where nothing it is made from changed: sd3exp/compose_cache.py),
+with the `hydra.mode=RUN` override Hydra adds applied to it. Anything else (a multirun, a
 command line the run composition refuses) composes as Hydra does.
 
 Hydra's basic sweeper composes every job of a batch to check that all of them can be composed before the
@@ -25,16 +26,17 @@ from __future__ import annotations
 import copy
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from hydra._internal.config_loader_impl import ConfigLoaderImpl, get_overrides_dirname
 from hydra._internal.hydra import Hydra
 from hydra.core.config_loader import ConfigLoader
 from hydra.core.config_search_path import ConfigSearchPath
 from hydra.core.object_type import ObjectType
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Override, OverrideType
+from hydra.core.override_parser.types import Override
 from hydra.plugins.config_source import ConfigSource
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+
+from sd3exp.compose_cache import composed
+from sd3exp.compose_parts import apply_values, groups_and_values
 
 Key = Tuple[int, Tuple[str, ...]]
 RUN_MODE = "hydra.mode=RUN"  # what Hydra adds to a run's overrides when no config sets hydra.mode
@@ -54,8 +56,9 @@ class ComposedOnce(ConfigLoader):
         return {"loader": self.loader, "checked": {}, "run": None}
 
     def compose_run(self, config_name: Optional[str], overrides: List[str]) -> DictConfig:
-        """The run's composition, kept for the run's own load_configuration."""
-        cfg = self.loader.load_configuration(config_name, overrides, RunMode.RUN)
+        """The run's composition (from the user's cache where it was made before: sd3exp/compose_cache.py),
+        kept for the run's own load_configuration."""
+        cfg = composed(self.loader, config_name, overrides)
         self.run = (config_name, tuple(overrides), cfg)
         return cfg
 
@@ -117,35 +120,19 @@ class ComposedOnce(ConfigLoader):
 
 def values_apart(loader: ConfigLoader, master_config: DictConfig,
                  overrides: List[str]) -> Optional[Tuple[Tuple[str, ...], List[Override], List[Override]]]:
-    """(the job's config group overrides, all its overrides parsed, its value overrides), in the job's order
-    (a dict or a key that is no config group is a value, as defaults_list.Overrides sorts them); None where the job
-    has an override of another kind or its groups could come from a search path the config sets."""
-    repository = getattr(loader, "repository", None)
-    if repository is None or master_config.hydra.searchpath:
+    """(the job's config group overrides, all its overrides parsed, its value overrides), in the job's order;
+    None where the job has an override of another kind or its groups could come from a search path the config
+    sets."""
+    if master_config.hydra.searchpath:
         return None
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    groups: List[str] = []
-    values: List[Override] = []
-    for override in parsed:
-        if override.type != OverrideType.CHANGE or override.package is not None or override.is_hydra_override():
-            return None
-        if isinstance(override.value(), dict) or not repository.group_exists(override.key_or_group):
-            values.append(override)
-        else:
-            groups.append(str(override.input_line))
-    return tuple(groups), parsed, values
+    return groups_and_values(loader, overrides, hydra_values=())
 
 
 def with_values(composed: DictConfig, master_config: DictConfig, parsed: List[Override],
                 values: List[Override]) -> DictConfig:
     """A copy of the groups' composition with the job's values applied, its overrides recorded, as
-    ConfigLoaderImpl._load_configuration_impl and load_sweep_config do after composing."""
-    cfg = copy.deepcopy(composed)
-    ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
-    cfg.hydra.overrides.task = [override.input_line for override in parsed]
-    dirname = cfg.hydra.job.config.override_dirname
-    cfg.hydra.job.override_dirname = get_overrides_dirname(overrides=parsed, exclude_keys=list(dirname.exclude_keys),
-                                                           item_sep=dirname.item_sep, kv_sep=dirname.kv_sep)
+    load_sweep_config does after composing."""
+    cfg = apply_values(copy.deepcopy(composed), parsed, values)
     OmegaConf.copy_cache(from_config=master_config, to_config=cfg)
     return cfg
 

@@ -344,10 +344,10 @@ def schema_node() -> DictConfig:
             return node
     except Exception:  # noqa: BLE001 - a missing or broken cache file is only a slower start
         pass
-    node = OmegaConf.structured(ExperimentConfig)
+    data = pickle.dumps(OmegaConf.structured(ExperimentConfig))
     with contextlib.suppress(OSError, DiskFullError):
-        write_bytes(path, pickle.dumps(node), sync=False)
-    return node
+        write_bytes(path, data, sync=False)
+    return pickle.loads(data)  # as every later start reads it: the same ConfigStore node (compose_cache's key)
 
 
 def register() -> None:

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import pytest
 import yaml
@@ -51,9 +51,11 @@ COUNTING = textwrap.dedent("""
 """)
 
 
-def counted(*args: str, hydras_run: bool = False) -> Tuple[subprocess.CompletedProcess, Dict[str, int]]:
+def counted(*args: str, hydras_run: bool = False, cache: Optional[Path] = None
+            ) -> Tuple[subprocess.CompletedProcess, Dict[str, int]]:
+    env = {**os.environ, "HYDRAS_RUN": "1" if hydras_run else "0", **({"XDG_CACHE_HOME": str(cache)} if cache else {})}
     done = subprocess.run([sys.executable, "-c", COUNTING, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "HYDRAS_RUN": "1" if hydras_run else "0"})
+                          timeout=300, env=env)
     counts = {line.split(" composed: ")[0]: int(line.split(": ")[1]) for line in done.stderr.splitlines()
               if " composed: " in line}
     return done, counts
@@ -100,18 +102,22 @@ def test_a_job_that_cannot_be_composed_stops_the_batch_before_any_job_runs(tmp_p
     assert job_folders(tmp_path / "sweep") == []
 
 
-def test_a_run_is_composed_once_and_writes_what_hydras_two_compositions_write(tmp_path):
-    run = ["experiment=fantasy_art", "stage=compile", f"hydra.run.dir={tmp_path / 'run'}",
-           f"paths.output_root={tmp_path / 'out'}"]
-    folders = {}
-    for hydras_run in (False, True):  # the same paths, one after the other: the files name their run folder
-        done, counts = counted(*run, hydras_run=hydras_run)
+def test_a_run_is_composed_once_then_read_back_and_writes_what_hydras_two_compositions_write(tmp_path):
+    """sd3exp composes a run once (then reads it back from the user's cache: sd3exp/compose_cache.py, with
+    another run folder), where Hydra composes it twice; the same files either way."""
+    folders, counts = {}, {}
+    for way, run_dir in (("composed", "run"), ("read back", "run-2"), ("hydra", "run-2")):
+        run = ["experiment=fantasy_art", "stage=compile", f"hydra.run.dir={tmp_path / run_dir}",
+               f"paths.output_root={tmp_path / 'out'}"]
+        done, composed = counted(*run, hydras_run=way == "hydra", cache=tmp_path / "cache")
         assert done.returncode == 0, done.stderr
-        folders[hydras_run] = {str(p.relative_to(tmp_path / "run")): p.read_bytes()
-                               for p in sorted((tmp_path / "run").rglob("*")) if p.is_file()}
-        assert counts["configs"] == (2 if hydras_run else 1)
-        shutil.rmtree(tmp_path / "run")
-    assert "config/config.env" in folders[False] and folders[False] == folders[True]
+        folders[way] = {str(p.relative_to(tmp_path / run_dir)): p.read_bytes()
+                        for p in sorted((tmp_path / run_dir).rglob("*")) if p.is_file()}
+        counts[way] = composed["configs"]
+        shutil.rmtree(tmp_path / run_dir)  # the same paths, one after the other: the files name their run folder
+    assert counts == {"composed": 1, "read back": 0, "hydra": 2}
+    assert "config/config.env" in folders["read back"] and folders["read back"] == folders["hydra"]
+    assert folders["composed"].keys() == folders["hydra"].keys()
 
 
 def test_sweep_values_without_multirun_get_hydras_own_refusal(tmp_path):

@@ -113,4 +113,5 @@ def test_the_command_line_keeps_the_schema_under_xdg_cache_home(tmp_path):
     run = tmp_path / "run"
     done = run_cli("experiment=fantasy_art", "stage=plan", f"hydra.run.dir={run}", env={"XDG_CACHE_HOME": str(tmp_path / "c")})
     assert done.returncode == 0, done.stderr
-    assert [p.parent for p in Path(tmp_path / "c").rglob("*.pickle")] == [tmp_path / "c" / "sd3exp" / "schema"]
+    assert sorted(p.parent for p in Path(tmp_path / "c").rglob("*.pickle")) == [
+        tmp_path / "c" / "sd3exp" / "composed", tmp_path / "c" / "sd3exp" / "schema"]  # the run's composition too
