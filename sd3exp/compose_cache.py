@@ -2,12 +2,14 @@
 
 Composing sd3exp's config tree is most of what a compile costs (about 110 ms of Hydra's time); its pickle
 loads in about 1 ms. Hydra composes a run from: the config name and the overrides; the files of every entry
-of the config search path (a file:// folder or a pkg:// package: every file, by content, so a new, removed
-or edited config is seen); the ConfigStore's nodes (structured://, sd3exp's schema among them, by their
+of the config search path (a file:// folder or a pkg:// package: every file, by content, linked folders
+followed, so a new, removed or edited config is seen; a folder of more than MOST_FILES files is not digested
+and its runs are composed each time); the ConfigStore's nodes (structured://, sd3exp's schema among them, by their
 pickle); the working directory (hydra.runtime.cwd); the job's name; Hydra's version base; and the Hydra,
 OmegaConf and Python versions. The key is a digest of all of these, so a change to any of them composes
 afresh. A composition is kept only where it read nothing else: none that sets hydra.searchpath (folders
-named inside the config) or hydra.job.env_copy (values from the environment). A missing, broken or foreign
+named inside the config) or hydra.job.env_copy (values from the environment); and only where the key is the
+same after composing (no file was edited meanwhile). A missing, broken or foreign
 cache file composes as Hydra does; a cache that cannot be written only makes no entry.
 """
 
@@ -38,6 +40,11 @@ from sd3exp.errors import DiskFullError
 from sd3exp.io import user_cache, write_bytes
 
 KEEP = 64  # entries kept; the oldest beyond are removed when one is added
+MOST_FILES = 2000  # a search path folder with more files than this is not digested (the run is composed)
+
+
+class TooLarge(Exception):
+    """A folder of the search path holds more than MOST_FILES files."""
 
 
 def cache_dir() -> Path:
@@ -45,10 +52,16 @@ def cache_dir() -> Path:
 
 
 def _files(folder: Path) -> Iterator[Path]:
-    """Every file under `folder` in a fixed order (bytecode caches left out)."""
-    for root, dirs, names in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+    """Every file under `folder` in a fixed order, linked folders followed (each real folder once),
+    bytecode caches left out; TooLarge past MOST_FILES."""
+    seen, count = set(), 0
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        seen.add(os.path.realpath(root))
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__" and os.path.realpath(os.path.join(root, d)) not in seen)
         for name in sorted(names):
+            count += 1
+            if count > MOST_FILES:
+                raise TooLarge(folder)
             yield Path(root, name)
 
 
@@ -69,7 +82,7 @@ def _folders(path: str) -> Optional[List[Path]]:
 
 def cache_key(loader: ConfigLoader, config_name: Optional[str], overrides: List[str]) -> Optional[str]:
     """The digest of what Hydra composes this run from; None where an entry of the search path is of a
-    kind this module cannot digest (composed by Hydra, not kept)."""
+    kind this module cannot digest or too large (composed by Hydra, not kept)."""
     digest = hashlib.sha256(json.dumps([
         sys.version, hydra.__version__, omegaconf.__version__, version.getbase() and str(version.getbase()),
         config_name, overrides, os.getcwd(), JobRuntime.instance().get("name")]).encode())
@@ -81,11 +94,21 @@ def cache_key(loader: ConfigLoader, config_name: Optional[str], overrides: List[
         folders = _folders(entry.path)
         if folders is None:
             return None
-        for folder in folders:
-            for path in _files(folder):
-                digest.update(json.dumps(str(path.relative_to(folder))).encode())
-                digest.update(hashlib.sha256(path.read_bytes()).digest())
+        try:
+            for folder in folders:
+                for path in _files(folder):
+                    digest.update(json.dumps(str(path.relative_to(folder))).encode())
+                    digest.update(hashlib.sha256(path.read_bytes()).digest())
+        except TooLarge:
+            return None
     return digest.hexdigest()
+
+
+def _key(loader: ConfigLoader, config_name: Optional[str], overrides: List[str]) -> Optional[str]:
+    try:
+        return cache_key(loader, config_name, overrides)
+    except OSError:  # a file of the config tree could not be read: Hydra says what is wrong
+        return None
 
 
 def keepable(cfg: DictConfig) -> bool:
@@ -110,10 +133,7 @@ def composed(loader: ConfigLoader, config_name: Optional[str], overrides: List[s
 
 def cached(loader: ConfigLoader, config_name: Optional[str], overrides: List[str]) -> DictConfig:
     """loader.load_configuration of a run, from the user's cache where it was made from the same inputs."""
-    try:
-        key = cache_key(loader, config_name, overrides)
-    except OSError:  # a file of the config tree could not be read: Hydra says what is wrong
-        key = None
+    key = _key(loader, config_name, overrides)
     path = cache_dir() / f"{key}.pickle" if key else None
     if path is not None:
         with contextlib.suppress(Exception):  # missing, broken or foreign: composed again
@@ -121,7 +141,7 @@ def cached(loader: ConfigLoader, config_name: Optional[str], overrides: List[str
             if isinstance(cfg, DictConfig):
                 return cfg
     cfg = loader.load_configuration(config_name, overrides, RunMode.RUN)
-    if path is not None and keepable(cfg):
+    if path is not None and keepable(cfg) and _key(loader, config_name, overrides) == key:  # nothing changed meanwhile
         keep(path, pickle.dumps(cfg, protocol=pickle.HIGHEST_PROTOCOL))
     return cfg
 

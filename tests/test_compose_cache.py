@@ -16,6 +16,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from sd3exp import compose_cache
 from sd3exp.compose_cache import cache_dir, cache_key, composed
 from sd3exp.project import CONF_DIR
 from tests.helpers import node_flags
@@ -169,3 +170,41 @@ def test_an_unwritable_cache_still_composes(hydras, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a-file"))
     line = ["experiment=fantasy_art"]
     same_config(composed(hydras, "config", line), hydras.loader.load_configuration("config", line, RunMode.RUN))
+
+
+def test_a_config_in_a_linked_folder_edited_is_composed_afresh(own_conf, tmp_path):
+    conf, hydras = own_conf
+    elsewhere = tmp_path / "experiments-elsewhere"
+    shutil.move(conf / "experiment", elsewhere)
+    (conf / "experiment").symlink_to(elsewhere, target_is_directory=True)
+    line = ["experiment=fantasy_art"]
+    assert composed(hydras, "config", line).optimizer.lr == OmegaConf.load(elsewhere / "fantasy_art.yaml").optimizer.lr
+    experiment = elsewhere / "fantasy_art.yaml"
+    experiment.write_text(re.sub(r"(?m)^(optimizer:\n  lr: )\S+$", r"\g<1>0.000456", experiment.read_text()))
+    assert composed(hydras, "config", line).optimizer.lr == 0.000456
+    assert hydras.composed == 2
+
+
+def test_a_file_edited_while_composing_keeps_nothing(own_conf):
+    conf, hydras = own_conf
+    line = ["experiment=fantasy_art"]
+    compose = hydras.load_configuration
+
+    def edited_meanwhile(*args):
+        cfg = compose(*args)
+        (conf / "local" / "default.yaml").write_text("# @package _global_\noptimizer:\n  lr: 0.000789\n")
+        return cfg
+
+    hydras.load_configuration = edited_meanwhile  # type: ignore[method-assign]
+    composed(hydras, "config", line)
+    assert not cache_dir().exists() or not list(cache_dir().glob("*.pickle"))
+    hydras.load_configuration = compose  # type: ignore[method-assign]
+    assert composed(hydras, "config", line).optimizer.lr == 0.000789
+
+
+def test_a_search_path_folder_of_too_many_files_is_not_digested(hydras, monkeypatch):
+    monkeypatch.setattr(compose_cache, "MOST_FILES", 5)
+    line = ["experiment=fantasy_art"]
+    assert cache_key(hydras, "config", line) is None
+    same_config(composed(hydras, "config", line), hydras.loader.load_configuration("config", line, RunMode.RUN))
+    assert not cache_dir().exists() or not list(cache_dir().glob("*.pickle"))
