@@ -39,7 +39,7 @@ from sd3exp.compose_parts import apply_values, groups_and_values
 from sd3exp.errors import DiskFullError
 from sd3exp.io import user_cache, write_bytes
 
-KEEP = 64  # entries kept; the oldest beyond are removed when one is added
+KEEP = 64  # entries kept: the least recently used beyond are removed when one is added
 MOST_FILES = 2000  # a search path folder with more files than this is not digested (the run is composed)
 
 
@@ -139,6 +139,7 @@ def cached(loader: ConfigLoader, config_name: Optional[str], overrides: List[str
         with contextlib.suppress(Exception):  # missing, broken or foreign: composed again
             cfg = pickle.loads(path.read_bytes())
             if isinstance(cfg, DictConfig):
+                os.utime(path)  # the newest kept are the last used
                 return cfg
     cfg = loader.load_configuration(config_name, overrides, RunMode.RUN)
     if path is not None and keepable(cfg) and _key(loader, config_name, overrides) == key:  # nothing changed meanwhile

@@ -3,6 +3,7 @@ command line, whether composed now or read back, and composed afresh when anythi
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from pathlib import Path
@@ -208,3 +209,17 @@ def test_a_search_path_folder_of_too_many_files_is_not_digested(hydras, monkeypa
     assert cache_key(hydras, "config", line) is None
     same_config(composed(hydras, "config", line), hydras.loader.load_configuration("config", line, RunMode.RUN))
     assert not cache_dir().exists() or not list(cache_dir().glob("*.pickle"))
+
+
+def test_the_entries_kept_are_the_newest_used(hydras, monkeypatch):
+    monkeypatch.setattr(compose_cache, "KEEP", 2)
+    lines = [["experiment=fantasy_art"], ["experiment=demo"], ["experiment=demo_lora"]]
+    for line in lines[:2]:
+        composed(hydras, "config", line)
+    first = cache_dir() / f"{cache_key(hydras, 'config', lines[0])}.pickle"
+    os.utime(first, (1, 1))  # made long ago ...
+    composed(hydras, "config", lines[0])  # ... and used now
+    composed(hydras, "config", lines[2])
+    kept = {p.name for p in cache_dir().glob("*.pickle")}
+    assert kept == {f"{cache_key(hydras, 'config', line)}.pickle" for line in (lines[0], lines[2])}
+    assert hydras.composed == 3
