@@ -5,8 +5,8 @@ in about 2 ms. Hydra composes a run from: the config name and the overrides; the
 config search path (a file:// folder or a pkg:// package: every file by content, linked folders followed, so a
 new, removed or edited config is seen; a folder of more than MOST_FILES files is not digested and its runs are
 composed each time); the ConfigStore's nodes (structured://, sd3exp's schema among them, by their pickle); the
-working directory (hydra.runtime.cwd); the job's name; Hydra's version base; and the Hydra, OmegaConf and Python
-versions. The key is a digest of all of these, so a change to any of them composes afresh. A composition is kept
+working directory (hydra.runtime.cwd); the job's name; the two variables that make Hydra's warnings errors;
+Hydra's version base; and the Hydra, OmegaConf and Python versions. The key is a digest of all of these, so a change to any of them composes afresh. A composition is kept
 only where it read nothing else (none that sets hydra.searchpath, folders named inside the config, or
 hydra.job.env_copy, values from the environment) and where the key is the same after composing (no file saved
 meanwhile). A missing, broken or foreign cache file composes as Hydra does; a cache that cannot be written only
@@ -40,6 +40,7 @@ from sd3exp.errors import DiskFullError
 from sd3exp.io import user_cache, write_bytes
 
 KEEP = 64  # entries kept: the least recently used beyond are removed when one is added
+HYDRAS_VARIABLES = ("SELF_WARNING_AS_ERROR", "HYDRA_DEPRECATION_WARNINGS_AS_ERRORS")  # read while composing
 MOST_FILES = 2000  # a search path folder with more files than this is not digested (the run is composed)
 
 
@@ -85,7 +86,8 @@ def cache_key(loader: ConfigLoader, config_name: Optional[str], overrides: List[
     kind this module cannot digest or too large (composed by Hydra, not kept)."""
     digest = hashlib.sha256(json.dumps([
         sys.version, hydra.__version__, omegaconf.__version__, version.getbase() and str(version.getbase()),
-        config_name, overrides, os.getcwd(), JobRuntime.instance().get("name")]).encode())
+        config_name, overrides, os.getcwd(), JobRuntime.instance().get("name"),
+        *(os.environ.get(name) for name in HYDRAS_VARIABLES)]).encode())
     for entry in loader.get_search_path().get_path():
         digest.update(json.dumps([entry.provider, entry.path]).encode())
         if entry.path == "structured://":

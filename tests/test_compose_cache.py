@@ -128,13 +128,16 @@ def test_an_edited_added_or_removed_config_file_is_composed_afresh(own_conf):
     assert hydras.composed == 3
 
 
-def test_a_new_working_folder_or_config_store_node_is_a_new_key(own_conf, tmp_path, monkeypatch):
+def test_a_new_working_folder_hydra_variable_or_config_store_node_is_a_new_key(own_conf, tmp_path, monkeypatch):
     _, hydras = own_conf
     line = ["experiment=fantasy_art"]
     before = cache_key(hydras, "config", line)
     monkeypatch.chdir(tmp_path)
     moved = cache_key(hydras, "config", line)
     assert moved != before
+    monkeypatch.setenv("HYDRA_DEPRECATION_WARNINGS_AS_ERRORS", "1")  # Hydra's warnings become errors
+    assert cache_key(hydras, "config", line) != moved
+    monkeypatch.delenv("HYDRA_DEPRECATION_WARNINGS_AS_ERRORS")
     cfg = composed(hydras, "config", line)
     assert cfg.hydra.runtime.cwd == str(tmp_path)
     ConfigStore.instance().store(name="sd3exp_test_node", node={"x": 1}, group="sd3exp_test_group")
