@@ -85,7 +85,7 @@ def cache_key(loader: ConfigLoader, config_name: Optional[str], overrides: List[
     """The digest of what Hydra composes this run from; None where an entry of the search path is of a
     kind this module cannot digest or too large (composed by Hydra, not kept)."""
     digest = hashlib.sha256(json.dumps([
-        sys.version, hydra.__version__, omegaconf.__version__, version.getbase() and str(version.getbase()),
+        sys.version, hydra.__version__, omegaconf.__version__, str(version.getbase()),
         config_name, overrides, os.getcwd(), JobRuntime.instance().get("name"),
         *(os.environ.get(name) for name in HYDRAS_VARIABLES)]).encode())
     for entry in loader.get_search_path().get_path():

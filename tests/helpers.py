@@ -91,3 +91,22 @@ def node_flags(cfg: DictConfig) -> List[Tuple[str, Any, Any, str]]:
         if isinstance(node, DictConfig):
             nodes += [(f"{key}.{k}", node._get_node(k)) for k in node.keys()]
     return sorted(out)
+
+
+class CountingLoader:
+    """Hydra's own config loader, counting its compositions (of runs: load_configuration; of a sweep's jobs:
+    load_sweep_config)."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader, self.repository, self.composed = loader, loader.repository, 0
+
+    def get_search_path(self) -> Any:
+        return self.loader.get_search_path()
+
+    def load_configuration(self, config_name: Optional[str], overrides: List[str], run_mode: Any) -> DictConfig:
+        self.composed += 1
+        return self.loader.load_configuration(config_name, overrides, run_mode)
+
+    def load_sweep_config(self, master: DictConfig, overrides: List[str]) -> DictConfig:
+        self.composed += 1
+        return self.loader.load_sweep_config(master, overrides)

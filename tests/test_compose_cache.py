@@ -7,7 +7,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterator
 
 import pytest
 from hydra import initialize_config_dir
@@ -20,21 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from sd3exp import compose_cache
 from sd3exp.compose_cache import cache_dir, cache_key, composed
 from sd3exp.project import CONF_DIR
-from tests.helpers import node_flags
-
-
-class CountingLoader:
-    """Hydra's own config loader, counting its compositions of a run."""
-
-    def __init__(self, loader) -> None:
-        self.loader, self.repository, self.composed = loader, loader.repository, 0
-
-    def get_search_path(self):
-        return self.loader.get_search_path()
-
-    def load_configuration(self, config_name: Optional[str], overrides: List[str], run_mode: RunMode) -> DictConfig:
-        self.composed += 1
-        return self.loader.load_configuration(config_name, overrides, run_mode)
+from tests.helpers import CountingLoader, node_flags
 
 
 @pytest.fixture

@@ -21,11 +21,11 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from sd3exp.compose_once import ComposedOnce
 from sd3exp.project import CONF_DIR, ROOT
-from tests.helpers import node_flags
+from tests.helpers import CountingLoader, node_flags
 
 # Counts Hydra's own compositions of jobs (ConfigLoaderImpl.load_sweep_config) and of whole configs
 # (load_configuration), then runs the CLI; HYDRAS_RUN=1: without sd3exp's get_mode (Hydra's two compositions).
@@ -144,17 +144,6 @@ def test_a_loader_sent_to_a_job_process_carries_no_kept_configs():
         assert sent.load_sweep_config(master, ["lora.rank=8"]).lora.rank == 8
         assert loader.load_sweep_config(master, ["lora.rank=8"]) is not None and len(loader.checked) == 1
     GlobalHydra.instance().clear()
-
-
-class CountingLoader:
-    """Hydra's own config loader, counting its compositions of a job (load_sweep_config)."""
-
-    def __init__(self, loader) -> None:
-        self.loader, self.repository, self.composed = loader, loader.repository, 0
-
-    def load_sweep_config(self, master: DictConfig, overrides: List[str]) -> DictConfig:
-        self.composed += 1
-        return self.loader.load_sweep_config(master, overrides)
 
 
 GRID = ["experiment=fantasy_art_lora", "stage=compile"]
