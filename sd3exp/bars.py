@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from typing import Any, Iterable, Optional, TextIO
 
 from tqdm import tqdm
 
 PLAIN_EVERY_S = 10.0  # a bar on a file or pipe prints at most one line this often
 PLAIN_COLUMNS = 100  # and no line wider than this
+
+# tqdm's default lock pairs a thread lock with a multiprocessing one, for bars shared with forked children;
+# sd3exp's bars live in one process: a thread lock spares the first bar importing multiprocessing (4 ms)
+tqdm.set_lock(threading.RLock())
 
 
 class _LogLines:

@@ -10,9 +10,9 @@ import re
 import shutil
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator, List, Mapping, Sequence, Union
+from typing import Any, Callable, Iterator, List, Mapping, Sequence, Union
 
 from sd3exp.errors import DiskFullError, no_space_message
 
@@ -60,8 +60,13 @@ def write_bytes(path: Path, data: bytes, sync: bool = True) -> None:
 
 
 def write_many(files: Mapping[Path, bytes], threads: int = 8, sync: bool = True) -> None:
-    """write_bytes for each file, several at a time: their fsyncs overlap (the file system commits
-    them together), ten times faster than one after another for a hundred small images."""
+    """write_bytes for each file; fsynced, several at a time: their fsyncs overlap (the file system commits
+    them together), ten times faster than one after another for a hundred small images. Unsynced, one
+    after another: threads would only take turns holding the GIL (100 small images: 5 ms against 15)."""
+    if not sync:
+        for path, data in files.items():
+            write_bytes(path, data, sync=False)
+        return
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(lambda item: write_bytes(item[0], item[1], sync=sync), files.items()))
 
@@ -79,18 +84,33 @@ def _fsync(path: Path) -> None:
 
 
 @contextlib.contextmanager
+def background(threads: int, name: str) -> Iterator[Callable[..., Future]]:
+    """A `submit(fn, *args)` running work on up to `threads` threads while the block runs; when the block
+    ends all of it has finished, and the first error it raised is raised (after the block's own)."""
+    pool = ThreadPoolExecutor(threads, thread_name_prefix=name)
+    futures: List[Future] = []
+
+    def submit(fn: Callable[..., Any], *args: Any) -> Future:
+        futures.append(pool.submit(fn, *args))
+        return futures[-1]
+
+    try:
+        yield submit
+        for done in futures:
+            done.result()
+    finally:
+        pool.shutdown(wait=True)
+
+
+@contextlib.contextmanager
 def synced(paths: Sequence[Path], threads: int = 8) -> Iterator[None]:
     """The files made durable (fsync, several at a time) in background threads while the block runs:
     on the disk, or the first error raised, when it ends. For files written with sync=False whose
     names are recorded only after the block (cells.json after the grid is drawn)."""
-    pool = ThreadPoolExecutor(threads, thread_name_prefix="sd3exp-fsync")
-    try:
-        syncs = [pool.submit(_fsync, p) for p in paths]
+    with background(threads, "sd3exp-fsync") as submit:
+        for path in paths:
+            submit(_fsync, path)
         yield
-        for done in syncs:
-            done.result()
-    finally:
-        pool.shutdown(wait=True)
 
 
 def fsync_all(paths: Sequence[Path]) -> None:

@@ -220,6 +220,15 @@ def test_a_base_model_comfyui_lacks_is_refused_before_queueing(server: StandIn) 
     assert server.queued == []
 
 
+def test_a_base_model_on_a_server_without_diffusion_models_gets_a_fix(tmp_path: Path) -> None:
+    """Real ComfyUI 0.3.64 with an empty models/diffusion_models: the message read "Fix: or add ..."."""
+    with StandIn(tmp_path / "comfy_out", unet_names=[]) as empty, pytest.raises(EvalError) as err:
+        sweep(empty.url, [], include_base=True)
+    assert "ComfyUI's 0 diffusion models" in str(err.value)
+    assert "Fix: put sd3_medium_transformer.safetensors into ComfyUI's models/diffusion_models folder, or add " \
+        "eval.include_base=false" in str(err.value)
+
+
 def test_object_info_combo_shape(server: StandIn) -> None:
     server.combo = True
     assert [c.status for c in sweep(server.url, ckpts()[:1])] == ["ok", "ok"]

@@ -88,6 +88,14 @@ def test_a_bar_on_a_terminal_is_tqdm_as_it_is():
     bar.close()
 
 
+def test_a_bar_does_not_import_multiprocessing():
+    """tqdm's default lock would (4 ms at every evaluation's first bar); sd3exp's bars need a thread lock only."""
+    code = ("import io, sys; from sd3exp import console; bar = console.progress(total=2, file=io.StringIO()); "
+            "bar.update(2); bar.close(); print('multiprocessing' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False"]
+
+
 @pytest.fixture
 def logged(caplog):
     """caplog for the "sd3exp" logger (it does not propagate to the root logger caplog listens on)."""

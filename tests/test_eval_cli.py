@@ -83,6 +83,28 @@ def test_comfyui_sweep_with_a_base_column_and_a_failing_cell(tmp_path):
     assert saved["7"]["inputs"]["vae_name"] == "my_sd3_vae.safetensors"
 
 
+def test_many_grids_are_summed_up_and_an_error_ending_a_sentence_reads_once(tmp_path):
+    """Seen against a real ComfyUI 0.3.64: 3,000 cells in 100 per-seed grids printed 100 paths on one line,
+    and its error texts end with a full stop ("...a valid VAE.. They are drawn")."""
+    run, models = tmp_path / "run", tmp_path / "comfy-models"
+    fake_lora_run(run)
+    def fail(g):
+        return "VAE is invalid." if "checkpoint-4-" in json.dumps(g) and '"seed": 5' in json.dumps(g) else None
+    with StandIn(tmp_path / "comfy-out", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"],
+                 error_if=fail) as server:
+        out = run_cli("experiment=demo_lora", "stage=eval", "demo=false", "concepts.0.num_images=16",
+                      f"hydra.run.dir={run}", "eval.backend=comfyui", f"eval.url={server.url}",
+                      f"eval.models_dir={models}", "eval.include_final=false", "eval.include_base=false",
+                      f"eval.prompts={json.dumps(PROMPTS[:1])}", "eval.seeds=[0,1,2,3,4,5]",
+                      "eval.max_grid_pixels=320000")
+    assert out.returncode == 3, out.stdout[-2000:] + out.stderr[-2000:]
+    grids = sorted(p.name for p in (run / "eval").glob("grid*.png"))
+    assert len(grids) == 6
+    line, = (x for x in out.stdout.splitlines() if x.startswith("evaluated 18 cell(s)"))
+    assert line == f"evaluated 18 cell(s) (17 ok): 6 grids in {run / 'eval'} (grid-seed0.png ... grid-seed5.png)"
+    assert "seed 5: KSampler (node 6) failed: RuntimeError: VAE is invalid. They are drawn as error tiles" in out.stderr
+
+
 def test_a_second_evaluation_renders_only_what_changed(tmp_path):
     run, models = tmp_path / "run", tmp_path / "comfy-models"
     fake_lora_run(run)

@@ -14,6 +14,7 @@ from sd3exp.errors import EvalError
 from sd3exp.evaluate import grid
 from sd3exp.evaluate.cells import Cell
 from sd3exp.evaluate.grid import Column, Layout, Row, axes, fit_lines, make_layout, split, wrap, write_grids
+from sd3exp.io import background
 
 TILE = (192, 144)  # at least grid.MIN_TILE, so tiles keep the images' own size
 COLUMNS = [("checkpoint-100", 100), ("checkpoint-200", 200), ("final", None), ("base", None)]
@@ -177,6 +178,35 @@ def test_output_is_deterministic_and_atomic(tmp_path):
     second = write_grids(cells, tmp_path / "b")[0].read_bytes()
     assert first == second
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["grid.png"]
+
+
+def test_grids_encoded_in_the_background_are_the_same_files(tmp_path):
+    """Split into four pieces, each encoded on a background thread while the next is drawn: the same
+    names and bytes as drawn and written one after another, all complete when the background work is;
+    never more than two drawn pieces waiting to be encoded."""
+    cells = make_cells(seeds=(0, 7))
+    limit = layout_for(cells).pixels(2, 2)
+    alone = write_grids(cells, tmp_path / "a", max_pixels=limit)
+    waiting, most = [], []
+    with background(4, "test-grid") as submit:
+        def counted(fn, *args):
+            future = submit(fn, *args)
+            waiting.append(future)
+            most.append(sum(not f.done() for f in waiting))
+            return future
+
+        paths = write_grids(cells, tmp_path / "b", max_pixels=limit, encode=counted)
+    assert [p.name for p in paths] == [p.name for p in alone] and len(paths) == 4
+    assert [p.read_bytes() for p in paths] == [p.read_bytes() for p in alone]
+    assert max(most) <= 2
+
+
+def test_a_background_encoding_error_is_raised(tmp_path):
+    cells = make_cells()
+    (tmp_path / "grid.png").mkdir()  # the grid cannot be renamed into place
+    with pytest.raises(OSError):
+        with background(2, "test-grid") as submit:
+            write_grids(cells, tmp_path, encode=submit)
 
 
 def test_stale_grids_from_an_earlier_sweep_are_removed(tmp_path):

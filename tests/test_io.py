@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
 
 from sd3exp.evaluate.stage import evaluate
-from sd3exp.io import synced, write_bytes
+from sd3exp.io import background, synced, write_bytes
 from tests.comfy_standin import StandIn
 from tests.helpers import compose_experiment
 from tests.test_eval_cli import fake_lora_run
@@ -23,6 +24,23 @@ def test_synced_runs_the_block_then_raises_the_first_error(tmp_path):
         with synced([tmp_path / "missing.png"]):
             ran.append(True)
     assert ran == [True]
+
+
+def test_background_work_is_finished_when_the_block_ends_and_its_error_raised():
+    done = []
+    with pytest.raises(ZeroDivisionError):
+        with background(2, "test") as submit:
+            submit(time.sleep, 0.2)
+            submit(lambda: done.append(1) or 1 / 0)
+            submit(lambda: time.sleep(0.1) or done.append(2))
+    assert sorted(done) == [1, 2]
+
+
+def test_the_blocks_own_error_wins_over_the_backgrounds():
+    with pytest.raises(KeyError):
+        with background(1, "test") as submit:
+            submit(lambda: 1 / 0)
+            raise KeyError("the block's")
 
 
 def test_an_unsynced_write_leaves_the_same_file_as_a_synced_one(tmp_path):

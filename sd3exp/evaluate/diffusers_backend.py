@@ -157,8 +157,8 @@ def _collect(proc: subprocess.Popen, job: dict[str, Any], bar: console.Bar,
         if cell is not None:
             reported()
             done[cell_key(cell)] = cell
+            bar.set_postfix_str(f"{cell.label} {cell.status}", refresh=False)  # shown by update, at its pace
             bar.update(1)
-            bar.set_postfix_str(f"{cell.label} {cell.status}")
 
 
 class Watchdog:

@@ -17,10 +17,12 @@ import math
 import re
 import shutil
 import subprocess
+from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, TypeVar, Union
+from typing import Callable, Mapping, Optional, Sequence, TypeVar, Union
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -389,10 +391,19 @@ def titled(image: Image.Image, title: str, layout: Layout) -> Image.Image:
     return out
 
 
+def _write_png(path: Path, image: Image.Image) -> None:
+    write_bytes(path, _png(image))
+
+
 def write_grids(cells: Sequence[Cell], out_dir: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS,
-                best: Optional[str] = None, best_variant: Optional[str] = None) -> list[Path]:
+                best: Optional[str] = None, best_variant: Optional[str] = None,
+                encode: Optional[Callable[..., Future]] = None) -> list[Path]:
     """Write the comparison grid(s) for `cells` into `out_dir` (atomically), one sheet per combination
-    of the axes that are not sub-columns, the `best` checkpoint's column framed; return their paths."""
+    of the axes that are not sub-columns, the `best` checkpoint's column framed; return their paths.
+
+    With `encode` (sd3exp.io.background's submit) each grid is encoded and written there, while the
+    next is drawn and after this returns (Pillow releases the GIL while encoding a PNG); its files are
+    complete when that work is. At most two drawn grids wait for it (up to 64 MP each)."""
     if not cells:
         raise EvalError("no cells to put in a grid: nothing was rendered")
     out_dir = Path(out_dir)
@@ -400,14 +411,19 @@ def write_grids(cells: Sequence[Cell], out_dir: Path | str, max_pixels: int = DE
     found = sheets(cells)
     layout = make_layout(tile_size(cells), [c for sheet in found for c in sheet.columns])
     by_key = {cell_key(c): c for c in cells}
-    written = []
+    written: list[Path] = []
+    waiting: deque[Future] = deque()
     for number, sheet in enumerate(found, 1):
         for name, piece_columns, piece_rows in split(list(sheet.columns), rows, layout, max_pixels):
             image = render_grid(by_key, piece_columns, piece_rows, layout, best, best_variant)
             if sheet.fixed:
                 image, name = titled(image, sheet.title, layout), name.replace("grid", f"grid-sheet{number}", 1)
-            path = out_dir / name
-            write_bytes(path, _png(image))
-            written.append(path)
+            written.append(out_dir / name)
+            if encode is None:
+                _write_png(written[-1], image)
+                continue
+            waiting.append(encode(_write_png, written[-1], image))
+            while len(waiting) >= 2:
+                waiting.popleft().result()
     remove_stale(out_dir, written)
     return written

@@ -32,7 +32,7 @@ from sd3exp.evaluate.score import (
     unscored_by_models,
 )
 from sd3exp.hub import is_repo_id
-from sd3exp.io import fsync_all, synced, write_json
+from sd3exp.io import background, fsync_all, synced, write_json
 from sd3exp.layout import EvalLayout, RunLayout
 from sd3exp.runfolder import training_elsewhere
 from sd3exp.schema import ExperimentConfig
@@ -315,23 +315,30 @@ def image_paths(cells: Sequence[Cell]) -> List[Path]:
     return [p for c in cells for p in c.paths]
 
 
+def grids_text(eval_dir: Path, grids: Sequence[Path], most: int = 3) -> str:
+    """The grids' paths, or (more than `most`) how many, where, and the first and last name."""
+    if len(grids) <= most:
+        return ", ".join(str(eval_dir / g.name) for g in grids)
+    return f"{len(grids)} grids in {eval_dir} ({grids[0].name} ... {grids[-1].name})"
+
+
 def finish(cfg: ExperimentConfig, run_dir: Path, cells: List[Cell], record: dict, staging: Path,
            strengths: Optional[Mapping[str, Strength]] = None) -> Path:
     """Grid(s), cells.json, report.html and request.json written in staging, which then becomes eval/."""
     eval_dir = RunLayout(run_dir).eval.folder
     comfy = {label: s.comfy_strength for label, s in (strengths or {}).items()}
-    with synced(image_paths(cells)):  # the renders reach the disk while they are scored and drawn
-        cells, choice = choose_best(cfg, run_dir, cells, record, out_dir=staging, strengths=comfy)
-        grids = write_grids(cells, staging, cfg.eval.max_grid_pixels, best=best_label(choice),
-                            best_variant=best_variant(choice))
-    cellio.write_cells_json(cells, EvalLayout(staging).cells)
-    write_report(run_dir, cells, grids, out=EvalLayout(staging).report, title=cfg.name)
-    write_json(EvalLayout(staging).request, record)
+    with background(2, "sd3exp-grid") as encode:  # the grids' PNGs encoded while the rest is written
+        with synced(image_paths(cells)):  # the renders reach the disk while they are scored and drawn
+            cells, choice = choose_best(cfg, run_dir, cells, record, out_dir=staging, strengths=comfy)
+            grids = write_grids(cells, staging, cfg.eval.max_grid_pixels, best=best_label(choice),
+                                best_variant=best_variant(choice), encode=encode)
+        cellio.write_cells_json(cells, EvalLayout(staging).cells)
+        write_report(run_dir, cells, grids, out=EvalLayout(staging).report, title=cfg.name)
+        write_json(EvalLayout(staging).request, record)
     promote(staging, eval_dir)
     report = EvalLayout(eval_dir).report
     failed = [c for c in cells if c.status != "ok"]
-    console.info(f"evaluated {len(cells)} cell(s) ({len(cells) - len(failed)} ok): "
-                 f"{', '.join(str(eval_dir / g.name) for g in grids)}")
+    console.info(f"evaluated {len(cells)} cell(s) ({len(cells) - len(failed)} ok): {grids_text(eval_dir, grids)}")
     console.info(f"report: {report}")
     if choice:
         console.info(summary_line(choice, comfy))
@@ -343,6 +350,7 @@ def finish(cfg: ExperimentConfig, run_dir: Path, cells: List[Cell], record: dict
     if failed:
         first = failed[0]
         raise CellsFailed(f"{len(failed)} of {len(cells)} cells failed, e.g. {first.label} prompt "
-                          f"{first.prompt_index} seed {first.seed}: {first.error}. They are drawn as error tiles in "
+                          f"{first.prompt_index} seed {first.seed}: {(first.error or '').strip().rstrip('.')}. "
+                          "They are drawn as error tiles in "
                           f"the grid; see {report}. Running the same command again renders only the failed cells")
     return report

@@ -114,11 +114,11 @@ class _Sweep:
         if norm_name(name) in by_norm:
             return {BASE_LABEL: by_norm[norm_name(name)]}
         near = closest(name, available)
-        fix = f"add {shlex.quote(f'++eval.workflow_inputs.{loader}.unet_name={near[0]}')} (or another of those), " \
-            if near else ""
+        fix = f"add {shlex.quote(f'++eval.workflow_inputs.{loader}.unet_name={near[0]}')} (or another of those)" \
+            if near else f"put {name} into ComfyUI's models/diffusion_models folder"
         raise EvalError(
             f"eval.include_base: the workflow's base model {name!r} (node {loader} unet_name) is not one of "
-            f"ComfyUI's {len(available)} diffusion models; closest: {near[:5]}. Fix: {fix}or add "
+            f"ComfyUI's {len(available)} diffusion models; closest: {near[:5]}. Fix: {fix}, or add "
             "eval.include_base=false")
 
     def queue_all(self, names: Mapping[str, str]) -> None:
@@ -134,8 +134,8 @@ class _Sweep:
 
     def record(self, index: int, cell: Cell) -> None:
         self.results[index] = cell
+        self.bar.set_postfix_str(f"{cell.label} {cell.status}", refresh=False)  # shown by update, at its pace
         self.bar.update(1)
-        self.bar.set_postfix_str(f"{cell.label} {cell.status}")
 
     def finish(self, prompt_id: str, watcher: Watcher) -> None:
         """Record a settled prompt: its outcome as the websocket told it, else as /history has it."""
