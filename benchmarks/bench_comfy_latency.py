@@ -5,11 +5,15 @@ report; scoring off, as the baseline scores nothing) versus a raw loop (benchmar
 POST /prompt, websocket, GET /view, files written) replaying the very graphs sd3exp sent. Each runs
 in a fresh Python (timed after its imports) against a fresh instant stand-in (no sampling time) in
 this process, at 10, 50 and 100 cells: a line through them gives the per-cell and the fixed cost.
+`--url URL --models DIR`: the same against a ComfyUI you run (DIR: its models folder, where each trial's
+LoRA links are made and then removed), with the shipped LoRA workflow's SaveImage fed by an EmptyImage
+node, so that the server renders nothing (the loaders and sampler are left unconnected: not run).
 
 `--latency`: from the last image being ready on the server to the grid being written, sd3exp
 versus the source write-up's loop (queue everything, count PNGs in the output folder every 5 s).
 
-Run: `.venv/bin/python benchmarks/bench_comfy_latency.py` (add `--latency` for the second).
+Run: `.venv/bin/python benchmarks/bench_comfy_latency.py` (add `--latency` for the second; `--url
+http://127.0.0.1:8188 --models /path/to/ComfyUI/models` for a real ComfyUI).
 """
 
 from __future__ import annotations
@@ -19,13 +23,18 @@ import contextlib
 import json
 import os
 import pickle
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
+
+import requests
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.comfy_standin is not part of the package
@@ -54,10 +63,41 @@ BASE_UNET = "sd3_medium_transformer.safetensors"
 # ---------------------------------------------------------------- throughput
 
 
+@dataclass(frozen=True)
+class Server:
+    """The ComfyUI both approaches render on: its URL, its models folder, the workflow sd3exp is given."""
+
+    url: str
+    models: Path
+    workflow: Optional[Path] = None  # None: the shipped LoRA workflow
+
+
 @contextlib.contextmanager
-def instant(folder: Path, models: Path) -> Iterator[StandIn]:
+def instant(folder: Path, models: Path) -> Iterator[Server]:
     """A fresh stand-in that renders instantly (no sampling time, no history lag)."""
     with StandIn(folder, models_dir=models, unet_names=[BASE_UNET], delay_s=0.0, history_lag_s=0.0) as server:
+        yield Server(server.url, models)
+
+
+def instant_workflow(path: Path) -> Path:
+    """The shipped LoRA workflow with its SaveImage fed by a 64-px EmptyImage: a real ComfyUI runs only the
+    nodes an output depends on, so it renders nothing, and sd3exp still patches every node it patches."""
+    graph = load_workflow(ROOT / "conf/workflows/sd3_lora_api.json")
+    save = next(i for i, node in graph.items() if node["class_type"] == "SaveImage")
+    graph["sd3exp_bench_empty"] = {"class_type": "EmptyImage",
+                                   "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0x333333}}
+    graph[save]["inputs"]["images"] = ["sd3exp_bench_empty", 0]
+    path.write_text(json.dumps(graph))
+    return path
+
+
+@contextlib.contextmanager
+def rendering(work: Path, models: Path, real: Optional[Server]) -> Iterator[Server]:
+    """`real`, or a fresh instant stand-in in `work`."""
+    if real is not None:
+        yield real
+        return
+    with instant(work / "comfy", models) as server:
         yield server
 
 
@@ -69,28 +109,37 @@ def child(approach: str, work: Path, *args: str) -> float:
     return float(out.stdout.split()[-1])
 
 
-def ours(work: Path, checkpoints: int, prompts: int) -> tuple[float, list[dict[str, Any]]]:
+def ours(work: Path, checkpoints: int, prompts: int, real: Optional[Server]) -> tuple[float, list[dict[str, Any]]]:
     """Seconds for `stage=eval`'s evaluate() on a fresh run of checkpoints x prompts LoRA cells;
-    the graphs it sent, in order."""
-    run, models = work / "run", work / "models"
+    the graphs it sent, in order (from /history)."""
+    run = work / f"run-{uuid.uuid4().hex[:8]}"  # its links' folder in the models folder
     fake_lora_run(run, steps=tuple(range(2, 2 * checkpoints + 1, 2)))
     texts = json.dumps([f"k4s4, subject {i}" for i in range(prompts)])
-    with instant(work / "comfy", models) as server:
+    with rendering(work, work / "models", real) as server:
+        workflow = [f"eval.workflow={server.workflow}"] if server.workflow else []
         cfg = compose_experiment("demo_lora", [
             "demo=false", "concepts.0.num_images=16", "eval.backend=comfyui", f"eval.url={server.url}",
-            f"eval.models_dir={models}", "eval.include_final=false", "eval.include_base=false",
-            "eval.scoring.enabled=false", "tracking.mlflow.enabled=false", f"eval.prompts={texts}"], str(run))
+            f"eval.models_dir={server.models}", "eval.include_final=false", "eval.include_base=false",
+            "eval.scoring.enabled=false", "tracking.mlflow.enabled=false", f"eval.prompts={texts}", *workflow],
+            str(run))
         (work / "cfg.pickle").write_bytes(pickle.dumps(cfg))
-        seconds = child("sd3exp", work, str(run))
-        graphs = [server.history[p]["prompt"][2] for p in server.queued]
-    assert len(graphs) == checkpoints * prompts and all(server.history[p]["status"]["completed"] for p in server.queued)
+        try:
+            seconds = child("sd3exp", work, str(run))
+        finally:
+            if real is not None:  # the links sd3exp made in that ComfyUI's models folder (its graph never loads them)
+                shutil.rmtree(server.models / "loras" / run.name, ignore_errors=True)
+        cells = json.loads((run / "eval" / "cells.json").read_text())
+        assert len(cells) == checkpoints * prompts and all(c["status"] == "ok" for c in cells)
+        with requests.Session() as session:
+            graphs = [session.get(f"{server.url}/history/{c['prompt_id']}").json()[c["prompt_id"]]["prompt"][2]
+                      for c in cells]
     return seconds, graphs
 
 
-def raw(work: Path, models: Path, graphs: list[dict[str, Any]]) -> float:
-    """Seconds for the raw loop to render `graphs` on a fresh stand-in and write the files."""
+def raw(work: Path, models: Path, graphs: list[dict[str, Any]], real: Optional[Server]) -> float:
+    """Seconds for the raw loop to render `graphs` (on a fresh stand-in, or `real`) and write the files."""
     (work / "graphs.json").write_text(json.dumps(graphs))
-    with instant(work / "comfy", models) as server:
+    with rendering(work, models, real) as server:
         seconds = child("raw", work, server.url)
     assert len(list((work / "images").iterdir())) == len(graphs)
     return seconds
@@ -115,22 +164,23 @@ def run_child(approach: str, work: Path, arg: str) -> None:
     print(time.perf_counter() - started)
 
 
-def throughput(sizes: tuple[int, ...], repeats: int) -> None:
+def throughput(sizes: tuple[int, ...], repeats: int, real: Optional[Server]) -> None:
     """Seconds per approach at each size (n checkpoints x 10 prompts), the two in alternating order;
     an untimed evaluation first gives the graphs the raw loop replays. A least-squares line through
     every trial gives ms/cell (slope) and the fixed cost (intercept)."""
     times: dict[str, list[tuple[int, float]]] = {"sd3exp": [], "raw": []}
     for checkpoints in sizes:
         with tempfile.TemporaryDirectory() as warm:
-            graphs = ours(Path(warm), checkpoints, 10)[1]
+            graphs = ours(Path(warm), checkpoints, 10, real)[1]
             for rep in range(repeats):
                 for name in ("sd3exp", "raw") if rep % 2 == 0 else ("raw", "sd3exp"):
                     with tempfile.TemporaryDirectory() as work:
-                        seconds = ours(Path(work), checkpoints, 10)[0] if name == "sd3exp" else \
-                            raw(Path(work), Path(warm) / "models", graphs)
+                        seconds = ours(Path(work), checkpoints, 10, real)[0] if name == "sd3exp" else \
+                            raw(Path(work), Path(warm) / "models", graphs, real)
                     times[name].append((10 * checkpoints, seconds))
     largest = 10 * max(sizes)
-    print(f"instant stand-in ComfyUI on 127.0.0.1, {', '.join(str(10 * s) for s in sizes)} cells, {repeats} trials "
+    where = f"the ComfyUI at {real.url} (instant workflow)" if real else "instant stand-in ComfyUI on 127.0.0.1"
+    print(f"{where}, {', '.join(str(10 * s) for s in sizes)} cells, {repeats} trials "
           f"each; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     print(f"{'':8} {'cells/s':>9} {'ms/cell':>9} {'fixed (s)':>10}   (cells/s: median at {largest} cells)")
     rates = {}
@@ -202,14 +252,22 @@ def main() -> None:
     parser.add_argument("--checkpoints", type=int, default=3, help="latency: checkpoints (x 2 prompts)")
     parser.add_argument("--delays", type=float, nargs="+", default=[0.1, 0.35, 0.6, 0.85],
                         help="latency: seconds per image on the server, one trial each (spreads the 5 s polling phase)")
+    parser.add_argument("--url", help="throughput against this ComfyUI instead of the stand-in (with --models)")
+    parser.add_argument("--models", type=Path, help="that ComfyUI's models folder (LoRA links made and removed)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         run_child(args.child[0], Path(args.child[1]), args.child[2])
     elif args.latency:
         latency(args.checkpoints, args.delays)
+    elif args.url:
+        if args.models is None:
+            parser.error("--url needs --models, the models folder of that ComfyUI")
+        with tempfile.TemporaryDirectory() as folder:
+            real = Server(args.url.rstrip("/"), args.models, instant_workflow(Path(folder) / "instant_lora_api.json"))
+            throughput((1, 5, 10), args.repeats, real)
     else:
-        throughput((1, 5, 10), args.repeats)
+        throughput((1, 5, 10), args.repeats, None)
 
 
 if __name__ == "__main__":
