@@ -251,6 +251,21 @@ def test_with_extra_model_paths_nothing_is_freed_when_comfyui_cannot_load_the_ch
         second = run_cli(*evaluate, f"eval.url={server.url}")
     assert second.returncode == 2 and "cannot load 1 model(s)" in second.stderr, second.stderr[-2000:]
     assert server.frees == [] and "POST /free" not in second.stdout
+    assert f"Fix: restart ComfyUI with --extra-model-paths-config {run / 'comfyui_extra_model_paths.yaml'} (it reads " \
+        "that file only when it starts)" in second.stderr  # it said to add eval.link_mode=extra_paths, already set
+
+
+def test_links_in_a_models_folder_comfyui_does_not_read_are_named_as_such(tmp_path):
+    run, models = tmp_path / "run", tmp_path / "comfy-models"
+    fake_lora_run(run, steps=(2,))
+    with StandIn(tmp_path / "comfy-out", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"]) as server:
+        out = comfy_eval(run, tmp_path / "elsewhere", server.url)
+        fixed = comfy_eval(run, models, server.url)  # the models folder this ComfyUI reads
+    assert out.returncode == 2 and "cannot load 1 model(s)" in out.stderr
+    assert (f"Fix: the ComfyUI at {server.url} does not list the links made in eval.models_dir={tmp_path / 'elsewhere'}"
+            " (a warning above names any that could not be made): set eval.models_dir to the models folder that "
+            "ComfyUI reads, or use eval.link_mode=extra_paths.") in out.stderr
+    assert fixed.returncode == 0, fixed.stderr[-1500:]
 
 def comfy_eval(run: Path, models: Path, url: str, *extra: str):
     return run_cli("experiment=demo_quick", "stage=eval", "demo=false", "concepts.0.num_images=16", f"hydra.run.dir={run}",

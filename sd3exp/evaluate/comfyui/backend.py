@@ -46,8 +46,9 @@ def render(cfg: ExperimentConfig, job: RenderJob, run_dir: Path, images: Path) -
         console.info(f"ComfyUI: start it with --extra-model-paths-config {RunLayout(run_dir).extra_paths}")
     client = ComfyClient(ev.url)
     names = {c.label: links.comfy_name(c, name, mode, training) for c in checkpoints}
+    fix = names_fix(cfg, run_dir)
     if mode == "extra_paths" and job.changed:
-        resolve_names(client, checkpoints, names)  # unloadable names fail before the shared server is freed
+        resolve_names(client, checkpoints, names, fix)  # unloadable names fail before the shared server is freed
         console.info(f"ComfyUI loads {', '.join(sorted(job.changed))} under an unchanged name but the file changed: "
                      "freeing its models and node cache first (POST /free)")
         client.free()
@@ -55,9 +56,25 @@ def render(cfg: ExperimentConfig, job: RenderJob, run_dir: Path, images: Path) -
     strengths = {label: s.comfy_strength for label, s in job.strengths.items()}
     warn_strength_override(workflow, ev.workflow_inputs, strengths)
     spec = SweepSpec(workflow, checkpoints, names, ev.prompts, ev.seeds, Sampling.of(ev), dict(ev.nodes),
-                     include_base=job.include_base, skip=job.skip, strengths=strengths, variants=job.variants)
+                     include_base=job.include_base, skip=job.skip, strengths=strengths, variants=job.variants,
+                     names_fix=fix)
     result = run_sweep(client, spec, timeout_s=ev.timeout_s)
     return cellio.store_images(result, images, sync=False)  # made durable while the grid is drawn (stage.finish)
+
+
+def names_fix(cfg: ExperimentConfig, run_dir: Path) -> str:
+    """What to do when ComfyUI lists none of the checkpoints' names, for the link mode in use."""
+    ev = cfg.eval
+    if ev.link_mode == "extra_paths":
+        return (f"restart ComfyUI with --extra-model-paths-config {RunLayout(run_dir).extra_paths} (it reads that "
+                "file only when it starts), or link them instead: eval.link_mode=symlink "
+                "eval.models_dir=/path/to/ComfyUI/models.")
+    if not ev.models_dir:
+        return ("add eval.models_dir=/path/to/ComfyUI/models (sd3exp links the checkpoints there), or "
+                "eval.link_mode=extra_paths.")
+    return (f"the ComfyUI at {ev.url} does not list the links made in eval.models_dir={ev.models_dir} (a warning "
+            "above names any that could not be made): set eval.models_dir to the models folder that ComfyUI reads, "
+            "or use eval.link_mode=extra_paths.")
 
 
 def warn_strength_override(workflow: Graph, inputs: Mapping[str, Any], strengths: Mapping[str, float]) -> None:

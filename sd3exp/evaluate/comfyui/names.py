@@ -33,8 +33,13 @@ def closest(name: str, available: Sequence[str]) -> list[str]:
     return sorted(available, key=lambda n: (-difflib.SequenceMatcher(None, target, norm_name(n)).ratio(), n))
 
 
-def match_names(expected: Mapping[str, str], available: Sequence[str], class_type: str) -> dict[str, str]:
-    """label -> the server's spelling of its model name; EvalError listing what ComfyUI has."""
+LINK_FIX = ("link the checkpoints into ComfyUI's models folder (eval.models_dir) or add the run folder with "
+            "--extra-model-paths-config (eval.link_mode=extra_paths).")
+
+
+def match_names(expected: Mapping[str, str], available: Sequence[str], class_type: str,
+                fix: str = LINK_FIX) -> dict[str, str]:
+    """label -> the server's spelling of its model name; EvalError listing what ComfyUI has, ending with `fix`."""
     by_norm = {norm_name(n): n for n in available}
     missing = {label: name for label, name in expected.items() if norm_name(name) not in by_norm}
     if missing:
@@ -44,8 +49,7 @@ def match_names(expected: Mapping[str, str], available: Sequence[str], class_typ
             f"ComfyUI's {class_type} cannot load {len(missing)} model(s):\n" + "\n".join(lines)
             + f"\nComfyUI lists {len(available)} name(s), closest first: {shown[:20]}"
             + ("" if len(shown) <= 20 else f" ... and {len(shown) - 20} more")
-            + "\nFix: link the checkpoints into ComfyUI's models folder (eval.models_dir) or add the run "
-            "folder with --extra-model-paths-config (eval.link_mode=extra_paths)."
+            + f"\nFix: {fix}"
         )
     return {label: by_norm[norm_name(name)] for label, name in expected.items()}
 

@@ -18,7 +18,7 @@ from sd3exp.errors import EvalError
 from sd3exp.evaluate.cells import Cell, CellSpec, Sampling, SweepInterrupted, Variant, plan_cells
 from sd3exp.evaluate.checkpoints import BASE_LABEL, Checkpoint
 from sd3exp.evaluate.comfyui.client import ComfyClient, Watcher
-from sd3exp.evaluate.comfyui.names import closest, match_names, norm_name
+from sd3exp.evaluate.comfyui.names import LINK_FIX, closest, match_names, norm_name
 from sd3exp.evaluate.comfyui.protocol import ImageRef, Outcome, parse_history
 from sd3exp.evaluate.comfyui.workflow import (
     LOADERS,
@@ -55,16 +55,17 @@ class SweepSpec:
     skip: Collection[tuple[str, int, int, str]] = ()  # (label, prompt index, seed, variant) not to render
     strengths: Mapping[str, float] = field(default_factory=dict)  # LoRA label -> strength_model (lora_scale)
     variants: Mapping[str, Sequence[Variant]] = field(default_factory=dict)  # label -> axis combinations
+    names_fix: str = LINK_FIX  # the fix named when ComfyUI cannot load a checkpoint's name
 
 
 def resolve_names(
-    client: ComfyClient, checkpoints: Sequence[Checkpoint], expected: Mapping[str, str]
+    client: ComfyClient, checkpoints: Sequence[Checkpoint], expected: Mapping[str, str], fix: str = LINK_FIX
 ) -> dict[str, str]:
-    """label -> server spelling, per loader kind; EvalError before anything is queued."""
+    """label -> server spelling, per loader kind; EvalError (ending with `fix`) before anything is queued."""
     resolved: dict[str, str] = {}
     for kind in sorted({c.kind for c in checkpoints}):
         wanted = {c.label: expected[c.label] for c in checkpoints if c.kind == kind}
-        resolved |= match_names(wanted, client.model_names(kind), LOADERS[kind][0])
+        resolved |= match_names(wanted, client.model_names(kind), LOADERS[kind][0], fix)
     return resolved
 
 
@@ -216,7 +217,7 @@ def run_sweep(
     """
     deadline = time.monotonic() + timeout_s
     sweep = _Sweep(client, spec, save_dir)  # workflow problems surface before any request
-    names = resolve_names(client, spec.checkpoints, spec.model_names) | sweep.base_name()
+    names = resolve_names(client, spec.checkpoints, spec.model_names, spec.names_fix) | sweep.base_name()
     if save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
     with console.progress(total=len(sweep.cells), unit="cell", desc="comfyui", disable=not progress) as sweep.bar:
