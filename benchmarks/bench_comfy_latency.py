@@ -44,6 +44,7 @@ from sd3exp.evaluate.checkpoints import Checkpoint  # noqa: E402
 from sd3exp.evaluate.comfyui import (  # noqa: E402
     ComfyClient,
     SweepSpec,
+    cell_edits,
     find_nodes,
     load_workflow,
     new_sweep_id,
@@ -217,7 +218,7 @@ def latency_source(server: StandIn, ckpts: list[Checkpoint], grid_dir: Path) -> 
     for cell in plan_cells(ckpts, PROMPTS, [0]):
         label = cell.checkpoint.label
         prefix = f"{sweep_id}/{label}_p{cell.prompt_index}"
-        client.queue_prompt(patch_graph(WORKFLOW, nodes, cell, names(ckpts)[label], prefix))
+        client.queue_prompt(patch_graph(WORKFLOW, cell_edits(nodes, cell, names(ckpts)[label], prefix)))
     folder, expected = server.output_dir / sweep_id, len(ckpts) * len(PROMPTS)
     while len(list(folder.glob("*.png"))) < expected:
         time.sleep(SOURCE_POLL_S)

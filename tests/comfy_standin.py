@@ -164,6 +164,7 @@ class StandIn:
     unet_names: list[str] = field(default_factory=list)
     lora_names: list[str] = field(default_factory=list)
     combo: bool = False  # /object_info in ["COMBO", {"options": [...]}] shape
+    combos: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # {class_type: {input: values}}, checked
     delay_s: float = 0.01  # KSampler time per prompt
     history_lag_s: float = 0.03  # between execution_success and the history write
     # hooks
@@ -285,10 +286,11 @@ class StandIn:
                 details = f"{name}: no node {value[0]}"
                 found.append(_err("exception_during_validation", "Exception when validating node", details))
         name = MODEL_INPUTS.get(node["class_type"])
-        listed = self.names(node["class_type"]) if name else []
-        if name and inputs.get(name) not in listed:
-            details = f"{name}: '{inputs.get(name)}' not in {listed}"
-            found.append(_err("value_not_in_list", "Value not in list", details, name))
+        listed = {name: self.names(node["class_type"])} if name else {}
+        for key, values in {**listed, **self.combos.get(node["class_type"], {})}.items():
+            if inputs.get(key) not in values:
+                details = f"{key}: '{inputs.get(key)}' not in {values}"  # execution.py validate_inputs
+                found.append(_err("value_not_in_list", "Value not in list", details, key, inputs.get(key)))
         if node["class_type"] == "KSampler" and isinstance(inputs.get("steps"), int) and inputs["steps"] < 1:
             message = f"Value {inputs['steps']} smaller than min of 1"
             found.append(_err("value_smaller_than_min", message, "steps", "steps"))
@@ -453,15 +455,18 @@ class StandIn:
 
     def object_info(self, class_type: str) -> dict[str, Any]:
         name = MODEL_INPUTS.get(class_type)
-        if name is None:
+        combos = self.combos.get(class_type, {})
+        if name is None and not combos:
             return {}
-        names = self.names(class_type)
-        spec = ["COMBO", {"options": names}] if self.combo else [names]
+        shape = (lambda values: ["COMBO", {"options": values}]) if self.combo else (lambda values: [values])
+        required = {key: shape(values) for key, values in combos.items()}
         if class_type == "UNETLoader":
-            others = {"weight_dtype": [["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]]}
-        else:
-            others = {"model": ["MODEL"], "strength_model": ["FLOAT", {"default": 1.0}]}
-        info = {"input": {"required": {name: spec, **others}}, "output": ["MODEL"], "output_node": False}
+            required |= {"weight_dtype": [["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]]}
+        elif class_type == "LoraLoaderModelOnly":
+            required |= {"model": ["MODEL"], "strength_model": ["FLOAT", {"default": 1.0}]}
+        if name is not None:
+            required[name] = shape(self.names(class_type))
+        info = {"input": {"required": required}, "output_node": class_type in OUTPUT_NODES}
         return {class_type: {**info, "name": class_type}}
 
     def queue_state(self) -> dict[str, Any]:
@@ -501,8 +506,9 @@ class StandIn:
         return (200, path.read_bytes()) if path.is_file() else (404, b"")
 
 
-def _err(kind: str, message: str, details: str, input_name: str = "") -> dict[str, Any]:
-    return {"type": kind, "message": message, "details": details, "extra_info": {"input_name": input_name}}
+def _err(kind: str, message: str, details: str, input_name: str = "", received: Any = None) -> dict[str, Any]:
+    extra = {"input_name": input_name, "received_value": received} if input_name else {}
+    return {"type": kind, "message": message, "details": details, "extra_info": extra}
 
 
 def _error(kind: str, message: str, details: str) -> dict[str, Any]:

@@ -229,6 +229,21 @@ def test_a_base_model_on_a_server_without_diffusion_models_gets_a_fix(tmp_path: 
         "eval.include_base=false" in str(err.value)
 
 
+@pytest.mark.parametrize("combo", [False, True])
+def test_the_workflows_own_value_comfyui_refuses_stops_the_sweep_one_sd3exp_sets_fails_its_cells(tmp_path: Path,
+                                                                                                   combo: bool) -> None:
+    """KSampler sampler_name 'dpmpp_2m' (the workflow's) on a ComfyUI listing other samplers: no cell can render,
+    nothing is queued; set by eval.sampler it is the cells' own value: each is tried and marked."""
+    samplers = {"KSampler": {"sampler_name": ["euler", "dpmpp_2m_sde"]}}
+    with StandIn(tmp_path / "out", unet_names=names_for(ckpts()), combos=samplers, combo=combo) as server:
+        with pytest.raises(EvalError) as err:
+            sweep(server.url, ckpts())
+        set_per_cell = sweep(server.url, ckpts()[:1], sampling=Sampling(sampler="dpmpp_3m"))
+    assert server.queued == [] and "Fix: add ++eval.workflow_inputs.6.sampler_name=dpmpp_2m_sde" in str(err.value)
+    assert [c.status for c in set_per_cell] == ["error", "error"]
+    assert all("sampler_name: 'dpmpp_3m' not in" in c.error for c in set_per_cell)
+
+
 def test_object_info_combo_shape(server: StandIn) -> None:
     server.combo = True
     assert [c.status for c in sweep(server.url, ckpts()[:1])] == ["ok", "ok"]
@@ -307,7 +322,7 @@ def test_standin_sends_executing_null_after_history_and_success_before(tmp_path:
         graph["1"]["inputs"]["unet_name"] = "m"
         client = ComfyClient(server.url)
         client.client_id = "me"
-        prompt_id, problem = client.queue_prompt(graph)
+        prompt_id, problem, _ = client.queue_prompt(graph)
         events, binary, history_at = [], 0, {}
         while not events or events[-1] != ("executing", None):
             message = ws.recv()

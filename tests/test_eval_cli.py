@@ -320,6 +320,34 @@ def test_a_failed_start_leaves_the_earlier_evaluation_in_place(tmp_path):
     assert "reused 4 unchanged cell(s) (4 from eval.previous-1)" in more.stdout and len(server.queued) == queued + 4
 
 
+def test_a_workflow_input_comfyui_lacks_is_refused_before_any_cell_and_the_fix_works(tmp_path):
+    """Seen against a real ComfyUI 0.3.64: a VAE name it lacks had every cell queued and refused, and the
+    earlier evaluation archived behind a grid of error tiles. Now: the first refusal of an input no cell
+    sets stops the sweep (nothing else queued, eval/ as it was), with the closest name ComfyUI lists."""
+    run, models = tmp_path / "run", tmp_path / "comfy-models"
+    fake_lora_run(run, steps=(2, 4))
+    vaes = {"VAELoader": {"vae_name": ["flux_ae.safetensors", "sd3_medium_vae.safetensors"]}}
+    with StandIn(tmp_path / "comfy-out", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"]) as ok:
+        assert comfy_eval(run, models, ok.url).returncode == 0
+    before = {p.relative_to(run / "eval"): p.read_bytes() for p in (run / "eval").rglob("*") if p.is_file()}
+    with StandIn(tmp_path / "comfy-out2", models_dir=models, unet_names=["sd3_medium_transformer.safetensors"],
+                 combos=vaes) as server:
+        out = comfy_eval(run, models, server.url, "eval.seeds=[0,1]")
+        fixed = comfy_eval(run, models, server.url, "eval.seeds=[0,1]",
+                           *fix_overrides(out.stderr, r"\+\+eval\.\S+"))
+    assert out.returncode == 2, out.stderr[-1500:]
+    assert "Value not in list: vae_name: 'sd3_vae.safetensors' not in" in out.stderr
+    assert "Nothing was queued: every cell uses these inputs of eval.workflow. Fix: add " \
+        "++eval.workflow_inputs.7.vae_name=sd3_medium_vae.safetensors (the closest name; ComfyUI lists " \
+        "flux_ae.safetensors, sd3_medium_vae.safetensors)" in out.stderr
+    assert fixed.returncode == 0, fixed.stderr[-1500:]
+    assert len(server.queued) == 8  # the refused first cell never queued; the fixed run's 8 (a new VAE: none reused)
+    saved = json.loads(Image.open(next((run / "eval" / "images").glob("*_s1.png"))).text["prompt"])
+    assert saved["7"]["inputs"]["vae_name"] == "sd3_medium_vae.safetensors"
+    kept = run / "eval.previous-1"  # the first evaluation, as it was, archived by the fixed run only
+    assert {p.relative_to(kept): p.read_bytes() for p in kept.rglob("*") if p.is_file()} == before
+
+
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_ctrl_c_or_sigterm_keeps_the_finished_cells_and_cleans_the_servers_queue(tmp_path, signum, code):
     run, models = tmp_path / "run", tmp_path / "comfy-models"

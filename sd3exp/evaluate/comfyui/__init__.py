@@ -25,6 +25,7 @@ from sd3exp.evaluate.comfyui.workflow import (
                                               Graph,
                                               NodeIds,
                                               base_workflow,
+                                              cell_edits,
                                               check_api_format,
                                               filename_prefix,
                                               find_nodes,
@@ -37,7 +38,7 @@ from sd3exp.evaluate.comfyui.workflow import (
 )
 
 __all__ = ["LOADERS", "SAFETY_POLL_S", "ComfyClient", "EventLog", "Graph", "ImageRef", "NodeIds", "Outcome", "SweepSpec",
-           "Watcher", "base_workflow", "check_api_format", "closest", "filename_prefix", "find_nodes",
+           "Watcher", "base_workflow", "cell_edits", "check_api_format", "closest", "filename_prefix", "find_nodes",
            "listed_names", "load_workflow", "match_names", "new_sweep_id", "node_errors_text",
            "node_override", "parse_history", "patch_graph", "prompt_rejection", "render", "render_seconds",
            "resolve_names", "run_sweep", "with_inputs", "without_node", "ws_url"]

@@ -5,14 +5,22 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import requests
 import websocket
 
 from sd3exp.errors import EvalError
 from sd3exp.evaluate.comfyui.names import listed_names
-from sd3exp.evaluate.comfyui.protocol import EventLog, ImageRef, Outcome, prompt_rejection, ws_url
+from sd3exp.evaluate.comfyui.protocol import (
+    EventLog,
+    ImageRef,
+    Outcome,
+    RefusedInput,
+    prompt_rejection,
+    refused_inputs,
+    ws_url,
+)
 from sd3exp.evaluate.comfyui.workflow import LOADERS, Graph
 
 log = logging.getLogger(__name__)
@@ -35,6 +43,14 @@ def _session(base: str) -> requests.Session:
     session.proxies, session.verify, session.cert = settings["proxies"], settings["verify"], settings["cert"]
     session.trust_env = False
     return session
+
+
+class Submitted(NamedTuple):
+    """POST /prompt's answer: the prompt_id; why the prompt was rejected, and the inputs that says, if it was."""
+
+    prompt_id: Optional[str]
+    problem: Optional[str]
+    refused: Optional[list[RefusedInput]] = None
 
 
 class ComfyClient:
@@ -73,12 +89,13 @@ class ComfyClient:
         class_type, input_name, _ = LOADERS[kind]
         return listed_names(self.get_json(f"/object_info/{class_type}"), class_type, input_name)
 
-    def queue_prompt(self, graph: Graph) -> tuple[Optional[str], Optional[str]]:
-        """(prompt_id, None) when queued; (id or None, why) when rejected, in part or whole."""
+    def queue_prompt(self, graph: Graph) -> Submitted:
+        """The prompt_id when queued; with why not (and the inputs it names) when rejected, in part or whole."""
         response = self.request("POST", "/prompt", json={"prompt": graph, "client_id": self.client_id})
         body = _body(response)
         prompt_id = body.get("prompt_id") if isinstance(body, dict) else None
-        return prompt_id, prompt_rejection(response.status_code, body)
+        problem = prompt_rejection(response.status_code, body)
+        return Submitted(prompt_id, problem, refused_inputs(body) if problem else None)
 
     def history(self, prompt_id: str) -> Optional[Mapping[str, Any]]:
         """The /history entry, or None while not finished (or unknown)."""

@@ -36,6 +36,35 @@ def node_errors_text(node_errors: Mapping[str, Any]) -> str:
     )
 
 
+@dataclass(frozen=True)
+class RefusedInput:
+    """One input a rejected POST /prompt names (a node error with extra_info.input_name)."""
+
+    node: str
+    class_type: str
+    input_name: str
+    kind: str  # ComfyUI's error type, e.g. value_not_in_list
+    value: Any
+
+
+def refused_inputs(body: Any) -> Optional[list[RefusedInput]]:
+    """Every node error of a rejected POST /prompt as the input it names; None when one names no input
+    (a missing node, a broken link) or the body has no node errors."""
+    node_errors = body.get("node_errors") if isinstance(body, dict) else None
+    if not isinstance(node_errors, dict) or not node_errors:
+        return None
+    found = []
+    for node_id, info in node_errors.items():
+        errors = info.get("errors") if isinstance(info, dict) else None
+        for err in errors if isinstance(errors, list) and errors else [{}]:
+            extra = err.get("extra_info") if isinstance(err, dict) else None
+            if not isinstance(extra, dict) or not extra.get("input_name"):
+                return None
+            found.append(RefusedInput(str(node_id), str(info.get("class_type", "?")), str(extra["input_name"]),
+                                      str(err.get("type", "")), extra.get("received_value")))
+    return found
+
+
 def prompt_rejection(status_code: int, body: Any) -> Optional[str]:
     """None when POST /prompt queued the whole graph, else why not."""
     if not isinstance(body, dict):

@@ -16,14 +16,16 @@ from typing import Any, Collection, Mapping, Optional, Sequence
 from sd3exp import console
 from sd3exp.errors import EvalError
 from sd3exp.evaluate.cells import Cell, CellSpec, Sampling, SweepInterrupted, Variant, plan_cells
-from sd3exp.evaluate.checkpoints import BASE_LABEL, Checkpoint
-from sd3exp.evaluate.comfyui.client import ComfyClient, Watcher
-from sd3exp.evaluate.comfyui.names import LINK_FIX, closest, match_names, norm_name
+from sd3exp.evaluate.checkpoints import BASE_LABEL, Checkpoint, Kind
+from sd3exp.evaluate.comfyui.client import ComfyClient, Submitted, Watcher
+from sd3exp.evaluate.comfyui.names import LINK_FIX, closest, listed_names, match_names, norm_name
 from sd3exp.evaluate.comfyui.protocol import ImageRef, Outcome, parse_history
 from sd3exp.evaluate.comfyui.workflow import (
     LOADERS,
+    Edit,
     Graph,
     base_workflow,
+    cell_edits,
     filename_prefix,
     find_nodes,
     new_sweep_id,
@@ -90,19 +92,24 @@ class _Sweep:
         self.queued: dict[str, int] = {}  # prompt_id -> cell index, until settled
         self.last_done = time.monotonic()
 
-    def graph(self, index: int, names: Mapping[str, str]) -> Graph:
+    def setup(self, index: int, names: Mapping[str, str]) -> tuple[Kind, list[Edit]]:
+        """The cell's loader kind and the inputs set for it (eval.shift's on ModelSamplingSD3 among them)."""
         cell = self.cells[index]
         kind = cell.checkpoint.kind
-        prefix = filename_prefix(self.spec.sweep_id, cell)
         strength = self.spec.strengths.get(cell.checkpoint.label)
         if strength is not None:
             strength *= cell.variant.value("lora_scale") or 1.0
         sampling = cell.variant.sampling(self.spec.sampling)
-        graph = patch_graph(self.graphs[kind], self.nodes[kind], cell, names[cell.checkpoint.label], prefix,
-                            sampling, strength)
+        edits = cell_edits(self.nodes[kind], cell, names[cell.checkpoint.label],
+                           filename_prefix(self.spec.sweep_id, cell), sampling, strength)
         if sampling.shift is not None:
-            graph[shift_node(graph, self.spec.nodes, sampling.shift)]["inputs"]["shift"] = sampling.shift
-        return graph
+            edits.append(("shift", shift_node(self.graphs[kind], self.spec.nodes, sampling.shift), "shift",
+                          sampling.shift))
+        return kind, edits
+
+    def graph(self, index: int, names: Mapping[str, str]) -> Graph:
+        kind, edits = self.setup(index, names)
+        return patch_graph(self.graphs[kind], edits)
 
     def base_name(self) -> dict[str, str]:
         """{"base": the server's spelling of the workflow's own unet_name}, when the base is rendered."""
@@ -125,13 +132,33 @@ class _Sweep:
     def queue_all(self, names: Mapping[str, str]) -> None:
         graphs = [self.graph(i, names) for i in range(len(self.cells))]  # all patch errors before queueing
         for index, graph in enumerate(graphs):
-            prompt_id, problem = self.client.queue_prompt(graph)
-            if problem is None and prompt_id is not None:
-                self.queued[prompt_id] = index
+            sent = self.client.queue_prompt(graph)
+            if sent.problem is None and sent.prompt_id is not None:
+                self.queued[sent.prompt_id] = index
                 continue
-            if prompt_id:  # 200 with node_errors: part of it was queued anyway
-                self.client.cancel([prompt_id])
-            self.record(index, _cell(self.cells[index], error=problem, prompt_id=prompt_id))
+            if sent.prompt_id:  # 200 with node_errors: part of it was queued anyway
+                self.client.cancel([sent.prompt_id])
+            if index == 0:
+                self.refuse_workflow(sent, names)
+            self.record(index, _cell(self.cells[index], error=sent.problem, prompt_id=sent.prompt_id))
+
+    def refuse_workflow(self, sent: Submitted, names: Mapping[str, str]) -> None:
+        """The first cell refused for names no cell sets (the workflow's VAE or text encoders, say): every
+        cell would be, so EvalError (with the names ComfyUI lists) before anything else is queued."""
+        patched = {(node, key) for _, node, key, value in self.setup(0, names)[1] if value is not None}
+        if not sent.refused or any(r.kind != "value_not_in_list" or (r.node, r.input_name) in patched
+                                   for r in sent.refused):
+            return
+        fixes = []
+        for r in sent.refused:
+            listed = listed_names(self.client.get_json(f"/object_info/{r.class_type}"), r.class_type, r.input_name)
+            near = closest(str(r.value), listed)[:1]
+            fixes += [f"add {shlex.quote(f'++eval.workflow_inputs.{r.node}.{r.input_name}={n}')} (the closest name; "
+                      f"ComfyUI lists {', '.join(listed[:10])}{' ...' if len(listed) > 10 else ''})" for n in near] or \
+                [f"put the file node {r.node} ({r.class_type}) loads into ComfyUI's models folder (it lists no "
+                 f"{r.input_name})"]
+        raise EvalError(f"{sent.problem}. Nothing was queued: every cell uses these inputs of eval.workflow. "
+                        f"Fix: {'; '.join(fixes)}")
 
     def record(self, index: int, cell: Cell) -> None:
         self.results[index] = cell

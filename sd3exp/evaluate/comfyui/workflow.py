@@ -10,7 +10,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from sd3exp.errors import EvalError
 from sd3exp.evaluate.cells import CellSpec, Sampling
@@ -177,12 +177,13 @@ def copy_graph(value: Any) -> Any:
     return value if kind in _ATOMS else copy.deepcopy(value)
 
 
-def patch_graph(
-    graph: Graph, nodes: NodeIds, cell: CellSpec, model_name: str, prefix: str, sampling: Sampling = Sampling(),
-    strength: Optional[float] = None,
-) -> Graph:
-    """A copy of the graph set up for one cell; `strength` is a LoRA loader's strength_model."""
-    edits = [
+Edit = tuple[str, Optional[str], str, Any]  # role, node id (None: the workflow has no such node), input, value
+
+
+def cell_edits(nodes: NodeIds, cell: CellSpec, model_name: str, prefix: str, sampling: Sampling = Sampling(),
+               strength: Optional[float] = None) -> list[Edit]:
+    """The inputs patch_graph sets for one cell; a None value leaves the workflow's own."""
+    return [
         ("loader", nodes.loader, LOADERS[cell.checkpoint.kind][1], model_name),
         ("loader", nodes.loader, "strength_model", strength),
         ("positive", nodes.positive, "text", cell.prompt),
@@ -196,6 +197,11 @@ def patch_graph(
         ("latent", nodes.latent, "width", sampling.width),
         ("latent", nodes.latent, "height", sampling.height),
     ]
+
+
+def patch_graph(graph: Graph, edits: Sequence[Edit]) -> Graph:
+    """A copy of the graph with one cell's `edits` (cell_edits) made; EvalError for a value set on a role
+    the workflow has no node for."""
     out = copy_graph(graph)
     for role, node, key, value in edits:
         if value is None:
@@ -208,7 +214,6 @@ def patch_graph(
             raise EvalError(f"cannot set {key}={value!r}: no {role} node is wired to the KSampler. {fix}")
         out[node]["inputs"][key] = value
     return out
-
 
 
 def with_inputs(graph: Graph, inputs: Mapping[str, Any]) -> Graph:
