@@ -68,7 +68,7 @@ def write_many(files: Mapping[Path, bytes], threads: int = 8, sync: bool = True)
             write_bytes(path, data, sync=False)
         return
     with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(lambda item: write_bytes(item[0], item[1], sync=sync), files.items()))
+        list(pool.map(lambda item: write_bytes(*item), files.items()))
 
 
 def _fsync(path: Path) -> None:
