@@ -167,6 +167,7 @@ class StandIn:
     combos: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # {class_type: {input: values}}, checked
     delay_s: float = 0.01  # KSampler time per prompt
     history_lag_s: float = 0.03  # between execution_success and the history write
+    answer_lag_s: float = 0.0  # between queueing a prompt and answering its POST /prompt (it may run first)
     # hooks
     error_if: Callable[[Graph], Optional[str]] = lambda g: None  # exception message -> execution_error
     lose_file_if: Callable[[Graph], bool] = lambda g: False  # listed in history, never written
@@ -611,7 +612,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._reply(400, {"error": "invalid json"})
         s = self.standin
         if path == "/prompt":
-            return self._reply(*s.submit(body))
+            answer = s.submit(body)
+            time.sleep(s.answer_lag_s)
+            return self._reply(*answer)
         if path == "/queue":
             s.change_queue(body)
         elif path == "/free":

@@ -284,6 +284,37 @@ def test_ctrl_c_interrupts_and_deletes_our_pending_prompts(server: StandIn) -> N
     assert set(server.deleted) | set(server.interrupts) == set(server.queued[1:])  # all but the finished one
 
 
+def test_ctrl_c_while_cells_are_still_being_queued_stops_the_queueing_and_deletes_what_was_queued(
+        server: StandIn) -> None:
+    """Cells after the first are queued by a thread of their own: Ctrl-C stops it before its next POST."""
+    server.delay_s, server.answer_lag_s = 0.0, 0.1
+    server.on_done = lambda prompt_id: _thread.interrupt_main() if prompt_id in server.queued[1:2] else None
+    with pytest.raises(KeyboardInterrupt):
+        sweep(server.url, ckpts())
+    time.sleep(0.1)
+    state = server.queue_state()
+    assert state["queue_pending"] == [] and state["queue_running"] == []
+    assert 2 <= len(server.queued) < 6  # the queueing stopped
+
+
+def test_a_cell_that_finishes_before_its_post_is_answered_is_taken_from_the_websocket(server: StandIn) -> None:
+    """ComfyUI may run a prompt and announce it on the websocket before its POST /prompt answer reaches the
+    queueing thread: the cell is taken in once its answer arrives, without falling back to polling."""
+    server.delay_s, server.history_lag_s, server.answer_lag_s = 0.0, 0.0, 0.05
+    cells = sweep(server.url, ckpts())
+    assert [c.status for c in cells] == ["ok"] * 6
+    assert not [r for r in server.requests if r.startswith(("GET /queue", "GET /history"))]
+
+
+def test_the_deadline_passing_while_cells_are_being_queued_marks_every_cell_not_done(server: StandIn) -> None:
+    server.delay_s, server.answer_lag_s = 0.0, 0.25
+    cells = sweep(server.url, ckpts(), timeout_s=0.4)
+    assert len(cells) == 6 and len(server.queued) < 6
+    late = [c for c in cells if c.status != "ok"]
+    assert late and all("timed out after 0.4 s" in c.error for c in late)
+    assert any(c.prompt_id is None for c in late)  # never queued
+
+
 def test_overall_timeout_marks_and_cancels_the_rest(server: StandIn) -> None:
     server.delay_s = 0.6
     cells = sweep(server.url, ckpts()[:1], timeout_s=0.3)
@@ -311,7 +342,8 @@ def test_the_environments_proxy_is_used(server: StandIn, monkeypatch: pytest.Mon
 def test_api_prefix_and_save_dir(server: StandIn, tmp_path: Path) -> None:
     cells = sweep(server.url + "/api", ckpts()[:1], save_dir=tmp_path / "imgs", prompts=PROMPTS[:1])
     assert cells[0].status == "ok" and cells[0].images == []
-    assert cells[0].paths[0].parent == tmp_path / "imgs" and embedded_graph(cells[0].paths[0].read_bytes())
+    assert cells[0].paths == [tmp_path / "imgs" / "checkpoint-100_p0_s0.png"]  # named by cell, as eval/images
+    assert embedded_graph(cells[0].paths[0].read_bytes())
 
 
 def test_standin_sends_executing_null_after_history_and_success_before(tmp_path: Path) -> None:

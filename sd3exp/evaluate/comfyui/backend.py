@@ -9,7 +9,6 @@ from typing import Any, List, Mapping, cast
 
 from sd3exp import console
 from sd3exp.errors import ConfigError
-from sd3exp.evaluate import cells as cellio
 from sd3exp.evaluate import links
 from sd3exp.evaluate.cells import Cell, RenderJob, Sampling
 from sd3exp.evaluate.comfyui.client import ComfyClient
@@ -58,8 +57,7 @@ def render(cfg: ExperimentConfig, job: RenderJob, run_dir: Path, images: Path) -
     spec = SweepSpec(workflow, checkpoints, names, ev.prompts, ev.seeds, Sampling.of(ev), dict(ev.nodes),
                      include_base=job.include_base, skip=job.skip, strengths=strengths, variants=job.variants,
                      names_fix=fix)
-    result = run_sweep(client, spec, timeout_s=ev.timeout_s)
-    return cellio.store_images(result, images, sync=False)  # made durable while the grid is drawn (stage.finish)
+    return run_sweep(client, spec, images, timeout_s=ev.timeout_s)  # made durable while the grid is drawn (stage.finish)
 
 
 def names_fix(cfg: ExperimentConfig, run_dir: Path) -> str:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 import uuid
-from typing import Any, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Collection, Mapping, NamedTuple, Optional, Sequence
 
 import requests
 import websocket
@@ -61,6 +62,15 @@ class ComfyClient:
         self.client_id = uuid.uuid4().hex
         self.retries, self.backoff_s, self.request_timeout_s = retries, backoff_s, request_timeout_s
         self.session = _session(self.base)
+
+    def twin(self) -> ComfyClient:
+        """This client (server, client_id, retries) on a session of its own: one per thread."""
+        twin = copy.copy(self)
+        twin.session = _session(self.base)
+        return twin
+
+    def close(self) -> None:
+        self.session.close()
 
     def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         """An HTTP request, retried with exponential backoff while the server cannot be reached."""
@@ -151,18 +161,26 @@ class Watcher:
         self.timeout_s: Optional[float] = None  # the socket's, as last set
         self.last_poll = time.monotonic()
         self.events = EventLog()
+        self.early: set[str] = set()  # seen settling before they were pending (their POST not answered yet)
 
     def close(self) -> None:
         if self.socket is not None:
             self.socket.close()
             self.socket = None
 
-    def settled(self, pending: Sequence[str], wait_s: float) -> list[str]:
-        """Prompt ids among `pending` that finished (history written) or left the queue."""
+    def settled(self, pending: Collection[str], wait_s: float) -> list[str]:
+        """Prompt ids among `pending` that finished (history written) or left the queue; one the socket saw
+        finish before it was pending (queued by another thread, its answer on the way) once it is."""
+        early = [p for p in self.early if p in pending]
+        if early:
+            self.early.difference_update(early)
+            return early
         if self.socket is not None:
             done = self._receive(self.socket, wait_s)
-            if done is not None and done in pending:
-                return [done]
+            if done is not None:
+                if done in pending:
+                    return [done]
+                self.early.add(done)
             if time.monotonic() - self.last_poll < SAFETY_POLL_S:
                 return []
         else:
@@ -187,9 +205,9 @@ class Watcher:
         """What the websocket said about a settled prompt, when it named `save_node`'s files; else None."""
         return self.events.pop(prompt_id, save_node)
 
-    def _poll(self, pending: Sequence[str]) -> list[str]:
+    def _poll(self, pending: Collection[str]) -> list[str]:
         """ComfyUI writes history and leaves the queue atomically: not queued = settled."""
         self.last_poll = time.monotonic()
         running, queued = self.client.queue()
-        return [p for p in pending if p not in running and p not in queued]
+        return [p for p in list(pending) if p not in running and p not in queued]  # list(): one step, GIL held
 
