@@ -6,6 +6,7 @@ import _thread
 import io
 import json
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -295,6 +296,20 @@ def test_ctrl_c_while_cells_are_still_being_queued_stops_the_queueing_and_delete
     state = server.queue_state()
     assert state["queue_pending"] == [] and state["queue_running"] == []
     assert 2 <= len(server.queued) < 6  # the queueing stopped
+
+
+def test_ctrl_c_while_the_queueing_thread_waits_to_retry_an_unreachable_comfyui_stops_at_once(
+        server: StandIn) -> None:
+    """The queueing thread's retries (here 5 s, then 10, ...) give up when the sweep stops: Ctrl-C is not held
+    up by a server that went away."""
+    server.delay_s, server.hang_up_after = 0.0, 1
+    server.on_done = lambda prompt_id: threading.Timer(0.3, _thread.interrupt_main).start()
+    names = dict(zip((c.label for c in ckpts()), names_for(ckpts())))
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(ComfyClient(server.url, backoff_s=5.0), SweepSpec(WORKFLOW, ckpts(), names, PROMPTS), progress=False)
+    assert time.monotonic() - started < 3.0
+    assert len(server.queued) == 1 and not any(t.name.startswith("sd3exp-queue") for t in threading.enumerate())
 
 
 def test_a_cell_that_finishes_before_its_post_is_answered_is_taken_from_the_websocket(server: StandIn) -> None:

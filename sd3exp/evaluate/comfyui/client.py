@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 import time
 import uuid
 from typing import Any, Collection, Mapping, NamedTuple, Optional, Sequence
@@ -54,6 +55,10 @@ class Submitted(NamedTuple):
     refused: Optional[list[RefusedInput]] = None
 
 
+class Abandoned(Exception):
+    """A request given up while it waited to be retried: the sweep it belonged to stopped."""
+
+
 class ComfyClient:
     """One ComfyUI server (base URL with or without /api), one client_id, connection retries."""
 
@@ -62,11 +67,13 @@ class ComfyClient:
         self.client_id = uuid.uuid4().hex
         self.retries, self.backoff_s, self.request_timeout_s = retries, backoff_s, request_timeout_s
         self.session = _session(self.base)
+        self.stop: Optional[threading.Event] = None  # set: a request waiting to be retried raises Abandoned
 
-    def twin(self) -> ComfyClient:
-        """This client (server, client_id, retries) on a session of its own: one per thread."""
+    def twin(self, stop: threading.Event) -> ComfyClient:
+        """This client (server, client_id, retries) on a session of its own, for another thread; its
+        retries give up (Abandoned) once `stop` is set."""
         twin = copy.copy(self)
-        twin.session = _session(self.base)
+        twin.session, twin.stop = _session(self.base), stop
         return twin
 
     def close(self) -> None:
@@ -84,7 +91,10 @@ class ComfyClient:
                         f"cannot reach ComfyUI at {self.base} ({method} {path}, {attempt + 1} tries): {exc}. "
                         "Is it running with --listen, and is eval.url right?"
                     ) from exc
-                time.sleep(self.backoff_s * 2**attempt)
+                if self.stop is None:
+                    time.sleep(self.backoff_s * 2**attempt)
+                elif self.stop.wait(self.backoff_s * 2**attempt):
+                    raise Abandoned(f"{method} {path}") from exc
                 attempt += 1
 
     def get_json(self, path: str, **params: Any) -> Any:

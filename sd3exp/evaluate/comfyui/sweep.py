@@ -18,7 +18,7 @@ from sd3exp import console
 from sd3exp.errors import EvalError
 from sd3exp.evaluate.cells import Cell, CellSpec, Sampling, SweepInterrupted, Variant, image_name, plan_cells
 from sd3exp.evaluate.checkpoints import BASE_LABEL, Checkpoint, Kind
-from sd3exp.evaluate.comfyui.client import ComfyClient, Submitted, Watcher
+from sd3exp.evaluate.comfyui.client import Abandoned, ComfyClient, Submitted, Watcher
 from sd3exp.evaluate.comfyui.names import LINK_FIX, closest, listed_names, match_names, norm_name
 from sd3exp.evaluate.comfyui.protocol import ImageRef, Outcome, parse_history
 from sd3exp.evaluate.comfyui.workflow import (
@@ -144,12 +144,14 @@ class _Sweep:
         submit(self.queue_rest, graphs)
 
     def queue_rest(self, graphs: Sequence[Graph]) -> None:
-        client = self.client.twin()
+        client = self.client.twin(self.stop)
         try:
             for index in range(1, len(graphs)):
                 if self.stop.is_set():
                     return
                 self.send(client, index, graphs[index])
+        except Abandoned:  # stopped while ComfyUI could not be reached
+            return
         finally:
             client.close()
             self.all_queued.set()
