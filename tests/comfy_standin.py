@@ -168,7 +168,6 @@ class StandIn:
     delay_s: float = 0.01  # KSampler time per prompt
     history_lag_s: float = 0.03  # between execution_success and the history write
     answer_lag_s: float = 0.0  # between queueing a prompt and answering its POST /prompt (it may run first)
-    hang_up_after: Optional[int] = None  # once this many are queued, POST /prompt is hung up on unanswered
     # hooks
     error_if: Callable[[Graph], Optional[str]] = lambda g: None  # exception message -> execution_error
     lose_file_if: Callable[[Graph], bool] = lambda g: False  # listed in history, never written
@@ -613,9 +612,6 @@ class _Handler(BaseHTTPRequestHandler):
             return self._reply(400, {"error": "invalid json"})
         s = self.standin
         if path == "/prompt":
-            if s.hang_up_after is not None and len(s.queued) >= s.hang_up_after:
-                self.close_connection = True  # the client sees a connection error, as from a server gone away
-                return None
             answer = s.submit(body)
             time.sleep(s.answer_lag_s)
             return self._reply(*answer)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import copy
 import logging
-import threading
 import time
 import uuid
-from typing import Any, Collection, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import requests
 import websocket
@@ -55,10 +53,6 @@ class Submitted(NamedTuple):
     refused: Optional[list[RefusedInput]] = None
 
 
-class Abandoned(Exception):
-    """A request given up while it waited to be retried: the sweep it belonged to stopped."""
-
-
 class ComfyClient:
     """One ComfyUI server (base URL with or without /api), one client_id, connection retries."""
 
@@ -67,17 +61,6 @@ class ComfyClient:
         self.client_id = uuid.uuid4().hex
         self.retries, self.backoff_s, self.request_timeout_s = retries, backoff_s, request_timeout_s
         self.session = _session(self.base)
-        self.stop: Optional[threading.Event] = None  # set: a request waiting to be retried raises Abandoned
-
-    def twin(self, stop: threading.Event) -> ComfyClient:
-        """This client (server, client_id, retries) on a session of its own, for another thread; its
-        retries give up (Abandoned) once `stop` is set."""
-        twin = copy.copy(self)
-        twin.session, twin.stop = _session(self.base), stop
-        return twin
-
-    def close(self) -> None:
-        self.session.close()
 
     def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         """An HTTP request, retried with exponential backoff while the server cannot be reached."""
@@ -91,10 +74,7 @@ class ComfyClient:
                         f"cannot reach ComfyUI at {self.base} ({method} {path}, {attempt + 1} tries): {exc}. "
                         "Is it running with --listen, and is eval.url right?"
                     ) from exc
-                if self.stop is None:
-                    time.sleep(self.backoff_s * 2**attempt)
-                elif self.stop.wait(self.backoff_s * 2**attempt):
-                    raise Abandoned(f"{method} {path}") from exc
+                time.sleep(self.backoff_s * 2**attempt)
                 attempt += 1
 
     def get_json(self, path: str, **params: Any) -> Any:
@@ -171,26 +151,18 @@ class Watcher:
         self.timeout_s: Optional[float] = None  # the socket's, as last set
         self.last_poll = time.monotonic()
         self.events = EventLog()
-        self.early: set[str] = set()  # seen settling before they were pending (their POST not answered yet)
 
     def close(self) -> None:
         if self.socket is not None:
             self.socket.close()
             self.socket = None
 
-    def settled(self, pending: Collection[str], wait_s: float) -> list[str]:
-        """Prompt ids among `pending` that finished (history written) or left the queue; one the socket saw
-        finish before it was pending (queued by another thread, its answer on the way) once it is."""
-        early = [p for p in self.early if p in pending]
-        if early:
-            self.early.difference_update(early)
-            return early
+    def settled(self, pending: Sequence[str], wait_s: float) -> list[str]:
+        """Prompt ids among `pending` that finished (history written) or left the queue."""
         if self.socket is not None:
             done = self._receive(self.socket, wait_s)
-            if done is not None:
-                if done in pending:
-                    return [done]
-                self.early.add(done)
+            if done is not None and done in pending:
+                return [done]
             if time.monotonic() - self.last_poll < SAFETY_POLL_S:
                 return []
         else:
@@ -215,9 +187,9 @@ class Watcher:
         """What the websocket said about a settled prompt, when it named `save_node`'s files; else None."""
         return self.events.pop(prompt_id, save_node)
 
-    def _poll(self, pending: Collection[str]) -> list[str]:
+    def _poll(self, pending: Sequence[str]) -> list[str]:
         """ComfyUI writes history and leaves the queue atomically: not queued = settled."""
         self.last_poll = time.monotonic()
         running, queued = self.client.queue()
-        return [p for p in list(pending) if p not in running and p not in queued]  # list(): one step, GIL held
+        return [p for p in pending if p not in running and p not in queued]
 

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import logging
 import shlex
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Collection, Mapping, Optional, Sequence
+from typing import Any, Collection, Mapping, Optional, Sequence
 
 from sd3exp import console
 from sd3exp.errors import EvalError
 from sd3exp.evaluate.cells import Cell, CellSpec, Sampling, SweepInterrupted, Variant, image_name, plan_cells
 from sd3exp.evaluate.checkpoints import BASE_LABEL, Checkpoint, Kind
-from sd3exp.evaluate.comfyui.client import Abandoned, ComfyClient, Submitted, Watcher
+from sd3exp.evaluate.comfyui.client import ComfyClient, Submitted, Watcher
 from sd3exp.evaluate.comfyui.names import LINK_FIX, closest, listed_names, match_names, norm_name
 from sd3exp.evaluate.comfyui.protocol import ImageRef, Outcome, parse_history
 from sd3exp.evaluate.comfyui.workflow import (
@@ -33,10 +32,9 @@ from sd3exp.evaluate.comfyui.workflow import (
     patch_graph,
     shift_node,
 )
-from sd3exp.io import background, write_bytes
+from sd3exp.io import write_bytes
 
 log = logging.getLogger(__name__)
-QUEUEING_WAIT_S = 0.05  # the socket's wait while prompts are still being queued (one may settle before its answer)
 
 
 def _cell(spec: CellSpec, **fields: Any) -> Cell:
@@ -94,9 +92,6 @@ class _Sweep:
         self.results: dict[int, Cell] = {}
         self.queued: dict[str, int] = {}  # prompt_id -> cell index, until settled
         self.last_done = time.monotonic()
-        self.lock = threading.Lock()  # record() is called by the queueing thread too
-        self.stop = threading.Event()  # the queueing thread sends no more
-        self.all_queued = threading.Event()
 
     def setup(self, index: int, names: Mapping[str, str]) -> tuple[Kind, list[Edit]]:
         """The cell's loader kind and the inputs set for it (eval.shift's on ModelSamplingSD3 among them)."""
@@ -135,38 +130,18 @@ class _Sweep:
             f"ComfyUI's {len(available)} diffusion models; closest: {near[:5]}. Fix: {fix}, or add "
             "eval.include_base=false")
 
-    def queue_all(self, names: Mapping[str, str], submit: Callable[..., Any]) -> None:
-        """The first cell queued here (a workflow ComfyUI refuses stops the sweep before anything else is
-        queued), the others by a thread of their own (`submit`) while this one takes in finished cells."""
+    def queue_all(self, names: Mapping[str, str]) -> None:
         graphs = [self.graph(i, names) for i in range(len(self.cells))]  # all patch errors before queueing
-        if graphs:
-            self.send(self.client, 0, graphs[0], names)
-        submit(self.queue_rest, graphs)
-
-    def queue_rest(self, graphs: Sequence[Graph]) -> None:
-        client = self.client.twin(self.stop)
-        try:
-            for index in range(1, len(graphs)):
-                if self.stop.is_set():
-                    return
-                self.send(client, index, graphs[index])
-        except Abandoned:  # stopped while ComfyUI could not be reached
-            return
-        finally:
-            client.close()
-            self.all_queued.set()
-
-    def send(self, client: ComfyClient, index: int, graph: Graph, names: Optional[Mapping[str, str]] = None) -> None:
-        """POST one cell's graph: the cell pending, or recorded as failed (the first may stop the sweep)."""
-        sent = client.queue_prompt(graph)
-        if sent.problem is None and sent.prompt_id is not None:
-            self.queued[sent.prompt_id] = index
-            return
-        if sent.prompt_id:  # 200 with node_errors: part of it was queued anyway
-            client.cancel([sent.prompt_id])
-        if names is not None:
-            self.refuse_workflow(sent, names)
-        self.record(index, _cell(self.cells[index], error=sent.problem, prompt_id=sent.prompt_id))
+        for index, graph in enumerate(graphs):
+            sent = self.client.queue_prompt(graph)
+            if sent.problem is None and sent.prompt_id is not None:
+                self.queued[sent.prompt_id] = index
+                continue
+            if sent.prompt_id:  # 200 with node_errors: part of it was queued anyway
+                self.client.cancel([sent.prompt_id])
+            if index == 0:
+                self.refuse_workflow(sent, names)
+            self.record(index, _cell(self.cells[index], error=sent.problem, prompt_id=sent.prompt_id))
 
     def refuse_workflow(self, sent: Submitted, names: Mapping[str, str]) -> None:
         """The first cell refused for names no cell sets (the workflow's VAE or text encoders, say): every
@@ -187,10 +162,9 @@ class _Sweep:
                         f"Fix: {'; '.join(fixes)}")
 
     def record(self, index: int, cell: Cell) -> None:
-        with self.lock:
-            self.results[index] = cell
-            self.bar.set_postfix_str(f"{cell.label} {cell.status}", refresh=False)  # shown by update, at its pace
-            self.bar.update(1)
+        self.results[index] = cell
+        self.bar.set_postfix_str(f"{cell.label} {cell.status}", refresh=False)  # shown by update, at its pace
+        self.bar.update(1)
 
     def finish(self, prompt_id: str, watcher: Watcher) -> None:
         """Record a settled prompt: its outcome as the websocket told it, else as /history has it."""
@@ -231,23 +205,19 @@ class _Sweep:
         cell.paths.append(path)
 
     def expire(self, timeout_s: float) -> None:
-        """Cancel what is still queued and mark it, and any cell not queued yet, timed out."""
+        """Cancel what is still queued and mark it timed out."""
         self.client.cancel(list(self.queued))
-        prompt_ids = {index: prompt_id for prompt_id, index in self.queued.items()}
-        for index in range(len(self.cells)):
-            if index not in self.results:
-                self.record(index, _cell(self.cells[index], prompt_id=prompt_ids.get(index),
-                                         error=f"timed out after {timeout_s:g} s"))
+        for prompt_id, index in sorted(self.queued.items(), key=lambda kv: kv[1]):
+            self.record(index, _cell(self.cells[index], prompt_id=prompt_id, error=f"timed out after {timeout_s:g} s"))
         self.queued.clear()
 
 
 def _wait(sweep: _Sweep, watcher: Watcher, deadline: float) -> None:
-    while sweep.queued or not sweep.all_queued.is_set():
+    while sweep.queued:
         left = deadline - time.monotonic()
         if left <= 0:
             return
-        wait_s = 1.0 if sweep.all_queued.is_set() else QUEUEING_WAIT_S
-        for prompt_id in watcher.settled(sweep.queued, min(left, wait_s)):
+        for prompt_id in watcher.settled(list(sweep.queued), min(left, 1.0)):
             sweep.finish(prompt_id, watcher)
 
 
@@ -269,11 +239,10 @@ def run_sweep(
 ) -> list[Cell]:
     """Render the cells; one Cell per checkpoint x prompt x seed not in spec.skip, checkpoint-major.
 
-    Model names are checked against /object_info before anything is queued. Cells after the first are
-    queued by a thread of their own while finished ones are taken in. Images are written to `save_dir` as
-    they come, named by cell (cells.image_name), not fsynced (sd3exp.io.synced before anything names them);
-    without it they are kept in the cells. Ctrl-C (or Stopped) stops the queueing, deletes our queued
-    prompts and interrupts ours running, then raises SweepInterrupted with the cells finished so far.
+    Model names are checked against /object_info before anything is queued. Images are written to
+    `save_dir` as they come, named by cell (cells.image_name), not fsynced (sd3exp.io.synced before anything
+    names them); without it they are kept in the cells. Ctrl-C (or Stopped) deletes our queued prompts and interrupts ours running, then raises
+    SweepInterrupted with the cells finished so far.
     """
     deadline = time.monotonic() + timeout_s
     sweep = _Sweep(client, spec, save_dir)  # workflow problems surface before any request
@@ -283,17 +252,13 @@ def run_sweep(
     with console.progress(total=len(sweep.cells), unit="cell", desc="comfyui", disable=not progress) as sweep.bar:
         watcher = Watcher(client, poll_s)
         try:
-            with background(1, "sd3exp-queue") as submit:
-                try:
-                    sweep.queue_all(names, submit)
-                    _wait(sweep, watcher, deadline)
-                finally:
-                    sweep.stop.set()  # the queueing thread stops before its next POST (Ctrl-C, the deadline)
+            sweep.queue_all(names)
+            _wait(sweep, watcher, deadline)
         except KeyboardInterrupt as exc:
             _cancel_quietly(client, list(sweep.queued))
             raise SweepInterrupted.during(exc, [sweep.results[i] for i in sorted(sweep.results)]) from exc
         finally:
             watcher.close()
-        if len(sweep.results) < len(sweep.cells):
+        if sweep.queued:
             sweep.expire(timeout_s)
     return [sweep.results[i] for i in range(len(sweep.cells))]
