@@ -57,7 +57,7 @@ def render(cfg: ExperimentConfig, job: RenderJob, run_dir: Path, images: Path) -
     spec = SweepSpec(workflow, checkpoints, names, ev.prompts, ev.seeds, Sampling.of(ev), dict(ev.nodes),
                      include_base=job.include_base, skip=job.skip, strengths=strengths, variants=job.variants,
                      names_fix=fix)
-    return run_sweep(client, spec, images, timeout_s=ev.timeout_s)  # made durable while the grid is drawn (stage.finish)
+    return run_sweep(client, spec, images, timeout_s=ev.timeout_s)  # made durable as the grid is drawn (stage.finish)
 
 
 def names_fix(cfg: ExperimentConfig, run_dir: Path) -> str:

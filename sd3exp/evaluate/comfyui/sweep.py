@@ -241,8 +241,8 @@ def run_sweep(
 
     Model names are checked against /object_info before anything is queued. Images are written to
     `save_dir` as they come, named by cell (cells.image_name), not fsynced (sd3exp.io.synced before anything
-    names them); without it they are kept in the cells. Ctrl-C (or Stopped) deletes our queued prompts and interrupts ours running, then raises
-    SweepInterrupted with the cells finished so far.
+    names them); without it they are kept in the cells. Ctrl-C (or Stopped) deletes our queued prompts and
+    interrupts ours running, then raises SweepInterrupted with the cells finished so far.
     """
     deadline = time.monotonic() + timeout_s
     sweep = _Sweep(client, spec, save_dir)  # workflow problems surface before any request
