@@ -3,6 +3,7 @@ where they were written unsynced and synced while the grid was drawn (sd3exp.io.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import stat
@@ -11,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from sd3exp import io
 from sd3exp.evaluate.stage import evaluate
-from sd3exp.io import background, synced, write_bytes
+from sd3exp.io import background, stale_temporary, synced, write_bytes
 from tests.comfy_standin import StandIn
 from tests.helpers import compose_experiment
 from tests.test_eval_cli import fake_lora_run
@@ -50,6 +52,29 @@ def test_an_unsynced_write_leaves_the_same_file_as_a_synced_one(tmp_path):
     assert (tmp_path / "b.png").read_bytes() == b"\x89PNG data"
     assert stat.S_IMODE(a.st_mode) == stat.S_IMODE(b.st_mode)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]  # no temporary file left
+
+
+def test_a_write_makes_its_folder_and_gives_the_file_the_permissions_the_umask_allows(tmp_path):
+    before = os.umask(0o027)
+    try:
+        write_bytes(tmp_path / "new" / "sub" / "a.png", b"data", sync=False)
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE((tmp_path / "new" / "sub" / "a.png").stat().st_mode) == 0o640
+    assert os.listdir(tmp_path / "new" / "sub") == ["a.png"]
+
+
+def test_a_temporary_file_a_killed_writer_left_under_the_same_name_is_left_alone(tmp_path, monkeypatch):
+    """A process that had this pid before was killed mid-write: its temporary files keep their bytes
+    (remove_stale_temporaries' to judge), the write takes the next free name."""
+    monkeypatch.setattr(io, "_TEMPORARY_NUMBERS", itertools.count())
+    left = [tmp_path / f".a.png.{os.getpid()}.{n:x}.tmp" for n in range(2)]
+    for n, path in enumerate(left):
+        path.write_bytes(f"half {n}".encode())
+    write_bytes(tmp_path / "a.png", b"whole")
+    assert (tmp_path / "a.png").read_bytes() == b"whole"
+    assert [p.read_bytes() for p in left] == [b"half 0", b"half 1"] and not stale_temporary(left[0])  # ours: alive
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([p.name for p in left] + ["a.png"])
 
 
 def test_every_image_cells_json_names_was_fsynced_before_cells_json_was_written(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ import jinja2
 import pytest
 from PIL import Image
 
-from sd3exp.evaluate.cells import Cell, Resolver, read_cells_json, store_images, write_cells_json
+from sd3exp.evaluate.cells import Cell, Resolver, image_name, read_cells_json, write_cells_json
 from sd3exp.evaluate.grid import write_grids
 from sd3exp.evaluate.report import TEMPLATE, _environment, render_report, report_context, write_report
 from sd3exp.io import write_json
@@ -59,11 +59,13 @@ def run(tmp_path: Path) -> tuple[Path, list[Cell], list[Path]]:
     (run / "config").mkdir()
     (run / "config" / "config.env").write_text("TRAINING_SEED=42\n")
     (run / "config" / "multibackend.json").write_text("[]\n")
+    image = run / "eval" / "images" / image_name("checkpoint-100", 0, 0)
+    image.parent.mkdir(parents=True)
+    image.write_bytes(png((200, 0, 0)))
     cells = [
-        Cell("checkpoint-100", 100, 0, EVIL, 0, "ok", images=[png((200, 0, 0))], seconds=1.25),
+        Cell("checkpoint-100", 100, 0, EVIL, 0, "ok", paths=[image], seconds=1.25),
         Cell("final", None, 0, EVIL, 0, "error", error="<b>CUDA</b> out of memory", seconds=0.5),
     ]
-    cells = store_images(cells, run / "eval" / "images")
     grids = write_grids(cells, run / "eval")
     write_cells_json(cells, run / "eval" / "cells.json")
     return run, cells, grids
@@ -132,14 +134,6 @@ def test_the_report_template_is_compiled_once_not_at_every_evaluation(monkeypatc
     _environment().get_template(TEMPLATE)  # as in the next evaluation's process
 
 
-def test_store_images_names_files_by_cell(tmp_path):
-    cell = Cell("checkpoint-5", 5, 2, "p", 9, "ok", images=[png((1, 2, 3)), png((4, 5, 6))])
-    [stored] = store_images([cell], tmp_path)
-    assert stored.images == [] and [p.name for p in stored.paths] == ["checkpoint-5_p2_s9.png",
-                                                                        "checkpoint-5_p2_s9-1.png"]
-    assert stored.paths[0].read_bytes() == cell.images[0]
-
-
 def test_the_report_draws_the_lr_curve_from_plan_json_and_again_only_when_plan_json_changed(tmp_path):
     plan = {**PLAN, "schedule": {"scheduler": "cosine"}, "lr_curve": [[0, 1e-5], [12000, 5e-6], [24000, 0.0]]}
     write_json(tmp_path / "plan.json", plan)
@@ -154,16 +148,6 @@ def test_the_report_draws_the_lr_curve_from_plan_json_and_again_only_when_plan_j
     write_json(tmp_path / "plan.json", {**plan, "checkpoint_steps": [800, 1600]})
     write_report(tmp_path, cells, [])
     assert chart.read_bytes() != first
-
-
-def test_store_images_writes_many_at_once_atomically_and_reports_a_failure(tmp_path):
-    cells = [Cell(f"checkpoint-{i}", i, 0, "p", 0, "ok", images=[png((i, 0, 0))]) for i in range(40)]
-    stored = store_images(cells, tmp_path / "images")
-    assert [p.read_bytes() for c in stored for p in c.paths] == [c.images[0] for c in cells]
-    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == sorted(p.name for c in stored for p in c.paths)
-    (tmp_path / "file").write_text("not a folder")
-    with pytest.raises(OSError):
-        store_images(cells[:3], tmp_path / "file")
 
 
 def test_the_resolver_gives_path_resolve_s_paths(tmp_path):

@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, Literal, Mappi
 
 from sd3exp.evaluate.checkpoints import BASE_LABEL, Checkpoint
 from sd3exp.evaluate.lora_scale import Strength
-from sd3exp.io import read_json, write_json, write_many
+from sd3exp.io import read_json, write_json
 
 if TYPE_CHECKING:
     from sd3exp.schema import EvalConfig
 
 __all__ = ["BASE_LABEL", "Cell", "CellKey", "CellSpec", "IMAGE_NAME", "RenderJob", "Resolver", "Sampling",
            "SweepInterrupted", "Variant", "cell_image", "cell_key", "column_title", "image_name", "plan_cells",
-           "read_cells_json", "store_images", "write_cells_json"]
+           "read_cells_json", "write_cells_json"]
 
 CellKey = Tuple[str, int, int, str]  # label, prompt index, seed, variant (sd3exp/evaluate/axes.py slug)
 
@@ -162,20 +162,6 @@ def cell_image(cell: Cell) -> Union[Path, bytes, None]:
     if cell.paths:
         return Path(cell.paths[0])
     return cell.images[0] if cell.images else None
-
-
-def store_images(cells: Sequence[Cell], folder: Path | str, sync: bool = True) -> list[Cell]:
-    """Copies of the cells whose in-memory images are written (atomically) to `folder/image_name(...)`;
-    fsynced unless `sync` is false (then sd3exp.io.synced before anything names them)."""
-    stored: list[Cell] = []
-    files: Dict[Path, bytes] = {}
-    for cell in cells:
-        paths = [Path(folder) / image_name(cell.label, cell.prompt_index, cell.seed, n, cell.variant)
-                 for n in range(len(cell.images))]
-        files.update(zip(paths, cell.images))
-        stored.append(replace(cell, images=[], paths=list(cell.paths) + paths) if paths else cell)
-    write_many(files, sync=sync)
-    return stored
 
 
 class Resolver:

@@ -294,8 +294,8 @@ def keep_partial(run_dir: Path, staging: Path, all_cells: Sequence[reuse.CellKey
                  resume_command: Optional[str]) -> None:
     """Ctrl-C or SIGTERM: record the finished cells (cells.json partial, in grid order) and say how to
     continue."""
-    done = {cell_key(c): c for c in cellio.store_images(stop.cells, EvalLayout(staging).images) if c.status == "ok"}
-    fsync_all(image_paths(list(done.values())))  # a backend may have written them unsynced
+    done = {cell_key(c): c for c in stop.cells if c.status == "ok"}
+    fsync_all(image_paths(list(done.values())))  # the backends write them unsynced
     by_key = {**reused, **done}
     cells = [by_key[key] for key in all_cells if key in by_key]
     if done:
