@@ -322,6 +322,11 @@ def held_out_note(c: ConceptPlan) -> str:
     return f", +{len(c.held_out)} held out" if c.held_out else ""
 
 
+def _max_steps_basis(plan: Plan) -> str:
+    """Where the step count comes from: the naive count it replaces, or training.max_steps (no epochs given)."""
+    return f"naive x epochs: {plan.naive_max_train_steps}" if plan.naive_max_train_steps else "training.max_steps"
+
+
 def render_table(plan: Plan) -> str:
     """The plan as a short fixed-width table for the terminal."""
     rows = [("concept", "images", "passes", "ST repeats", "buckets", "batches/epoch")]
@@ -335,7 +340,7 @@ def render_table(plan: Plan) -> str:
     lines += [
         "",
         f"steps/epoch      {plan.steps_per_epoch:>10}   (naive images x passes / batch: {plan.naive_steps_per_epoch})",
-        f"max train steps  {plan.max_train_steps:>10}   (naive x epochs: {plan.naive_max_train_steps}); "
+        f"max train steps  {plan.max_train_steps:>10}   ({_max_steps_basis(plan)}); "
         f"{plan.epochs} epoch(s), stop by {plan.stop_rule}",
         f"checkpoints      {len(plan.checkpoint_steps):>10}   {every}, kept {len(plan.checkpoints_kept)}",
         f"lr schedule      {plan.schedule['scheduler']:>10}   lr {plan.lr:g} -> {plan.lr_curve[-1][1]:g} "

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from sd3exp.buckets import BucketRule, bucket_of
 from sd3exp.errors import ConfigError
-from sd3exp.plan import MAX_CHECKPOINTS, checkpoint_steps, make_plan
+from sd3exp.plan import MAX_CHECKPOINTS, checkpoint_steps, make_plan, render_table
 from sd3exp.validate import validate
 from tests.helpers import compose_experiment
 
@@ -25,6 +25,16 @@ def test_fantasy_art_matches_the_source_and_simpletuner():
     assert plan.checkpoint_steps == list(range(800, 24001, 800))
     assert plan.concepts[0].simpletuner_repeats == 9
     assert plan.stop_rule == "max_steps"
+
+
+@pytest.mark.parametrize("overrides, basis", [
+    ([], "(naive x epochs: 23800.0)"),
+    (["training.epochs=0", "training.max_steps=1000"], "(training.max_steps)"),  # as the demo: no naive count
+])
+def test_the_table_says_where_the_step_count_comes_from(overrides, basis):
+    line = next(row for row in render_table(make_plan(compose_experiment("fantasy_art", overrides), {})).splitlines()
+                if row.startswith("max train steps"))
+    assert basis in line
 
 
 def test_reference_example_three_buckets():
