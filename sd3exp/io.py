@@ -41,10 +41,21 @@ def _new_temporary(path: Path) -> tuple[int, str]:
             path.parent.mkdir(parents=True, exist_ok=True)
 
 
+def _disk_full(path: Path) -> DiskFullError:
+    kept = "its earlier version is unchanged" if path.exists() else "nothing was written"
+    return DiskFullError(f"{no_space_message(path)}; writing {path.name} failed, {kept}")
+
+
 def write_bytes(path: Path, data: bytes, sync: bool = True) -> None:
     """Write via a temporary file in the same folder and rename it into place; fsynced before the
-    rename unless `sync` is false (the caller makes it durable later: `synced`)."""
-    fd, tmp = _new_temporary(path)
+    rename unless `sync` is false (the caller makes it durable later: `synced`). DiskFullError when
+    the disk has no room for the bytes or no inode for the file."""
+    try:
+        fd, tmp = _new_temporary(path)
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise _disk_full(path) from err
+        raise
     try:
         try:
             view = memoryview(data)
@@ -58,8 +69,7 @@ def write_bytes(path: Path, data: bytes, sync: bool = True) -> None:
     except OSError as err:
         Path(tmp).unlink(missing_ok=True)
         if err.errno == errno.ENOSPC:
-            raise DiskFullError(f"{no_space_message(path)}; writing {path.name} failed, "
-                                f"{'its earlier version is unchanged' if path.exists() else 'nothing was written'}") from err
+            raise _disk_full(path) from err
         raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

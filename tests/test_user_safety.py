@@ -4,6 +4,7 @@ bad input gets a named error (issue 9). Through the CLI, without the trainer."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -14,12 +15,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import pytest
 
 from sd3exp.demo import DEMO_COUNTS
 from sd3exp.demo_data import make_demo_dataset
+from sd3exp.errors import DiskFullError
+from sd3exp.io import write_bytes
 from sd3exp.project import ROOT
 from sd3exp.runfolder import exclusive
 from tests.helpers import run_cli
@@ -142,10 +145,12 @@ def test_demo_generates_nothing_at_a_mistyped_path(tmp_path, path):
 
 
 @contextlib.contextmanager
-def small_disk(folder: Path, size: str) -> Iterator[Path]:
-    """A tmpfs of `size` mounted at `folder` (needs root, as in this project's CI container)."""
+def small_disk(folder: Path, size: str, inodes: Optional[int] = None) -> Iterator[Path]:
+    """A tmpfs of `size` (and at most `inodes` files and folders) mounted at `folder` (needs root, as in
+    this project's CI container)."""
     folder.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+    options = f"size={size}" + (f",nr_inodes={inodes}" if inodes else "")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
                       capture_output=True).returncode != 0:
         why = "cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): run this test as root for the full-disk check"
         if os.environ.get("CI") == "true":  # CI runs as root: there a skip would hide a check that never ran
@@ -155,6 +160,20 @@ def small_disk(folder: Path, size: str) -> Iterator[Path]:
         yield folder
     finally:
         subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def test_a_disk_out_of_inodes_is_named_and_the_file_kept(tmp_path):
+    """No room for one more file (bytes to spare): the atomic write's temporary file cannot be made."""
+    with small_disk(tmp_path / "disk", "1m", inodes=8) as disk:
+        write_bytes(disk / "best.json", b"earlier")
+        with pytest.raises(OSError) as full:
+            for n in range(16):
+                (disk / f"filler-{n}").touch()
+        assert full.value.errno == errno.ENOSPC
+        with pytest.raises(DiskFullError) as err:
+            write_bytes(disk / "best.json", b"later")
+        assert str(disk) in str(err.value) and "its earlier version is unchanged" in str(err.value)
+        assert (disk / "best.json").read_bytes() == b"earlier"
 
 
 def test_full_disk_is_named_and_earlier_files_are_kept(tmp_path, images):
