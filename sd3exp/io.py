@@ -29,16 +29,18 @@ def user_cache() -> Path:
 def _new_temporary(path: Path) -> tuple[int, str]:
     """A new file beside `path` (its folder made when missing), permissions as open() gives (0o666 less
     the umask): its descriptor and name."""
+    made = False
     while True:
         tmp = os.path.join(path.parent, f".{path.name}.{os.getpid()}.{next(_TEMPORARY_NUMBERS):x}.tmp")
         try:
             return os.open(tmp, _NEW_FILE, 0o666), tmp
         except FileExistsError:  # left by a killed process that had this pid: take the next number
             continue
-        except FileNotFoundError:
-            if path.parent.is_dir():
+        except FileNotFoundError:  # the folder is missing (another writer may be making it right now)
+            if made:
                 raise
             path.parent.mkdir(parents=True, exist_ok=True)
+            made = True
 
 
 def _disk_full(path: Path) -> DiskFullError:

@@ -77,6 +77,22 @@ def test_a_temporary_file_a_killed_writer_left_under_the_same_name_is_left_alone
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([p.name for p in left] + ["a.png"])
 
 
+def test_a_folder_another_writer_makes_at_the_same_moment_is_written_into(tmp_path, monkeypatch):
+    """Two writers into a missing folder (caption threads into a new cache folder): the other makes it between
+    this one's failed open and its look at the folder."""
+    folder, real_open = tmp_path / "new", os.open
+
+    def racing_open(path, *args, **kwargs):
+        if not folder.exists():
+            folder.mkdir()  # the other writer, just after this open found the folder missing
+            raise FileNotFoundError(2, "No such file or directory", path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", racing_open)
+    write_bytes(folder / "a.json", b"{}")
+    assert (folder / "a.json").read_bytes() == b"{}"
+
+
 def test_every_image_cells_json_names_was_fsynced_before_cells_json_was_written(tmp_path, monkeypatch):
     """os.fsync spied on (the standard library's, not sd3exp's): each call records the file it flushed."""
     flushed, order = set(), []
